@@ -1,0 +1,22 @@
+# Every target sets itself up on a fresh machine: it creates .venv when missing and installs the project into it.
+PY := .venv/bin/python
+# torch is installed first so that a CPU machine takes the local CPU build; GPU users install their own torch.
+TORCH ?= torch==2.13.0
+
+.PHONY: test demo clean
+
+.venv/installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: .venv/installed
+	$(PY) -m pytest -q
+
+demo: .venv/installed
+	.venv/bin/star demo
+
+clean:
+	rm -rf .venv
