@@ -1,0 +1,18 @@
+"""One adapter per model family: where the vision attention comes from and how image tokens lie in the prompt."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from star.adapters.llava import LlavaAdapter
+
+ADAPTERS = (LlavaAdapter,)
+
+
+def adapter_for(model: nn.Module) -> LlavaAdapter:
+    """The adapter of this model's family, or a ValueError naming the supported classes."""
+    for adapter in ADAPTERS:
+        if isinstance(model, adapter.model_classes):
+            return adapter(model)
+    supported = ", ".join(cls.__name__ for adapter in ADAPTERS for cls in adapter.model_classes)
+    raise ValueError(f"model of class {type(model).__name__} is not supported: supported classes are {supported}")

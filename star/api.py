@@ -1,0 +1,29 @@
+"""The public API: two lines on a model that is already loaded.
+
+    pruner = star.apply(model, method="star", keep=58)
+    model.generate(**inputs)              # the usual generate(): cache, greedy or sampling, batches
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from star import methods as registry
+from star.pruner import Pruner
+
+
+def apply(model: nn.Module, method: str = "star", keep: int | float = 0.1, positions: str = "original", **options: object) -> Pruner:
+    """Prune the visual tokens of `model` (this instance only) until `remove()` is called.
+
+    keep: visual tokens per image left after the last stage (an int), or a fraction of the encoder's
+    tokens (a float in (0, 1]). positions: "original" keeps each token's rotary position, "contiguous"
+    renumbers the kept tokens without gaps. options: the method's own (e.g. layer=16, stage1_ratio=0.15
+    for "star"; see `star.methods()` and each method's file). Every argument is checked before any compute.
+    Pruning happens once per prompt, at prefill; the decoder layers from a cut on cache only the kept tokens.
+    """
+    return Pruner(model, registry.build(method, **options), keep=keep, positions=positions)
+
+
+def methods() -> list[str]:
+    """The registered method names."""
+    return registry.methods()

@@ -1,0 +1,92 @@
+"""Decoder plumbing: the tensor operations that move a decoder's inputs into a shorter frame.
+
+A "frame" is the token sequence a range of decoder layers sees. Pruning at layer K starts a new frame:
+hidden states, attention mask, positions and cache positions are gathered at the kept indices, and the
+layers from K on cache only those tokens. Pure functions here; the hooks that call them live in `pruner`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Frame:
+    """The tokens one range of decoder layers sees, from `start_layer` on.
+
+    keep_cols: [B, S_f] the prompt's indices in the decoder's entry frame that are still present.
+    mask: [B, S_f] 2-D attention mask of the prompt in this frame (False at padding).
+    visual: [B, V_f] indices of the visual tokens in this frame.
+    patches: [B, V_f] which patch each visual token is (image m's patch j is m * n_visual + j).
+    position_ids: [B, S_f] rotary positions of the prompt tokens in this frame.
+    """
+
+    start_layer: int
+    keep_cols: torch.Tensor
+    mask: torch.Tensor
+    visual: torch.Tensor
+    patches: torch.Tensor
+    position_ids: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keep_cols.shape[1]
+
+
+def gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """x gathered along `dim` at per-row indices [B, K]; x may broadcast over the batch (size 1)."""
+    batch, k = index.shape
+    if x.shape[0] != batch:
+        x = x.expand(batch, *x.shape[1:])
+    view, target = [batch] + [1] * (x.dim() - 1), list(x.shape)
+    view[dim] = target[dim] = k
+    return x.gather(dim, index.view(view).expand(target))
+
+
+def slice_mask(mask: torch.Tensor | None, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor | None:
+    """Restrict an attention mask (None, 2-D [B, K] or 4-D [B, 1, Q, K]) to kept query rows and key columns."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return gather_seq(mask, cols, dim=1)
+    if rows is not None:
+        mask = gather_seq(mask, rows, dim=2)
+    return gather_seq(mask, cols, dim=3)
+
+
+def contiguous_positions(positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Positions of the kept tokens renumbered without gaps: each moves back by the tokens dropped before it."""
+    dropped_before = keep - torch.arange(keep.shape[1], device=keep.device)
+    return positions.gather(1, keep) - dropped_before
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [B, H, S, d] with cos, sin [B, S, d] (the half-rotation convention of Llama)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def llama_style_qk(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    rows: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries for `rows` [B, R] and keys for every token of a Llama/Mistral/Qwen2-style decoder layer.
+
+    The layer's own input norm, projections and rotary embedding, as its attention computes them, so the
+    scores equal that layer's attention probabilities. Returns q [B, H, R, d], k [B, Hk, S, d].
+    """
+    attn = layer.self_attn
+    normed = layer.input_layernorm(hidden)
+    cos, sin = position_embeddings
+    batch, seq = hidden.shape[:2]
+    cos = cos.expand(batch, *cos.shape[1:])
+    sin = sin.expand(batch, *sin.shape[1:])
+    q = attn.q_proj(gather_seq(normed, rows)).view(batch, rows.shape[1], -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    return rotate(q, gather_seq(cos, rows), gather_seq(sin, rows)), rotate(k, cos, sin)

@@ -1,0 +1,153 @@
+"""What a pruning method is: a budget plan plus a selection rule for each stage.
+
+A method never sees a model. The adapter hands it a `VisionView` (the feature layer of the vision
+encoder) and the decoder plumbing hands it a `DecoderView` (one decoder layer's input); the method
+returns a `Selection`. So one method file serves every model family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable, ClassVar
+
+import torch
+
+from star import scoring
+
+
+@dataclass(frozen=True)
+class LLMStage:
+    """Prune inside the decoder: before layer `layer` runs, keep `keep` visual tokens per image.
+
+    `score_layer` is the layer whose attention ranks the tokens (FastV scores with the layer before the cut).
+    """
+
+    layer: int
+    keep: int
+    score_layer: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Visual tokens per image at each stage: `n_visual` from the encoder, `vision_keep` enter the decoder."""
+
+    n_visual: int
+    vision_keep: int
+    llm_stages: tuple[LLMStage, ...] = ()
+
+    @property
+    def tokens(self) -> list[int]:
+        return [self.n_visual, self.vision_keep, *(s.keep for s in self.llm_stages)]
+
+    @property
+    def final_keep(self) -> int:
+        return self.llm_stages[-1].keep if self.llm_stages else self.vision_keep
+
+
+@dataclass
+class Selection:
+    """Which tokens survive a stage: indices in ascending order, and optionally new states for them.
+
+    `states` is set by merging methods (VisionZip, SparseVLM), whose kept tokens carry merged content.
+    """
+
+    index: torch.Tensor
+    states: torch.Tensor | None = None
+
+
+@dataclass
+class VisionView:
+    """The vision encoder's feature layer for I images.
+
+    features: [I, N, D] the patch features the projector would receive.
+    qk: computes the feature layer's queries and keys, [I, H, T, d] each, over all T = n_prefix + N tokens
+    (n_prefix is 1 for CLIP's [CLS], 0 for encoders without one). Called only by methods that score.
+    """
+
+    features: torch.Tensor
+    n_prefix: int
+    qk: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    prefix_features: torch.Tensor | None = None
+
+    @cached_property
+    def attention(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(probabilities [I, H, T, T], queries, keys) of the feature layer, computed once per view."""
+        q, k = self.qk()
+        return scoring.attention_probs(q, k), q, k
+
+    def received(self) -> torch.Tensor:
+        """Attention each patch receives, averaged over all query rows ([CLS] included) and heads: [I, N]."""
+        probs = self.attention[0]
+        return scoring.received_attention(probs)[:, self.n_prefix :]
+
+    def cls_attention(self) -> torch.Tensor:
+        """The [CLS] row of the attention, averaged over heads: [I, N]."""
+        if self.n_prefix == 0:
+            raise ValueError("this vision encoder has no [CLS] token, so a [CLS]-attention method cannot score it")
+        return self.attention[0][:, :, 0, self.n_prefix :].mean(dim=1)
+
+
+@dataclass
+class DecoderView:
+    """One decoder layer's input, for a batch of B left-padded prompts.
+
+    visual: [B, V] sequence indices of the visual tokens still present (V equal in every row).
+    n_text: [B] prompt tokens after the last visual token; left padding puts them at the end of each row.
+    key_mask: [B, S] False for padding.
+    attention: that layer's attention probabilities for query rows [B, R] against all S keys, causal,
+    [B, H, R, S] in float32.
+    """
+
+    hidden: torch.Tensor
+    visual: torch.Tensor
+    n_text: torch.Tensor
+    key_mask: torch.Tensor
+    attention: Callable[[torch.Tensor], torch.Tensor]
+
+    def text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text rows as an index [B, R] over the last R positions, with the mask of each row's own."""
+        s, r = self.hidden.shape[1], int(self.n_text.max())
+        offsets = torch.arange(r, device=self.visual.device)
+        rows = (s - r + offsets).expand(self.visual.shape[0], r)
+        return rows, offsets[None, :] >= (r - self.n_text)[:, None]
+
+    def last_token_rows(self) -> torch.Tensor:
+        """The last prompt token of every row: [B, 1]."""
+        return torch.full((self.visual.shape[0], 1), self.hidden.shape[1] - 1, device=self.visual.device)
+
+    def attention_to_visual(self, rows: torch.Tensor, row_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention from the given query rows to each visual token, mean over rows and heads: [B, V]."""
+        probs = self.attention(rows)
+        return scoring.received_attention(probs, row_mask).gather(1, self.visual)
+
+
+@dataclass(frozen=True)
+class Method:
+    """Base of every method. Subclasses are frozen dataclasses whose fields are the method's options."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+
+    def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
+        raise NotImplementedError
+
+    def select_vision(self, view: VisionView, k: int) -> Selection:
+        raise NotImplementedError(f"{self.name} has no vision stage")
+
+    def select_llm(self, stage: LLMStage, view: DecoderView, k: int) -> Selection:
+        raise NotImplementedError(f"{self.name} has no decoder stage")
+
+
+def check_layer(name: str, layer: int, num_layers: int) -> int:
+    """Validate a decoder layer index, so a bad option fails before any compute."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+        raise ValueError(f"{name}={layer!r} is outside the model: allowed are integers 0 to {num_layers - 1}")
+    return layer
+
+
+def check_ratio(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}={value!r} is not a ratio in [0, 1)")
+    return float(value)
+

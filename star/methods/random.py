@@ -1,0 +1,26 @@
+"""Random patches, seeded: the floor any attention-guided method has to beat."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from star.methods.base import Method, Plan, Selection, VisionView
+
+
+@dataclass(frozen=True)
+class RandomPruning(Method):
+    name = "random"
+    summary = "a seeded random subset of the patches, before the decoder"
+
+    seed: int = 0
+
+    def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
+        return Plan(n_visual=n_visual, vision_keep=keep)
+
+    def select_vision(self, view: VisionView, k: int) -> Selection:
+        images, n = view.features.shape[:2]
+        generator = torch.Generator().manual_seed(self.seed)
+        scores = torch.rand(images, n, generator=generator).to(view.features.device)
+        return Selection(scores.argsort(dim=-1)[:, :k].sort(dim=-1).values)

@@ -1,0 +1,79 @@
+"""Scoring functions shared by every method: pure tensor math, no model and no state.
+
+Attention is recomputed here for the few query rows a method needs, in float32, so the model itself
+keeps its fast attention kernel (SDPA, FlashAttention) and is never asked for attention weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax(q k^T / sqrt(d)) in float32.
+
+    q: [B, H, R, d] query rows, k: [B, Hk, T, d] keys (grouped-query keys are shared by H / Hk heads).
+    key_mask: [B, T], False where a key is padding. query_positions: [B, R], the sequence index of each
+    query row, for a causal mask (None: every row sees every key, as in a vision encoder).
+    Returns [B, H, R, T].
+    """
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if heads != kv_heads:
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    allowed = torch.ones(logits.shape[0], 1, logits.shape[2], logits.shape[3], dtype=torch.bool, device=q.device)
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :].bool()
+    if query_positions is not None:
+        key_index = torch.arange(k.shape[2], device=q.device)
+        allowed = allowed & (key_index[None, None, None, :] <= query_positions[:, None, :, None])
+    return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+
+
+def received_attention(probs: torch.Tensor, row_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention each key receives: the mean over valid query rows, then over heads. [B, H, R, T] -> [B, T]."""
+    if row_mask is None:
+        return probs.mean(dim=(1, 2))
+    weights = row_mask.float()[:, None, :, None]
+    per_head = (probs * weights).sum(dim=2) / weights.sum(dim=2).clamp_min(1.0)
+    return per_head.mean(dim=1)
+
+
+def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores per row, returned in ascending (spatial / sequence) order.
+
+    Ties go to the lower index, so the same scores always give the same set on every device.
+    """
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices
+    return order[..., :k].sort(dim=-1).values
+
+
+def merge_by_similarity(
+    tokens: torch.Tensor, keys: torch.Tensor, num_targets: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge tokens into `num_targets` evenly spaced targets, each token joining its most similar target.
+
+    tokens: [N, D] states to merge, keys: [N, d] what similarity is measured on (cosine).
+    Returns (target indices into tokens [num_targets], merged states [num_targets, D]); each merged state is
+    the mean of its target and every token assigned to it.
+    """
+    n = tokens.shape[0]
+    if num_targets == 0:
+        return torch.zeros(0, dtype=torch.long, device=tokens.device), tokens[:0]
+    step = max(1, n // num_targets)
+    targets = torch.arange(0, n, step, device=tokens.device)[:num_targets]
+    is_target = torch.zeros(n, dtype=torch.bool, device=tokens.device)
+    is_target[targets] = True
+    normed = torch.nn.functional.normalize(keys.float(), dim=-1)
+    similarity = normed[~is_target] @ normed[targets].T
+    assignment = similarity.argmax(dim=-1)
+    sums = tokens[targets].float().clone()
+    sums.index_add_(0, assignment, tokens[~is_target].float())
+    counts = torch.ones(num_targets, device=tokens.device)
+    counts.index_add_(0, assignment, torch.ones_like(assignment, dtype=torch.float))
+    return targets, (sums / counts[:, None]).to(tokens.dtype)

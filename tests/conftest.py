@@ -1,0 +1,53 @@
+"""Small random LLaVA models of the real classes (CLIP tower with [CLS], Llama decoder with grouped-query
+attention, the LLaVA projector), and prompts for them, so the mechanics run in seconds on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN = 127
+N_VISUAL = 16  # 32 px images, 8 px patches
+
+
+def tiny_llava(attn: str = "sdpa", seed: int = 0, layers: int = 6) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=32, patch_size=8, projection_dim=16,
+    )
+    text = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, pad_token_id=0,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, vision_feature_layer=-2)
+    config._attn_implementation = attn
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def prompt_ids(before: int, after: int, seed: int, images: int = 1) -> list[int]:
+    """A prompt of `before` text tokens, the image block(s), then `after` text tokens (the question)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, IMAGE_TOKEN - 1, (before + after,), generator=g).tolist()
+    return ids[:before] + [IMAGE_TOKEN] * (N_VISUAL * images) + ids[before:]
+
+
+def batch(prompts: list[list[int]], images: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Left-padded input_ids / attention_mask and one random image per prompt."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(len(prompts) * images, 3, 32, 32, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+@pytest.fixture
+def model() -> LlavaForConditionalGeneration:
+    return tiny_llava()
