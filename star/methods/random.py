@@ -1,4 +1,8 @@
-"""Random patches, seeded: the floor any attention-guided method has to beat."""
+"""Random patches, seeded: the floor any attention-guided method has to beat.
+
+The subset depends on the seed alone, not on an image's place in a batch, so a batch gives what each prompt
+gives alone.
+"""
 
 from __future__ import annotations
 
@@ -22,5 +26,5 @@ class RandomPruning(Method):
     def select_vision(self, view: VisionView, k: int) -> Selection:
         images, n = view.features.shape[:2]
         generator = torch.Generator().manual_seed(self.seed)
-        scores = torch.rand(images, n, generator=generator).to(view.features.device)
-        return Selection(scores.argsort(dim=-1)[:, :k].sort(dim=-1).values)
+        subset = torch.randperm(n, generator=generator)[:k].sort().values.to(view.features.device)
+        return Selection(subset.expand(images, k))

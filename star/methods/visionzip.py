@@ -58,5 +58,5 @@ class VisionZip(Method):
 
 def _with_cls_first(index: torch.Tensor, states: torch.Tensor, cls: torch.Tensor) -> Selection:
     """Prepend the [CLS] feature as the first kept token; it takes the first patch's place (index 0)."""
-    first = torch.zeros_like(index[:, :1])
+    first = index.new_zeros(index.shape[0], 1)
     return Selection(torch.cat([first, index], dim=1), torch.cat([cls[:, None], states], dim=1))
