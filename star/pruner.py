@@ -102,7 +102,10 @@ class Pruner:
         self._signature = inspect.signature(model.forward)
         self._prompt: _Prompt | None = None
         self._step: _Step | None = None
-        self._handles = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True)]
+        self._handles = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward),
+        ]
         if self.plan.llm_stages:
             first = min(s.score_layer for s in self.plan.llm_stages)
             for index in range(first, num_layers):
@@ -168,6 +171,10 @@ class Pruner:
             self._prompt = None
             return (), kwargs
         return (), self._continue_prompt(kwargs, past)
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """A call's frame state ends with the call, so layers run on their own afterwards are left alone."""
+        self._step = None
 
     def _start_prompt(self, kwargs: dict) -> dict:
         input_ids = kwargs.get("input_ids")

@@ -26,7 +26,8 @@ def test_full_budget_equals_unpatched_model_and_remove_restores_it(model, method
     after = model(**inputs).logits
     assert (pruned - before).abs().max() < 1e-5
     assert torch.equal(after, before)
-    assert not model._forward_pre_hooks and not any(l._forward_pre_hooks for l in model.model.language_model.layers)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert not any(l._forward_pre_hooks for l in model.model.language_model.layers)
 
 
 @torch.no_grad()
