@@ -51,3 +51,35 @@ def batch(prompts: list[list[int]], images: int = 1, seed: int = 0) -> dict[str,
 @pytest.fixture
 def model() -> LlavaForConditionalGeneration:
     return tiny_llava()
+
+
+def tiny_checkpoint(directory) -> str:
+    """A saved tiny LLaVA with a word-level tokenizer and a 32 px image processor: a complete checkpoint
+    that `from_pretrained` and `AutoProcessor` load, for the command-line and evaluation mechanics."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "<s>", "</s>", "answer", ":", "?", ".", "what", "color", "shape", "is", "the", "how", "many"]
+    words += [f"w{i}" for i in range(len(words), IMAGE_TOKEN)]
+    vocab = {w: i for i, w in enumerate(words)} | {"<image>": IMAGE_TOKEN}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.add_special_tokens(["<pad>", "<unk>", "<s>", "</s>", "<image>"])
+    template = (
+        "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+        "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}answer :{% endif %}"
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>", padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(
+        image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        image_token="<image>", num_additional_image_tokens=1, chat_template=template,
+    )
+    model = tiny_llava()
+    model.generation_config.eos_token_id = 3
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return str(directory)

@@ -23,17 +23,21 @@ def methods() -> list[str]:
     return list(REGISTRY)
 
 
-def build(name: str, **options: object) -> Method:
-    """The method `name` with its options, or a ValueError that lists what is allowed."""
+def options(name: str) -> list[str]:
+    """The option names of method `name` (its dataclass fields)."""
     if name not in REGISTRY:
         raise ValueError(f"method={name!r} is unknown: known methods are {', '.join(REGISTRY)}")
-    cls = REGISTRY[name]
-    allowed = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(options) - set(allowed))
+    return [f.name for f in dataclasses.fields(REGISTRY[name])]
+
+
+def build(name: str, **options_: object) -> Method:
+    """The method `name` with its options, or a ValueError that lists what is allowed."""
+    allowed = options(name)
+    unknown = sorted(set(options_) - set(allowed))
     if unknown:
         accepted = ", ".join(allowed) if allowed else "none"
         raise ValueError(f"option {unknown[0]!r} is not accepted by method {name!r}: its options are {accepted}")
-    return cls(**options)
+    return REGISTRY[name](**options_)
 
 
-__all__ = ["DecoderView", "LLMStage", "Method", "Plan", "Selection", "VisionView", "build", "methods", "REGISTRY"]
+__all__ = ["DecoderView", "LLMStage", "Method", "Plan", "Selection", "VisionView", "build", "methods", "options", "REGISTRY"]

@@ -1,0 +1,97 @@
+"""`star bench`: speed measured, against the unpruned model and against the oracle.
+
+The oracle is the same model given only the kept tokens: the same hooks replay the kept sets of the run
+being measured, with no scoring at all. It is the floor pruning can reach, so `prefill / oracle` is what a
+method's scoring costs, and `prefill / unpruned` is what the user gets.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers import DynamicCache
+
+import star
+from star.methods import DecoderView, LLMStage, Method, Plan, Selection, VisionView
+from star.pruner import Pruner
+
+
+@dataclass(frozen=True)
+class Replay(Method):
+    """Keeps the patches a measured run kept, at the same stages, without scoring: the oracle."""
+
+    name = "oracle"
+    summary = "the kept sets of another run, replayed without scoring"
+
+    recorded_plan: Plan
+    kept: tuple[torch.Tensor, ...]  # per stage, [B, V] patch indices as in PruneStats.kept_patches
+
+    def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
+        return self.recorded_plan
+
+    def select_vision(self, view: VisionView, k: int) -> Selection:
+        return Selection(self.kept[0].reshape(-1, k) % self.recorded_plan.n_visual)
+
+    def select_llm(self, stage: LLMStage, view: DecoderView, k: int) -> Selection:
+        number = self.recorded_plan.llm_stages.index(stage) + 1
+        return Selection(torch.searchsorted(self.kept[number - 1], self.kept[number]))
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+    """Median wall time of fn over `repeats` runs after `warmup` runs (synchronising a GPU if there is one)."""
+    times = []
+    for i in range(warmup + repeats):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def kv_cache_bytes(cache: DynamicCache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+@torch.no_grad()
+def measure(model, inputs: dict, method: str, keep: int | float, repeats: int = 5, warmup: int = 2, new_tokens: int = 16, positions: str = "original", **options) -> dict:
+    """Prefill time, decode tokens/s, KV-cache bytes and peak memory of one setting, and its oracle's prefill."""
+    with star.apply(model, method=method, keep=keep, positions=positions, **options) as pruner:
+        row = _measure_attached(model, inputs, pruner, repeats, warmup, new_tokens)
+        replay = Replay(recorded_plan=pruner.plan, kept=tuple(pruner.stats.kept_patches))
+    with Pruner(model, replay, keep=pruner.keep, positions=positions) as oracle:
+        row["oracle_prefill_s"] = median_time(lambda: model(**inputs, past_key_values=DynamicCache()), repeats, warmup)
+        assert all(torch.equal(a, b) for a, b in zip(oracle.stats.kept_patches, replay.kept))
+    return {"method": method, "keep": keep, **row}
+
+
+def _measure_attached(model, inputs: dict, pruner: Pruner, repeats: int, warmup: int, new_tokens: int) -> dict:
+    prefill = median_time(lambda: model(**inputs, past_key_values=DynamicCache()), repeats, warmup)
+    cache = DynamicCache()
+    model(**inputs, past_key_values=cache)
+    stats = pruner.stats
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+    def generate() -> None:
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    total = median_time(generate, repeats, warmup)
+    return {
+        "tokens": stats.tokens,
+        "flops": stats.flops,
+        "prefill_s": prefill,
+        "decode_tokens_per_s": (new_tokens - 1) / max(total - prefill, 1e-9),
+        "kv_cache_bytes": kv_cache_bytes(cache),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+    }
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

@@ -1,0 +1,1 @@
+"""Evaluation: records, the resumable runner, and the report (table and plots)."""

@@ -1,0 +1,167 @@
+"""`star eval`: every method at every budget over the same records, resumable, one JSONL file per setting.
+
+Each setting (method, keep) appends one line per answered record to `runs/<method>-<keep>.jsonl` as soon as
+its batch is done, so an interrupted run loses at most one batch and resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+import star
+from star.eval.answers import is_correct
+from star.eval.records import QUESTION_SUFFIX, Record, RecordError
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One column of the results: a method at a budget, with its options."""
+
+    method: str
+    keep: int | float
+    options: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        extra = "".join(f"-{k}{v}" for k, v in sorted(self.options.items()))
+        return f"{self.method}-{self.keep}{extra}"
+
+
+def build_prompt(processor, question: str) -> str:
+    """The default model's prompt: its chat template with the image, the question and the short-answer cue."""
+    content = [{"type": "image"}, {"type": "text", "text": f"{question}\n{QUESTION_SUFFIX}"}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+@torch.no_grad()
+def answer_batch(model, processor, records: list[Record], max_new_tokens: int = 8) -> tuple[list[str], float]:
+    """Greedy answers for a batch of records, and the prefill time (until the first forward call returns)."""
+    images = [record.open_image() for record in records]
+    prompts = [build_prompt(processor, record.question) for record in records]
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(model.device)
+    marks: list[float] = []
+    handle = model.register_forward_hook(lambda *_: marks.append(time.perf_counter()))
+    try:
+        start = time.perf_counter()
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    finally:
+        handle.remove()
+    answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [a.strip() for a in answers], marks[0] - start
+
+
+def evaluate(
+    model,
+    processor,
+    records: list[Record],
+    settings: Iterable[Setting],
+    out_dir: Path,
+    batch_size: int = 8,
+    max_new_tokens: int = 8,
+    positions: str = "original",
+    progress: bool = True,
+) -> tuple[dict, list[str]]:
+    """Answer every record under every setting; returns the summary and the messages of skipped records."""
+    settings = list(settings)
+    runs = Path(out_dir) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    processor.tokenizer.padding_side = "left"
+    skipped: list[str] = []
+    todo = {s.name: [r for r in records if r.id not in _done_ids(runs / f"{s.name}.jsonl")] for s in settings}
+    bar = tqdm(total=sum(len(v) for v in todo.values()), desc="star eval", unit="q", disable=not progress)
+    for setting in settings:
+        bar.set_postfix_str(setting.name)
+        path = runs / f"{setting.name}.jsonl"
+        pending = todo[setting.name]
+        with star.apply(model, method=setting.method, keep=setting.keep, positions=positions, **setting.options) as pruner:
+            for start in range(0, len(pending), batch_size):
+                chunk = _readable(pending[start : start + batch_size], skipped)
+                if chunk:
+                    answers, prefill_s = answer_batch(model, processor, chunk, max_new_tokens)
+                    stats = pruner.stats
+                    with path.open("a") as f:
+                        for record, answer in zip(chunk, answers):
+                            row = {
+                                "id": record.id,
+                                "type": record.type,
+                                "question": record.question,
+                                "answer": record.answer,
+                                "prediction": answer,
+                                "correct": is_correct(answer, record.answer),
+                                "tokens": stats.tokens,
+                                "flops": stats.flops / stats.batch_size,
+                                "prefill_s": prefill_s / len(chunk),
+                            }
+                            f.write(json.dumps(row) + "\n")
+                bar.update(len(pending[start : start + batch_size]))
+    bar.close()
+    summary = summarize(settings, runs)
+    (Path(out_dir) / "results.json").write_text(json.dumps(summary, indent=2))
+    return summary, skipped
+
+
+def _readable(records: list[Record], skipped: list[str]) -> list[Record]:
+    """The records whose image opens; the others are reported, not fatal."""
+    readable = []
+    for record in records:
+        try:
+            record.open_image()
+            readable.append(record)
+        except RecordError as error:
+            skipped.append(str(error))
+    return readable
+
+
+def _done_ids(path: Path) -> set[str]:
+    """Records already answered in an earlier, interrupted run (a torn last line is ignored)."""
+    if not path.exists():
+        return set()
+    done = set()
+    for line in path.read_text().splitlines():
+        try:
+            done.add(json.loads(line)["id"])
+        except (json.JSONDecodeError, KeyError):
+            continue
+    return done
+
+
+def summarize(settings: list[Setting], runs: Path) -> dict:
+    """Accuracy per type and overall, retention against `none`, mean tokens, FLOPs and prefill time."""
+    rows = []
+    for setting in settings:
+        answered = {}
+        for line in (runs / f"{setting.name}.jsonl").read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            answered[row["id"]] = row
+        by_type: dict[str, list[bool]] = defaultdict(list)
+        for row in answered.values():
+            by_type[row["type"]].append(row["correct"])
+        n = len(answered)
+        values = list(answered.values())
+        rows.append(
+            {
+                **asdict(setting),
+                "name": setting.name,
+                "n": n,
+                "accuracy": sum(r["correct"] for r in values) / n if n else None,
+                "per_type": {t: {"n": len(v), "accuracy": sum(v) / len(v)} for t, v in sorted(by_type.items())},
+                "tokens": [sum(r["tokens"][i] for r in values) / n for i in range(len(values[0]["tokens"]))] if n else [],
+                "flops": sum(r["flops"] for r in values) / n if n else None,
+                "prefill_s": sum(r["prefill_s"] for r in values) / n if n else None,
+            }
+        )
+    baseline = next((r for r in rows if r["method"] == "none" and r["accuracy"]), None)
+    for row in rows:
+        row["retention"] = row["accuracy"] / baseline["accuracy"] if baseline and row["accuracy"] is not None else None
+    return {"settings": rows}

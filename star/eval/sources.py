@@ -1,0 +1,19 @@
+"""Where evaluation records come from: the scene generator, easy-VQA, or a user's JSONL file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from star.eval.records import Record, read_jsonl
+
+BUILT_IN = ("scenes", "easy-vqa")
+
+
+def load_records(data: str, split: str = "test", limit: int | None = None) -> tuple[list[Record], list[str]]:
+    """The records of `data` and the messages of any skipped lines; `limit` caps them (scenes: per type)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit} must be at least 1")
+    if data not in BUILT_IN:
+        records, skipped = read_jsonl(Path(data))
+        return records[:limit], skipped
+    raise ValueError(f"data={data!r}: the built-in sets are not installed yet")
