@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--keep", default="98,39,20,10", help="comma-separated budgets (ints, or fractions in (0, 1])")
     sub.add_argument("--limit", type=int, help="at most this many questions (scenes: per question type)")
     sub.add_argument("--batch-size", type=int, default=8)
+    sub.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default 8)")
     sub.add_argument("--out", type=Path, default=Path("star-eval"), help="output directory (default ./star-eval)")
     sub.set_defaults(run=_eval)
 
@@ -112,6 +114,19 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--new-tokens", type=int, default=16, help="tokens generated to time decoding")
     sub.add_argument("--out", type=Path, help="also write the rows as JSON here")
     sub.set_defaults(run=_bench)
+
+    sub = commands.add_parser(
+        "demo",
+        help="the main job: the default model answers questions with and without STAR, and draws what it kept",
+        description="Builds (or reuses) the default model, answers a few questions about generated scenes and "
+        "bundled photographs without pruning and with STAR, prints a table (answers, tokens kept, FLOPs saved, "
+        "prefill time), and writes the paper's Figure 4 for each image into OUT.",
+    )
+    add_model_options(sub)
+    sub.add_argument("--method", default="star", help="the pruning method to show (default star)")
+    sub.add_argument("--keep", type=_number, default=20, help="visual tokens kept per image (default 20 of 196)")
+    sub.add_argument("--out", type=Path, default=Path("star-demo"), help="where the pictures go (default ./star-demo)")
+    sub.set_defaults(run=_demo)
     return parser
 
 
@@ -148,6 +163,8 @@ def _load(args: argparse.Namespace):
 
         path = build_default_model()
     dtype = getattr(torch, args.dtype)
+    if args.device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per data-parallel process
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
     model = AutoModelForImageTextToText.from_pretrained(path, torch_dtype=dtype, attn_implementation="sdpa")
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
@@ -155,8 +172,6 @@ def _load(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> None:
-    from PIL import Image
-
     from star.eval.records import Record
     from star.eval.runner import answer_batch
 
@@ -176,14 +191,7 @@ def _run(args: argparse.Namespace) -> None:
     print(f"visual tokens per stage: {' -> '.join(str(t) for t in stats.tokens)}; decoder layers cut: {stats.layers or 'none'}")
     print(f"prefill FLOPs: {stats.flops / 1e9:.2f} G of {unpruned_flops / 1e9:.2f} G ({1 - stats.flops / unpruned_flops:.0%} saved)")
     if args.save_viz:
-        from star import viz
-
-        image = Image.open(args.image).convert("RGB")
-        pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-        view = viz.model_view(pixels, processor.image_processor.image_mean, processor.image_processor.image_std)
-        grid = int(round(stats.tokens[0] ** 0.5))
-        stages = [(f"stage {i + 1}: {len(kept[0])} tokens", kept[0]) for i, kept in enumerate(stats.kept_patches)]
-        viz.save_figure(view, stages, grid, args.save_viz, title=f"{args.method}: {args.question} -> {answer}")
+        _save_viz(processor, record, stats, args.save_viz, f"{args.method}: {args.question} -> {answer}")
         print(f"wrote {args.save_viz}")
 
 
@@ -201,7 +209,11 @@ def _eval(args: argparse.Namespace) -> None:
     for setting in settings:
         options(setting.method)
     model, processor = _load(args)
-    summary, failed = evaluate(model, processor, records, settings, args.out, args.batch_size, positions=args.positions)
+    summary, failed = evaluate(
+        model, processor, records, settings, args.out, args.batch_size, args.max_new_tokens, positions=args.positions
+    )
+    if summary is None:  # a data-parallel process other than rank 0: its answers are on disk
+        return
     table = report.markdown_table(summary)
     (args.out / "results.md").write_text(table)
     report.plot(summary, args.out / "accuracy.png", title=f"{args.data} ({args.split})")
@@ -239,6 +251,53 @@ def _bench(args: argparse.Namespace) -> None:
         )
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
+
+
+DEMO_PHOTOS = [
+    ("astronaut.jpg", "What is the person holding?"),
+    ("coffee.jpg", "What color is the cup?"),
+]
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from importlib.resources import files
+
+    from star.eval.records import Record
+    from star.eval.runner import answer_batch
+    from star.eval.sources import load_records
+
+    scenes = load_records("scenes", "test", 1)[0]
+    assets = files("star") / "data" / "assets"
+    photos = [Record(name.split(".")[0], Path(str(assets / name)), question, "") for name, question in DEMO_PHOTOS]
+    model, processor = _load(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"| image | question | truth | unpruned | {args.method} keep={args.keep} | tokens | FLOPs saved | prefill ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for record in scenes + photos:
+        with star.apply(model, method="none", keep=1.0) as pruner:
+            [full], full_s = answer_batch(model, processor, [record])
+            full_flops = pruner.stats.flops
+        with star.apply(model, method=args.method, keep=args.keep, positions=args.positions) as pruner:
+            [pruned], pruned_s = answer_batch(model, processor, [record])
+            stats = pruner.stats
+        tokens = " > ".join(str(t) for t in stats.tokens)
+        print(
+            f"| {record.id} | {record.question} | {record.answer} | {full} | {pruned} | {tokens} | "
+            f"{1 - stats.flops / full_flops:.0%} | {full_s * 1e3:.0f} > {pruned_s * 1e3:.0f} |"
+        )
+        _save_viz(processor, record, stats, args.out / f"{record.id}.png", f"{args.method}: {record.question} -> {pruned}")
+    print(f"wrote the kept-token pictures to {args.out}/")
+
+
+def _save_viz(processor, record, stats, path: Path, title: str) -> None:
+    from star import viz
+
+    pixels = processor.image_processor(images=record.open_image(), return_tensors="pt")["pixel_values"][0]
+    view = viz.model_view(pixels, processor.image_processor.image_mean, processor.image_processor.image_std)
+    grid = int(round(stats.tokens[0] ** 0.5))
+    names = ["into the decoder"] + [f"from decoder layer {layer}" for layer in stats.layers]
+    stages = [(f"{name}: {len(kept[0])} tokens", kept[0]) for name, kept in zip(names, stats.kept_patches)]
+    viz.save_figure(view, stages, grid, path, title=title)
 
 
 def _csv(text: str, cast=str) -> list:

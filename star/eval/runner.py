@@ -1,12 +1,16 @@
-"""`star eval`: every method at every budget over the same records, resumable, one JSONL file per setting.
+"""`star eval`: every method at every budget over the same records, resumable and data-parallel.
 
-Each setting (method, keep) appends one line per answered record to `runs/<method>-<keep>.jsonl` as soon as
-its batch is done, so an interrupted run loses at most one batch and resumes where it stopped.
+Each setting (method, keep) appends one line per answered record to `runs/<setting>/rank<r>.jsonl` as soon
+as its batch is done, so an interrupted run loses at most one batch and resumes where it stopped, with any
+number of processes: the records already answered are read from every rank's file. Under `torchrun` or
+`accelerate launch` (which set RANK and WORLD_SIZE), process r answers records r, r + N, ...; rank 0
+waits for the others and writes the summary.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -17,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 import star
-from star.eval.answers import is_correct
+from star.data.vqa import exact_match
 from star.eval.records import QUESTION_SUFFIX, Record, RecordError
 
 
@@ -71,15 +75,17 @@ def evaluate(
 ) -> tuple[dict, list[str]]:
     """Answer every record under every setting; returns the summary and the messages of skipped records."""
     settings = list(settings)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     runs = Path(out_dir) / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
     processor.tokenizer.padding_side = "left"
     skipped: list[str] = []
-    todo = {s.name: [r for r in records if r.id not in _done_ids(runs / f"{s.name}.jsonl")] for s in settings}
-    bar = tqdm(total=sum(len(v) for v in todo.values()), desc="star eval", unit="q", disable=not progress)
+    mine = records[rank::world]
+    todo = {s.name: [r for r in mine if r.id not in _answered(runs / s.name)] for s in settings}
+    bar = tqdm(total=sum(len(v) for v in todo.values()), desc="star eval", unit="q", disable=not progress or rank)
     for setting in settings:
         bar.set_postfix_str(setting.name)
-        path = runs / f"{setting.name}.jsonl"
+        path = runs / setting.name / f"rank{rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
         pending = todo[setting.name]
         with star.apply(model, method=setting.method, keep=setting.keep, positions=positions, **setting.options) as pruner:
             for start in range(0, len(pending), batch_size):
@@ -87,25 +93,48 @@ def evaluate(
                 if chunk:
                     answers, prefill_s = answer_batch(model, processor, chunk, max_new_tokens)
                     stats = pruner.stats
-                    with path.open("a") as f:
-                        for record, answer in zip(chunk, answers):
-                            row = {
-                                "id": record.id,
-                                "type": record.type,
-                                "question": record.question,
-                                "answer": record.answer,
-                                "prediction": answer,
-                                "correct": is_correct(answer, record.answer),
-                                "tokens": stats.tokens,
-                                "flops": stats.flops / stats.batch_size,
-                                "prefill_s": prefill_s / len(chunk),
-                            }
-                            f.write(json.dumps(row) + "\n")
+                    _append(path, [_row(record, answer, stats, prefill_s / len(chunk)) for record, answer in zip(chunk, answers)])
                 bar.update(len(pending[start : start + batch_size]))
     bar.close()
+    if world > 1:
+        skipped = _gather_messages(skipped, world)
+        if rank:
+            return None, skipped
     summary = summarize(settings, runs)
     (Path(out_dir) / "results.json").write_text(json.dumps(summary, indent=2))
     return summary, skipped
+
+
+def _gather_messages(messages: list[str], world: int) -> list[str]:
+    """Wait for every process (a barrier) and collect their skipped-record messages on each."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    gathered: list[list[str]] = [[] for _ in range(world)]
+    dist.all_gather_object(gathered, messages)
+    return [m for part in gathered for m in part]
+
+
+def _row(record: Record, answer: str, stats, prefill_s: float) -> dict:
+    return {
+        "id": record.id,
+        "type": record.type,
+        "question": record.question,
+        "answer": record.answer,
+        "prediction": answer,
+        "correct": exact_match(answer, record.answer),
+        "tokens": stats.tokens,
+        "flops": stats.flops / stats.batch_size,
+        "prefill_s": prefill_s,
+    }
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    """Append rows as JSON lines, first closing a line torn by an earlier interrupted write."""
+    torn = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+    with path.open("a") as f:
+        f.write("\n" * bool(torn) + "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def _readable(records: list[Record], skipped: list[str]) -> list[Record]:
@@ -120,35 +149,30 @@ def _readable(records: list[Record], skipped: list[str]) -> list[Record]:
     return readable
 
 
-def _done_ids(path: Path) -> set[str]:
-    """Records already answered in an earlier, interrupted run (a torn last line is ignored)."""
-    if not path.exists():
-        return set()
-    done = set()
-    for line in path.read_text().splitlines():
-        try:
-            done.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError):
-            continue
-    return done
+def _answered(folder: Path) -> dict[str, dict]:
+    """The rows already written for a setting, by any process, keyed by record id (a torn line is ignored)."""
+    rows = {}
+    for path in sorted(folder.glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                rows[row["id"]] = row
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return rows
+
 
 
 def summarize(settings: list[Setting], runs: Path) -> dict:
     """Accuracy per type and overall, retention against `none`, mean tokens, FLOPs and prefill time."""
     rows = []
     for setting in settings:
-        answered = {}
-        for line in (runs / f"{setting.name}.jsonl").read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            answered[row["id"]] = row
+        answered = _answered(runs / setting.name)
         by_type: dict[str, list[bool]] = defaultdict(list)
         for row in answered.values():
             by_type[row["type"]].append(row["correct"])
         n = len(answered)
-        values = list(answered.values())
+        values = [answered[key] for key in sorted(answered)]
         rows.append(
             {
                 **asdict(setting),

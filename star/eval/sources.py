@@ -7,6 +7,7 @@ from pathlib import Path
 from star.eval.records import Record, read_jsonl
 
 BUILT_IN = ("scenes", "easy-vqa")
+SCENES_PER_TYPE = 200
 
 
 def load_records(data: str, split: str = "test", limit: int | None = None) -> tuple[list[Record], list[str]]:
@@ -16,4 +17,12 @@ def load_records(data: str, split: str = "test", limit: int | None = None) -> tu
     if data not in BUILT_IN:
         records, skipped = read_jsonl(Path(data))
         return records[:limit], skipped
-    raise ValueError(f"data={data!r}: the built-in sets are not installed yet")
+    if data == "scenes":
+        from star.data.scenes import scene_records
+
+        built_in = scene_records(split, per_type=limit or SCENES_PER_TYPE)
+    else:
+        from star.data.easyvqa import load_easyvqa
+
+        built_in = load_easyvqa(split)[:limit]
+    return [Record(r.id, r.image, r.question, r.answer, r.type) for r in built_in], []

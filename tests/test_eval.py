@@ -1,0 +1,102 @@
+"""`star eval` on a user's JSONL file: results, resume, and bad records, on a tiny saved checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import tiny_checkpoint
+from star.cli import main
+from star.eval.records import read_jsonl
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def write_data(folder, rows: list[dict | str]) -> str:
+    for name, color in (("red.png", (255, 0, 0)), ("blue.png", (0, 0, 255))):
+        Image.new("RGB", (40, 40), color).save(folder / name)
+    path = folder / "data.jsonl"
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+GOOD = [
+    {"image": "red.png", "question": "what color is the w20 ?", "answer": "red", "type": "color"},
+    {"image": "blue.png", "question": "what color is the w21 ?", "answer": "blue", "type": "color"},
+    {"image": "red.png", "question": "how many w22 ?", "answer": "2", "type": "count"},
+]
+
+
+def run_eval(checkpoint, data, out, *extra, methods="none,star", keep="4") -> int:
+    return main(["eval", "--model", checkpoint, "--data", data, "--methods", methods, "--keep", keep,
+                 "--batch-size", "2", "--max-new-tokens", "2", "--out", str(out), *extra])
+
+
+def test_eval_writes_table_plot_and_per_type_results(checkpoint, tmp_path):
+    data = write_data(tmp_path, GOOD)
+    assert run_eval(checkpoint, data, tmp_path / "out", methods="none,star,fastervlm", keep="8,4") == 0
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    names = [row["name"] for row in summary["settings"]]
+    assert names == ["none-1.0", "star-8", "star-4", "fastervlm-8", "fastervlm-4"]
+    for row in summary["settings"]:
+        assert row["n"] == 3 and set(row["per_type"]) == {"color", "count"}
+        assert row["tokens"][-1] == (16 if row["method"] == "none" else row["keep"])
+        assert row["flops"] > 0 and row["prefill_s"] > 0
+    assert summary["settings"][1]["flops"] < summary["settings"][0]["flops"]
+    assert (tmp_path / "out" / "results.md").read_text().startswith("| method")
+    assert (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
+
+
+def test_interrupted_eval_resumes_and_loses_nothing(checkpoint, tmp_path):
+    data = write_data(tmp_path, GOOD)
+    run_eval(checkpoint, data, tmp_path / "full")
+    run_eval(checkpoint, data, tmp_path / "cut")
+    runs = tmp_path / "cut" / "runs"
+    kept_line = (runs / "star-4" / "rank0.jsonl").read_text().splitlines()[0]
+    (runs / "star-4" / "rank0.jsonl").write_text(kept_line + "\n" + '{"id": "torn')
+    (runs / "none-1.0" / "rank0.jsonl").unlink()
+    run_eval(checkpoint, data, tmp_path / "cut")
+    assert (runs / "star-4" / "rank0.jsonl").read_text().splitlines()[0] == kept_line
+    full = json.loads((tmp_path / "full" / "results.json").read_text())["settings"]
+    resumed = json.loads((tmp_path / "cut" / "results.json").read_text())["settings"]
+    for a, b in zip(full, resumed):
+        assert (a["name"], a["n"], a["accuracy"], a["per_type"]) == (b["name"], b["n"], b["accuracy"], b["per_type"])
+
+
+def test_bad_records_are_skipped_and_reported_by_line(checkpoint, tmp_path, capsys):
+    rows = [
+        GOOD[0],
+        {"image": "missing.png", "question": "what ?", "answer": "red"},
+        {"image": "red.png", "question": "what ?"},
+        "{not json",
+        {"image": "broken.png", "question": "what ?", "answer": "red"},
+    ]
+    data = write_data(tmp_path, rows)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    records, skipped = read_jsonl(tmp_path / "data.jsonl")
+    assert [r.id for r in records] == ["line1", "line5"]
+    assert skipped == [
+        "data.jsonl line 2: image missing.png not found",
+        "data.jsonl line 3: missing field answer",
+        "data.jsonl line 4: not JSON (Expecting property name enclosed in double quotes)",
+    ]
+    assert run_eval(checkpoint, data, tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    assert "line 2" in err and "line 3" in err and "line 4" in err and "record line5" in err
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert all(row["n"] == 1 for row in summary["settings"])
+
+
+def test_empty_or_missing_data_is_a_clear_error(checkpoint, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert run_eval(checkpoint, str(tmp_path / "empty.jsonl"), tmp_path / "out") == 2
+    assert "holds no usable record" in capsys.readouterr().err
+    assert run_eval(checkpoint, str(tmp_path / "nope.jsonl"), tmp_path / "out") == 2
+    assert "data='" in capsys.readouterr().err
+    assert run_eval(checkpoint, write_data(tmp_path, GOOD), tmp_path / "out", methods="star,bogus") == 2
+    assert "method='bogus'" in capsys.readouterr().err
