@@ -100,3 +100,29 @@ def test_empty_or_missing_data_is_a_clear_error(checkpoint, tmp_path, capsys):
     assert "data='" in capsys.readouterr().err
     assert run_eval(checkpoint, write_data(tmp_path, GOOD), tmp_path / "out", methods="star,bogus") == 2
     assert "method='bogus'" in capsys.readouterr().err
+
+
+def test_two_processes_give_the_results_of_one(checkpoint, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = write_data(tmp_path, GOOD + [dict(GOOD[0], question="what shape is the w23 ?", type="shape")])
+    assert run_eval(checkpoint, data, tmp_path / "one") == 0
+    torchrun = Path(sys.executable).parent / "torchrun"
+    star_cli = shutil.which("star", path=str(Path(sys.executable).parent))
+    command = [str(torchrun), "--standalone", "--nproc_per_node=2", "--no-python", star_cli, "eval", "--model", checkpoint,
+               "--data", data, "--methods", "none,star", "--keep", "4", "--batch-size", "2", "--max-new-tokens", "2",
+               "--out", str(tmp_path / "two")]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    assert sorted(p.name for p in (tmp_path / "two" / "runs" / "star-4").iterdir()) == ["rank0.jsonl", "rank1.jsonl"]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["settings"]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["settings"]
+    for a, b in zip(one, two, strict=True):
+        assert (a["name"], a["n"], a["accuracy"], a["per_type"], a["tokens"]) == (b["name"], b["n"], b["accuracy"], b["per_type"], b["tokens"])
+        predictions = [
+            {row["id"]: row["prediction"] for f in (tmp_path / run / "runs" / a["name"]).iterdir() for row in map(json.loads, f.read_text().splitlines())}
+            for run in ("one", "two")
+        ]
+        assert predictions[0] == predictions[1] and len(predictions[0]) == 4
