@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache
 
 import star
@@ -66,14 +67,22 @@ def measure(model, inputs: dict, method: str, keep: int | float, repeats: int = 
         replay = Replay(recorded_plan=pruner.plan, kept=tuple(pruner.stats.kept_patches))
     with Pruner(model, replay, keep=pruner.keep, positions=positions) as oracle:
         row["oracle_prefill_s"] = median_time(lambda: model(**inputs, past_key_values=DynamicCache()), repeats, warmup)
-        assert all(torch.equal(a, b) for a, b in zip(oracle.stats.kept_patches, replay.kept))
+        if not all(torch.equal(a, b) for a, b in zip(oracle.stats.kept_patches, replay.kept)):
+            raise RuntimeError("the oracle did not keep the measured run's tokens")
     return {"method": method, "keep": keep, **row}
+
+
+def counted_flops(fn: Callable[[], object]) -> float:
+    """FLOPs of everything fn runs (vision encoder, projector, decoder, scoring), counted by PyTorch."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
 
 
 def _measure_attached(model, inputs: dict, pruner: Pruner, repeats: int, warmup: int, new_tokens: int) -> dict:
     prefill = median_time(lambda: model(**inputs, past_key_values=DynamicCache()), repeats, warmup)
     cache = DynamicCache()
-    model(**inputs, past_key_values=cache)
+    counted = counted_flops(lambda: model(**inputs, past_key_values=cache))
     stats = pruner.stats
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -85,6 +94,7 @@ def _measure_attached(model, inputs: dict, pruner: Pruner, repeats: int, warmup:
     return {
         "tokens": stats.tokens,
         "flops": stats.flops,
+        "counted_flops": counted,
         "prefill_s": prefill,
         "decode_tokens_per_s": (new_tokens - 1) / max(total - prefill, 1e-9),
         "kv_cache_bytes": kv_cache_bytes(cache),

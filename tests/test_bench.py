@@ -1,0 +1,39 @@
+"""The benchmark's oracle replays the measured run's kept tokens exactly, and its rows are complete."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import star
+from conftest import batch, prompt_ids
+from star.bench import Replay, measure
+from star.pruner import Pruner
+
+PROMPTS = [prompt_ids(3, 6, seed=1), prompt_ids(7, 4, seed=2)]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["star", "pdrop", "visionzip"])
+def test_oracle_replays_the_kept_tokens_and_logits(model, method):
+    inputs = batch(PROMPTS)
+    with star.apply(model, method=method, keep=5) as pruner:
+        logits = model(**inputs).logits
+        replay = Replay(recorded_plan=pruner.plan, kept=tuple(pruner.stats.kept_patches))
+    with Pruner(model, replay, keep=5) as oracle:
+        replayed = model(**inputs).logits
+        assert all(torch.equal(a, b) for a, b in zip(oracle.stats.kept_patches, replay.kept))
+    if method != "visionzip":  # merged tokens are not a subset of patches, so only their positions replay
+        assert torch.allclose(logits, replayed, atol=1e-5)
+
+
+@torch.no_grad()
+def test_measure_reports_time_memory_and_flops(model):
+    inputs = batch(PROMPTS[:1])
+    full = measure(model, inputs, "none", 1.0, repeats=1, warmup=0, new_tokens=2)
+    pruned = measure(model, inputs, "star", 4, repeats=1, warmup=0, new_tokens=2)
+    for row in (full, pruned):
+        assert row["prefill_s"] > 0 and row["oracle_prefill_s"] > 0 and row["decode_tokens_per_s"] > 0
+    assert pruned["tokens"] == [16, 14, 4]
+    assert pruned["counted_flops"] < full["counted_flops"]
+    assert pruned["kv_cache_bytes"] < full["kv_cache_bytes"]
