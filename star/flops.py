@@ -1,0 +1,108 @@
+"""Prefill FLOPs of a decoder: the paper's formula (section 4.3), and a count of a real run.
+
+Convention: FLOPs = 2 x multiply-accumulates, as PyTorch's FlopCounterMode counts them (the paper states the
+one-FLOP-per-MAC rule; ratios, which is what it compares, are the same either way). Per layer with n tokens:
+- projections: q and o over the query width, k and v over the key/value width (grouped-query attention);
+- attention: the two matrix products Q K^T and A V, n^2 each per head dimension;
+- FFN: two matrices, or three for Llama's gated FFN.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Callable, Sequence
+
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    gated_ffn: bool = True
+
+    @classmethod
+    def from_config(cls, config) -> DecoderShape:
+        """The shape of a transformers Llama/Mistral/Qwen2-style decoder config."""
+        heads = config.num_attention_heads
+        return cls(
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            gated_ffn=getattr(config, "hidden_act", "silu") in ("silu", "swiglu"),
+        )
+
+    @classmethod
+    def named(cls, name: str) -> DecoderShape:
+        """A decoder shape shipped with the package (no hub needed): see `named_models()`."""
+        data = _named(name)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+def named_models() -> list[str]:
+    return sorted(p.name.removesuffix(".json") for p in files("star").joinpath("configs").iterdir() if p.name.endswith(".json"))
+
+
+def visual_tokens(name: str) -> int:
+    """Visual tokens per image (per crop for LLaVA-NeXT) of a shipped model."""
+    return int(_named(name)["visual_tokens"])
+
+
+def _named(name: str) -> dict:
+    if name not in named_models():
+        raise ValueError(f"model={name!r} has no shipped shape: known are {', '.join(named_models())}")
+    return json.loads(files("star").joinpath("configs", f"{name}.json").read_text())
+
+
+def layer_flops(shape: DecoderShape, n_tokens: int) -> float:
+    """FLOPs of one decoder layer's prefill over n_tokens (the paper's formula, GQA and gated FFN aware)."""
+    n, d = n_tokens, shape.hidden_size
+    q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    projections = 2 * n * d * q_width + 2 * n * d * kv_width
+    attention = 2 * n * n * q_width
+    ffn = (3 if shape.gated_ffn else 2) * n * d * shape.intermediate_size
+    return 2.0 * (projections + attention + ffn)
+
+
+def prefill_flops(shape: DecoderShape, tokens_per_layer: Sequence[int]) -> float:
+    """FLOPs of a prefill where layer i processes tokens_per_layer[i] tokens."""
+    if len(tokens_per_layer) != shape.num_layers:
+        raise ValueError(f"tokens_per_layer has {len(tokens_per_layer)} entries for a {shape.num_layers}-layer decoder")
+    return sum(layer_flops(shape, n) for n in tokens_per_layer)
+
+
+def tokens_per_layer(num_layers: int, n_text: int, n_visual: int, stages: Sequence[tuple[int, int]] = ()) -> list[int]:
+    """Tokens each layer sees: n_visual enter layer 0, and each (layer, kept) stage cuts the visual ones."""
+    counts, visual = [], n_visual
+    cuts = dict(stages)
+    for layer in range(num_layers):
+        visual = cuts.get(layer, visual)
+        counts.append(n_text + visual)
+    return counts
+
+
+def count_flops(fn: Callable[[], object], module: nn.Module) -> dict[str, float]:
+    """Run fn under FlopCounterMode; FLOPs in total and inside each of `module`'s submodules.
+
+    PyTorch counts matrix products (linear, bmm, conv, and the GPU attention kernels). On the CPU its SDPA
+    kernel is not counted, so count an eager-attention model there to see the attention products.
+    """
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    per_module = counter.get_flop_counts()
+    root = type(module).__name__
+    result = {"total": float(counter.get_total_flops())}
+    for name, ops in per_module.items():
+        if name.startswith(root + "."):
+            result[name.removeprefix(root + ".")] = float(sum(ops.values()))
+    return result

@@ -1,0 +1,60 @@
+"""FLOPs: the paper's Table 3 ratios from the formula, and the formula against a count of real runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaModel
+
+import star
+from conftest import batch, prompt_ids, tiny_llava
+from star.cli import main
+from star.flops import DecoderShape, count_flops, layer_flops, named_models, prefill_flops, tokens_per_layer
+
+
+@pytest.mark.parametrize("keep, paper", [(288, 0.713), (58, 0.536), (29, 0.514)])
+def test_star_schedule_reproduces_table_3_ratios(keep, paper):
+    shape = DecoderShape.named("llava-1.5-7b")
+    unpruned = prefill_flops(shape, [576 + 79] * 32)
+    pruned = prefill_flops(shape, tokens_per_layer(32, 79, 490, [(16, keep)]))
+    assert abs(pruned / unpruned - paper) / paper < 0.01
+
+
+def test_star_flops_command_prints_the_table(capsys):
+    assert main(["flops", "--model", "llava-1.5-7b", "--text-tokens", "79", "--method", "star,fastervlm", "--keep", "288,58,29"]) == 0
+    out = capsys.readouterr().out
+    assert "| star | 288 | 576 / 490 / 288 |" in out and "| 0.710 |" in out
+    assert "| star | 58 | 576 / 490 / 58 |" in out and "| 0.535 |" in out
+    assert "| fastervlm | 29 | 576 / 29 |" in out
+
+
+def test_shipped_shapes_and_bad_names():
+    assert named_models() == ["llava-1.5-13b", "llava-1.5-7b", "llava-next-7b"]
+    assert DecoderShape.named("llava-1.5-13b").num_layers == 40
+    with pytest.raises(ValueError, match="model='llava-9b'"):
+        DecoderShape.named("llava-9b")
+    with pytest.raises(ValueError, match="tokens_per_layer"):
+        prefill_flops(DecoderShape.named("llava-1.5-7b"), [10] * 3)
+
+
+@torch.no_grad()
+def test_formula_equals_counted_matrix_products_of_a_llama():
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100)
+    config._attn_implementation = "eager"
+    model = LlamaModel(config).eval()
+    counted = count_flops(lambda: model(torch.randint(0, 100, (1, 50))), model)
+    for layer in range(4):
+        assert counted[f"layers.{layer}"] == layer_flops(DecoderShape.from_config(config), 50)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["none", "star", "pdrop", "fastervlm"])
+def test_stats_flops_match_the_counted_decoder_of_a_real_prefill(method):
+    model = tiny_llava(attn="eager")
+    inputs = batch([prompt_ids(3, 6, seed=1), prompt_ids(7, 4, seed=2)])
+    with star.apply(model, method=method, keep=5) as pruner:
+        counted = count_flops(lambda: model(**inputs), model)
+        stats = pruner.stats
+    decoder = sum(v for k, v in counted.items() if k.startswith("model.language_model.layers.") and k.count(".") == 3)
+    assert abs(stats.flops - decoder) / decoder < 0.05
