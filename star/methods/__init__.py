@@ -10,11 +10,12 @@ from star.methods.fastv import FastV
 from star.methods.none import NoPruning
 from star.methods.pdrop import PyramidDrop
 from star.methods.random import RandomPruning
+from star.methods.sparsevlm import SparseVLM
 from star.methods.star import Star
 from star.methods.visionzip import VisionZip
 
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (NoPruning, Star, FastV, FasterVLM, VisionZip, PyramidDrop, RandomPruning)
+    cls.name: cls for cls in (NoPruning, Star, FastV, FasterVLM, VisionZip, PyramidDrop, SparseVLM, RandomPruning)
 }
 
 
