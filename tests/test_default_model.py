@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,34 @@ def test_default_model_answers_fixed_scene_questions():
     records = scene_records("test", 15)
     result = score(records, answer(model, processor, records, progress=False))
     assert result["overall"]["accuracy"] >= 0.8, result
+
+
+def test_saved_adapters_merge_into_the_same_model(tmp_path, monkeypatch):
+    """The training script's checkpoint, merged into a fresh model, gives the trained model's outputs: no
+    tensor is dropped on the way (the pitfall of LoRA keys loaded where no adapter exists)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_default_model", Path(__file__).parents[1] / "scripts" / "train_default_model.py")
+    train = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, train)  # its dataclasses look their module up there
+    spec.loader.exec_module(train)
+    trained = tiny_llava(seed=3)
+    lora = train.add_lora(trained.model.language_model, rank=4, alpha=8.0)
+    torch.manual_seed(5)
+    for wrapper in lora.values():
+        wrapper.B.data.normal_(0, 0.05)  # as after some training: B starts at zero
+    for p in trained.model.multi_modal_projector.parameters():
+        p.data.normal_(0, 0.1)
+    for wrapper in lora.values():  # the checkpoint stores the factors in float16: compare against those
+        wrapper.A.data, wrapper.B.data = wrapper.A.data.half().float(), wrapper.B.data.half().float()
+    path = tmp_path / "w.safetensors"
+    save_file(train.trained_state(trained.model.multi_modal_projector, lora), str(path), metadata={"lora_rank": "4", "lora_alpha": "8.0"})
+    fresh = tiny_llava(seed=3)
+    dm.merge_trained_weights(fresh, *dm.load_trained_weights(path))
+    ids = torch.tensor([[1, 2] + [127] * 16 + [3, 4, 5]])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = trained(input_ids=ids, pixel_values=pixels).logits
+        got = fresh(input_ids=ids, pixel_values=pixels).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, tiny_llava(seed=3)(input_ids=ids, pixel_values=pixels).logits, atol=1e-3)
