@@ -8,6 +8,7 @@ layers from K on cache only those tokens. Pure functions here; the hooks that ca
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -19,9 +20,11 @@ class Frame:
 
     keep_cols: [B, S_f] the prompt's indices in the decoder's entry frame that are still present.
     mask: [B, S_f] 2-D attention mask of the prompt in this frame (False at padding).
-    visual: [B, V_f] indices of the visual tokens in this frame.
-    patches: [B, V_f] which patch each visual token is (image m's patch j is m * n_visual + j).
-    position_ids: [B, S_f] rotary positions of the prompt tokens in this frame.
+    visual: [B, V_f] indices of the visual tokens in this frame. When the rows keep different numbers of
+    visual tokens (images of different sizes), shorter rows end with -1.
+    patches: [B, V_f] which visual token each one is: its place among the image tokens of its prompt
+    (image m's patch j is m * n_visual + j for LLaVA-1.5), -1 where `visual` is.
+    position_ids: [B, S_f] or [3, B, S_f] (M-RoPE) rotary positions of the prompt tokens in this frame.
     """
 
     start_layer: int
@@ -46,6 +49,20 @@ def gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tens
     return x.gather(dim, index.view(view).expand(target))
 
 
+def gather_positions(positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, S] or [n, B, S] (M-RoPE: one row per axis) gathered at per-row token indices [B, K]."""
+    if positions.dim() == 2:
+        return gather_seq(positions, index)
+    return torch.stack([gather_seq(axis, index) for axis in positions])
+
+
+def gather_rotary(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A rotary cos or sin, [B, S, d] or [3, B, S, d] (M-RoPE), gathered at per-row token indices [B, K]."""
+    if x.dim() == 3:
+        return gather_seq(x, index)
+    return torch.stack([gather_seq(axis, index) for axis in x])
+
+
 def slice_mask(mask: torch.Tensor | None, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor | None:
     """Restrict an attention mask (None, 2-D [B, K] or 4-D [B, 1, Q, K]) to kept query rows and key columns."""
     if mask is None:
@@ -58,7 +75,8 @@ def slice_mask(mask: torch.Tensor | None, rows: torch.Tensor | None, cols: torch
 
 
 def contiguous_positions(positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Positions of the kept tokens renumbered without gaps: each moves back by the tokens dropped before it."""
+    """1-D positions [B, S] of the kept tokens renumbered without gaps: each moves back by the tokens dropped
+    before it. (Not defined for M-RoPE's 3-D positions, where an image's tokens share temporal positions.)"""
     dropped_before = keep - torch.arange(keep.shape[1], device=keep.device)
     return positions.gather(1, keep) - dropped_before
 
@@ -90,3 +108,27 @@ def llama_style_qk(
     q = attn.q_proj(gather_seq(normed, rows)).view(batch, rows.shape[1], -1, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
     return rotate(q, gather_seq(cos, rows), gather_seq(sin, rows)), rotate(k, cos, sin)
+
+
+def mrope_qk(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    rows: torch.Tensor,
+    apply_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `llama_style_qk`, for a Qwen2-VL-style decoder layer whose rotary embedding is multimodal (M-RoPE).
+
+    cos, sin are [3, B, S, d]: one per axis (temporal, height, width); `apply_rotary` is the layer family's own
+    multimodal rotary function, which mixes the axes by the layer's mrope_section.
+    """
+    attn = layer.self_attn
+    section = attn.rope_scaling["mrope_section"]
+    normed = layer.input_layernorm(hidden)
+    cos, sin = position_embeddings
+    batch, seq = hidden.shape[:2]
+    q = attn.q_proj(gather_seq(normed, rows)).view(batch, rows.shape[1], -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    q = apply_rotary(q, q, gather_rotary(cos, rows), gather_rotary(sin, rows), section)[0]
+    k = apply_rotary(k, k, cos.expand(-1, batch, -1, -1), sin.expand(-1, batch, -1, -1), section)[0]
+    return q, k

@@ -58,6 +58,16 @@ def visual_tokens(name: str) -> int:
     return int(_named(name)["visual_tokens"])
 
 
+def crops_per_image(name: str) -> int:
+    """Crops each image is encoded as, at most (LLaVA-NeXT: the base image and 4 tiles; 1 elsewhere)."""
+    return int(_named(name).get("max_crops", 1))
+
+
+def fixed_image_tokens(name: str) -> int:
+    """Image tokens that are never pruned nor counted as visual (LLaVA-NeXT's newlines), per full image."""
+    return int(_named(name).get("newline_tokens", 0))
+
+
 def _named(name: str) -> dict:
     if name not in named_models():
         raise ValueError(f"model={name!r} has no shipped shape: known are {', '.join(named_models())}")

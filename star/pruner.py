@@ -23,12 +23,16 @@ from transformers import DynamicCache
 
 from star import flops as flops_model
 from star.adapters import adapter_for
-from star.decoder import Frame, contiguous_positions, gather_seq, slice_mask
-from star.methods import DecoderView, LLMStage, Method, Selection
+from star.adapters.base import FIXED, TEXT
+from star.decoder import Frame, contiguous_positions, gather_positions, gather_rotary, gather_seq, slice_mask
+from star.methods import DecoderView, LLMStage, Method, Plan, Selection, VisionView
 from star.scoring import attention_probs
 
 POSITION_POLICIES = ("original", "contiguous")
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+# Families whose images differ in size (Qwen2-VL) get a notional image of this many tokens at apply(), to
+# check the options and place the hooks; the real plans are made per image at prefill.
+NOMINAL_TOKENS = 16384
 
 
 @dataclass
@@ -36,11 +40,15 @@ class PruneStats:
     """What the last prefill did.
 
     tokens: visual tokens per image after each stage: [from the encoder, entering the decoder, after each
-    decoder stage]. kept_patches: for each of those stages after the encoder, [B, V] the patches still
-    present in each prompt (image m's patch j is m * n_visual + j; a merged token counts as its
-    representative's patch). layers: the decoder layer where each decoder stage cut. sequence_lengths: the tokens
-    each decoder layer processed (per prompt, padding included). flops: the decoder's prefill FLOPs for the
-    whole batch, by the paper's formula over those lengths.
+    decoder stage]. For LLaVA-NeXT, per 576-token crop (the budget's unit); for families whose images differ
+    in size (Qwen2-VL), those of the batch's first image. totals: the same counts per prompt, all its images
+    (and crops) together, [B][stages]. kept_patches: for each of those stages after the encoder, [B, V] the
+    visual tokens still present in each prompt, by their place among the prompt's image tokens (image m's
+    patch j is m * n_visual + j for LLaVA-1.5; LLaVA-NeXT's newline tokens take places but are never listed);
+    where prompts keep different numbers, shorter rows end with -1. A merged token counts as its
+    representative's place. layers: the decoder layer where each decoder stage cut. sequence_lengths: the
+    tokens each decoder layer processed (per prompt, padding included). flops: the decoder's prefill FLOPs for
+    the whole batch, by the paper's formula over those lengths.
     """
 
     tokens: list[int]
@@ -49,6 +57,7 @@ class PruneStats:
     sequence_lengths: list[int]
     batch_size: int
     flops: float
+    totals: list[list[int]]
 
 
 @dataclass
@@ -57,9 +66,13 @@ class _Prompt:
 
     full_length: int
     entry_keep: torch.Tensor  # [B, S1] indices of the full prompt present in the entry frame
+    entry_real: torch.Tensor  # [B, S1] False at the padding slots the pruner added to even out rows
+    positions: torch.Tensor  # rotary positions of the full prompt, [B, S] or [3, B, S]
     frames: list[Frame]
     n_text: torch.Tensor
-    images_per_row: int
+    budgets: list[list[int]]  # per decoder stage, the visual tokens each prompt keeps
+    tokens: list[int]
+    totals: list[list[int]]
 
 
 @dataclass
@@ -80,7 +93,13 @@ class Pruner:
         self.adapter = adapter_for(model)
         if positions not in POSITION_POLICIES:
             raise ValueError(f"positions={positions!r} is unknown: allowed are {', '.join(POSITION_POLICIES)}")
-        implementation = model.config.text_config._attn_implementation
+        if positions == "contiguous" and self.adapter.mrope:
+            raise ValueError(
+                f"positions='contiguous' is not defined for {type(model).__name__}: its M-RoPE positions are 3-D "
+                "(an image's tokens share one temporal position and span a height x width grid), so there is no "
+                "single gap-free renumbering; use positions='original'"
+            )
+        implementation = model.config.get_text_config()._attn_implementation
         if implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(
                 f"attn_implementation={implementation!r} is not supported: allowed are "
@@ -93,12 +112,17 @@ class Pruner:
         self.positions = positions
         n_visual = self.adapter.n_visual
         self.keep = resolve_keep(keep, n_visual)
+        self._keep_given = keep
         num_layers = len(self.adapter.layers)
-        self.plan = method.plan(n_visual, self.keep, num_layers)
+        # Families whose images differ in size plan per image at prefill; this plan checks the options and
+        # places the hooks (a method's stage layers depend on its options and the depth, not on the image).
+        self.plan = method.plan(n_visual or max(NOMINAL_TOKENS, self.keep), self.keep, num_layers)
         _check_stages(self.plan.llm_stages)
+        self._check_encoder(type(model).__name__)
+        self._plans: dict[int, Plan] = {}
         self._stage_at = {stage.layer: i for i, stage in enumerate(self.plan.llm_stages)}
         self._early_scores = {s.score_layer for s in self.plan.llm_stages if s.score_layer != s.layer}
-        self._shape = flops_model.DecoderShape.from_config(model.config.text_config)
+        self._shape = flops_model.DecoderShape.from_config(model.config.get_text_config())
         self._signature = inspect.signature(model.forward)
         self._prompt: _Prompt | None = None
         self._step: _Step | None = None
@@ -140,14 +164,51 @@ class Pruner:
         frames = prompt.frames
         lengths = [next(f.length for f in reversed(frames) if f.start_layer <= i) for i in range(len(self.adapter.layers))]
         batch = frames[0].keep_cols.shape[0]
+        done = 1 + len(frames)
         return PruneStats(
-            tokens=[self.plan.n_visual, self.plan.vision_keep, *(s.keep for s in self.plan.llm_stages[: len(frames) - 1])],
+            tokens=prompt.tokens[:done],
             kept_patches=[f.patches for f in frames],
             layers=[f.start_layer for f in frames[1:]],
             sequence_lengths=lengths,
             batch_size=batch,
             flops=batch * flops_model.prefill_flops(self._shape, lengths),
+            totals=[row[:done] for row in prompt.totals],
         )
+
+    def _check_encoder(self, model_name: str) -> None:
+        """Refuse, before any compute, a method whose vision stage needs a [CLS] token this encoder lacks.
+
+        The method's vision stage runs once on a two-token stand-in view without [CLS]; what it raises is
+        what it would raise at the first prompt.
+        """
+        if self.adapter.has_cls or self.plan.vision_keep >= self.plan.n_visual:
+            return
+        stand_in = torch.zeros(1, 1, 2, 1)
+        probe = VisionView(features=torch.zeros(1, 2, 1), n_prefix=0, qk=lambda: (stand_in, stand_in))
+        try:
+            self.method.select_vision(probe, 1)
+        except ValueError as error:
+            raise ValueError(f"method={self.method.name!r} cannot prune {model_name}: {error}") from None
+
+    # -- budgets ------------------------------------------------------------------------------------------
+
+    def _unit_plan(self, n: int) -> Plan:
+        """The method's plan for one unit (an image, a LLaVA-NeXT crop) of n visual tokens."""
+        if n not in self._plans:
+            plan = self.method.plan(n, unit_keep(self._keep_given, n, self.adapter.budget_unit), len(self.adapter.layers))
+            nominal = {s.layer: s for s in self.plan.llm_stages}
+            if any(nominal.get(s.layer, None) is None or nominal[s.layer].score_layer != s.score_layer for s in plan.llm_stages):
+                raise ValueError(f"method {self.method.name!r} plans other decoder stages for {n} tokens than for {self.plan.n_visual}")
+            self._plans[n] = plan
+        return self._plans[n]
+
+    def _schedule(self, plan: Plan) -> list[int]:
+        """A unit's visual tokens [from the encoder, entering the decoder, after each of the pruner's stages]."""
+        counts = [plan.n_visual, plan.vision_keep]
+        own = {s.layer: s.keep for s in plan.llm_stages}
+        for stage in self.plan.llm_stages:
+            counts.append(own.get(stage.layer, counts[-1]))
+        return counts
 
     # -- the model's forward: prefill and decode steps -------------------------------------------------
 
@@ -180,69 +241,100 @@ class Pruner:
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
             raise ValueError("input_ids is None: pruning needs the prompt's token ids to find its image tokens")
-        pixel_values = kwargs["pixel_values"]
         batch, length = input_ids.shape
+        device = input_ids.device
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(input_ids) if mask is None else mask
         if bool((mask[:, 1:] < mask[:, :-1]).any()):
             raise ValueError("attention_mask pads on the right: prompts must be left-padded (padding_side='left')")
-        is_image = input_ids == self.adapter.image_token_id
-        n_visual, images = self.adapter.n_visual, pixel_values.shape[0]
-        counts = is_image.sum(dim=1)
-        if bool((counts != counts[0]).any()) or int(counts.sum()) != images * n_visual:
+        encoded = self.adapter.encode_prompts(kwargs, input_ids)
+        full_positions = self.adapter.prompt_positions(kwargs, input_ids, mask)
+
+        # Stage 1, unit by unit: the kept tokens' places among each prompt's image tokens, and their embeddings.
+        slots = encoded.slots
+        kept_places: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        kept_embeds: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        totals = torch.zeros(batch, 2 + len(self.plan.llm_stages), dtype=torch.long)
+        tokens = None
+        for group in encoded.groups:
+            units, n = group.view.features.shape[:2]
+            plan = self._unit_plan(n)
+            schedule = self._schedule(plan)
+            tokens = tokens or (self._schedule(self.plan) if self.adapter.n_visual else schedule)
+            totals.index_add_(0, group.rows.cpu(), torch.tensor(schedule).expand(units, -1).contiguous())
+            if plan.vision_keep < n:
+                selection = self.method.select_vision(group.view, plan.vision_keep)
+            else:
+                selection = Selection(torch.arange(n, device=device).expand(units, n))
+            features = selection.states if selection.states is not None else gather_seq(group.view.features, selection.index)
+            projected = self.adapter.project(features)
+            kept = group.ordinals.gather(1, selection.index)
+            for unit, row in enumerate(group.rows.tolist()):
+                kept_places[row].append(kept[unit])
+                kept_embeds[row].append(projected[unit])
+
+        totals_list = totals.tolist()
+        budgets = [[row[2 + s] for row in totals_list] for s in range(len(self.plan.llm_stages))]
+        uneven = any(len({row[j] for row in totals_list}) > 1 for j in range(1, totals.shape[1]))
+        if uneven and self.positions == "contiguous" and self.plan.llm_stages:
             raise ValueError(
-                f"input_ids holds {counts.tolist()} image tokens per prompt but pixel_values holds {images} "
-                f"image(s) of {n_visual} tokens each: every prompt needs {n_visual} image tokens per image, "
-                "and every prompt in a batch the same number of images"
+                "positions='contiguous' needs every prompt of a batch to keep the same number of visual tokens "
+                "(same image sizes); use positions='original', or batch such prompts apart"
             )
-        per_row = images // batch
 
-        view = self.adapter.encode(pixel_values)
-        k1 = self.plan.vision_keep
-        if k1 < n_visual:
-            selection = self.method.select_vision(view, k1)
-        else:
-            selection = Selection(torch.arange(n_visual, device=input_ids.device).expand(images, n_visual))
-        features = selection.states if selection.states is not None else gather_seq(view.features, selection.index)
-        image_embeds = self.adapter.project(features)
-
-        # Entry frame: each image keeps its first k1 placeholders; the kept features fill them in order.
-        image_slots = is_image.nonzero()[:, 1].view(batch, per_row, n_visual)
-        text_slots = (~is_image).nonzero()[:, 1].view(batch, length - per_row * n_visual)
-        entry_keep = torch.cat([text_slots, image_slots[:, :, :k1].flatten(1)], dim=1).sort(dim=1).values
-        entry_is_image = is_image.gather(1, entry_keep)
+        # Entry frame: each prompt's text and fixed image tokens, and its kept visual tokens at their places (a
+        # merged token may share its place with another; the stable sort keeps the method's order). Shorter
+        # rows are left-padded; one spare padding slot per row when a later cut is uneven, so every row has a
+        # masked column for that cut's own padding to point at.
+        image_cols = ragged_rows(slots != TEXT)
+        columns, visual_embeds = [], []
+        for row in range(batch):
+            places = torch.cat(kept_places[row]) if kept_places[row] else slots.new_zeros(0)
+            others = (slots[row] < 0).nonzero()[:, 0]  # TEXT and FIXED
+            cols = torch.cat([others, image_cols[row, places]])
+            order = torch.sort(cols, stable=True).indices
+            columns.append(cols[order])
+            visual_order = order[order >= len(others)] - len(others)
+            visual_embeds.append(torch.cat(kept_embeds[row])[visual_order] if kept_embeds[row] else None)
+        spare = 1 if uneven and self.plan.llm_stages else 0
+        width = max(len(c) for c in columns) + spare
+        entry_keep = torch.stack([torch.cat([c.new_zeros(width - len(c)), c]) for c in columns])
+        lengths = torch.tensor([len(c) for c in columns], device=device)
+        entry_real = torch.arange(width, device=device) >= width - lengths[:, None]
+        entry_slots = slots.gather(1, entry_keep)
+        entry_visual = (entry_slots >= 0) & entry_real
         embeds = self.adapter.embed(input_ids.gather(1, entry_keep))
-        embeds = embeds.masked_scatter(entry_is_image[..., None], image_embeds.to(embeds.dtype))
+        for row, row_embeds in enumerate(visual_embeds):
+            if row_embeds is not None:
+                embeds[row, entry_visual[row]] = row_embeds.to(embeds.dtype)
+        if encoded.fixed is not None:
+            embeds = torch.where((entry_slots == FIXED)[..., None], encoded.fixed.to(embeds.dtype), embeds)
 
-        full_positions = kwargs.get("position_ids")
-        if full_positions is None:
-            cache_position = kwargs.get("cache_position")
-            start = torch.arange(length, device=input_ids.device) if cache_position is None else cache_position
-            full_positions = start[None].expand(batch, length)
         if self.positions == "original":
-            positions = full_positions.gather(1, entry_keep)
-            kept_slots = image_slots.gather(2, selection.index.view(batch, per_row, k1)).flatten(1)
-            positions = positions.masked_scatter(entry_is_image, full_positions.gather(1, kept_slots))
+            positions = gather_positions(full_positions, entry_keep)
         else:
             positions = contiguous_positions(full_positions, entry_keep)
-
         entry_length = entry_keep.shape[1]
-        visual = entry_is_image.nonzero()[:, 1].view(batch, per_row * k1)
-        entry_mask = mask.gather(1, entry_keep)
-        image_offsets = torch.arange(per_row, device=input_ids.device)[None, :, None] * n_visual
-        patches = (selection.index.view(batch, per_row, k1) + image_offsets).flatten(1)
-        entry_cols = torch.arange(entry_length, device=input_ids.device).expand(batch, entry_length)
+        entry_mask = mask.gather(1, entry_keep) * entry_real
+        visual = ragged_rows(entry_visual)
+        patches = entry_slots.gather(1, visual.clamp_min(0)).masked_fill(visual < 0, -1)
+        image_like = (entry_visual | (entry_slots == FIXED)).long()
+        last_image = (image_like * torch.arange(entry_length, device=device)).amax(dim=1)
+        entry_cols = torch.arange(entry_length, device=device).expand(batch, entry_length)
         frame = Frame(0, entry_cols, entry_mask, visual, patches, positions)
-        self._prompt = _Prompt(length, entry_keep, [frame], entry_length - 1 - visual[:, -1], per_row)
+        self._prompt = _Prompt(
+            length, entry_keep, entry_real, full_positions, [frame], entry_length - 1 - last_image, budgets,
+            tokens or [0] * totals.shape[1], totals_list,
+        )
         self._step = _Step(prefill=True)
         return {
             **kwargs,
+            **{name: None for name in self.adapter.vision_inputs},
             "input_ids": None,
-            "pixel_values": None,
             "inputs_embeds": embeds,
             "attention_mask": entry_mask,
             "position_ids": positions,
-            "cache_position": torch.arange(entry_length, device=input_ids.device),
+            "cache_position": torch.arange(entry_length, device=device),
         }
 
     def _continue_prompt(self, kwargs: dict, past: int) -> dict:
@@ -256,13 +348,14 @@ class Pruner:
             cache_position = cache_position - dropped
         positions = kwargs.get("position_ids")
         if positions is None:
-            positions = (cache_position + dropped)[None].expand(prompt.entry_keep.shape[0], new)
+            positions = self.adapter.decode_positions(prompt.positions, cache_position + dropped)
         if self.positions == "contiguous":
             positions = positions - dropped
         mask = kwargs.get("attention_mask")
         if mask is not None:
             full = prompt.full_length
-            mask = torch.cat([mask[:, :full].gather(1, prompt.entry_keep), mask[:, full:]], dim=1)
+            entry = mask[:, :full].gather(1, prompt.entry_keep) * prompt.entry_real
+            mask = torch.cat([entry, mask[:, full:]], dim=1)
         self._step = _Step(prefill=False, position_ids=positions, cache_position=cache_position)
         return {**kwargs, "attention_mask": mask, "position_ids": positions, "cache_position": cache_position}
 
@@ -279,7 +372,7 @@ class Pruner:
         stage_number = self._stage_at.get(index)
         if stage_number is not None:
             if step.prefill:
-                hidden, step.override = self._cut(self.plan.llm_stages[stage_number], hidden, current, step)
+                hidden, step.override = self._cut(stage_number, hidden, current, step)
             else:
                 step.override = self._decode_frame(stage_number, hidden, kwargs, step)
             current = {**kwargs, **step.override}
@@ -287,53 +380,95 @@ class Pruner:
             return None
         return (hidden, *args[1:]), current
 
-    def _cut(self, stage: LLMStage, hidden: torch.Tensor, kwargs: dict, step: _Step) -> tuple[torch.Tensor, dict]:
+    def _select(self, stage: LLMStage, hidden: torch.Tensor, kwargs: dict, budgets: list[int]) -> list[Selection]:
+        """The method's decoder-stage selection over the last frame's visual tokens: one per group of rows.
+
+        Rows that hold and keep the same numbers of visual tokens are scored together; otherwise row by row.
+        """
+        prompt = self._prompt
+        frame = prompt.frames[-1]
+        score_layer = self.adapter.layers[stage.score_layer]
+        batch = hidden.shape[0]
+        counts = (frame.visual >= 0).sum(dim=1)
+        if len(set(budgets)) == 1 and bool((counts == counts[0]).all()):
+            groups = [None]
+        else:
+            groups = list(range(batch))
+        selections = []
+        for row in groups:
+            h, pe, key_mask = hidden, kwargs["position_embeddings"], frame.mask.bool()
+            visual, n_text = frame.visual, prompt.n_text
+            if row is not None:
+                h, key_mask, n_text = h[row : row + 1], key_mask[row : row + 1], n_text[row : row + 1]
+                pe = tuple(_batch_row(x, row, x.dim() - 3) for x in pe)
+                visual = visual[row : row + 1, : int(counts[row])]
+
+            def attention(rows: torch.Tensor, h=h, pe=pe, key_mask=key_mask) -> torch.Tensor:
+                q, k = self.adapter.decoder_qk(score_layer, h, pe, rows)
+                return attention_probs(q, k, key_mask, rows)
+
+            view = DecoderView(h, visual, n_text, key_mask, attention)
+            selections.append(self.method.select_llm(stage, view, budgets[0 if row is None else row]))
+        return selections
+
+    def _cut(self, stage_number: int, hidden: torch.Tensor, kwargs: dict, step: _Step) -> tuple[torch.Tensor, dict]:
         """Score the visual tokens with the stage's layer and keep the top ones: the start of a new frame."""
         prompt = self._prompt
         frame = prompt.frames[-1]
+        stage = self.plan.llm_stages[stage_number]
+        budgets = prompt.budgets[stage_number]
         score_hidden, score_kwargs = step.saved.get(stage.score_layer, (hidden, kwargs))
-        score_layer = self.adapter.layers[stage.score_layer]
-        key_mask = frame.mask.bool()
-
-        def attention(rows: torch.Tensor) -> torch.Tensor:
-            q, k = self.adapter.decoder_qk(score_layer, score_hidden, score_kwargs["position_embeddings"], rows)
-            return attention_probs(q, k, key_mask, rows)
-
-        view = DecoderView(score_hidden, frame.visual, prompt.n_text, key_mask, attention)
-        k = stage.keep * prompt.images_per_row
-        selection = self.method.select_llm(stage, view, k)
+        selections = self._select(stage, score_hidden, score_kwargs, budgets)
         batch, length = hidden.shape[:2]
-        kept_visual = frame.visual.gather(1, selection.index)
-        is_visual = torch.zeros(batch, length, dtype=torch.bool, device=hidden.device).scatter(1, frame.visual, True)
-        others = (~is_visual).nonzero()[:, 1].view(batch, -1)
-        keep = torch.cat([others, kept_visual], dim=1).sort(dim=1).values
-        is_kept_visual = torch.zeros_like(is_visual).scatter(1, kept_visual, True).gather(1, keep)
-        visual = is_kept_visual.nonzero()[:, 1].view(batch, k)
-        hidden = gather_seq(hidden, keep)
-        if selection.states is not None:
-            hidden = hidden.scatter(1, visual[..., None].expand(-1, -1, hidden.shape[-1]), selection.states.to(hidden.dtype))
-
-        if self.positions == "original":
-            positions = frame.position_ids.gather(1, keep)
-            cos, sin = kwargs["position_embeddings"]
-            position_embeddings = (gather_seq(cos, keep), gather_seq(sin, keep))
+        if len(selections) == 1:
+            index = selections[0].index
+            states = None if selections[0].states is None else list(selections[0].states)
         else:
-            positions = contiguous_positions(frame.position_ids, keep)
+            index = pad_rows([s.index[0] for s in selections])
+            states = None if selections[0].states is None else [s.states[0] for s in selections]
+
+        # Each row keeps its other tokens (text, fixed image tokens, padding) and its kept visual tokens;
+        # rows that end up shorter are left-padded with a masked column of their own.
+        rows = []
+        for row in range(batch):
+            chosen = index[row][index[row] >= 0]
+            visual = frame.visual[row][frame.visual[row] >= 0]
+            others = torch.ones(length, dtype=torch.bool, device=hidden.device)
+            others[visual] = False
+            rows.append((others.nonzero()[:, 0], visual[chosen]))
+        width = max(len(o) + len(v) for o, v in rows)
+        keep, kept_visual = [], []
+        for row, (others, visual) in enumerate(rows):
+            cols = torch.cat([others, visual]).sort().values
+            if len(cols) < width:
+                pad = (frame.mask[row] == 0).nonzero()[0, 0]
+                cols = torch.cat([pad.expand(width - len(cols)), cols])
+            keep.append(cols)
+            kept_visual.append(torch.isin(cols, visual).nonzero()[:, 0])
+        keep = torch.stack(keep)
+        visual = pad_rows(kept_visual)
+        patches = gather_seq(frame.patches, index.clamp_min(0)).masked_fill(index < 0, -1)
+        hidden = gather_seq(hidden, keep)
+        if states is not None:
+            for row, merged in enumerate(states):
+                hidden[row, kept_visual[row]] = merged.to(hidden.dtype)
+
+        layer_positions = kwargs.get("position_ids")
+        if self.positions == "original":
+            positions = gather_positions(frame.position_ids, keep)
+            cos, sin = kwargs["position_embeddings"]
+            position_embeddings = (gather_rotary(cos, keep), gather_rotary(sin, keep))
+            layer_positions = None if layer_positions is None else gather_positions(layer_positions, keep)
+        else:
+            positions = layer_positions = contiguous_positions(frame.position_ids, keep)
             position_embeddings = self.adapter.rotary(hidden, positions)
         prompt.frames.append(
-            Frame(
-                stage.layer,
-                frame.keep_cols.gather(1, keep),
-                frame.mask.gather(1, keep),
-                visual,
-                frame.patches.gather(1, selection.index),
-                positions,
-            )
+            Frame(stage.layer, frame.keep_cols.gather(1, keep), frame.mask.gather(1, keep), visual, patches, positions)
         )
         return hidden, {
             "attention_mask": slice_mask(kwargs["attention_mask"], keep, keep),
             "position_embeddings": position_embeddings,
-            "position_ids": positions,
+            "position_ids": layer_positions,
             "cache_position": torch.arange(keep.shape[1], device=hidden.device),
         }
 
@@ -354,17 +489,55 @@ class Pruner:
         return override
 
 
-def resolve_keep(keep: int | float, n_visual: int) -> int:
-    """`keep` as a token count: an int in [1, n_visual], or a float in (0, 1] as a fraction of n_visual."""
+def resolve_keep(keep: int | float, n_visual: int | None) -> int:
+    """`keep` as a token count: an int in [1, n_visual], or a float in (0, 1] as a fraction of n_visual.
+
+    n_visual is None for families whose images differ in size: an int is then checked against each image.
+    """
+    bound = "" if n_visual is None else f", {n_visual}"
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise ValueError(f"keep={keep!r} must be an int in [1, {n_visual}] or a float in (0, 1]")
+        raise ValueError(f"keep={keep!r} must be an int in [1{bound}] or a float in (0, 1]")
     if isinstance(keep, float):
         if not 0.0 < keep <= 1.0:
             raise ValueError(f"keep={keep!r} as a fraction must be in (0, 1]")
-        return max(1, round(keep * n_visual))
-    if not 1 <= keep <= n_visual:
-        raise ValueError(f"keep={keep!r} is outside [1, {n_visual}]: the model has {n_visual} visual tokens per image")
+        return max(1, round(keep * (n_visual or NOMINAL_TOKENS)))
+    if keep < 1 or (n_visual is not None and keep > n_visual):
+        raise ValueError(f"keep={keep!r} is outside [1{bound}]: the model has {n_visual or 'a varying number of'} visual tokens per image")
     return keep
+
+
+def unit_keep(keep: int | float, n: int, budget_unit: int | None) -> int:
+    """The budget of one unit of n visual tokens.
+
+    A fraction applies to every unit. An int counts tokens per `budget_unit` tokens (LLaVA-NeXT: per 576-token
+    crop, so a crop the prompt shows only in part keeps the same fraction), or per image where that is None.
+    """
+    if isinstance(keep, float):
+        return max(1, round(keep * n))
+    if budget_unit is None:
+        if keep > n:
+            raise ValueError(f"keep={keep} is above the {n} visual tokens of an image in this batch: pass at most {n}, or a fraction")
+        return keep
+    return keep if n == budget_unit else min(n, max(1, round(keep * n / budget_unit)))
+
+
+def ragged_rows(flags: torch.Tensor) -> torch.Tensor:
+    """Indices of each row's True columns, in order, [B, V_max]; shorter rows end with -1."""
+    counts = flags.sum(dim=1, keepdim=True)
+    width = int(counts.max()) if flags.shape[0] else 0
+    order = torch.sort((~flags).long(), dim=1, stable=True).indices[:, :width]
+    return order.masked_fill(torch.arange(width, device=flags.device) >= counts, -1)
+
+
+def pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """1-D index tensors stacked into [B, max], shorter rows ending with -1."""
+    width = max(len(r) for r in rows)
+    return torch.stack([torch.cat([r, r.new_full((width - len(r),), -1)]) for r in rows])
+
+
+def _batch_row(x: torch.Tensor, row: int, dim: int) -> torch.Tensor:
+    """Row `row` of x along its batch axis `dim`, or x itself where that axis broadcasts (size 1)."""
+    return x if x.shape[dim] == 1 else x.narrow(dim, row, 1)
 
 
 def _check_stages(stages: tuple[LLMStage, ...]) -> None:

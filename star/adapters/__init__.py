@@ -5,11 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from star.adapters.llava import LlavaAdapter
+from star.adapters.llava_next import LlavaNextAdapter
+from star.adapters.qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS = (LlavaAdapter,)
+ADAPTERS = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter)
+Adapter = LlavaAdapter | LlavaNextAdapter | Qwen2VLAdapter
 
 
-def adapter_for(model: nn.Module) -> LlavaAdapter:
+def adapter_for(model: nn.Module) -> Adapter:
     """The adapter of this model's family, or a ValueError naming the supported classes."""
     for adapter in ADAPTERS:
         if isinstance(model, adapter.model_classes):

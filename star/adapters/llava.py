@@ -12,12 +12,48 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
+from star.adapters.base import Encoded, VisionGroup, ordinals, split_rows
 from star.decoder import llama_style_qk
 from star.methods.base import VisionView
 
 
-class LlavaAdapter:
+class LlamaDecoder:
+    """The decoder side shared by LLaVA-style families: a Llama-style decoder with 1-D rotary positions."""
+
+    mrope = False
+    has_cls = True
+    decoder: nn.Module
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.decoder.layers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.embed_tokens(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder.rotary_emb(hidden, position_ids)
+
+    def decoder_qk(self, layer: nn.Module, hidden, position_embeddings, rows):
+        return llama_style_qk(layer, hidden, position_embeddings, rows)
+
+    def prompt_positions(self, inputs: dict, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Positions of the full prompt, [B, S]: the caller's, or what the decoder would use (cache positions)."""
+        if inputs.get("position_ids") is not None:
+            return inputs["position_ids"]
+        batch, length = input_ids.shape
+        cache_position = inputs.get("cache_position")
+        start = torch.arange(length, device=input_ids.device) if cache_position is None else cache_position
+        return start[None].expand(batch, length)
+
+    def decode_positions(self, prompt_positions: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        """Positions of new tokens at full-prompt cache positions, where the caller gives none: [B, n]."""
+        return cache_position[None].expand(prompt_positions.shape[0], -1)
+
+
+class LlavaAdapter(LlamaDecoder):
     model_classes = (LlavaForConditionalGeneration,)
+    vision_inputs = ("pixel_values",)
 
     def __init__(self, model: LlavaForConditionalGeneration):
         config = model.config
@@ -36,36 +72,46 @@ class LlavaAdapter:
         self.decoder: nn.Module = model.model.language_model
         self.image_token_id: int = config.image_token_id
         vision = config.vision_config
+        # Tokens per image; `keep` counts per this many tokens.
         self.n_visual: int = (vision.image_size // vision.patch_size) ** 2
+        self.budget_unit: int | None = self.n_visual
         num_vision_layers = vision.num_hidden_layers
         # hidden_states[i] is the input of encoder layer i; the feature is the output of layer `feature - 1`.
         self.feature_index = config.vision_feature_layer % (num_vision_layers + 1)
         self.feature_layer = self.vision_tower.vision_model.encoder.layers[self.feature_index - 1]
 
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.decoder.layers
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.decoder.embed_tokens(input_ids)
-
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.decoder.rotary_emb(hidden, position_ids)
-
-    def decoder_qk(self, layer: nn.Module, hidden, position_embeddings, rows):
-        return llama_style_qk(layer, hidden, position_embeddings, rows)
-
     def encode(self, pixel_values: torch.Tensor) -> VisionView:
+        """The feature layer of the CLIP tower for images [I, 3, H, W]."""
+        return self.clip_view(*self.feature_layer_io(pixel_values))
+
+    def feature_layer_io(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The feature layer's output and input, [I, 1 + N, D] each ([CLS] first)."""
         dtype = next(self.vision_tower.parameters()).dtype
         out = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
-        feature = out.hidden_states[self.feature_index]
-        layer_input = out.hidden_states[self.feature_index - 1]
+        return out.hidden_states[self.feature_index], out.hidden_states[self.feature_index - 1]
+
+    def clip_view(self, feature: torch.Tensor, layer_input: torch.Tensor) -> VisionView:
         return VisionView(
             features=feature[:, 1:],
             n_prefix=1,
             qk=partial(_clip_qk, self.feature_layer, layer_input),
             prefix_features=feature[:, 0],
         )
+
+    def encode_prompts(self, inputs: dict, input_ids: torch.Tensor) -> Encoded:
+        """The images of a batch of prompts, each one unit of `n_visual` tokens in one block."""
+        pixel_values = inputs["pixel_values"]
+        is_image = input_ids == self.image_token_id
+        images = pixel_values.shape[0]
+        per_row = split_rows(is_image.sum(dim=1), [self.n_visual] * images, f"{self.n_visual} tokens each")
+        device = input_ids.device
+        counts = torch.tensor(per_row, device=device)
+        rows = torch.repeat_interleave(torch.arange(len(per_row), device=device), counts)
+        first = torch.cumsum(counts, dim=0) - counts
+        image_in_row = torch.arange(images, device=device) - first[rows]
+        places = image_in_row[:, None] * self.n_visual + torch.arange(self.n_visual, device=device)
+        group = VisionGroup(self.encode(pixel_values), rows, places)
+        return Encoded([group], ordinals(is_image), None, counts)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)

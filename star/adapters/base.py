@@ -1,0 +1,79 @@
+"""What every adapter hands the pruner: the vision side of one prefill, laid out on the prompt.
+
+The pruner is family-agnostic. An adapter says how a family's image tokens lie in the prompt, which tokens
+stage 1 selects among (a "unit": an image, or a LLaVA-NeXT crop), and how the kept ones become decoder
+embeddings; the pruner applies the method's plan to each unit and builds the shorter entry frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from star.methods.base import VisionView
+
+TEXT = -1  # a prompt token that is no image token
+FIXED = -2  # an image token that is always kept and never counted as visual (LLaVA-NeXT's image newline)
+
+
+@dataclass
+class VisionGroup:
+    """Units of one size, scored together in one view.
+
+    view: the units' feature layer, features [I, N, D] (I units of N candidate tokens each).
+    rows: [I] the prompt each unit belongs to.
+    ordinals: [I, N] each candidate's place among the image tokens of its prompt (in prompt order).
+    """
+
+    view: VisionView
+    rows: torch.Tensor
+    ordinals: torch.Tensor
+
+
+@dataclass
+class Encoded:
+    """The vision encoder's output for one batch of prompts.
+
+    groups: the selection units, grouped by size.
+    slots: [B, S] for each prompt token: TEXT, FIXED, or its place among the prompt's image tokens (ordinal).
+    fixed: the decoder embedding of FIXED tokens, or None where the family has none.
+    units_per_row: [B] how many units each prompt holds.
+    """
+
+    groups: list[VisionGroup]
+    slots: torch.Tensor
+    fixed: torch.Tensor | None
+    units_per_row: torch.Tensor
+
+
+def split_rows(image_tokens: torch.Tensor, per_image: list[int], what: str) -> list[int]:
+    """Assign images to prompts in order: prompt r takes images until their tokens match its image tokens.
+
+    image_tokens: [B] image tokens in each prompt; per_image: tokens each image fills. Returns the number of
+    images of each prompt, or a ValueError that says what does not match.
+    """
+    counts, image = [], 0
+    for row, need in enumerate(image_tokens.tolist()):
+        have, start = 0, image
+        while have < need and image < len(per_image):
+            have += per_image[image]
+            image += 1
+        if have != need:
+            raise ValueError(
+                f"input_ids holds {image_tokens.tolist()} image tokens per prompt but the {len(per_image)} image(s) "
+                f"({what}) fill {per_image} tokens each: prompt {row} does not match its images"
+            )
+        counts.append(image - start)
+    if image != len(per_image):
+        raise ValueError(
+            f"input_ids holds {image_tokens.tolist()} image tokens per prompt, fewer than the {len(per_image)} "
+            f"image(s) of {per_image} tokens each ({what}) need"
+        )
+    return counts
+
+
+def ordinals(is_image: torch.Tensor) -> torch.Tensor:
+    """Each token's place among its prompt's image tokens ([B, S]; TEXT where it is not one)."""
+    place = is_image.long().cumsum(dim=1) - 1
+    return place.masked_fill(~is_image, TEXT)

@@ -1,0 +1,113 @@
+"""LLaVA-NeXT (`LlavaNextForConditionalGeneration`): LLaVA-1.5's parts, with any-resolution images.
+
+Each image is cut into crops the CLIP tower sees at its own resolution: the whole image resized (the base
+crop) and the tiles of a grid chosen from `image_grid_pinpoints`. The prompt holds the base crop's patches,
+then the tiles' patches as one picture, row by row, unpadded to the image's aspect ratio, each row ended by
+the learned `image_newline` token. Stage 1 selects within each crop (the unit): a tile that unpadding cuts
+shows only some of its patches, and only those are candidates. The newline tokens always stay and are never
+counted as visual tokens. `keep` counts per 576-token crop (a fraction of each crop); the decoder stages
+are LLaVA-1.5's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property, partial
+
+import torch
+from transformers import LlavaNextForConditionalGeneration
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+from star import scoring
+from star.adapters.base import FIXED, Encoded, VisionGroup, ordinals, split_rows
+from star.adapters.llava import LlavaAdapter, _clip_qk
+from star.methods.base import VisionView
+
+
+@dataclass
+class PartialCropView(VisionView):
+    """A crop of which the prompt shows only some patches: the attention is the whole crop's, read at the
+    columns of its prefix and of the shown patches, so a method ranks those and nothing else."""
+
+    columns: torch.Tensor | None = None  # [n_prefix + N] key columns of the prefix and of the shown patches
+
+    @cached_property
+    def attention(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k = self.qk()
+        return scoring.attention_probs(q, k)[..., self.columns], q, k[:, :, self.columns]
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    model_classes = (LlavaNextForConditionalGeneration,)
+    vision_inputs = ("pixel_values", "image_sizes")
+
+    def __init__(self, model: LlavaNextForConditionalGeneration):
+        super().__init__(model)
+        self.newline = model.model.image_newline
+
+    def layouts(self, crops: list[int], image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        """For each image, what each of its prompt tokens is: crop * n_visual + patch, or -1 for a newline.
+
+        The model's own packing (reshape, unpad, newlines) applied to patch numbers instead of features.
+        """
+        numbers = [torch.arange(c * self.n_visual, dtype=torch.float64).view(c, self.n_visual, 1) for c in crops]
+        newline = torch.tensor([-1.0], dtype=torch.float64)
+        packed, _ = self.model.model.pack_image_features(numbers, image_sizes.cpu(), "default", image_newline=newline)
+        return [p[:, 0].long() for p in packed]
+
+    def encode_prompts(self, inputs: dict, input_ids: torch.Tensor) -> Encoded:
+        """The crops of a batch of prompts, each one unit; crops the prompt shows in full are scored together."""
+        pixel_values, image_sizes = inputs["pixel_values"], inputs.get("image_sizes")
+        if image_sizes is None:
+            raise ValueError("image_sizes is None: LLaVA-NeXT needs each image's size to lay out its crops")
+        config = self.model.config
+        crops = [
+            image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            for size in image_sizes
+        ]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([p[:c] for p, c in zip(pixel_values, crops)])
+        layouts = self.layouts(crops, image_sizes)
+        is_image = input_ids == self.image_token_id
+        per_row = split_rows(is_image.sum(dim=1), [len(l) for l in layouts], "crops and newlines")
+        device = input_ids.device
+        n = self.n_visual
+
+        # Each crop's patches: their places among the row's image tokens (-1 where unpadding cut them).
+        place_of, rows = [], []
+        is_newline = torch.zeros(input_ids.shape[0], int(is_image.sum(dim=1).max()) + 1, dtype=torch.bool)
+        image = 0
+        for row, count in enumerate(per_row):
+            offset = 0
+            for layout, c in zip(layouts[image : image + count], crops[image : image + count]):
+                shown = layout >= 0
+                places = torch.full((c * n,), -1, dtype=torch.long)
+                places[layout[shown]] = shown.nonzero()[:, 0] + offset
+                place_of.append(places.view(c, n))
+                rows.extend([row] * c)
+                is_newline[row, offset : offset + len(layout)] = ~shown
+                offset += len(layout)
+            image += count
+        slots = ordinals(is_image)
+        newline = is_newline.to(device).gather(1, slots.clamp_min(0)) & (slots >= 0)
+        slots = slots.masked_fill(newline, FIXED)
+
+        feature, layer_input = self.feature_layer_io(pixel_values)
+        place_of = torch.cat(place_of).to(device)
+        rows = torch.tensor(rows, device=device)
+        whole = (place_of >= 0).all(dim=1)
+        groups = []
+        if bool(whole.any()):
+            index = whole.nonzero()[:, 0]
+            groups.append(VisionGroup(self.clip_view(feature[index], layer_input[index]), rows[index], place_of[index]))
+        for crop in (~whole).nonzero()[:, 0].tolist():
+            shown = (place_of[crop] >= 0).nonzero()[:, 0]
+            view = PartialCropView(
+                features=feature[crop : crop + 1, 1 + shown],
+                n_prefix=1,
+                qk=partial(_clip_qk, self.feature_layer, layer_input[crop : crop + 1]),
+                prefix_features=feature[crop : crop + 1, 0],
+                columns=torch.cat([shown.new_zeros(1), 1 + shown]),
+            )
+            groups.append(VisionGroup(view, rows[crop : crop + 1], place_of[crop : crop + 1, shown]))
+        return Encoded(groups, slots, self.newline, torch.tensor(per_row, device=device))

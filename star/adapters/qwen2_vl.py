@@ -1,0 +1,157 @@
+"""Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`).
+
+A vision tower without [CLS] that sees each image at its own resolution, a patch merger that fuses each
+2 x 2 group of neighbouring patches into one decoder token (the merger is the projector), and a Qwen2
+decoder with 3-D rotary positions (M-RoPE: temporal, height, width). Each image is one block of
+t * h * w / 4 placeholder tokens in the prompt. Qwen2.5-VL's tower attends within windows except in the
+layers of `fullatt_block_indexes`, and runs its blocks on patches reordered window by window.
+
+Stage 1 (the unit is an image): a token's score is the attention its patches receive in the tower's last
+full-attention layer (the mean over that image's query rows and heads), summed over the patches the merger
+fuses into it; it is recomputed from that layer's queries and keys, so the tower keeps its fast attention.
+The kept tokens keep their original 3-D positions in every layer and at every decode step.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+from star import scoring
+from star.adapters.base import Encoded, VisionGroup, ordinals, split_rows
+from star.decoder import mrope_qk
+from star.methods.base import VisionView
+
+QUERY_CHUNK = 1024  # query rows scored at once: a large image's full attention matrix never exists at once
+
+
+@dataclass
+class MergedView(VisionView):
+    """One image of a tower without [CLS]: features are the merged tokens, qk the patches' queries and keys
+    in the layer's own order, where each `group` consecutive patches make one token; `order[i]` is the
+    token that the layer's i-th group becomes."""
+
+    group: int = 4
+    order: torch.Tensor | None = None
+
+    def received(self) -> torch.Tensor:
+        """Attention each token's patches receive, mean over query rows and heads, summed per token: [1, N]."""
+        q, k = self.qk()
+        total = q.new_zeros(q.shape[0], k.shape[2], dtype=torch.float32)
+        for start in range(0, q.shape[2], QUERY_CHUNK):
+            total += scoring.attention_probs(q[:, :, start : start + QUERY_CHUNK], k).sum(dim=2).mean(dim=1)
+        per_group = (total / q.shape[2]).view(q.shape[0], -1, self.group).sum(dim=-1)
+        return torch.empty_like(per_group).scatter_(1, self.order[None], per_group)
+
+
+class Qwen2VLAdapter:
+    model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+    vision_inputs = ("pixel_values", "image_grid_thw")
+    mrope = True
+    has_cls = False
+    n_visual = None  # images differ in size: plans are made per image
+    budget_unit = None  # an int `keep` counts tokens per image
+
+    def __init__(self, model: Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration):
+        self.model = model
+        self.visual: nn.Module = model.model.visual
+        self.decoder: nn.Module = model.model.language_model
+        self.image_token_id: int = model.config.image_token_id
+        self.merge_unit = self.visual.spatial_merge_size**2
+        full = getattr(self.visual, "fullatt_block_indexes", None)
+        self.score_block: nn.Module = self.visual.blocks[max(full) if full else -1]
+        family = sys.modules[type(self.decoder).__module__]
+        self._mrope: Callable = family.apply_multimodal_rotary_pos_emb
+        self._vision_rotary: Callable = family.apply_rotary_pos_emb_vision
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.decoder.layers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.embed_tokens(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder.rotary_emb(hidden, position_ids)
+
+    def decoder_qk(self, layer: nn.Module, hidden, position_embeddings, rows):
+        return mrope_qk(layer, hidden, position_embeddings, rows, self._mrope)
+
+    def prompt_positions(self, inputs: dict, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """3-D positions of the full prompt, [3, B, S] (generate() gives [4, B, S], text positions first)."""
+        if inputs.get("position_ids") is not None:
+            return inputs["position_ids"]
+        positions, _ = self.model.model.get_rope_index(input_ids, inputs.get("image_grid_thw"), None, mask)
+        return positions
+
+    def decode_positions(self, prompt_positions: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        """New tokens continue after the prompt's largest position, on all three axes: [3, B, n]."""
+        rope = prompt_positions[-3:]
+        delta = rope.amax(dim=(0, 2)) + 1 - rope.shape[-1]
+        return (cache_position[None, None, :] + delta[None, :, None]).expand(3, -1, -1)
+
+    def encode_prompts(self, inputs: dict, input_ids: torch.Tensor) -> Encoded:
+        """The images of a batch of prompts, each one unit of its own size."""
+        if inputs.get("pixel_values_videos") is not None:
+            raise ValueError("pixel_values_videos came with images: video tokens are not pruned, pass images alone")
+        grid = inputs.get("image_grid_thw")
+        if grid is None:
+            raise ValueError("image_grid_thw is None: Qwen2-VL needs each image's patch grid")
+        sizes = (grid.prod(dim=-1) // self.merge_unit).tolist()
+        is_image = input_ids == self.image_token_id
+        per_row = split_rows(is_image.sum(dim=1), sizes, "t * h * w / merge_size**2 tokens each")
+
+        layer: dict[str, object] = {}
+
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            layer.update(hidden=args[0], cu_seqlens=kwargs["cu_seqlens"], rotary=kwargs["position_embeddings"])
+
+        handle = self.score_block.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            tokens = self.visual(inputs["pixel_values"].type(self.visual.dtype), grid_thw=grid)
+        finally:
+            handle.remove()
+        window = getattr(self.visual, "get_window_index", None)
+        order = window(grid)[0] if window is not None else torch.arange(sum(sizes))
+        order = order.to(input_ids.device)
+
+        device = input_ids.device
+        groups, token_start, image = [], 0, 0
+        bounds = layer["cu_seqlens"].tolist()
+        for row, count in enumerate(per_row):
+            place = 0
+            for _ in range(count):
+                n = sizes[image]
+                qk = partial(self._patch_qk, layer["hidden"], layer["rotary"], bounds[image], bounds[image + 1])
+                view = MergedView(
+                    features=tokens[None, token_start : token_start + n],
+                    n_prefix=0,
+                    qk=qk,
+                    group=self.merge_unit,
+                    order=order[token_start : token_start + n] - token_start,
+                )
+                places = torch.arange(place, place + n, device=device)[None]
+                groups.append(VisionGroup(view, torch.tensor([row], device=device), places))
+                token_start += n
+                place += n
+                image += 1
+        return Encoded(groups, ordinals(is_image), None, torch.tensor(per_row, device=device))
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The merger already projected the tokens into the decoder's space."""
+        return features
+
+    def _patch_qk(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], start: int, end: int):
+        """Queries and keys of the score layer for one image's patches (start:end), [1, H, T, d] each."""
+        attn = self.score_block.attn
+        normed = self.score_block.norm1(hidden[start:end])
+        q, k, _ = attn.qkv(normed).reshape(end - start, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = rotary
+        q, k = self._vision_rotary(q, k, cos[start:end], sin[start:end])
+        return q.transpose(0, 1)[None], k.transpose(0, 1)[None]

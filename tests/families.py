@@ -1,0 +1,198 @@
+"""Small random LLaVA-NeXT and Qwen2-VL / Qwen2.5-VL models of the real classes, and prompts for them."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+IMAGE_TOKEN = 120
+VISION_START, VISION_END, VIDEO_TOKEN = 122, 123, 121
+CROP = 16  # LLaVA-NeXT: 32 px crops, 8 px patches
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+PATCH_DIM = 3 * 2 * 4 * 4  # Qwen: channels x temporal patch x 4 x 4 px
+
+
+def _text(layers: int) -> dict:
+    return dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, pad_token_id=0,
+    )
+
+
+def tiny_llava_next(attn: str = "sdpa", seed: int = 0, layers: int = 6) -> LlavaNextForConditionalGeneration:
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=32, patch_size=8, projection_dim=16,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=LlamaConfig(**_text(layers)), image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=-2, image_grid_pinpoints=PINPOINTS,
+    )
+    model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation=attn).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def tiny_qwen(version: str = "2", attn: str = "sdpa", seed: int = 0, layers: int = 6):
+    """Qwen2-VL (version "2") or Qwen2.5-VL ("2.5"): 4 px patches, 2 x 2 merge; Qwen2.5-VL's tower has
+    2 x 2-token windows and one full-attention layer that is not its last (fullatt_block_indexes=[1])."""
+    torch.manual_seed(seed)
+    text = {**_text(layers), "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
+    ids = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    common = dict(in_channels=3, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_heads=4)
+    if version == "2":
+        vision = dict(depth=3, embed_dim=32, hidden_size=64, mlp_ratio=2, **common)
+        config = Qwen2VLConfig(vision_config=vision, text_config=text, **ids)
+        cls = Qwen2VLForConditionalGeneration
+    else:
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=16, fullatt_block_indexes=[1], **common)
+        config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
+        cls = Qwen2_5_VLForConditionalGeneration
+    model = cls._from_config(config, attn_implementation=attn).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _words(n: int, g: torch.Generator) -> list[int]:
+    return torch.randint(1, IMAGE_TOKEN - 1, (n,), generator=g).tolist()
+
+
+def left_pad(prompts: list[list[int]]) -> dict[str, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def next_inputs(model, sizes: list[list[tuple[int, int]]], text: list[tuple[int, int]], seed: int = 0) -> dict:
+    """LLaVA-NeXT prompts: prompt r has images of the given (height, width) sizes between `text[r]` words."""
+    g = torch.Generator().manual_seed(seed)
+    flat = [s for row in sizes for s in row]
+    image_sizes = torch.tensor(flat)
+    pixels = torch.randn(len(flat), 5, 3, 32, 32, generator=g)
+    lengths = [len(f) for f in model.model.get_image_features(pixels, image_sizes)]
+    prompts, image = [], 0
+    for row, (before, after) in zip(sizes, text):
+        ids = _words(before, g)
+        for _ in row:
+            ids += [IMAGE_TOKEN] * lengths[image]
+            image += 1
+        prompts.append(ids + _words(after, g))
+    return {**left_pad(prompts), "pixel_values": pixels, "image_sizes": image_sizes}
+
+
+def qwen_inputs(grids: list[list[tuple[int, int]]], text: list[tuple[int, int]], seed: int = 0) -> dict:
+    """Qwen2-VL prompts: prompt r has images of the given (h, w) patch grids, each between its vision
+    start and end tokens, between `text[r]` words."""
+    g = torch.Generator().manual_seed(seed)
+    flat = [s for row in grids for s in row]
+    grid_thw = torch.tensor([[1, h, w] for h, w in flat])
+    pixels = torch.randn(int(grid_thw.prod(dim=-1).sum()), PATCH_DIM, generator=g)
+    prompts = []
+    for row, (before, after) in zip(grids, text):
+        ids = _words(before, g)
+        for h, w in row:
+            ids += [VISION_START] + [IMAGE_TOKEN] * (h * w // 4) + [VISION_END]
+        prompts.append(ids + _words(after, g))
+    return {**left_pad(prompts), "pixel_values": pixels, "image_grid_thw": grid_thw}
+
+
+def select_rows(inputs: dict, rows: list[int], images_per_row: list[int], patches_per_image: list[int] | None = None) -> dict:
+    """The inputs of some prompts alone, their padding removed (their images follow them)."""
+    starts = [sum(images_per_row[:r]) for r in range(len(images_per_row))]
+    images = [i for r in rows for i in range(starts[r], starts[r] + images_per_row[r])]
+    prompts = [inputs["input_ids"][r][inputs["attention_mask"][r].bool()].tolist() for r in rows]
+    out = left_pad(prompts)
+    if "image_sizes" in inputs:
+        return {**out, "pixel_values": inputs["pixel_values"][images], "image_sizes": inputs["image_sizes"][images]}
+    bounds = torch.tensor([0, *patches_per_image]).cumsum(0)
+    pixels = torch.cat([inputs["pixel_values"][bounds[i] : bounds[i + 1]] for i in images])
+    return {**out, "pixel_values": pixels, "image_grid_thw": inputs["image_grid_thw"][images]}
+
+
+# -- references that share no code with `star`: the model's own parts, one prompt at a time -------------
+
+
+def full_embeds(model, inputs: dict, row: int, images: list[int]) -> tuple[torch.Tensor, ...]:
+    """For one prompt of `inputs` (its padding removed) and its images: ids [S], input embeddings [S, D] as
+    the unpatched model builds them, rotary positions [P, S] (P = 1, or 3 for M-RoPE), and which image
+    tokens are fixed (LLaVA-NeXT's newlines) [n_image_tokens]."""
+    ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
+    lm = model.model.language_model
+    embeds = lm.embed_tokens(ids).clone()
+    if "image_sizes" in inputs:
+        features = torch.cat(model.model.get_image_features(inputs["pixel_values"][images], inputs["image_sizes"][images]))
+        fixed = (features == model.model.image_newline).all(dim=-1)
+        positions = torch.arange(len(ids))[None]
+    else:
+        grid = inputs["image_grid_thw"][images]
+        bounds = torch.tensor([0, *inputs["image_grid_thw"].prod(-1).tolist()]).cumsum(0)
+        pixels = torch.cat([inputs["pixel_values"][bounds[i] : bounds[i + 1]] for i in images])
+        features = torch.cat(model.model.get_image_features(pixels, grid))
+        fixed = torch.zeros(len(features), dtype=torch.bool)
+        positions = model.model.get_rope_index(ids[None], grid, None, torch.ones(1, len(ids), dtype=torch.long))[0][:, 0]
+    embeds[ids == IMAGE_TOKEN] = features.to(embeds.dtype)
+    return ids, embeds, positions, fixed
+
+
+def forward_kept(model, ids, embeds, positions, fixed, kept, cut_layers, extra_ids=(), contiguous=False) -> torch.Tensor:
+    """Logits of the last token of one prompt when only some of its image tokens are present.
+
+    kept[0]: the places (among the prompt's image tokens) of the visual tokens entering the decoder;
+    kept[s]: those left from cut_layers[s - 1] on. Fixed image tokens and text are always present; tokens
+    of extra_ids follow the prompt, at the next positions.
+    """
+    lm = model.model.language_model
+    extra = torch.tensor(list(extra_ids), dtype=torch.long)
+    embeds = torch.cat([embeds, lm.embed_tokens(extra)])
+    after = positions.max() + 1 + torch.arange(len(extra))
+    positions = torch.cat([positions, after.expand(positions.shape[0], -1)], dim=1)
+    columns = (ids == IMAGE_TOKEN).nonzero()[:, 0]
+
+    def present(places: torch.Tensor) -> torch.Tensor:
+        keep = torch.ones(len(embeds), dtype=torch.bool)
+        keep[columns] = fixed
+        keep[columns[places[places >= 0]]] = True
+        return keep
+
+    alive = present(kept[0])
+    hidden, pos = embeds[alive][None], positions[:, alive]
+    for index, layer in enumerate(lm.layers):
+        if index in cut_layers:
+            stage = present(kept[cut_layers.index(index) + 1])
+            inner = stage[alive]
+            hidden, pos, alive = hidden[:, inner], pos[:, inner], stage
+        if contiguous:
+            pos = torch.arange(hidden.shape[1])[None]
+        n = hidden.shape[1]
+        causal = torch.full((n, n), float("-inf")).triu(1)[None, None]
+        rotary = lm.rotary_emb(hidden, pos if pos.shape[0] == 1 else pos[:, None, :])
+        out = layer(hidden, attention_mask=causal, position_ids=pos if pos.shape[0] == 1 else None, position_embeddings=rotary)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return model.lm_head(lm.norm(hidden))[0, -1]
+
+
+def greedy_by_recompute(model, ids, embeds, positions, fixed, kept, cut_layers, steps: int) -> list[int]:
+    """Greedy decoding that recomputes the whole pruned forward at every step, with no cache."""
+    generated: list[int] = []
+    for _ in range(steps):
+        generated.append(int(forward_kept(model, ids, embeds, positions, fixed, kept, cut_layers, generated).argmax()))
+    return generated
+
+
+def kept_of(stats, row: int) -> list[torch.Tensor]:
+    """The kept places of one prompt at each stage, padding (-1) removed."""
+    return [k[row][k[row] >= 0] for k in stats.kept_patches]
