@@ -308,21 +308,26 @@ def _csv(text: str, cast=str) -> list:
 
 def _flops(args: argparse.Namespace) -> None:
     shape = flops_model.DecoderShape.named(args.model)
-    n_visual = flops_model.visual_tokens(args.model)
-    baseline = flops_model.prefill_flops(shape, [args.text_tokens + n_visual] * shape.num_layers)
-    print(f"{args.model}: {shape.num_layers} layers, {n_visual} visual + {args.text_tokens} text tokens; unpruned {baseline / 1e12:.3f} TFLOPs per image")
-    print(f"| method | keep | visual tokens per stage | TFLOPs | ratio to unpruned |")
-    print(f"|---|---|---|---|---|")
-    for name in _csv(args.method):
-        given = {"layer": args.layer, "stage1_ratio": args.stage1_ratio}
-        method = build(name, **{k: v for k, v in given.items() if v is not None and k in options(name)})
+    per_crop = flops_model.visual_tokens(args.model)
+    crops = flops_model.crops_per_image(args.model)
+    fixed = args.text_tokens + flops_model.fixed_image_tokens(args.model)
+    given = {"layer": args.layer, "stage1_ratio": args.stage1_ratio}
+    methods = {name: build(name, **{k: v for k, v in given.items() if v is not None and k in options(name)}) for name in _csv(args.method)}
+    baseline = flops_model.prefill_flops(shape, [fixed + crops * per_crop] * shape.num_layers)
+    rows = []
+    for name, method in methods.items():
         for keep in _csv(args.keep, int):
-            plan = method.plan(n_visual, keep, shape.num_layers)
-            stages = [(s.layer, s.keep) for s in plan.llm_stages]
-            lengths = flops_model.tokens_per_layer(shape.num_layers, args.text_tokens, plan.vision_keep, stages)
+            plan = method.plan(per_crop, keep, shape.num_layers)
+            stages = [(s.layer, crops * s.keep) for s in plan.llm_stages]
+            lengths = flops_model.tokens_per_layer(shape.num_layers, fixed, crops * plan.vision_keep, stages)
             total = flops_model.prefill_flops(shape, lengths)
             tokens = " / ".join(str(t) for t in plan.tokens)
-            print(f"| {name} | {keep} | {tokens} | {total / 1e12:.3f} | {total / baseline:.3f} |")
+            rows.append(f"| {name} | {keep} | {tokens} | {total / 1e12:.3f} | {total / baseline:.3f} |")
+    unit = f"{crops} crops of {per_crop}" if crops > 1 else f"{per_crop}"
+    print(f"{args.model}: {shape.num_layers} layers, {unit} visual + {fixed} other tokens; unpruned {baseline / 1e12:.3f} TFLOPs per image")
+    print("| method | keep | visual tokens per stage" + (" (per crop)" if crops > 1 else "") + " | TFLOPs | ratio to unpruned |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":
