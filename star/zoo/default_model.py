@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 # Bump when the conversion or the saved layout changes: every cache built by another version is rebuilt.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "star-manifest.json"
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE = 224
@@ -201,6 +201,7 @@ def _assemble(home: Path | str | None, progress: bool):
     steps.set_postfix_str("assemble")
     # The GGUF tokenizer would prepend <|im_start|> as BOS, doubling the chat template's own first token.
     tokenizer.add_bos_token = False
+    tokenizer.pad_token = "<|im_end|>"  # as SmolLM2-Instruct's own tokenizer; batches are padded
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     vision_config = CLIPVisionConfig(
@@ -225,7 +226,7 @@ def _assemble(home: Path | str | None, progress: bool):
     if not config.tie_word_embeddings:
         model.lm_head.weight.data = torch.cat([llm.lm_head.weight.data, llm.lm_head.weight.data.mean(0, keepdim=True)])
     model.tie_weights()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(), tokenizer=tokenizer, patch_size=PATCH_SIZE,
