@@ -67,6 +67,7 @@ class _Prompt:
     full_length: int
     entry_keep: torch.Tensor  # [B, S1] indices of the full prompt present in the entry frame
     entry_real: torch.Tensor  # [B, S1] False at the padding slots the pruner added to even out rows
+    entry_pads: torch.Tensor  # [B] how many of those each row has
     positions: torch.Tensor  # rotary positions of the full prompt, [B, S] or [3, B, S]
     frames: list[Frame]
     n_text: torch.Tensor
@@ -310,10 +311,11 @@ class Pruner:
         if encoded.fixed is not None:
             embeds = torch.where((entry_slots == FIXED)[..., None], encoded.fixed.to(embeds.dtype), embeds)
 
+        pads = width - lengths
         if self.positions == "original":
             positions = gather_positions(full_positions, entry_keep)
-        else:
-            positions = contiguous_positions(full_positions, entry_keep)
+        else:  # the padding slots added here do not count as tokens before the real ones
+            positions = contiguous_positions(full_positions, entry_keep) - pads[:, None]
         entry_length = entry_keep.shape[1]
         entry_mask = mask.gather(1, entry_keep) * entry_real
         visual = ragged_rows(entry_visual)
@@ -323,7 +325,7 @@ class Pruner:
         entry_cols = torch.arange(entry_length, device=device).expand(batch, entry_length)
         frame = Frame(0, entry_cols, entry_mask, visual, patches, positions)
         self._prompt = _Prompt(
-            length, entry_keep, entry_real, full_positions, [frame], entry_length - 1 - last_image, budgets,
+            length, entry_keep, entry_real, pads, full_positions, [frame], entry_length - 1 - last_image, budgets,
             tokens or [0] * totals.shape[1], totals_list,
         )
         self._step = _Step(prefill=True)
@@ -350,7 +352,7 @@ class Pruner:
         if positions is None:
             positions = self.adapter.decode_positions(prompt.positions, cache_position + dropped)
         if self.positions == "contiguous":
-            positions = positions - dropped
+            positions = positions - dropped - prompt.entry_pads[:, None]
         mask = kwargs.get("attention_mask")
         if mask is not None:
             full = prompt.full_length

@@ -86,6 +86,20 @@ def test_batch_of_different_lengths_and_image_layouts_equals_each_alone(model, m
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("method", ["fastervlm", "random"])
+def test_contiguous_positions_in_a_batch_of_uneven_rows_equal_each_alone(model, method):
+    sizes = [[WIDE], [SQUARE]]
+    inputs = next_inputs(model, sizes, [(3, 6), (1, 2)], seed=6)
+    with star.apply(model, method=method, keep=3, positions="contiguous"):
+        together = model.generate(**inputs, max_new_tokens=5, do_sample=False, min_new_tokens=5)[:, -5:]
+        for row in range(2):
+            alone = model.generate(**select_rows(inputs, [row], [1, 1]), max_new_tokens=5, do_sample=False, min_new_tokens=5)
+            assert together[row].tolist() == alone[0, -5:].tolist()
+    with star.apply(model, method="star", keep=3, positions="contiguous"), pytest.raises(ValueError, match="contiguous"):
+        model(**inputs)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("positions", ["original", "contiguous"])
 def test_batch_of_same_layouts_and_eager_attention(positions):
     model = tiny_llava_next(attn="eager")
