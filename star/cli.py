@@ -196,7 +196,6 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    import json
 
     from star.eval import report
     from star.eval.runner import Setting, evaluate

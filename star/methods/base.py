@@ -139,6 +139,20 @@ class Method:
         raise NotImplementedError(f"{self.name} has no decoder stage")
 
 
+def geometric_plan(n_visual: int, keep: int, layers: tuple[int, ...], num_layers: int) -> Plan:
+    """Decoder stages at `layers` whose budgets shrink by one ratio from n_visual down to `keep` (PDrop, SparseVLM)."""
+    if list(layers) != sorted(set(layers)):
+        raise ValueError(f"layers={layers!r} must be distinct and increasing")
+    for layer in layers:
+        check_layer("layers", layer, num_layers)
+    if keep == n_visual:
+        return Plan(n_visual=n_visual, vision_keep=n_visual)
+    ratio = (keep / n_visual) ** (1.0 / len(layers))
+    counts = [max(keep, round(n_visual * ratio ** (s + 1))) for s in range(len(layers) - 1)] + [keep]
+    stages = tuple(LLMStage(layer=layer, keep=count, score_layer=layer) for layer, count in zip(layers, counts))
+    return Plan(n_visual=n_visual, vision_keep=n_visual, llm_stages=stages)
+
+
 def check_layer(name: str, layer: int, num_layers: int) -> int:
     """Validate a decoder layer index, so a bad option fails before any compute."""
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from star import scoring
-from star.methods.base import DecoderView, LLMStage, Method, Plan, Selection, check_layer
+from star.methods.base import DecoderView, LLMStage, Method, Plan, Selection, geometric_plan
 
 
 @dataclass(frozen=True)
@@ -23,16 +23,7 @@ class PyramidDrop(Method):
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         layers = self.layers or tuple(num_layers * s // 4 for s in (1, 2, 3))
-        if list(layers) != sorted(set(layers)):
-            raise ValueError(f"layers={layers!r} must be distinct and increasing")
-        for layer in layers:
-            check_layer("layers", layer, num_layers)
-        if keep == n_visual:
-            return Plan(n_visual=n_visual, vision_keep=n_visual)
-        ratio = (keep / n_visual) ** (1.0 / len(layers))
-        counts = [max(keep, round(n_visual * ratio ** (s + 1))) for s in range(len(layers) - 1)] + [keep]
-        stages = tuple(LLMStage(layer=layer, keep=count, score_layer=layer) for layer, count in zip(layers, counts))
-        return Plan(n_visual=n_visual, vision_keep=n_visual, llm_stages=stages)
+        return geometric_plan(n_visual, keep, layers, num_layers)
 
     def select_llm(self, stage: LLMStage, view: DecoderView, k: int) -> Selection:
         return Selection(scoring.top_k_in_order(view.attention_to_visual(view.last_token_rows()), k))

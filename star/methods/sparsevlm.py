@@ -40,7 +40,7 @@ import torch
 
 from star import scoring
 from star.decoder import gather_seq
-from star.methods.base import DecoderView, LLMStage, Method, Plan, Selection, check_layer
+from star.methods.base import DecoderView, LLMStage, Method, Plan, Selection, geometric_plan
 
 # The code's pruning layers, for a 32-layer decoder.
 CODE_LAYERS = (2, 6, 15)
@@ -57,22 +57,13 @@ class SparseVLM(Method):
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         layers = self.layers or tuple(sorted({max(1, num_layers * layer // 32) for layer in CODE_LAYERS}))
-        if list(layers) != sorted(set(layers)):
-            raise ValueError(f"layers={layers!r} must be distinct and increasing")
-        for layer in layers:
-            check_layer("layers", layer, num_layers)
         ratio = self.recycle_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
             raise ValueError(f"recycle_ratio={ratio!r} is not a fraction in [0, 1] (0 turns recycling off)")
         size = self.cluster_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"cluster_size={size!r} must be a positive integer (recycled tokens per merged token)")
-        if keep == n_visual:
-            return Plan(n_visual=n_visual, vision_keep=n_visual)
-        shrink = (keep / n_visual) ** (1.0 / len(layers))
-        counts = [max(keep, round(n_visual * shrink ** (s + 1))) for s in range(len(layers) - 1)] + [keep]
-        stages = tuple(LLMStage(layer=layer, keep=count, score_layer=layer) for layer, count in zip(layers, counts))
-        return Plan(n_visual=n_visual, vision_keep=n_visual, llm_stages=stages)
+        return geometric_plan(n_visual, keep, layers, num_layers)
 
     def recycled(self, deleted: int) -> int:
         """How many of `deleted` deleted tokens are recycled: the top `recycle_ratio` (the code's 30%), plus one."""
