@@ -7,8 +7,8 @@ layers from K on cache only those tokens. Pure functions here; the hooks that ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

@@ -38,13 +38,11 @@ class Encoded:
     groups: the selection units, grouped by size.
     slots: [B, S] for each prompt token: TEXT, FIXED, or its place among the prompt's image tokens (ordinal).
     fixed: the decoder embedding of FIXED tokens, or None where the family has none.
-    units_per_row: [B] how many units each prompt holds.
     """
 
     groups: list[VisionGroup]
     slots: torch.Tensor
     fixed: torch.Tensor | None
-    units_per_row: torch.Tensor
 
 
 def split_rows(image_tokens: torch.Tensor, per_image: list[int], what: str) -> list[int]:

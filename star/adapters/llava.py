@@ -111,7 +111,7 @@ class LlavaAdapter(LlamaDecoder):
         image_in_row = torch.arange(images, device=device) - first[rows]
         places = image_in_row[:, None] * self.n_visual + torch.arange(self.n_visual, device=device)
         group = VisionGroup(self.encode(pixel_values), rows, places)
-        return Encoded([group], ordinals(is_image), None, counts)
+        return Encoded([group], ordinals(is_image), None)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)

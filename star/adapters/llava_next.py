@@ -110,4 +110,4 @@ class LlavaNextAdapter(LlavaAdapter):
                 columns=torch.cat([shown.new_zeros(1), 1 + shown]),
             )
             groups.append(VisionGroup(view, rows[crop : crop + 1], place_of[crop : crop + 1, shown]))
-        return Encoded(groups, slots, self.newline, torch.tensor(per_row, device=device))
+        return Encoded(groups, slots, self.newline)

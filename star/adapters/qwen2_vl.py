@@ -15,9 +15,9 @@ The kept tokens keep their original 3-D positions in every layer and at every de
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import nn
@@ -141,7 +141,7 @@ class Qwen2VLAdapter:
                 token_start += n
                 place += n
                 image += 1
-        return Encoded(groups, ordinals(is_image), None, torch.tensor(per_row, device=device))
+        return Encoded(groups, ordinals(is_image), None)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The merger already projected the tokens into the decoder's space."""
