@@ -24,6 +24,8 @@ PROMPT = prompt_ids(3, 6, seed=1)
         ({"keep": True}, "keep"),
         ({"keep": 4, "layer": 6}, "layer"),
         ({"keep": 4, "layer": -1}, "layer"),
+        ({"keep": 4, "layer": 0}, "layer"),
+        ({"keep": 4, "method": "pdrop", "layers": (0, 1, 2)}, "layers"),
         ({"keep": 4, "stage1_ratio": 1.0}, "stage1_ratio"),
         ({"keep": 4, "stage1_ratio": -0.1}, "stage1_ratio"),
         ({"keep": 4, "method": "fastv", "layer": 0}, "layer"),

@@ -154,9 +154,13 @@ def geometric_plan(n_visual: int, keep: int, layers: tuple[int, ...], num_layers
 
 
 def check_layer(name: str, layer: int, num_layers: int) -> int:
-    """Validate a decoder layer index, so a bad option fails before any compute."""
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
-        raise ValueError(f"{name}={layer!r} is outside the model: allowed are integers 0 to {num_layers - 1}")
+    """Validate the layer a decoder stage cuts at, so a bad option fails before any compute.
+
+    Layer 0 is excluded: a cut there would prune the decoder's input, which is a vision stage's job, and the
+    cache that transformers sizes its decode masks from (layer 0's) must keep the decoder's entry frame.
+    """
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < num_layers:
+        raise ValueError(f"{name}={layer!r} is not a decoder layer to cut at: allowed are integers 1 to {num_layers - 1}")
     return layer
 
 

@@ -21,8 +21,6 @@ class FastV(Method):
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         layer = check_layer("layer", self.layer, num_layers)
-        if layer < 1:
-            raise ValueError(f"layer={layer} is not allowed for fastv: it scores with layer K-1, so K >= 1")
         stages = (LLMStage(layer=layer, keep=keep, score_layer=layer - 1),) if keep < n_visual else ()
         return Plan(n_visual=n_visual, vision_keep=n_visual, llm_stages=stages)
 
