@@ -12,7 +12,8 @@ model_args: pretrained (a checkpoint directory or hub id; LLaVA-1.5, LLaVA-NeXT 
 sdpa), template (`model`: the checkpoint's chat template, as `star eval` prompts; `vicuna_v1`: the same with
 LLaVA's system line, as the LLaVA-1.5 papers evaluate), and the method's own options (layer=16,
 stage1_ratio=0.15 for star, ...). Each sample log gets, under `token_counts`, the prompt and answer lengths
-and STAR's record of its prefill: visual tokens per stage, prefill FLOPs, prefill time and peak GPU memory.
+and STAR's record of its prefill: visual tokens per stage, prefill FLOPs, prefill time, the whole generate()
+time (latency; a batch's time shared evenly) and peak GPU memory.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class StarCounts(TokenCounts):
     visual_tokens: list[int] = field(default_factory=list)
     prefill_flops: float | None = None
     prefill_s: float | None = None
+    latency_s: float | None = None
     peak_memory_bytes: int | None = None
 
     def to_dict(self) -> dict:
@@ -65,6 +67,7 @@ class StarCounts(TokenCounts):
             "visual_tokens": self.visual_tokens,
             "prefill_flops": self.prefill_flops,
             "prefill_s": self.prefill_s,
+            "latency_s": self.latency_s,
             "peak_memory_bytes": self.peak_memory_bytes,
         }
         return {**super().to_dict(), **{k: v for k, v in extra.items() if v is not None}}
@@ -185,6 +188,7 @@ class Star(lmms):
             output = self.model.generate(**inputs, **_generation_options(gen_kwargs, self.processor.tokenizer))
         finally:
             handle.remove()
+        latency_s = (time.perf_counter() - start) / len(requests)
         prefill_s = (marks[0] - start) / len(requests)
         peak = torch.cuda.max_memory_allocated(self._device) if self._device.type == "cuda" else None
         stats = self.pruner.stats
@@ -200,6 +204,7 @@ class Star(lmms):
                 visual_tokens=list(stats.totals[row]),
                 prefill_flops=stats.flops / stats.batch_size,
                 prefill_s=prefill_s,
+                latency_s=latency_s,
                 peak_memory_bytes=peak,
             )
             results.append(GenerationResult(text.strip(), counts))
