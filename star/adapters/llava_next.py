@@ -96,11 +96,12 @@ class LlavaNextAdapter(LlavaAdapter):
         place_of = torch.cat(place_of).to(device)
         rows = torch.tensor(rows, device=device)
         whole = (place_of >= 0).all(dim=1)
+        partial_crops = ((place_of >= 0).any(dim=1) & ~whole).nonzero()[:, 0].tolist()  # a crop shown not at all is no unit
         groups = []
         if bool(whole.any()):
             index = whole.nonzero()[:, 0]
             groups.append(VisionGroup(self.clip_view(feature[index], layer_input[index]), rows[index], place_of[index]))
-        for crop in (~whole).nonzero()[:, 0].tolist():
+        for crop in partial_crops:
             shown = (place_of[crop] >= 0).nonzero()[:, 0]
             view = PartialCropView(
                 features=feature[crop : crop + 1, 1 + shown],
