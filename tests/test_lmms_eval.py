@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip(
-    "lmms_eval",
-    reason="lmms-eval is not installed: pip install --no-deps lmms-eval==0.7.3 && pip install -e '.[lmms-core]'",
-)
+from star.integrations import LMMS_MISSING
+
+pytest.importorskip("lmms_eval", reason=LMMS_MISSING)
 
 from conftest import tiny_checkpoint  # noqa: E402
 from star.cli import main as star_main  # noqa: E402
@@ -105,3 +104,17 @@ def test_the_backend_is_registered_for_lmms_eval():
 
     backend.register()
     assert get_model("star") is backend.Star
+
+
+def test_star_lmms_eval_hands_every_argument_to_lmms_eval(monkeypatch):
+    import argparse
+
+    from star.integrations import add_lmms_eval_command
+
+    seen = []
+    monkeypatch.setattr(backend, "main", lambda argv: seen.append(argv) or 0)
+    parser = argparse.ArgumentParser(prog="star")
+    add_lmms_eval_command(parser.add_subparsers(dest="command"))
+    argv = ["--model_args", "pretrained=x,method=star,keep=58", "--tasks", "mme", "-h"]
+    args = parser.parse_args(["lmms-eval", *argv])
+    assert args.run(args) == 0 and seen == [argv]

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip(
-    "lmms_eval",
-    reason="lmms-eval is not installed: pip install --no-deps lmms-eval==0.7.3 && pip install -e '.[lmms-core]'",
-)
+from star.integrations import LMMS_MISSING
+
+pytest.importorskip("lmms_eval", reason=LMMS_MISSING)
 
 from lmms_eval.utils import simple_parse_args_string  # noqa: E402
 
