@@ -10,6 +10,7 @@ from pathlib import Path
 
 import star
 from star import flops as flops_model
+from star.integrations import add_lmms_eval_command
 from star.methods import REGISTRY, build, options
 
 
@@ -127,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--keep", type=_number, default=20, help="visual tokens kept per image (default 20 of 196)")
     sub.add_argument("--out", type=Path, default=Path("star-demo"), help="where the pictures go (default ./star-demo)")
     sub.set_defaults(run=_demo)
+
+    add_lmms_eval_command(commands)
     return parser
 
 
