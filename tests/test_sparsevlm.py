@@ -89,7 +89,7 @@ def test_default_layers_scale_with_depth_and_bad_options_fail():
     model = tiny_llava()
     for options, message in [
         ({"layers": (2, 1)}, "distinct and increasing"),
-        ({"layers": (1, 6)}, "outside the model"),
+        ({"layers": (1, 6)}, "layers=6 is not a decoder layer"),
         ({"recycle_ratio": 1.5}, "recycle_ratio"),
         ({"cluster_size": 0}, "cluster_size"),
     ]:
