@@ -2,6 +2,8 @@
 PY := .venv/bin/python
 # torch is installed first so that a CPU machine takes the local CPU build; GPU users install their own torch.
 TORCH ?= torch==2.13.0
+# lmms-eval without its dependencies (they would pull torchvision and another torch), then the ones it imports.
+LMMS_EVAL ?= lmms-eval==0.7.3
 
 .PHONY: test demo clean
 
@@ -9,7 +11,8 @@ TORCH ?= torch==2.13.0
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps "$(LMMS_EVAL)"
+	$(PY) -m pip install -q -e ".[dev,lmms-core]"
 	touch $@
 
 test: .venv/installed

@@ -44,15 +44,17 @@ class Replay(Method):
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int) -> float:
     """Median wall time of fn over `repeats` runs after `warmup` runs (synchronising a GPU if there is one)."""
-    times = []
-    for i in range(warmup + repeats):
-        _sync()
-        start = time.perf_counter()
+    for _ in range(warmup):
         fn()
-        _sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_timed(fn) for _ in range(repeats))
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - start
 
 
 def kv_cache_bytes(cache: DynamicCache) -> int:
@@ -61,15 +63,43 @@ def kv_cache_bytes(cache: DynamicCache) -> int:
 
 @torch.no_grad()
 def measure(model, inputs: dict, method: str, keep: int | float, repeats: int = 5, warmup: int = 2, new_tokens: int = 16, positions: str = "original", **options) -> dict:
-    """Prefill time, decode tokens/s, KV-cache bytes and peak memory of one setting, and its oracle's prefill."""
+    """Prefill time, decode tokens/s, KV-cache bytes and peak memory of one setting, and its oracle's prefill.
+
+    The prefills of the setting and of its oracle alternate, run by run, so that a machine that speeds up or
+    slows down during the measurement moves both medians alike and their ratio stays honest.
+    """
     with star.apply(model, method=method, keep=keep, positions=positions, **options) as pruner:
-        row = _measure_attached(model, inputs, pruner, repeats, warmup, new_tokens)
-        replay = Replay(recorded_plan=pruner.plan, kept=tuple(pruner.stats.kept_patches))
-    with Pruner(model, replay, keep=pruner.keep, positions=positions) as oracle:
-        row["oracle_prefill_s"] = median_time(lambda: model(**inputs, past_key_values=DynamicCache()), repeats, warmup)
-        if not all(torch.equal(a, b) for a, b in zip(oracle.stats.kept_patches, replay.kept)):
-            raise RuntimeError("the oracle did not keep the measured run's tokens")
-    return {"method": method, "keep": keep, **row}
+        cache = DynamicCache()
+        counted = counted_flops(lambda: model(**inputs, past_key_values=cache))
+        stats = pruner.stats
+        replay = Replay(recorded_plan=pruner.plan, kept=tuple(stats.kept_patches))
+    prefill = {"prefill_s": [], "oracle_prefill_s": []}
+    for run in range(warmup + repeats):
+        for key, chosen in (("prefill_s", pruner.method), ("oracle_prefill_s", replay)):
+            with Pruner(model, chosen, keep=pruner.keep, positions=positions) as attached:
+                elapsed = _timed(lambda: model(**inputs, past_key_values=DynamicCache()))
+                if not all(torch.equal(a, b) for a, b in zip(attached.stats.kept_patches, replay.kept)):
+                    raise RuntimeError(f"{'the oracle' if chosen is replay else method} did not keep the measured run's tokens")
+            if run >= warmup:
+                prefill[key].append(elapsed)
+    medians = {key: statistics.median(times) for key, times in prefill.items()}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with star.apply(model, method=method, keep=keep, positions=positions, **options):
+        total = median_time(
+            lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False), repeats, warmup
+        )
+    return {
+        "method": method,
+        "keep": keep,
+        "tokens": stats.tokens,
+        "flops": stats.flops,
+        "counted_flops": counted,
+        **medians,
+        "decode_tokens_per_s": (new_tokens - 1) / max(total - medians["prefill_s"], 1e-9),
+        "kv_cache_bytes": kv_cache_bytes(cache),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+    }
 
 
 def counted_flops(fn: Callable[[], object]) -> float:
@@ -77,29 +107,6 @@ def counted_flops(fn: Callable[[], object]) -> float:
     with FlopCounterMode(display=False) as counter:
         fn()
     return float(counter.get_total_flops())
-
-
-def _measure_attached(model, inputs: dict, pruner: Pruner, repeats: int, warmup: int, new_tokens: int) -> dict:
-    prefill = median_time(lambda: model(**inputs, past_key_values=DynamicCache()), repeats, warmup)
-    cache = DynamicCache()
-    counted = counted_flops(lambda: model(**inputs, past_key_values=cache))
-    stats = pruner.stats
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-    def generate() -> None:
-        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-
-    total = median_time(generate, repeats, warmup)
-    return {
-        "tokens": stats.tokens,
-        "flops": stats.flops,
-        "counted_flops": counted,
-        "prefill_s": prefill,
-        "decode_tokens_per_s": (new_tokens - 1) / max(total - prefill, 1e-9),
-        "kv_cache_bytes": kv_cache_bytes(cache),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-    }
 
 
 def _sync() -> None:

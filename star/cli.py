@@ -95,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--methods", default="none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,random", help="comma-separated methods")
     sub.add_argument("--keep", default="98,39,20,10", help="comma-separated budgets (ints, or fractions in (0, 1])")
     sub.add_argument("--limit", type=int, help="at most this many questions (scenes: per question type)")
+    sub.add_argument("--types", help="comma-separated question types to keep (e.g. color,shape for easy-VQA); --limit then counts per type")
+    sub.add_argument(
+        "--grid", action="append", default=[], metavar="OPTION=V1,V2",
+        help="sweep a method option (e.g. layer=4,8,15 or stage1_ratio=0,0.15 or positions=original,contiguous) "
+        "for every pruning method; repeat for a grid over several options",
+    )
     sub.add_argument("--batch-size", type=int, default=8)
     sub.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default 8)")
     sub.add_argument("--out", type=Path, default=Path("star-eval"), help="output directory (default ./star-eval)")
@@ -148,6 +154,14 @@ def _number(text: str) -> int | float:
             return float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is neither an int nor a float") from None
+
+
+def _option_value(text: str) -> int | float | str:
+    """A method option from the command line: a number where it reads as one, else the text."""
+    try:
+        return _number(text)
+    except argparse.ArgumentTypeError:
+        return text
 
 
 def _model(args: argparse.Namespace) -> None:
@@ -204,12 +218,20 @@ def _eval(args: argparse.Namespace) -> None:
     from star.eval.runner import Setting, evaluate
     from star.eval.sources import load_records
 
-    records, skipped = load_records(args.data, args.split, args.limit)
-    settings = [Setting(m, k) for m in _csv(args.methods) for k in _csv(args.keep, _number) if m != "none"]
+    records, skipped = load_records(args.data, args.split, args.limit, _csv(args.types) if args.types else None)
+    grid = [{}]
+    for spec in args.grid:
+        name, equals, values = spec.partition("=")
+        if not equals or not _csv(values):
+            raise ValueError(f"--grid {spec!r}: write OPTION=V1,V2 (e.g. layer=4,8,15)")
+        grid = [{**point, name.strip(): value} for point in grid for value in _csv(values, _option_value)]
+    settings = [Setting(m, k, point) for m in _csv(args.methods) if m != "none" for point in grid for k in _csv(args.keep, _number)]
     if "none" in _csv(args.methods):
         settings.insert(0, Setting("none", 1.0))
-    for setting in settings:
-        options(setting.method)
+    for setting in settings:  # every method and option is checked before the model loads
+        build(setting.method, **{k: v for k, v in setting.options.items() if k != "positions"})
+        if setting.options.get("positions", "original") not in ("original", "contiguous"):
+            raise ValueError(f"--grid positions={setting.options['positions']!r}: allowed are original, contiguous")
     model, processor = _load(args)
     summary, failed = evaluate(
         model, processor, records, settings, args.out, args.batch_size, args.max_new_tokens, positions=args.positions
@@ -232,14 +254,18 @@ def _bench(args: argparse.Namespace) -> None:
     from star.eval.runner import build_prompt
     from star.eval.sources import load_records
 
+    from tqdm.auto import tqdm
+
+    settings = [(method, keep) for method in _csv(args.methods) for keep in _csv(args.keep, _number)]
+    for method, _ in settings:  # an unknown method is refused before the model loads
+        build(method)
     model, processor = _load(args)
     record = load_records("scenes", "test", 1)[0][0]
     inputs = processor(images=[record.open_image()], text=[build_prompt(processor, record.question)], return_tensors="pt").to(args.device)
-    base = measure(model, inputs, "none", 1.0, args.repeats, args.warmup, args.new_tokens)
-    rows = [base]
-    for method in _csv(args.methods):
-        for keep in _csv(args.keep, _number):
-            rows.append(measure(model, inputs, method, keep, args.repeats, args.warmup, args.new_tokens, args.positions))
+    rows = []
+    for method, keep in tqdm([("none", 1.0), *settings], desc="star bench", unit="setting"):
+        rows.append(measure(model, inputs, method, keep, args.repeats, args.warmup, args.new_tokens, args.positions))
+    base = rows[0]
     print("| method | keep | tokens | prefill ms | vs unpruned | vs oracle | decoder FLOPs vs unpruned | counted FLOPs vs unpruned | decode tok/s | KV cache MB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:

@@ -160,7 +160,8 @@ def test_corrupted_cache_is_detected_and_rebuilt(tiny_build, damage):
 
 def test_saved_adapters_merge_into_the_same_model(tmp_path, monkeypatch):
     """The training script's checkpoint, merged into a fresh model, gives the trained model's outputs: no
-    tensor is dropped on the way (the pitfall of LoRA keys loaded where no adapter exists)."""
+    tensor is dropped on the way (the pitfall of LoRA keys loaded where no adapter exists), and the projector's
+    standardized first layer folds into a plain LLaVA projector; resuming unfolds it to the same function."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_default_model", Path(__file__).parents[1] / "scripts" / "train_default_model.py")
@@ -172,8 +173,11 @@ def test_saved_adapters_merge_into_the_same_model(tmp_path, monkeypatch):
     torch.manual_seed(5)
     for wrapper in lora.values():
         wrapper.B.data.normal_(0, 0.05)  # as after some training: B starts at zero
-    for p in trained.model.multi_modal_projector.parameters():
+    projector = trained.model.multi_modal_projector
+    for p in projector.parameters():
         p.data.normal_(0, 0.1)
+    width = projector.linear_1.in_features
+    projector.linear_1 = train.StandardizedLinear(projector.linear_1, torch.randn(width), torch.rand(width) + 0.5)
     for wrapper in lora.values():  # the checkpoint stores the factors in float16: compare against those
         wrapper.A.data, wrapper.B.data = wrapper.A.data.half().float(), wrapper.B.data.half().float()
     path = tmp_path / "w.safetensors"
@@ -187,3 +191,12 @@ def test_saved_adapters_merge_into_the_same_model(tmp_path, monkeypatch):
         got = fresh(input_ids=ids, pixel_values=pixels).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(got, tiny_llava(seed=3)(input_ids=ids, pixel_values=pixels).logits, atol=1e-3)
+
+    resumed = tiny_llava(seed=4)  # other random weights: everything must come from the checkpoint
+    resumed_projector = resumed.model.multi_modal_projector
+    resumed_projector.linear_1 = train.StandardizedLinear(resumed_projector.linear_1, projector.linear_1.mean, projector.linear_1.std)
+    resumed_lora = train.add_lora(resumed.model.language_model, rank=4, alpha=8.0)
+    train.load_state(resumed_projector, resumed_lora, dm.load_trained_weights(path)[0])
+    with torch.no_grad():
+        features = torch.randn(2, width)
+        torch.testing.assert_close(resumed_projector(features), projector(features), atol=1e-5, rtol=1e-5)

@@ -126,3 +126,41 @@ def test_two_processes_give_the_results_of_one(checkpoint, tmp_path):
             for run in ("one", "two")
         ]
         assert predictions[0] == predictions[1] and len(predictions[0]) == 4
+
+
+def test_types_keep_only_those_questions_and_majority_is_reported(checkpoint, tmp_path):
+    data = write_data(tmp_path, GOOD)
+    assert run_eval(checkpoint, data, tmp_path / "out", "--types", "color", methods="none") == 0
+    [row] = json.loads((tmp_path / "out" / "results.json").read_text())["settings"]
+    assert row["n"] == 2 and list(row["per_type"]) == ["color"]
+    assert row["per_type"]["color"]["majority"] == 0.5  # red once, blue once
+    assert "Majority-answer level" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_unknown_type_is_refused_before_the_model_loads(checkpoint, tmp_path, capsys):
+    data = write_data(tmp_path, GOOD)
+    assert run_eval(checkpoint, data, tmp_path / "out", "--types", "colour") == 2
+    assert "types='colour'" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_grid_sweeps_method_options_and_positions(checkpoint, tmp_path):
+    data = write_data(tmp_path, GOOD)
+    assert run_eval(checkpoint, data, tmp_path / "out", "--grid", "layer=1,3", "--grid", "positions=original,contiguous", methods="star") == 0
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["settings"]
+    assert [r["options"] for r in rows] == [
+        {"layer": 1, "positions": "original"}, {"layer": 1, "positions": "contiguous"},
+        {"layer": 3, "positions": "original"}, {"layer": 3, "positions": "contiguous"},
+    ]
+    assert len({r["name"] for r in rows}) == 4
+    layers = {r["options"]["layer"]: r["flops"] for r in rows}
+    assert layers[1] < layers[3]  # an earlier cut runs more layers on the short sequence
+
+
+def test_bad_grid_is_refused_before_the_model_loads(checkpoint, tmp_path, capsys):
+    data = write_data(tmp_path, GOOD)
+    assert run_eval(checkpoint, data, tmp_path / "out", "--grid", "depth=1,2", methods="star") == 2
+    assert "'depth'" in capsys.readouterr().err
+    assert run_eval(checkpoint, data, tmp_path / "out", "--grid", "layer", methods="star") == 2
+    assert "OPTION=V1,V2" in capsys.readouterr().err
+    assert run_eval(checkpoint, data, tmp_path / "out", "--grid", "positions=diagonal", methods="star") == 2
+    assert "positions='diagonal'" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from star.methods.base import VisionView
 
@@ -43,6 +44,22 @@ class Encoded:
     groups: list[VisionGroup]
     slots: torch.Tensor
     fixed: torch.Tensor | None
+
+
+class Decoder:
+    """The decoder accessors every family shares: its layers, token embeddings and rotary embedding."""
+
+    decoder: nn.Module
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.decoder.layers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.embed_tokens(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder.rotary_emb(hidden, position_ids)
 
 
 def split_rows(image_tokens: torch.Tensor, per_image: list[int], what: str) -> list[int]:

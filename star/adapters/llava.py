@@ -12,27 +12,16 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
-from star.adapters.base import Encoded, VisionGroup, ordinals, split_rows
+from star.adapters.base import Decoder, Encoded, VisionGroup, ordinals, split_rows
 from star.decoder import llama_style_qk
 from star.methods.base import VisionView
 
 
-class LlamaDecoder:
+class LlamaDecoder(Decoder):
     """The decoder side shared by LLaVA-style families: a Llama-style decoder with 1-D rotary positions."""
 
     mrope = False
     has_cls = True
-    decoder: nn.Module
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.decoder.layers
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.decoder.embed_tokens(input_ids)
-
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.decoder.rotary_emb(hidden, position_ids)
 
     def decoder_qk(self, layer: nn.Module, hidden, position_embeddings, rows):
         return llama_style_qk(layer, hidden, position_embeddings, rows)

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from star import scoring
-from star.adapters.base import Encoded, VisionGroup, ordinals, split_rows
+from star.adapters.base import Decoder, Encoded, VisionGroup, ordinals, split_rows
 from star.decoder import mrope_qk
 from star.methods.base import VisionView
 
@@ -50,7 +50,7 @@ class MergedView(VisionView):
         return torch.empty_like(per_group).scatter_(1, self.order[None], per_group)
 
 
-class Qwen2VLAdapter:
+class Qwen2VLAdapter(Decoder):
     model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
     vision_inputs = ("pixel_values", "image_grid_thw")
     mrope = True
@@ -69,16 +69,6 @@ class Qwen2VLAdapter:
         family = sys.modules[type(self.decoder).__module__]
         self._mrope: Callable = family.apply_multimodal_rotary_pos_emb
         self._vision_rotary: Callable = family.apply_rotary_pos_emb_vision
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.decoder.layers
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.decoder.embed_tokens(input_ids)
-
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.decoder.rotary_emb(hidden, position_ids)
 
     def decoder_qk(self, layer: nn.Module, hidden, position_embeddings, rows):
         return mrope_qk(layer, hidden, position_embeddings, rows, self._mrope)

@@ -30,6 +30,10 @@ def markdown_table(summary: dict) -> str:
             f"{r['prefill_s'] * 1e3:.0f}" if r["prefill_s"] is not None else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    majority = {t: v["majority"] for r in rows for t, v in r["per_type"].items()}
+    if majority:
+        levels = ", ".join(f"{t} {_pct(level)}" for t, level in sorted(majority.items()))
+        lines.append(f"\nMajority-answer level (always giving a type's most common answer): {levels}.")
     return "\n".join(lines) + "\n"
 
 

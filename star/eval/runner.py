@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 import star
-from star.data.vqa import exact_match
+from star.data.vqa import exact_match, normalize_answer
 from star.eval.records import QUESTION_SUFFIX, Record, RecordError
 
 
@@ -87,7 +87,7 @@ def evaluate(
         path = runs / setting.name / f"rank{rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         pending = todo[setting.name]
-        with star.apply(model, method=setting.method, keep=setting.keep, positions=positions, **setting.options) as pruner:
+        with star.apply(model, method=setting.method, keep=setting.keep, **{"positions": positions, **setting.options}) as pruner:
             for start in range(0, len(pending), batch_size):
                 chunk = _readable(pending[start : start + batch_size], skipped)
                 if chunk:
@@ -169,8 +169,10 @@ def summarize(settings: list[Setting], runs: Path) -> dict:
     for setting in settings:
         answered = _answered(runs / setting.name)
         by_type: dict[str, list[bool]] = defaultdict(list)
+        truths: dict[str, Counter] = defaultdict(Counter)
         for row in answered.values():
             by_type[row["type"]].append(row["correct"])
+            truths[row["type"]][normalize_answer(row["answer"])] += 1
         n = len(answered)
         values = [answered[key] for key in sorted(answered)]
         rows.append(
@@ -179,7 +181,11 @@ def summarize(settings: list[Setting], runs: Path) -> dict:
                 "name": setting.name,
                 "n": n,
                 "accuracy": sum(r["correct"] for r in values) / n if n else None,
-                "per_type": {t: {"n": len(v), "accuracy": sum(v) / len(v)} for t, v in sorted(by_type.items())},
+                # majority: the accuracy of always giving the type's most common answer, the level of guessing
+                "per_type": {
+                    t: {"n": len(v), "accuracy": sum(v) / len(v), "majority": max(truths[t].values()) / len(v)}
+                    for t, v in sorted(by_type.items())
+                },
                 "tokens": [sum(r["tokens"][i] for r in values) / n for i in range(len(values[0]["tokens"]))] if n else [],
                 "flops": sum(r["flops"] for r in values) / n if n else None,
                 "prefill_s": sum(r["prefill_s"] for r in values) / n if n else None,

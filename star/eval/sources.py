@@ -10,10 +10,22 @@ BUILT_IN = ("scenes", "easy-vqa")
 SCENES_PER_TYPE = 200
 
 
-def load_records(data: str, split: str = "test", limit: int | None = None) -> tuple[list[Record], list[str]]:
-    """The records of `data` and the messages of any skipped lines; `limit` caps them (scenes: per type)."""
+def load_records(data: str, split: str = "test", limit: int | None = None, types: list[str] | None = None) -> tuple[list[Record], list[str]]:
+    """The records of `data` and the messages of any skipped lines. `types` keeps only those question types
+    (each must occur); `limit` caps the records, per type where types are given and for the scenes."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit} must be at least 1")
+    records, skipped = _load(data, split, limit if data == "scenes" or not types else None)
+    if types:
+        present = sorted({r.type for r in records})
+        unknown = [t for t in types if t not in present]
+        if unknown:
+            raise ValueError(f"types={unknown[0]!r} does not occur in {data}: its types are {', '.join(present)}")
+        records = [r for t in types for r in [r for r in records if r.type == t][:limit]]
+    return records, skipped
+
+
+def _load(data: str, split: str, limit: int | None) -> tuple[list[Record], list[str]]:
     if data not in BUILT_IN:
         records, skipped = read_jsonl(Path(data))
         return records[:limit], skipped
