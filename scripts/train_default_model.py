@@ -19,6 +19,12 @@ Why it is fast enough here:
 - A dense caption (every object with size, color, shape and place, then the counts) is one extra block per
   scene: it names every object, the signal the short answers alone give too slowly.
 - float32: faster than bf16 on this CPU (no AMX).
+
+Why the projector sees standardized features: CLIP's layer -2 patch features share a large common component
+(and a few huge channels), so a projector on raw features maps every patch to nearly the same token and the
+LLM cannot tell colors apart. Training `linear_1((x - mean) / std)`, with the per-channel mean and std of
+fixed training pictures, fixes that; on save the standardization is folded into `linear_1`'s weight and bias,
+so the checkpoint is a plain LLaVA projector.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from star.data.easyvqa import EasyVQARecord, load_easyvqa  # noqa: E402
-from star.data.scenes import make_scene, scene_questions, scene_records  # noqa: E402
+from star.data.scenes import TYPES, make_scene, scene_questions, scene_records  # noqa: E402
 from star.data.vqa import exact_match  # noqa: E402
 from star.zoo.default_model import IMAGE_SIZE, LORA_PREFIX, PATCH_SIZE, PROJECTOR_PREFIX, TRAINED_WEIGHTS, build_base_model, star_home  # noqa: E402
 
@@ -57,7 +63,7 @@ class Config:
     stage1_steps: int = 10  # projector alone
     scenes_per_step: int = 6
     easyvqa_per_step: int = 2
-    questions_per_type: int = 2  # per scene, for each of the 4 types
+    questions: str = "existence:3,attribute:2,count:2,relation:3"  # per scene, by type: binding is the hard part
     easyvqa_questions: int = 5  # per easy-VQA picture
     captions: bool = True
     lora_rank: int = 32
@@ -65,6 +71,7 @@ class Config:
     lr_projector: float = 1e-3
     lr_lora: float = 4e-4
     warmup: int = 5
+    decay_steps: int = 200  # the last steps before `steps` decay the learning rates linearly to 10%
     weight_decay: float = 0.0
     seed: int = 0
     save_every: int = 5
@@ -105,8 +112,40 @@ def add_lora(language_model: nn.Module, rank: int, alpha: float) -> dict[str, Lo
     return wrapped
 
 
+class StandardizedLinear(nn.Module):
+    """linear((x - mean) / std) while training; `folded()` gives the one plain Linear it equals."""
+
+    def __init__(self, linear: nn.Linear, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.linear = linear
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear((x - self.mean) / self.std)
+
+    def folded(self) -> dict[str, torch.Tensor]:
+        weight = self.linear.weight.detach() / self.std
+        return {"weight": weight, "bias": self.linear.bias.detach() - weight @ self.mean}
+
+    @torch.no_grad()
+    def unfold(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Load a plain Linear's weight and bias (a saved checkpoint) into the standardized form."""
+        self.linear.weight.copy_(weight * self.std)
+        self.linear.bias.copy_(bias + weight @ self.mean)
+
+
+def projector_state(projector: nn.Module) -> dict[str, torch.Tensor]:
+    """The projector as a plain LLaVA projector: a StandardizedLinear is folded into linear_1."""
+    state = {}
+    for name, module in projector.named_children():
+        parts = module.folded() if isinstance(module, StandardizedLinear) else module.state_dict()
+        state.update({f"{name}.{k}": v.detach().clone() for k, v in parts.items()})
+    return state
+
+
 def trained_state(projector: nn.Module, lora: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
-    state = {PROJECTOR_PREFIX + k: v.detach().clone() for k, v in projector.state_dict().items()}
+    state = {PROJECTOR_PREFIX + k: v for k, v in projector_state(projector).items()}
     for name, wrapper in lora.items():
         # float16 halves the committed file; the factors are small numbers, well within its range
         state[f"{LORA_PREFIX}{name}.A"] = wrapper.A.detach().to(torch.float16)
@@ -116,8 +155,17 @@ def trained_state(projector: nn.Module, lora: dict[str, LoRALinear]) -> dict[str
 
 def load_state(projector: nn.Module, lora: dict[str, LoRALinear], tensors: dict[str, torch.Tensor]) -> None:
     """Resume: every tensor of the checkpoint must land somewhere, and every parameter must be given."""
-    projector.load_state_dict({k.removeprefix(PROJECTOR_PREFIX): v for k, v in tensors.items() if k.startswith(PROJECTOR_PREFIX)})
-    used = {PROJECTOR_PREFIX + k for k in projector.state_dict()}
+    saved = {k.removeprefix(PROJECTOR_PREFIX): v for k, v in tensors.items() if k.startswith(PROJECTOR_PREFIX)}
+    expected = projector_state(projector)
+    if set(saved) != set(expected):
+        raise ValueError(f"checkpoint projector tensors {sorted(saved)} differ from the projector's {sorted(expected)}")
+    for name, module in projector.named_children():
+        parts = {k.removeprefix(name + "."): v for k, v in saved.items() if k.startswith(name + ".")}
+        if isinstance(module, StandardizedLinear):
+            module.unfold(parts["weight"], parts["bias"])
+        else:
+            module.load_state_dict(parts)
+    used = {PROJECTOR_PREFIX + k for k in saved}
     for name, wrapper in lora.items():
         for part in ("A", "B"):
             key = f"{LORA_PREFIX}{name}.{part}"
@@ -229,6 +277,17 @@ class Features:
         return torch.stack([fresh[k] if k in fresh else self.cache[k].float() for k in keys])
 
 
+def feature_statistics(features: Features, easy_stream: "EasyVQAStream", pictures: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the patch features of fixed training pictures (two thirds scenes): the same
+    pictures every run, so a resumed run standardizes exactly as before."""
+    scenes = [make_scene("train", 10_000_000 + i) for i in range(pictures * 2 // 3)]
+    easy = [easy_stream.example(i, 1) for i in range(pictures - len(scenes))]
+    images = [s.image() for s in scenes] + [e.image for e in easy]
+    keys = [f"stats-{i}" for i in range(len(images))]
+    flat = torch.cat([features(images[i : i + 16], keys[i : i + 16], keep=False).flatten(0, 1) for i in range(0, len(images), 16)])
+    return flat.mean(0), flat.std(0).clamp_min(1e-4)
+
+
 def embed(model, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """Token embeddings with the projected image features in the image-token slots (one image per row)."""
     embeds = model.get_input_embeddings()(ids)
@@ -240,9 +299,23 @@ def embed(model, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- data
 
 
+def question_counts(spec: str) -> dict[str, int]:
+    """'existence:3,attribute:2,...' -> {'existence': 3, ...}; every scene question type must be named."""
+    counts = {kind: int(n) for kind, _, n in (part.partition(":") for part in spec.split(","))}
+    if set(counts) != set(TYPES) or min(counts.values()) < 0:
+        raise ValueError(f"--questions {spec!r}: give a count >= 0 for each of {', '.join(TYPES)}")
+    return counts
+
+
 def scene_example(index: int, cfg: Config, salt: int) -> Example:
     scene = make_scene("train", index)
-    blocks = [(f"{q.question}\n{QUESTION_SUFFIX}", q.answer) for q in scene_questions(scene, cfg.questions_per_type, salt)]
+    counts = question_counts(cfg.questions)
+    taken = {kind: 0 for kind in counts}
+    blocks = []
+    for q in scene_questions(scene, max(counts.values()), salt):
+        if taken[q.type] < counts[q.type]:
+            taken[q.type] += 1
+            blocks.append((f"{q.question}\n{QUESTION_SUFFIX}", q.answer))
     if cfg.captions:
         blocks.append((CAPTION_QUESTION, scene.caption()))
     random.Random(index * 7919 + salt).shuffle(blocks)
@@ -346,6 +419,9 @@ def run(cfg: Config, weights: Path, fresh: bool) -> None:
     projector = model.model.multi_modal_projector
     packer = Packer(processor)
     features = Features(model, processor)
+    easy_stream = EasyVQAStream(load_easyvqa("train"), cfg.seed)
+    question_counts(cfg.questions)
+    projector.linear_1 = StandardizedLinear(projector.linear_1, *feature_statistics(features, easy_stream))
     log_path = ROOT / cfg.log
     log_path.parent.mkdir(parents=True, exist_ok=True)
     state_path = star_home() / "train" / "state.pt"
@@ -375,7 +451,6 @@ def run(cfg: Config, weights: Path, fresh: bool) -> None:
     warm_from = step  # a resumed run without its optimizer state warms up again
     base_lrs = [cfg.lr_projector, cfg.lr_lora]
 
-    easy_stream = EasyVQAStream(load_easyvqa("train"), cfg.seed)
     val_scenes, val_easy = eval_sets(cfg, "validation")
 
     def log(entry: dict) -> None:
@@ -411,6 +486,7 @@ def run(cfg: Config, weights: Path, fresh: bool) -> None:
             wrapper.A.requires_grad_(stage == 2)
             wrapper.B.requires_grad_(stage == 2)
         factor = min(1.0, (step - warm_from + 1) / cfg.warmup)
+        factor *= min(1.0, 0.1 + 0.9 * (cfg.steps - step) / max(1, cfg.decay_steps))
         for group, lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = lr * factor
         examples = [scene_example(step * cfg.scenes_per_step + i, cfg, salt=0) for i in range(cfg.scenes_per_step)]
