@@ -467,7 +467,8 @@ def run(cfg: Config, weights: Path, fresh: bool) -> None:
         save_file(trained_state(projector, lora), str(tmp), metadata=meta)
         tmp.replace(weights)
         state_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": asdict(cfg)}, state_path)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": asdict(cfg)}, state_path.with_suffix(".tmp"))
+        state_path.with_suffix(".tmp").replace(state_path)  # a run stopped mid-save keeps the previous state
 
     def run_eval() -> None:
         started = time.perf_counter()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every accuracy and speed figure in docs/results.md and docs/model.md, on the default model.
+#
+#   scripts/results.sh model    # unpruned accuracy on the test splits (docs/model.md)
+#   scripts/results.sh sweep    # STAR's stage-1 ratio, layer K and position policy, validation split
+#   scripts/results.sh tables   # every method at 98/39/20/10 tokens, scenes and easy-VQA test splits
+#   scripts/results.sh bench    # prefill and decode time against the unpruned model and the oracle
+#
+# Sizes are environment variables (per question type): MODEL_N (200), SWEEP_N (25), TABLE_N (25),
+# and BENCH_REPEATS (9). Every run resumes where it stopped: star eval appends answers as they come.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STAR=.venv/bin/star
+OUT=docs/results
+METHODS=none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,random
+
+case "${1:-}" in
+  model)
+    $STAR eval --data scenes --split test --limit "${MODEL_N:-200}" --methods none --out $OUT/model-scenes
+    $STAR eval --data easy-vqa --split test --types color,shape --limit "${MODEL_N:-200}" --methods none --out $OUT/model-easy-vqa
+    ;;
+  sweep)
+    $STAR eval --data scenes --split validation --limit "${SWEEP_N:-25}" --methods star --keep 20 \
+      --grid stage1_ratio=0,0.15,0.3,0.5 --out $OUT/sweep-ratio
+    $STAR eval --data scenes --split validation --limit "${SWEEP_N:-25}" --methods star --keep 20 \
+      --grid layer=4,8,15,22 --out $OUT/sweep-layer
+    $STAR eval --data scenes --split validation --limit "${SWEEP_N:-25}" --methods star,fastv,pdrop --keep 20 \
+      --grid positions=original,contiguous --out $OUT/sweep-positions
+    ;;
+  tables)
+    $STAR eval --data scenes --split test --limit "${TABLE_N:-25}" --methods $METHODS --keep 98,39,20,10 --out $OUT/scenes
+    $STAR eval --data easy-vqa --split test --types color,shape --limit "${TABLE_N:-25}" --methods $METHODS \
+      --keep 98,39,20,10 --out $OUT/easy-vqa
+    ;;
+  bench)
+    mkdir -p $OUT
+    $STAR bench --methods star,fastv,fastervlm,pdrop --keep 98,39,20,10 --repeats "${BENCH_REPEATS:-9}" --warmup 3 \
+      --out $OUT/bench.json | tee $OUT/bench.md
+    ;;
+  *)
+    sed -n 2,10p "$0"
+    exit 2
+    ;;
+esac
