@@ -53,26 +53,36 @@ def model() -> LlavaForConditionalGeneration:
     return tiny_llava()
 
 
-def tiny_checkpoint(directory) -> str:
-    """A saved tiny LLaVA with a word-level tokenizer and a 32 px image processor: a complete checkpoint
-    that `from_pretrained` and `AutoProcessor` load, for the command-line and evaluation mechanics."""
+def tiny_tokenizer(specials: dict[int, str], image_block: str = "<image> "):
+    """A word-level tokenizer of 128 ids (the tiny models' vocabulary) with `specials` at their ids, and a chat
+    template that writes `image_block` for each image, then the text, then "answer :"."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     words = ["<pad>", "<unk>", "<s>", "</s>", "answer", ":", "?", ".", "what", "color", "shape", "is", "the", "how", "many"]
-    words += [f"w{i}" for i in range(len(words), IMAGE_TOKEN)]
-    vocab = {w: i for i, w in enumerate(words)} | {"<image>": IMAGE_TOKEN}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words += [f"w{i}" for i in range(len(words), 128)]
+    for token_id, token in specials.items():
+        words[token_id] = token
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.add_special_tokens(["<pad>", "<unk>", "<s>", "</s>", "<image>"])
+    core.add_special_tokens(["<pad>", "<unk>", "<s>", "</s>", *specials.values()])
     template = (
-        "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+        "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}" + image_block +
         "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}answer :{% endif %}"
     )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>", padding_side="left",
         model_input_names=["input_ids", "attention_mask"],
     )
+    return tokenizer, template
+
+
+def tiny_checkpoint(directory) -> str:
+    """A saved tiny LLaVA with a word-level tokenizer and a 32 px image processor: a complete checkpoint
+    that `from_pretrained` and `AutoProcessor` load, for the command-line and evaluation mechanics."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tokenizer, template = tiny_tokenizer({IMAGE_TOKEN: "<image>"})
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = LlavaProcessor(
         image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",

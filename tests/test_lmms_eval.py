@@ -11,12 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
+import star
 from star.integrations import LMMS_MISSING
 
 pytest.importorskip("lmms_eval", reason=LMMS_MISSING)
 
-from conftest import tiny_checkpoint  # noqa: E402
+from conftest import tiny_checkpoint, tiny_tokenizer  # noqa: E402
+from families import CROP  # noqa: E402
 from star.cli import main as star_main  # noqa: E402
 from star.data.scenes import scene_records  # noqa: E402
 from star.integrations import lmms_eval as backend  # noqa: E402
@@ -118,3 +122,122 @@ def test_star_lmms_eval_hands_every_argument_to_lmms_eval(monkeypatch):
     argv = ["--model_args", "pretrained=x,method=star,keep=58", "--tasks", "mme", "-h"]
     args = parser.parse_args(["lmms-eval", *argv])
     assert args.run(args) == 0 and seen == [argv]
+
+
+# -- LLaVA-NeXT and Qwen2-VL checkpoints through the backend, in batches of mixed image sizes ------------
+
+SIZES = [(64, 32), (32, 64), (64, 64), (32, 64)]  # width x height: each batch of 2 mixes sizes (and LLaVA-NeXT grids)
+
+
+def next_checkpoint(directory) -> str:
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    from families import IMAGE_TOKEN, PINPOINTS, tiny_llava_next
+
+    tokenizer, template = tiny_tokenizer({IMAGE_TOKEN: "<image>"})
+    images = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS)
+    processor = LlavaNextProcessor(
+        image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        image_token="<image>", num_additional_image_tokens=1, chat_template=template,
+    )
+    model = tiny_llava_next()
+    model.generation_config.eos_token_id = 3
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return str(directory)
+
+
+def qwen_processor(tokenizer_directory=None):
+    """Qwen2-VL's processor without its video part: in transformers 4.57 the video processor needs torchvision,
+    which a CPU-only torch does not have. Images are processed exactly as by Qwen2VLProcessor."""
+    from transformers import ProcessorMixin, Qwen2VLImageProcessor, Qwen2VLProcessor
+
+    from families import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        attributes = ["image_processor", "tokenizer"]
+        tokenizer_class = "PreTrainedTokenizerFast"
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id, self.video_token_id = IMAGE_TOKEN, VIDEO_TOKEN
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    specials = {IMAGE_TOKEN: "<|image_pad|>", VIDEO_TOKEN: "<|video_pad|>", VISION_START: "<|vision_start|>", VISION_END: "<|vision_end|>"}
+    tokenizer, template = tiny_tokenizer(specials, image_block="<|vision_start|> <|image_pad|> <|vision_end|> ")
+    images = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=64 * 64)
+    return ImageOnlyQwen2VLProcessor(image_processor=images, tokenizer=tokenizer, chat_template=template)
+
+
+def qwen_checkpoint(directory) -> str:
+    from families import tiny_qwen
+
+    model = tiny_qwen("2")
+    model.generation_config.eos_token_id = 3
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+FAMILIES = {"llava-next": (next_checkpoint, 6), "qwen2-vl": (qwen_checkpoint, 5)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_backend_batches_answer_as_single_prompts(family, tmp_path, monkeypatch):
+    """Batch size 2 with mixed image sizes: every answer and token count equals that prompt alone under
+    star.apply, and pruning changes at least one answer (a backend that ignored it would fail)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    make, keep = FAMILIES[family]
+    path = make(tmp_path / "model")
+    if family == "qwen2-vl":  # the checkpoint has no processor of its own: hand the backend the image-only one
+        loader = AutoProcessor.from_pretrained
+        monkeypatch.setattr(AutoProcessor, "from_pretrained", lambda name, *a, **k: qwen_processor() if name == path else loader(name, *a, **k))
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    rows = []
+    for number, (width, height) in enumerate(SIZES):
+        pixels = (torch.arange(width * height * 3).reshape(height, width, 3) * (number + 7) % 251).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"{number}.png")
+        rows.append(json.dumps({"id": f"q{number}", "image": f"{number}.png", "question": f"what color is the w{20 + number} ?", "answer": "red"}))
+    (tmp_path / "data.jsonl").write_text("\n".join(rows) + "\n")
+    backend.write_task(tmp_path / "data.jsonl", tmp_path / "task", TASK, max_new_tokens=4)
+    assert backend.main([
+        "--model_args", f"pretrained={path},method=star,keep={keep},dtype=float32", "--device", "cpu",
+        "--tasks", TASK, "--include_path", str(tmp_path / "task"), "--batch_size", "2",
+        "--log_samples", "--output_path", str(tmp_path / "lmms"),
+    ]) == 0
+    [samples_file] = (tmp_path / "lmms").rglob(f"*_samples_{TASK}.jsonl")
+    samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
+    assert len(samples) == len(SIZES)
+
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    changed = 0
+    for sample in samples:
+        number = sample["doc_id"]
+        question = f"what color is the w{20 + number} ?\n{backend.QUESTION_SUFFIX}"
+        prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True)
+        inputs = processor(images=[Image.open(tmp_path / f"{number}.png").convert("RGB")], text=[prompt], return_tensors="pt")
+        answers = {}
+        for method, budget in (("none", 1.0), ("star", keep)):
+            with star.apply(model, method=method, keep=budget) as pruner, torch.no_grad():
+                output = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+                answers[method] = processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+                totals = list(pruner.stats.totals[0])
+        [counts] = sample["token_counts"]
+        assert sample["filtered_resps"] == answers["star"], (family, number)
+        assert counts["visual_tokens"] == totals, (family, number)
+        assert totals[-1] == expected_total(family, keep, totals[0]) < totals[0]
+        changed += answers["star"] != answers["none"]
+    assert changed, "pruning changed no answer: the test could not tell a backend that ignores it"
+
+
+def expected_total(family: str, keep: int, encoder_tokens: int) -> int:
+    """The last stage's visual tokens, by hand: Qwen2-VL keeps `keep` per image; LLaVA-NeXT keeps `keep` per
+    16-token crop (base crop and tiles; these sizes show whole crops, so the encoder's tokens count them)."""
+    if family == "qwen2-vl":
+        return keep
+    assert encoder_tokens % CROP == 0, f"{encoder_tokens} tokens: the test's sizes are meant to show whole crops"
+    return keep * encoder_tokens // CROP
