@@ -6,8 +6,8 @@
 #   scripts/results.sh tables   # every method at 98/39/20/10 tokens, scenes and easy-VQA test splits
 #   scripts/results.sh bench    # prefill and decode time against the unpruned model and the oracle
 #
-# Sizes are environment variables (per question type): MODEL_N (200), SWEEP_N (25), TABLE_N (25),
-# and BENCH_REPEATS (9). Every run resumes where it stopped: star eval appends answers as they come.
+# Sizes are environment variables (per question type): MODEL_N (200 scene questions), EASY_N (100 easy-VQA
+# colour and shape questions), SWEEP_N (25), TABLE_N (25), and BENCH_REPEATS (9). Every run resumes where it stopped: star eval appends answers as they come.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAR=.venv/bin/star
@@ -17,7 +17,7 @@ METHODS=none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,random
 case "${1:-}" in
   model)
     $STAR eval --data scenes --split test --limit "${MODEL_N:-200}" --methods none --out $OUT/model-scenes
-    $STAR eval --data easy-vqa --split test --types color,shape --limit "${MODEL_N:-200}" --methods none --out $OUT/model-easy-vqa
+    $STAR eval --data easy-vqa --split test --types color,shape --limit "${EASY_N:-100}" --methods none --out $OUT/model-easy-vqa
     ;;
   sweep)
     $STAR eval --data scenes --split validation --limit "${SWEEP_N:-25}" --methods star --keep 20 \

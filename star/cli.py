@@ -253,7 +253,6 @@ def _bench(args: argparse.Namespace) -> None:
     from star.bench import measure
     from star.eval.runner import build_prompt
     from star.eval.sources import load_records
-
     from tqdm.auto import tqdm
 
     settings = [(method, keep) for method in _csv(args.methods) for keep in _csv(args.keep, _number)]
