@@ -1,8 +1,9 @@
 """The real default model, built from the pinned wheels (cached), on 60 fixed test-split scene questions.
 
 Both checks share one evaluation (unpruned, and STAR at 39 of 196 tokens, 20%), run through `star eval`'s
-own runner. Until the default model reaches the accuracy issue 3 asks for, the tests report the measured
-figures as an expected failure: retention means nothing for a model that does not yet read the scenes.
+own runner. Until the default model reaches the 80% issue 3 asks for, the first test reports the measured
+figures as an expected failure. The retention check is a real assertion already: the model reads attribute
+and count questions well above their majority level (docs/model.md), and answers are greedy and deterministic.
 """
 
 from __future__ import annotations
@@ -44,6 +45,4 @@ def test_default_model_answers_60_scene_questions(results):
 def test_star_at_20_percent_keeps_90_percent_of_the_accuracy(results):
     base, pruned = results["none"]["accuracy"], results["star"]["accuracy"]
     assert results["star"]["tokens"] == [196, 167, 39]
-    if base < UNPRUNED_TARGET:
-        pytest.xfail(f"unpruned {base:.0%}, STAR at 39 tokens {pruned:.0%}: the model is not trained enough to measure retention")
-    assert pruned / base >= RETENTION_TARGET
+    assert pruned / base >= RETENTION_TARGET, f"unpruned {base:.0%}, STAR at 39 tokens {pruned:.0%}"
