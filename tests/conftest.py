@@ -77,19 +77,28 @@ def tiny_tokenizer(specials: dict[int, str], image_block: str = "<image> "):
     return tokenizer, template
 
 
+def llava_style_processor(processor_class, image_processor, image_token_id: int):
+    """A LLaVA or LLaVA-NeXT processor over the tiny tokenizer: 8 px patches, [CLS] dropped, "<image>" expanded."""
+    tokenizer, template = tiny_tokenizer({image_token_id: "<image>"})
+    return processor_class(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        image_token="<image>", num_additional_image_tokens=1, chat_template=template,
+    )
+
+
+def save_checkpoint(directory, model, processor=None) -> str:
+    """Save a tiny model (generation ends at "</s>") and its processor where `from_pretrained` finds them."""
+    model.generation_config.eos_token_id = 3
+    model.save_pretrained(directory)
+    if processor is not None:
+        processor.save_pretrained(directory)
+    return str(directory)
+
+
 def tiny_checkpoint(directory) -> str:
     """A saved tiny LLaVA with a word-level tokenizer and a 32 px image processor: a complete checkpoint
     that `from_pretrained` and `AutoProcessor` load, for the command-line and evaluation mechanics."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    tokenizer, template = tiny_tokenizer({IMAGE_TOKEN: "<image>"})
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = LlavaProcessor(
-        image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-        image_token="<image>", num_additional_image_tokens=1, chat_template=template,
-    )
-    model = tiny_llava()
-    model.generation_config.eos_token_id = 3
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return str(directory)
+    return save_checkpoint(directory, tiny_llava(), llava_style_processor(LlavaProcessor, images, IMAGE_TOKEN))

@@ -19,7 +19,7 @@ from star.integrations import LMMS_MISSING
 
 pytest.importorskip("lmms_eval", reason=LMMS_MISSING)
 
-from conftest import tiny_checkpoint, tiny_tokenizer  # noqa: E402
+from conftest import llava_style_processor, save_checkpoint, tiny_checkpoint, tiny_tokenizer  # noqa: E402
 from families import CROP  # noqa: E402
 from star.cli import main as star_main  # noqa: E402
 from star.data.scenes import scene_records  # noqa: E402
@@ -134,20 +134,11 @@ def next_checkpoint(directory) -> str:
 
     from families import IMAGE_TOKEN, PINPOINTS, tiny_llava_next
 
-    tokenizer, template = tiny_tokenizer({IMAGE_TOKEN: "<image>"})
     images = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS)
-    processor = LlavaNextProcessor(
-        image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-        image_token="<image>", num_additional_image_tokens=1, chat_template=template,
-    )
-    model = tiny_llava_next()
-    model.generation_config.eos_token_id = 3
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return str(directory)
+    return save_checkpoint(directory, tiny_llava_next(), llava_style_processor(LlavaNextProcessor, images, IMAGE_TOKEN))
 
 
-def qwen_processor(tokenizer_directory=None):
+def qwen_processor():
     """Qwen2-VL's processor without its video part: in transformers 4.57 the video processor needs torchvision,
     which a CPU-only torch does not have. Images are processed exactly as by Qwen2VLProcessor."""
     from transformers import ProcessorMixin, Qwen2VLImageProcessor, Qwen2VLProcessor
@@ -172,10 +163,7 @@ def qwen_processor(tokenizer_directory=None):
 def qwen_checkpoint(directory) -> str:
     from families import tiny_qwen
 
-    model = tiny_qwen("2")
-    model.generation_config.eos_token_id = 3
-    model.save_pretrained(directory)
-    return str(directory)
+    return save_checkpoint(directory, tiny_qwen("2"))
 
 
 FAMILIES = {"llava-next": (next_checkpoint, 6), "qwen2-vl": (qwen_checkpoint, 5)}
