@@ -301,7 +301,10 @@ def embed(model, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
 
 def question_counts(spec: str) -> dict[str, int]:
     """'existence:3,attribute:2,...' -> {'existence': 3, ...}; every scene question type must be named."""
-    counts = {kind: int(n) for kind, _, n in (part.partition(":") for part in spec.split(","))}
+    try:
+        counts = {kind: int(n) for kind, _, n in (part.partition(":") for part in spec.split(","))}
+    except ValueError:
+        counts = {}
     if set(counts) != set(TYPES) or min(counts.values()) < 0:
         raise ValueError(f"--questions {spec!r}: give a count >= 0 for each of {', '.join(TYPES)}")
     return counts
@@ -401,6 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start from step 0")
     args = parser.parse_args(argv)
     cfg = Config(**{f: getattr(args, f) for f in asdict(Config())})
+    question_counts(cfg.questions)  # a bad --questions is refused before the model loads
     run(cfg, args.weights, args.fresh)
 
 
@@ -420,7 +424,6 @@ def run(cfg: Config, weights: Path, fresh: bool) -> None:
     packer = Packer(processor)
     features = Features(model, processor)
     easy_stream = EasyVQAStream(load_easyvqa("train"), cfg.seed)
-    question_counts(cfg.questions)
     projector.linear_1 = StandardizedLinear(projector.linear_1, *feature_statistics(features, easy_stream))
     log_path = ROOT / cfg.log
     log_path.parent.mkdir(parents=True, exist_ok=True)
