@@ -12,6 +12,7 @@ import star
 from star import flops as flops_model
 from star.integrations import add_lmms_eval_command
 from star.methods import REGISTRY, build, options
+from star.pruner import POSITION_POLICIES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", help="a LLaVA checkpoint directory or hub id (default: the project's default model)")
         sub.add_argument("--device", default="cpu", help="torch device (default cpu)")
         sub.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights dtype")
-        sub.add_argument("--positions", default="original", choices=["original", "contiguous"], help="rotary positions of kept tokens")
+        sub.add_argument("--positions", default="original", choices=POSITION_POLICIES, help="rotary positions of kept tokens")
 
     sub = commands.add_parser(
         "run",
@@ -230,8 +231,8 @@ def _eval(args: argparse.Namespace) -> None:
         settings.insert(0, Setting("none", 1.0))
     for setting in settings:  # every method and option is checked before the model loads
         build(setting.method, **{k: v for k, v in setting.options.items() if k != "positions"})
-        if setting.options.get("positions", "original") not in ("original", "contiguous"):
-            raise ValueError(f"--grid positions={setting.options['positions']!r}: allowed are original, contiguous")
+        if setting.options.get("positions", "original") not in POSITION_POLICIES:
+            raise ValueError(f"--grid positions={setting.options['positions']!r}: allowed are {', '.join(POSITION_POLICIES)}")
     model, processor = _load(args)
     summary, failed = evaluate(
         model, processor, records, settings, args.out, args.batch_size, args.max_new_tokens, positions=args.positions
