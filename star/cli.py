@@ -171,15 +171,20 @@ def _model(args: argparse.Namespace) -> None:
     print(build_default_model())
 
 
+def _model_path(args: argparse.Namespace) -> str:
+    """--model, or the default model's directory (built on first use)."""
+    if args.model is None:
+        from star.zoo import build_default_model
+
+        args.model = str(build_default_model())
+    return args.model
+
+
 def _load(args: argparse.Namespace):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    path = args.model
-    if path is None:
-        from star.zoo import build_default_model
-
-        path = build_default_model()
+    path = _model_path(args)
     dtype = getattr(torch, args.dtype)
     if args.device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per data-parallel process
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -214,9 +219,8 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-
     from star.eval import report
-    from star.eval.runner import Setting, evaluate
+    from star.eval.runner import Setting, check_identity, evaluate, model_identity
     from star.eval.sources import load_records
 
     records, skipped = load_records(args.data, args.split, args.limit, _csv(args.types) if args.types else None)
@@ -233,6 +237,9 @@ def _eval(args: argparse.Namespace) -> None:
         build(setting.method, **{k: v for k, v in setting.options.items() if k != "positions"})
         if setting.options.get("positions", "original") not in POSITION_POLICIES:
             raise ValueError(f"--grid positions={setting.options['positions']!r}: allowed are {', '.join(POSITION_POLICIES)}")
+    identity = {**model_identity(_model_path(args)), "dtype": args.dtype, "positions": args.positions,
+                "max_new_tokens": args.max_new_tokens}
+    check_identity(args.out, identity, write=int(os.environ.get("RANK", 0)) == 0)
     model, processor = _load(args)
     summary, failed = evaluate(
         model, processor, records, settings, args.out, args.batch_size, args.max_new_tokens, positions=args.positions

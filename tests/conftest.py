@@ -11,12 +11,17 @@ IMAGE_TOKEN = 127
 N_VISUAL = 16  # 32 px images, 8 px patches
 
 
-def tiny_llava(attn: str = "sdpa", seed: int = 0, layers: int = 6) -> LlavaForConditionalGeneration:
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
+def tiny_clip() -> CLIPVisionConfig:
+    """A 3-layer CLIP tower for 32 px images of 8 px patches (16 patches and [CLS])."""
+    return CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
         image_size=32, patch_size=8, projection_dim=16,
     )
+
+
+def tiny_llava(attn: str = "sdpa", seed: int = 0, layers: int = 6) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    vision = tiny_clip()
     text = LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, pad_token_id=0,
@@ -95,10 +100,10 @@ def save_checkpoint(directory, model, processor=None) -> str:
     return str(directory)
 
 
-def tiny_checkpoint(directory) -> str:
+def tiny_checkpoint(directory, seed: int = 0) -> str:
     """A saved tiny LLaVA with a word-level tokenizer and a 32 px image processor: a complete checkpoint
     that `from_pretrained` and `AutoProcessor` load, for the command-line and evaluation mechanics."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return save_checkpoint(directory, tiny_llava(), llava_style_processor(LlavaProcessor, images, IMAGE_TOKEN))
+    return save_checkpoint(directory, tiny_llava(seed=seed), llava_style_processor(LlavaProcessor, images, IMAGE_TOKEN))

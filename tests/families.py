@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from transformers import (
-    CLIPVisionConfig,
     LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
@@ -13,6 +12,8 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
+
+from conftest import tiny_clip
 
 IMAGE_TOKEN = 120
 VISION_START, VISION_END, VIDEO_TOKEN = 122, 123, 121
@@ -30,12 +31,8 @@ def _text(layers: int) -> dict:
 
 def tiny_llava_next(attn: str = "sdpa", seed: int = 0, layers: int = 6) -> LlavaNextForConditionalGeneration:
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        image_size=32, patch_size=8, projection_dim=16,
-    )
     config = LlavaNextConfig(
-        vision_config=vision, text_config=LlamaConfig(**_text(layers)), image_token_index=IMAGE_TOKEN,
+        vision_config=tiny_clip(), text_config=LlamaConfig(**_text(layers)), image_token_index=IMAGE_TOKEN,
         vision_feature_layer=-2, image_grid_pinpoints=PINPOINTS,
     )
     model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation=attn).eval()

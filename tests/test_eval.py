@@ -68,6 +68,30 @@ def test_interrupted_eval_resumes_and_loses_nothing(checkpoint, tmp_path):
         assert (a["name"], a["n"], a["accuracy"], a["per_type"]) == (b["name"], b["n"], b["accuracy"], b["per_type"])
 
 
+def test_resuming_with_other_weights_or_answer_length_is_refused(tmp_path, capsys):
+    data = write_data(tmp_path, GOOD)
+    out = tmp_path / "out"
+    checkpoint = tiny_checkpoint(tmp_path / "model")
+    assert run_eval(checkpoint, data, out) == 0
+    answers = (out / "runs" / "star-4" / "rank0.jsonl").read_text()
+    tiny_checkpoint(tmp_path / "model", seed=1)  # retrained in place: same path, same file sizes
+    assert run_eval(checkpoint, data, out) == 2
+    assert "--out" in (err := capsys.readouterr().err) and "files: {" in err
+    assert run_eval(tiny_checkpoint(tmp_path / "elsewhere"), data, out) == 2
+    assert "model: " in capsys.readouterr().err
+    assert run_eval(checkpoint, data, out, "--max-new-tokens", "3") == 2
+    assert "max_new_tokens: 2 there, 3 now" in capsys.readouterr().err
+    assert (out / "runs" / "star-4" / "rank0.jsonl").read_text() == answers
+
+
+def test_a_smaller_limit_summarizes_only_its_records(checkpoint, tmp_path):
+    data = write_data(tmp_path, GOOD)
+    assert run_eval(checkpoint, data, tmp_path / "out") == 0
+    assert run_eval(checkpoint, data, tmp_path / "out", "--limit", "2") == 0
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [row["n"] for row in summary["settings"]] == [2, 2]
+
+
 def test_bad_records_are_skipped_and_reported_by_line(checkpoint, tmp_path, capsys):
     rows = [
         GOOD[0],

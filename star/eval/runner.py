@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 import star
 from star.data.vqa import exact_match, normalize_answer
 from star.eval.records import QUESTION_SUFFIX, Record, RecordError
+from star.zoo.default_model import MANIFEST
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def evaluate(
         skipped = _gather_messages(skipped, world)
         if rank:
             return None, skipped
-    summary = summarize(settings, runs)
+    summary = summarize(settings, runs, {r.id for r in records})
     (Path(out_dir) / "results.json").write_text(json.dumps(summary, indent=2))
     return summary, skipped
 
@@ -163,11 +164,43 @@ def _answered(folder: Path) -> dict[str, dict]:
 
 
 
-def summarize(settings: list[Setting], runs: Path) -> dict:
-    """Accuracy per type and overall, retention against `none`, mean tokens, FLOPs and prefill time."""
+def check_identity(out_dir: Path, identity: dict, write: bool = True) -> None:
+    """Refuse to add answers to OUT when its run.json records another model, dtype or answer length: a resumed
+    run must not mix the answers of two models in one table. The first run writes run.json."""
+    path = out_dir / "run.json"
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        changed = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
+        if changed:
+            details = "; ".join(f"{k}: {recorded.get(k)!r} there, {identity.get(k)!r} now" for k in changed)
+            raise ValueError(
+                f"--out {str(out_dir)!r} holds answers of another run ({details}): choose a new --out, or delete it"
+            )
+    elif write:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(identity, indent=1))
+
+
+def model_identity(path: str | Path) -> dict:
+    """What names a model's weights: for a directory, the sha256 of its files as the default model's manifest
+    records them, or else each file's size and modification time (hashing a 14 GB checkpoint on every run
+    would cost more than the check is worth); for a hub id, the id."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return {"model": str(path)}
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        return {"model": str(folder.resolve()), "files": json.loads(manifest.read_text())["files"]}
+    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()}
+    return {"model": str(folder.resolve()), "files": files}
+
+
+def summarize(settings: list[Setting], runs: Path, ids: set[str]) -> dict:
+    """Accuracy per type and overall, retention against `none`, mean tokens, FLOPs and prefill time, over the
+    records `ids` (an OUT folder may hold answers to more, from an earlier run with a larger --limit)."""
     rows = []
     for setting in settings:
-        answered = _answered(runs / setting.name)
+        answered = {k: v for k, v in _answered(runs / setting.name).items() if k in ids}
         by_type: dict[str, list[bool]] = defaultdict(list)
         truths: dict[str, Counter] = defaultdict(Counter)
         for row in answered.values():

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -334,17 +335,7 @@ def _base_inputs() -> dict:
 
 def build_base_model(home: Path | str | None = None, progress: bool = True) -> Path:
     """The cached directory of the untrained assembly (seeded random projector): what training starts from."""
-    directory = star_home(home) / "base"
-    inputs = _base_inputs()
-    try:
-        check_cache(directory, inputs)
-        return directory
-    except CacheError as why:
-        if directory.exists() and progress:
-            print(f"rebuilding: {why}", file=sys.stderr)
-    model, processor = _assemble(home, progress)
-    _save(directory, model, processor, inputs)
-    return directory
+    return _cached(star_home(home) / "base", _base_inputs(), progress, lambda: _assemble(home, progress))
 
 
 def _load_base(base: Path):
@@ -358,15 +349,24 @@ def build_default_model(home: Path | str | None = None, progress: bool = True, w
     """The cached directory of the default model: the base with the project's trained `weights` merged in."""
     weights = Path(weights)
     tensors, metadata = load_trained_weights(weights)
-    directory = star_home(home) / "default"
     inputs = {**_base_inputs(), "trained_weights": sha256_file(weights)}
+
+    def build():
+        model, processor = _load_base(build_base_model(home, progress))
+        merge_trained_weights(model, tensors, metadata)
+        return model, processor
+
+    return _cached(star_home(home) / "default", inputs, progress, build)
+
+
+def _cached(directory: Path, inputs: dict, progress: bool, build: Callable[[], tuple]) -> Path:
+    """`directory` when its record says it was built from `inputs` and is whole; else rebuilt by `build()`."""
     try:
         check_cache(directory, inputs)
         return directory
     except CacheError as why:
         if directory.exists() and progress:
             print(f"rebuilding: {why}", file=sys.stderr)
-    model, processor = _load_base(build_base_model(home, progress))
-    merge_trained_weights(model, tensors, metadata)
+    model, processor = build()
     _save(directory, model, processor, inputs)
     return directory
