@@ -18,6 +18,7 @@ from transformers import DynamicCache
 
 import star
 from star.methods import DecoderView, LLMStage, Method, Plan, Selection, VisionView
+from star.methods.none import NoPruning
 from star.pruner import Pruner
 
 
@@ -58,24 +59,29 @@ def kv_cache_bytes(cache: DynamicCache) -> int:
 def measure(model, inputs: dict, method: str, keep: int | float, repeats: int = 5, warmup: int = 2, new_tokens: int = 16, positions: str = "original", **options) -> dict:
     """Prefill time, decode tokens/s, KV-cache bytes and peak memory of one setting, and its oracle's prefill.
 
-    The prefills of the setting and of its oracle alternate, run by run, so that a machine that speeds up or
-    slows down during the measurement moves both medians alike and their ratio stays honest.
+    The prefills of the setting, of its oracle and of the unpruned model alternate, run by run, and each ratio
+    is the median of the per-run ratios: a machine that speeds up or slows down during the measurement (or
+    between settings) moves all three alike, and the ratios stay honest.
     """
     with star.apply(model, method=method, keep=keep, positions=positions, **options) as pruner:
         cache = DynamicCache()
         counted = counted_flops(lambda: model(**inputs, past_key_values=cache))
         stats = pruner.stats
         replay = Replay(recorded_plan=pruner.plan, kept=tuple(stats.kept_patches))
-    prefill = {"prefill_s": [], "oracle_prefill_s": []}
+    unpruned = NoPruning()
+    contenders = {"prefill_s": (pruner.method, pruner.keep), "oracle_prefill_s": (replay, pruner.keep), "unpruned_prefill_s": (unpruned, 1.0)}
+    times: dict[str, list[float]] = {key: [] for key in contenders}
     for run in range(warmup + repeats):
-        for key, chosen in (("prefill_s", pruner.method), ("oracle_prefill_s", replay)):
-            with Pruner(model, chosen, keep=pruner.keep, positions=positions) as attached:
+        for key, (chosen, budget) in contenders.items():
+            with Pruner(model, chosen, keep=budget, positions=positions) as attached:
                 elapsed = _timed(lambda: model(**inputs, past_key_values=DynamicCache()))
-                if not all(torch.equal(a, b) for a, b in zip(attached.stats.kept_patches, replay.kept)):
+                if chosen is not unpruned and not all(torch.equal(a, b) for a, b in zip(attached.stats.kept_patches, replay.kept)):
                     raise RuntimeError(f"{'the oracle' if chosen is replay else method} did not keep the measured run's tokens")
             if run >= warmup:
-                prefill[key].append(elapsed)
-    medians = {key: statistics.median(times) for key, times in prefill.items()}
+                times[key].append(elapsed)
+    medians = {key: statistics.median(values) for key, values in times.items()}
+    medians["prefill_vs_unpruned"] = statistics.median(p / u for p, u in zip(times["prefill_s"], times["unpruned_prefill_s"]))
+    medians["prefill_vs_oracle"] = statistics.median(p / o for p, o in zip(times["prefill_s"], times["oracle_prefill_s"]))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with star.apply(model, method=method, keep=keep, positions=positions, **options):

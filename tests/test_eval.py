@@ -178,6 +178,11 @@ def test_grid_sweeps_method_options_and_positions(checkpoint, tmp_path):
     assert len({r["name"] for r in rows}) == 4
     layers = {r["options"]["layer"]: r["flops"] for r in rows}
     assert layers[1] < layers[3]  # an earlier cut runs more layers on the short sequence
+    table = (tmp_path / "out" / "results.md").read_text().splitlines()
+    assert table[0].startswith("| method | options | keep |")
+    assert [line.split(" | ")[1] for line in table[2:6]] == [
+        "layer=1 positions=original", "layer=1 positions=contiguous", "layer=3 positions=original", "layer=3 positions=contiguous",
+    ]
 
 
 def test_bad_grid_is_refused_before_the_model_loads(checkpoint, tmp_path, capsys):

@@ -14,12 +14,14 @@ def markdown_table(summary: dict) -> str:
     """One row per setting: accuracy overall and per type (with n), retention, tokens per stage, cost."""
     rows = summary["settings"]
     types = sorted({t for r in rows for t in r["per_type"]})
-    head = ["method", "keep", "n", "accuracy", *types, "retention", "tokens per stage", "TFLOPs", "prefill ms"]
+    swept = any(r.get("options") for r in rows)  # a --grid run: its rows differ by their options
+    head = ["method", *(["options"] * swept), "keep", "n", "accuracy", *types, "retention", "tokens per stage", "TFLOPs", "prefill ms"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         per_type = [_pct(r["per_type"][t]["accuracy"]) if t in r["per_type"] else "" for t in types]
         cells = [
             r["method"],
+            *([_options(r)] * swept),
             str(r["keep"]),
             str(r["n"]),
             _pct(r["accuracy"]),
@@ -41,9 +43,9 @@ def plot(summary: dict, path: Path, title: str = "") -> None:
     """Accuracy against prefill FLOPs (left) and against remaining visual tokens (right), a line per method."""
     rows = [r for r in summary["settings"] if r["accuracy"] is not None]
     fig, (by_flops, by_tokens) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["flops"])
-        style = {"marker": "o", "label": method, "linestyle": "none" if method == "none" else "-"}
+    for line in dict.fromkeys(_label(r) for r in rows):  # a line per method and options, across budgets
+        mine = sorted((r for r in rows if _label(r) == line), key=lambda r: r["flops"])
+        style = {"marker": "o", "label": line, "linestyle": "none" if line == "none" else "-"}
         by_flops.plot([r["flops"] / 1e12 for r in mine], [100 * r["accuracy"] for r in mine], **style)
         by_tokens.plot([r["tokens"][-1] for r in mine], [100 * r["accuracy"] for r in mine], **style)
     by_flops.set_xlabel("decoder prefill TFLOPs per prompt")
@@ -58,6 +60,14 @@ def plot(summary: dict, path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _options(row: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(row.get("options", {}).items()))
+
+
+def _label(row: dict) -> str:
+    return f"{row['method']} {_options(row)}".strip()
 
 
 def _pct(value: float | None) -> str:
