@@ -163,7 +163,6 @@ def _answered(folder: Path) -> dict[str, dict]:
     return rows
 
 
-
 def check_identity(out_dir: Path, identity: dict, write: bool = True) -> None:
     """Refuse to add answers to OUT when its run.json records another model, dtype or answer length: a resumed
     run must not mix the answers of two models in one table. The first run writes run.json."""
@@ -189,8 +188,8 @@ def model_identity(path: str | Path) -> dict:
     if not folder.is_dir():
         return {"model": str(path)}
     manifest = folder / MANIFEST
-    if manifest.is_file():
-        return {"model": str(folder.resolve()), "files": json.loads(manifest.read_text())["files"]}
+    if manifest.is_file():  # content alone: the same default model under another $STAR_HOME is the same model
+        return {"files": json.loads(manifest.read_text())["files"]}
     files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()}
     return {"model": str(folder.resolve()), "files": files}
 
