@@ -7,7 +7,8 @@
 #   scripts/results.sh bench    # prefill and decode time against the unpruned model and the oracle
 #
 # Sizes are environment variables (per question type): MODEL_N (200 scene questions), EASY_N (100 easy-VQA
-# colour and shape questions), SWEEP_N (25), TABLE_N (25), and BENCH_REPEATS (9). Every run resumes where it stopped: star eval appends answers as they come.
+# colour and shape questions), SWEEP_N (25), TABLE_N (25), and BENCH_REPEATS (9). Every run resumes where it
+# stopped: star eval appends answers as they come (and refuses a folder that other weights answered).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAR=.venv/bin/star
@@ -38,7 +39,7 @@ case "${1:-}" in
       --out $OUT/bench.json | tee $OUT/bench.md
     ;;
   *)
-    sed -n 2,10p "$0"
+    sed -n 2,11p "$0"
     exit 2
     ;;
 esac

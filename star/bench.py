@@ -57,7 +57,8 @@ def kv_cache_bytes(cache: DynamicCache) -> int:
 
 @torch.no_grad()
 def measure(model, inputs: dict, method: str, keep: int | float, repeats: int = 5, warmup: int = 2, new_tokens: int = 16, positions: str = "original", **options) -> dict:
-    """Prefill time, decode tokens/s, KV-cache bytes and peak memory of one setting, and its oracle's prefill.
+    """Prefill time, decode tokens/s, KV-cache bytes and peak memory of one setting, and its prefill against its
+    oracle's and the unpruned model's.
 
     The prefills of the setting, of its oracle and of the unpruned model alternate, run by run, and each ratio
     is the median of the per-run ratios: a machine that speeds up or slows down during the measurement (or
