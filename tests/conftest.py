@@ -40,17 +40,21 @@ def prompt_ids(before: int, after: int, seed: int, images: int = 1) -> list[int]
     return ids[:before] + [IMAGE_TOKEN] * (N_VISUAL * images) + ids[before:]
 
 
-def batch(prompts: list[list[int]], images: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Left-padded input_ids / attention_mask and one random image per prompt."""
+def left_pad(prompts: list[list[int]]) -> dict[str, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for row, p in enumerate(prompts):
         ids[row, width - len(p):] = torch.tensor(p)
         mask[row, width - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def batch(prompts: list[list[int]], images: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Left-padded input_ids / attention_mask and one random image per prompt."""
     g = torch.Generator().manual_seed(seed)
     pixels = torch.randn(len(prompts) * images, 3, 32, 32, generator=g)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    return {**left_pad(prompts), "pixel_values": pixels}
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from conftest import tiny_clip
+from conftest import left_pad, tiny_clip
 
 IMAGE_TOKEN = 120
 VISION_START, VISION_END, VIDEO_TOKEN = 122, 123, 121
@@ -62,16 +62,6 @@ def tiny_qwen(version: str = "2", attn: str = "sdpa", seed: int = 0, layers: int
 
 def _words(n: int, g: torch.Generator) -> list[int]:
     return torch.randint(1, IMAGE_TOKEN - 1, (n,), generator=g).tolist()
-
-
-def left_pad(prompts: list[list[int]]) -> dict[str, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def next_inputs(model, sizes: list[list[tuple[int, int]]], text: list[tuple[int, int]], seed: int = 0) -> dict:
