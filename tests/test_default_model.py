@@ -158,16 +158,61 @@ def test_corrupted_cache_is_detected_and_rebuilt(tiny_build, damage):
 # The 60 fixed test-split scene questions on the real default model are in tests/test_end_to_end.py.
 
 
-def test_saved_adapters_merge_into_the_same_model(tmp_path, monkeypatch):
-    """The training script's checkpoint, merged into a fresh model, gives the trained model's outputs: no
-    tensor is dropped on the way (the pitfall of LoRA keys loaded where no adapter exists), and the projector's
-    standardized first layer folds into a plain LLaVA projector; resuming unfolds it to the same function."""
+@pytest.fixture
+def train(monkeypatch):
+    """The training script, imported as a module."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_default_model", Path(__file__).parents[1] / "scripts" / "train_default_model.py")
-    train = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, train)  # its dataclasses look their module up there
-    spec.loader.exec_module(train)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("word", ["left of", "right of"])
+def test_one_relation_word_keeps_every_answer_true(train, word):
+    """The curriculum rewrites relation questions to one word; each answer, recomputed from the scene's
+    objects, must still be true, and the other question types pass unchanged."""
+    import re
+
+    cfg = train.Config(questions="existence:1,attribute:1,count:1,relation:5", captions=False, relation_word=word)
+    pattern = re.compile(r"Is the (\w+) (\w+) (left of|right of) the (\w+) (\w+)\?")
+    asked = 0
+    for index in range(40):
+        scene = train.make_scene("train", index)
+        where = {(o.color, o.shape): o.x for o in scene.objects}
+        for text, answer in train.scene_example(index, cfg, salt=0).blocks:
+            match = pattern.match(text)
+            if match is None:
+                continue
+            assert match[3] == word
+            a, b = where[match[1], match[2]], where[match[4], match[5]]
+            assert answer == ("yes" if (a < b if word == "left of" else a > b) else "no"), text
+            asked += 1
+    assert asked >= 100
+
+
+def test_position_loss_is_low_only_for_tokens_that_say_where_they_are(train):
+    """A head reading a one-hot row and column from each token scores near zero; the same tokens in another
+    order score high: the loss follows each patch's place, not the tokens' content alone."""
+    side = train.IMAGE_SIZE // train.PATCH_SIZE
+    index = torch.arange(side * side)
+    one_hot = torch.nn.functional.one_hot
+    tokens = torch.cat([one_hot(index // side, side), one_hot(index % side, side)], dim=1).float().unsqueeze(0)
+    head = torch.nn.Linear(2 * side, 2 * side)
+    with torch.no_grad():
+        head.weight.copy_(20 * torch.eye(2 * side))
+        head.bias.zero_()
+    assert train.position_loss(head, tokens).item() < 1e-3
+    shuffled = tokens[:, torch.randperm(side * side, generator=torch.Generator().manual_seed(0))]
+    assert train.position_loss(head, shuffled).item() > 10
+
+
+def test_saved_adapters_merge_into_the_same_model(tmp_path, train):
+    """The training script's checkpoint, merged into a fresh model, gives the trained model's outputs: no
+    tensor is dropped on the way (the pitfall of LoRA keys loaded where no adapter exists), and the projector's
+    standardized first layer folds into a plain LLaVA projector; resuming unfolds it to the same function."""
     trained = tiny_llava(seed=3)
     lora = train.add_lora(trained.model.language_model, rank=4, alpha=8.0)
     torch.manual_seed(5)
