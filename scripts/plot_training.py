@@ -22,6 +22,11 @@ def main(log: Path, out: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8)
     left.set(xlabel="step", ylabel="training loss (answer and caption tokens)", title="loss")
+    located = [r for r in steps if r.get("position_loss")]
+    if located:
+        twin = left.twinx()
+        twin.plot([r["step"] for r in located], [r["position_loss"] for r in located], lw=0.8, color="tab:orange")
+        twin.set_ylabel("patch row + column loss (orange)")
     kinds = sorted({k for r in evals for k in r["scenes"]})
     for kind in kinds:
         left_pts = [(r["step"], r["scenes"][kind]["accuracy"]) for r in evals if kind in r["scenes"]]
