@@ -26,12 +26,12 @@ LLM cannot tell colors apart. Training `linear_1((x - mean) / std)`, with the pe
 fixed training pictures, fixes that; on save the standardization is folded into `linear_1`'s weight and bias,
 so the checkpoint is a plain LLaVA projector.
 
-Why a position loss: a linear probe reads an object patch's column from CLIP's features (r = 0.86) but
-hardly from the step-620 projector's output (r = 0.51): nothing in the answers asked the projector to keep
-where a patch is, and "is the red circle left of the blue rectangle?" needs exactly that. A linear head
-predicts each patch's row and column from its projected token (cross-entropy, weight `--position-weight`);
-the head is training-only (kept in the optimizer state, not in the checkpoint), so the saved model is
-unchanged in form.
+Why a position loss: a linear probe reads an object patch's column from CLIP's features (r = 0.82) but
+hardly from the step-620 projector's output (r = 0.47; `scripts/probe_projector.py`): nothing in the answers
+asked the projector to keep where a patch is, and "is the red circle left of the blue rectangle?" needs
+exactly that. A linear head predicts each patch's row and column from its projected token (cross-entropy,
+weight `--position-weight`); the head is training-only (kept in the optimizer state, not in the checkpoint),
+so the saved model is unchanged in form. Why `--relation-word`: see `one_relation_word`.
 """
 
 from __future__ import annotations
