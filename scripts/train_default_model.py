@@ -305,9 +305,6 @@ def embed(model, ids: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
     return embeds.masked_scatter(slots, projected.to(embeds.dtype))
 
 
-# ---------------------------------------------------------------- data
-
-
 def position_loss(head: nn.Linear, projected: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each patch's row and column, read linearly from its projected token."""
     side = IMAGE_SIZE // PATCH_SIZE
@@ -315,6 +312,9 @@ def position_loss(head: nn.Linear, projected: torch.Tensor) -> torch.Tensor:
     logits = head(projected.flatten(0, 1))
     rows, cols = logits[:, :side], logits[:, side:]
     return nn.functional.cross_entropy(rows, index // side) + nn.functional.cross_entropy(cols, index % side)
+
+
+# ---------------------------------------------------------------- data
 
 
 def question_counts(spec: str) -> dict[str, int]:
