@@ -175,6 +175,7 @@ def test_one_relation_word_keeps_every_answer_true(train, word):
     """The curriculum rewrites relation questions to one word; each answer, recomputed from the scene's
     objects, must still be true, and the other question types pass unchanged."""
     import re
+    from dataclasses import replace
 
     cfg = train.Config(questions="existence:1,attribute:1,count:1,relation:5", captions=False, relation_word=word)
     pattern = re.compile(r"Is the (\w+) (\w+) (left of|right of) the (\w+) (\w+)\?")
@@ -182,7 +183,10 @@ def test_one_relation_word_keeps_every_answer_true(train, word):
     for index in range(40):
         scene = train.make_scene("train", index)
         where = {(o.color, o.shape): o.x for o in scene.objects}
-        for text, answer in train.scene_example(index, cfg, salt=0).blocks:
+        blocks = train.scene_example(index, cfg, salt=0).blocks
+        both = train.scene_example(index, replace(cfg, relation_word="both"), salt=0).blocks
+        assert [b for b in blocks if not pattern.match(b[0])] == [b for b in both if not pattern.match(b[0])]
+        for text, answer in blocks:
             match = pattern.match(text)
             if match is None:
                 continue
