@@ -60,7 +60,8 @@ from star.zoo.default_model import IMAGE_SIZE, LORA_PREFIX, PATCH_SIZE, PROJECTO
 
 QUESTION_SUFFIX = "Answer the question using a single word or phrase."
 CAPTION_QUESTION = "List every object with its size, color, shape and place, then count the shapes."
-IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
+GRID = IMAGE_SIZE // PATCH_SIZE  # patches per side
+IMAGE_TOKENS = GRID**2
 RELATION_WORDS = ("left of", "right of")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -307,11 +308,10 @@ def embed(model, ids: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
 
 def position_loss(head: nn.Linear, projected: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each patch's row and column, read linearly from its projected token."""
-    side = IMAGE_SIZE // PATCH_SIZE
     index = torch.arange(projected.shape[1]).repeat(projected.shape[0])
     logits = head(projected.flatten(0, 1))
-    rows, cols = logits[:, :side], logits[:, side:]
-    return nn.functional.cross_entropy(rows, index // side) + nn.functional.cross_entropy(cols, index % side)
+    rows, cols = logits[:, :GRID], logits[:, GRID:]
+    return nn.functional.cross_entropy(rows, index // GRID) + nn.functional.cross_entropy(cols, index % GRID)
 
 
 # ---------------------------------------------------------------- data
@@ -488,8 +488,7 @@ def run(cfg: Config, weights: Path, fresh: bool) -> None:
             optimizer.load_state_dict(saved["optimizer"])
             print(f"optimizer state restored from {state_path}", flush=True)
     # A separate optimizer, so that turning the position loss on keeps a resumed run's main optimizer state.
-    side = IMAGE_SIZE // PATCH_SIZE
-    position_head = nn.Linear(projector.linear_2.out_features, 2 * side)
+    position_head = nn.Linear(projector.linear_2.out_features, 2 * GRID)
     position_optimizer = torch.optim.AdamW(position_head.parameters(), lr=cfg.lr_projector)
     if saved.get("step") == step and "position_head" in saved:
         position_head.load_state_dict(saved["position_head"])

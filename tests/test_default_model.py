@@ -200,7 +200,7 @@ def test_one_relation_word_keeps_every_answer_true(train, word):
 def test_position_loss_is_low_only_for_tokens_that_say_where_they_are(train):
     """A head reading a one-hot row and column from each token scores near zero; the same tokens in another
     order score high: the loss follows each patch's place, not the tokens' content alone."""
-    side = train.IMAGE_SIZE // train.PATCH_SIZE
+    side = train.GRID
     index = torch.arange(side * side)
     one_hot = torch.nn.functional.one_hot
     tokens = torch.cat([one_hot(index // side, side), one_hot(index % side, side)], dim=1).float().unsqueeze(0)
