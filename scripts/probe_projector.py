@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -32,7 +33,7 @@ def object_vectors(model, processor, scenes: int) -> tuple[np.ndarray, np.ndarra
     """CLIP features and projected tokens at each object's center patch, its (column, row), and its scene."""
     side = IMAGE_SIZE // PATCH_SIZE
     clip, projected, place, scene_of = [], [], [], []
-    for start in range(0, scenes, 16):
+    for start in tqdm(range(0, scenes, 16), desc="CLIP and projector", unit="batch of 16"):
         batch = [make_scene("train", FIRST_SCENE + i) for i in range(start, min(scenes, start + 16))]
         pixels = processor.image_processor(images=[s.image() for s in batch], return_tensors="pt")["pixel_values"]
         hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer][:, 1:]
