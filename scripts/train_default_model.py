@@ -450,7 +450,7 @@ def run(cfg: Config, weights: Path, fresh: bool) -> None:
 
     torch.manual_seed(cfg.seed)
     base = build_base_model()
-    model = LlavaForConditionalGeneration.from_pretrained(base, torch_dtype=torch.float32, attn_implementation="sdpa")
+    model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa")
     processor = AutoProcessor.from_pretrained(base)
     model.requires_grad_(False)
     language_model = model.model.language_model

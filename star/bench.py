@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache
 
 import star
+from star import compat
 from star.methods import DecoderView, LLMStage, Method, Plan, Selection, VisionView
 from star.methods.none import NoPruning
 from star.pruner import Pruner
@@ -66,7 +67,7 @@ def measure(model, inputs: dict, method: str, keep: int | float, repeats: int = 
     """
     with star.apply(model, method=method, keep=keep, positions=positions, **options) as pruner:
         cache = DynamicCache()
-        counted = counted_flops(lambda: model(**inputs, past_key_values=cache))
+        counted = counted_flops(lambda: model(**inputs, **compat.cache_kwargs(cache)))
         stats = pruner.stats
         replay = Replay(recorded_plan=pruner.plan, kept=tuple(stats.kept_patches))
     unpruned = NoPruning()
@@ -75,7 +76,7 @@ def measure(model, inputs: dict, method: str, keep: int | float, repeats: int = 
     for run in range(warmup + repeats):
         for key, (chosen, budget) in contenders.items():
             with Pruner(model, chosen, keep=budget, positions=positions) as attached:
-                elapsed = _timed(lambda: model(**inputs, past_key_values=DynamicCache()))
+                elapsed = _timed(lambda: model(**inputs, **compat.cache_kwargs(DynamicCache())))
                 if chosen is not unpruned and not all(torch.equal(a, b) for a, b in zip(attached.stats.kept_patches, replay.kept)):
                     raise RuntimeError(f"{'the oracle' if chosen is replay else method} did not keep the measured run's tokens")
             if run >= warmup:

@@ -188,7 +188,7 @@ def _load(args: argparse.Namespace):
     dtype = getattr(torch, args.dtype)
     if args.device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per data-parallel process
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-    model = AutoModelForImageTextToText.from_pretrained(path, torch_dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
     return model.to(args.device).eval(), processor

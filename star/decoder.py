@@ -7,7 +7,6 @@ layers from K on cache only those tokens. Pure functions here; the hooks that ca
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -109,26 +108,3 @@ def llama_style_qk(
     k = attn.k_proj(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
     return rotate(q, gather_seq(cos, rows), gather_seq(sin, rows)), rotate(k, cos, sin)
 
-
-def mrope_qk(
-    layer: nn.Module,
-    hidden: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    rows: torch.Tensor,
-    apply_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `llama_style_qk`, for a Qwen2-VL-style decoder layer whose rotary embedding is multimodal (M-RoPE).
-
-    cos, sin are [3, B, S, d]: one per axis (temporal, height, width); `apply_rotary` is the layer family's own
-    multimodal rotary function, which mixes the axes by the layer's mrope_section.
-    """
-    attn = layer.self_attn
-    section = attn.rope_scaling["mrope_section"]
-    normed = layer.input_layernorm(hidden)
-    cos, sin = position_embeddings
-    batch, seq = hidden.shape[:2]
-    q = attn.q_proj(gather_seq(normed, rows)).view(batch, rows.shape[1], -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-    q = apply_rotary(q, q, gather_rotary(cos, rows), gather_rotary(sin, rows), section)[0]
-    k = apply_rotary(k, k, cos.expand(-1, batch, -1, -1), sin.expand(-1, batch, -1, -1), section)[0]
-    return q, k

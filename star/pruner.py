@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from star import compat
 from star import flops as flops_model
 from star.adapters import adapter_for
 from star.adapters.base import FIXED, TEXT
@@ -136,6 +137,7 @@ class Pruner:
             for index in range(first, num_layers):
                 hook = partial(self._before_layer, index)
                 self._handles.append(self.adapter.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+        self._restore_generate = compat.keep_pixels_for_forward(model)
         model._star_pruner = self
 
     def remove(self) -> None:
@@ -143,6 +145,8 @@ class Pruner:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._restore_generate()
+        self._restore_generate = lambda: None
         self._prompt = self._step = None
         if getattr(self.model, "_star_pruner", None) is self:
             del self.model._star_pruner
@@ -217,22 +221,51 @@ class Pruner:
         if args:
             bound = self._signature.bind_partial(*args, **kwargs).arguments
             kwargs = {**bound.pop("kwargs", {}), **bound}
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_of(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         self._step = None
         if kwargs.get("pixel_values") is not None:
             if past:
                 raise ValueError(
-                    "pixel_values came with a non-empty past_key_values: pruning happens once per prompt, at "
+                    "pixel_values came with a non-empty cache: pruning happens once per prompt, at "
                     "prefill; start a new cache for a new image"
                 )
             if cache is not None and not isinstance(cache, DynamicCache):
-                raise ValueError(f"past_key_values of type {type(cache).__name__} is not supported: use DynamicCache")
+                raise ValueError(f"a cache of type {type(cache).__name__} is not supported: use DynamicCache")
             return (), self._start_prompt(kwargs)
+        if past == 0:
+            self._refuse_unpruned_images(kwargs)
         if past == 0 or self._prompt is None:
             self._prompt = None
             return (), kwargs
         return (), self._continue_prompt(kwargs, past)
+
+    def _refuse_unpruned_images(self, kwargs: dict) -> None:
+        """A prefill whose images reach the model by any way but `pixel_values` would run unpruned: refuse it.
+
+        Known ways: precomputed encoder outputs (transformers 5's `mm_encoder_outputs`), `inputs_embeds` (the
+        pruner cannot tell image tokens in them), and image tokens in `input_ids` with their pixels under
+        another name.
+        """
+        encoded = kwargs.get("mm_encoder_outputs")
+        if encoded:
+            raise ValueError(
+                f"mm_encoder_outputs ({', '.join(encoded)}) came at prefill: the images were encoded before the "
+                "model was called, so stage 1 cannot choose their patches; pass pixel_values instead"
+            )
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError(
+                "inputs_embeds came at prefill: the pruner finds the image tokens by their ids; pass input_ids "
+                "and pixel_values (or remove() the pruner for a prompt given as embeddings)"
+            )
+        input_ids = kwargs.get("input_ids")
+        if input_ids is not None and bool((input_ids == self.adapter.image_token_id).any()):
+            given = sorted(k for k, v in kwargs.items() if v is not None and k not in ("input_ids", "attention_mask"))
+            raise ValueError(
+                f"input_ids hold {int((input_ids == self.adapter.image_token_id).sum())} image tokens but no "
+                f"pixel_values came (given: {', '.join(given) or 'nothing else'}): the pruner prunes images "
+                "passed as pixel_values only"
+            )
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         """A call's frame state ends with the call, so layers run on their own afterwards are left alone."""
@@ -329,15 +362,15 @@ class Pruner:
             tokens or [0] * totals.shape[1], totals_list,
         )
         self._step = _Step(prefill=True)
-        return {
+        entry = {
             **kwargs,
             **{name: None for name in self.adapter.vision_inputs},
             "input_ids": None,
             "inputs_embeds": embeds,
             "attention_mask": entry_mask,
             "position_ids": positions,
-            "cache_position": torch.arange(entry_length, device=device),
         }
+        return compat.with_cache_position(entry, torch.arange(entry_length, device=device))
 
     def _continue_prompt(self, kwargs: dict, past: int) -> dict:
         prompt = self._prompt
@@ -359,7 +392,7 @@ class Pruner:
             entry = mask[:, :full].gather(1, prompt.entry_keep) * prompt.entry_real
             mask = torch.cat([entry, mask[:, full:]], dim=1)
         self._step = _Step(prefill=False, position_ids=positions, cache_position=cache_position)
-        return {**kwargs, "attention_mask": mask, "position_ids": positions, "cache_position": cache_position}
+        return compat.with_cache_position({**kwargs, "attention_mask": mask, "position_ids": positions}, cache_position)
 
     # -- the decoder layers -----------------------------------------------------------------------------
 
@@ -467,12 +500,14 @@ class Pruner:
         prompt.frames.append(
             Frame(stage.layer, frame.keep_cols.gather(1, keep), frame.mask.gather(1, keep), visual, patches, positions)
         )
-        return hidden, {
-            "attention_mask": slice_mask(kwargs["attention_mask"], keep, keep),
-            "position_embeddings": position_embeddings,
-            "position_ids": layer_positions,
-            "cache_position": torch.arange(keep.shape[1], device=hidden.device),
-        }
+        return hidden, compat.with_cache_position(
+            {
+                "attention_mask": slice_mask(kwargs["attention_mask"], keep, keep),
+                "position_embeddings": position_embeddings,
+                "position_ids": layer_positions,
+            },
+            torch.arange(keep.shape[1], device=hidden.device),
+        )
 
     def _decode_frame(self, stage_number: int, hidden: torch.Tensor, kwargs: dict, step: _Step) -> dict:
         """Decode-step inputs of the layers from a stage on: their cache holds only the kept prompt tokens."""
@@ -484,7 +519,7 @@ class Pruner:
             batch, total = frame.keep_cols.shape[0], mask.shape[-1]
             new = torch.arange(prompt.frames[0].length, total, device=mask.device).expand(batch, -1)
             mask = slice_mask(mask, None, torch.cat([frame.keep_cols, new], dim=1))
-        override = {"attention_mask": mask, "cache_position": step.cache_position - shift}
+        override = compat.with_cache_position({"attention_mask": mask}, step.cache_position - shift)
         if self.positions == "contiguous":
             positions = step.position_ids - shift
             override.update(position_ids=positions, position_embeddings=self.adapter.rotary(hidden, positions))

@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from conftest import left_pad, tiny_clip
+from star import compat
 
 IMAGE_TOKEN = 120
 VISION_START, VISION_END, VIDEO_TOKEN = 122, 123, 121
@@ -70,7 +71,7 @@ def next_inputs(model, sizes: list[list[tuple[int, int]]], text: list[tuple[int,
     flat = [s for row in sizes for s in row]
     image_sizes = torch.tensor(flat)
     pixels = torch.randn(len(flat), 5, 3, 32, 32, generator=g)
-    lengths = [len(f) for f in model.model.get_image_features(pixels, image_sizes)]
+    lengths = [len(f) for f in image_features(model, pixels, image_sizes)]
     prompts, image = [], 0
     for row, (before, after) in zip(sizes, text):
         ids = _words(before, g)
@@ -94,7 +95,10 @@ def qwen_inputs(grids: list[list[tuple[int, int]]], text: list[tuple[int, int]],
         for h, w in row:
             ids += [VISION_START] + [IMAGE_TOKEN] * (h * w // 4) + [VISION_END]
         prompts.append(ids + _words(after, g))
-    return {**left_pad(prompts), "pixel_values": pixels, "image_grid_thw": grid_thw}
+    inputs = {**left_pad(prompts), "pixel_values": pixels, "image_grid_thw": grid_thw}
+    if compat.V5:  # 5.x's Qwen2-VL reads the token types, which its processor returns, for its 3-D positions
+        inputs["mm_token_type_ids"] = (inputs["input_ids"] == IMAGE_TOKEN).int()
+    return inputs
 
 
 def select_rows(inputs: dict, rows: list[int], images_per_row: list[int], patches_per_image: list[int] | None = None) -> dict:
@@ -107,7 +111,17 @@ def select_rows(inputs: dict, rows: list[int], images_per_row: list[int], patche
         return {**out, "pixel_values": inputs["pixel_values"][images], "image_sizes": inputs["image_sizes"][images]}
     bounds = torch.tensor([0, *patches_per_image]).cumsum(0)
     pixels = torch.cat([inputs["pixel_values"][bounds[i] : bounds[i + 1]] for i in images])
-    return {**out, "pixel_values": pixels, "image_grid_thw": inputs["image_grid_thw"][images]}
+    out = {**out, "pixel_values": pixels, "image_grid_thw": inputs["image_grid_thw"][images]}
+    if "mm_token_type_ids" in inputs:
+        out["mm_token_type_ids"] = (out["input_ids"] == IMAGE_TOKEN).int()
+    return out
+
+
+def image_features(model, *inputs) -> list[torch.Tensor]:
+    """The model's own projected features of each image: a list in 4.57, a model output's `.pooler_output`
+    in 5.x."""
+    features = model.model.get_image_features(*inputs)
+    return getattr(features, "pooler_output", features)
 
 
 # -- references that share no code with `star`: the model's own parts, one prompt at a time -------------
@@ -121,16 +135,17 @@ def full_embeds(model, inputs: dict, row: int, images: list[int]) -> tuple[torch
     lm = model.model.language_model
     embeds = lm.embed_tokens(ids).clone()
     if "image_sizes" in inputs:
-        features = torch.cat(model.model.get_image_features(inputs["pixel_values"][images], inputs["image_sizes"][images]))
+        features = torch.cat(image_features(model, inputs["pixel_values"][images], inputs["image_sizes"][images]))
         fixed = (features == model.model.image_newline).all(dim=-1)
         positions = torch.arange(len(ids))[None]
     else:
         grid = inputs["image_grid_thw"][images]
         bounds = torch.tensor([0, *inputs["image_grid_thw"].prod(-1).tolist()]).cumsum(0)
         pixels = torch.cat([inputs["pixel_values"][bounds[i] : bounds[i + 1]] for i in images])
-        features = torch.cat(model.model.get_image_features(pixels, grid))
+        features = torch.cat(image_features(model, pixels, grid))
         fixed = torch.zeros(len(features), dtype=torch.bool)
-        positions = model.model.get_rope_index(ids[None], grid, None, torch.ones(1, len(ids), dtype=torch.long))[0][:, 0]
+        prompt = {"image_grid_thw": grid, "mm_token_type_ids": (ids[None] == IMAGE_TOKEN).int()}
+        positions = compat.qwen_prompt_positions(model, prompt, ids[None], torch.ones(1, len(ids), dtype=torch.long))[:, 0]
     embeds[ids == IMAGE_TOKEN] = features.to(embeds.dtype)
     return ids, embeds, positions, fixed
 

@@ -17,6 +17,7 @@ def image_features(model: LlavaForConditionalGeneration, pixel_values: torch.Ten
     features = model.model.get_image_features(
         pixel_values, vision_feature_layer=-2, vision_feature_select_strategy="default"
     )
+    features = getattr(features, "pooler_output", features)  # a model output in transformers 5
     return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
 
 

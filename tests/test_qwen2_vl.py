@@ -10,8 +10,10 @@ from transformers import DynamicCache
 
 import star
 from families import (
-    IMAGE_TOKEN, forward_kept, full_embeds, greedy_by_recompute, kept_of, qwen_inputs, select_rows, tiny_qwen,
+    IMAGE_TOKEN, forward_kept, full_embeds, greedy_by_recompute, image_features, kept_of, qwen_inputs, select_rows,
+    tiny_qwen,
 )
+from star import compat
 from star.scoring import top_k_in_order
 
 VERSIONS = ["2", "2.5"]
@@ -75,11 +77,11 @@ def test_decode_steps_without_generate_continue_the_3d_positions(model):
     inputs = qwen_inputs([[SMALL]], [(2, 3)], seed=3)
     with star.apply(model, method="star", keep=2) as pruner:
         cache = DynamicCache()
-        logits = model(**inputs, past_key_values=cache).logits[0, -1]
+        logits = model(**inputs, **compat.cache_kwargs(cache)).logits[0, -1]
         tokens, mask = [int(logits.argmax())], inputs["attention_mask"]
         for _ in range(3):
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-            step = model(input_ids=torch.tensor([[tokens[-1]]]), attention_mask=mask, past_key_values=cache)
+            step = model(input_ids=torch.tensor([[tokens[-1]]]), attention_mask=mask, **compat.cache_kwargs(cache))
             tokens.append(int(step.logits[0, -1].argmax()))
         stats = pruner.stats
     ids, embeds, positions, fixed = full_embeds(model, inputs, 0, [0])
@@ -123,6 +125,21 @@ def test_every_image_keeps_exactly_its_budget_in_order(model, method, keep):
         assert bool((patches[1:] >= patches[:-1]).all()) and bool((patches < sum(sizes)).all())
 
 
+def _window_order(grids: list[tuple[int, int]], merged_per_window: int) -> torch.Tensor:
+    """Qwen2.5-VL's window order written out: each image's merged-token grid is cut into square windows of
+    `merged_per_window` tokens a side (window_size / patch_size / merge_size), windows row by row, tokens
+    row by row within a window; entry i is the merged token the tower's i-th group of patches becomes."""
+    order, start = [], 0
+    for h, w in grids:
+        rows, cols = h // 2, w // 2
+        for top in range(0, rows, merged_per_window):
+            for left in range(0, cols, merged_per_window):
+                for r in range(top, min(top + merged_per_window, rows)):
+                    order += [start + r * cols + c for c in range(left, min(left + merged_per_window, cols))]
+        start += rows * cols
+    return torch.tensor(order)
+
+
 def _eager_vision_weights(model, inputs: dict, monkeypatch) -> list[torch.Tensor]:
     """The eager attention weights of the tower's last full-attention layer, one [1, H, T, T] per image."""
     family = sys.modules[type(model.model.visual).__module__]
@@ -138,7 +155,7 @@ def _eager_vision_weights(model, inputs: dict, monkeypatch) -> list[torch.Tensor
         return out, weights
 
     monkeypatch.setattr(family, "eager_attention_forward", recording)
-    model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    image_features(model, inputs["pixel_values"], inputs["image_grid_thw"])
     return recorded
 
 
@@ -149,7 +166,7 @@ def test_vision_scores_equal_eager_attention_summed_per_merged_token(version, mo
     inputs = qwen_inputs([[SMALL, LARGE]], [(2, 2)], seed=6)
     weights = _eager_vision_weights(eager, inputs, monkeypatch)
     visual = eager.model.visual
-    window = visual.get_window_index(inputs["image_grid_thw"])[0] if version == "2.5" else torch.arange(22)
+    window = _window_order([SMALL, LARGE], merged_per_window=2) if version == "2.5" else torch.arange(22)
     with star.apply(sdpa, method="star", keep=2) as pruner:
         encoded = pruner.adapter.encode_prompts(inputs, inputs["input_ids"])
     start = 0

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
+from star import compat
 from star.adapters.base import Decoder, Encoded, VisionGroup, ordinals, split_rows
 from star.decoder import llama_style_qk
 from star.methods.base import VisionView
@@ -67,7 +68,7 @@ class LlavaAdapter(LlamaDecoder):
         num_vision_layers = vision.num_hidden_layers
         # hidden_states[i] is the input of encoder layer i; the feature is the output of layer `feature - 1`.
         self.feature_index = config.vision_feature_layer % (num_vision_layers + 1)
-        self.feature_layer = self.vision_tower.vision_model.encoder.layers[self.feature_index - 1]
+        self.feature_layer = compat.clip_encoder_layers(self.vision_tower)[self.feature_index - 1]
 
     def encode(self, pixel_values: torch.Tensor) -> VisionView:
         """The feature layer of the CLIP tower for images [I, 3, H, W]."""

@@ -14,8 +14,6 @@ The kept tokens keep their original 3-D positions in every layer and at every de
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -23,9 +21,8 @@ import torch
 from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-from star import scoring
+from star import compat, scoring
 from star.adapters.base import Decoder, Encoded, VisionGroup, ordinals, split_rows
-from star.decoder import mrope_qk
 from star.methods.base import VisionView
 
 QUERY_CHUNK = 1024  # query rows scored at once: a large image's full attention matrix never exists at once
@@ -66,19 +63,14 @@ class Qwen2VLAdapter(Decoder):
         self.merge_unit = self.visual.spatial_merge_size**2
         full = getattr(self.visual, "fullatt_block_indexes", None)
         self.score_block: nn.Module = self.visual.blocks[max(full) if full else -1]
-        family = sys.modules[type(self.decoder).__module__]
-        self._mrope: Callable = family.apply_multimodal_rotary_pos_emb
-        self._vision_rotary: Callable = family.apply_rotary_pos_emb_vision
+        self._vision_rotary = compat.qwen_vision_rotary(self.score_block)
 
     def decoder_qk(self, layer: nn.Module, hidden, position_embeddings, rows):
-        return mrope_qk(layer, hidden, position_embeddings, rows, self._mrope)
+        return compat.qwen_decoder_qk(layer, hidden, position_embeddings, rows)
 
     def prompt_positions(self, inputs: dict, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """3-D positions of the full prompt, [3, B, S] (generate() gives [4, B, S], text positions first)."""
-        if inputs.get("position_ids") is not None:
-            return inputs["position_ids"]
-        positions, _ = self.model.model.get_rope_index(input_ids, inputs.get("image_grid_thw"), None, mask)
-        return positions
+        return compat.qwen_prompt_positions(self.model, inputs, input_ids, mask)
 
     def decode_positions(self, prompt_positions: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         """New tokens continue after the prompt's largest position, on all three axes: [3, B, n]."""
@@ -104,12 +96,10 @@ class Qwen2VLAdapter(Decoder):
 
         handle = self.score_block.register_forward_pre_hook(record, with_kwargs=True)
         try:
-            tokens = self.visual(inputs["pixel_values"].type(self.visual.dtype), grid_thw=grid)
+            tokens = compat.merged_tokens(self.visual(inputs["pixel_values"].type(self.visual.dtype), grid_thw=grid))
         finally:
             handle.remove()
-        window = getattr(self.visual, "get_window_index", None)
-        order = window(grid)[0] if window is not None else torch.arange(sum(sizes))
-        order = order.to(input_ids.device)
+        order = compat.window_order(self.visual, grid).to(input_ids.device)
 
         device = input_ids.device
         groups, token_start, image = [], 0, 0

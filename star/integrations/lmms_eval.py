@@ -118,8 +118,8 @@ class Star(lmms):
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         self.accelerator = accelerator
-        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-        self.model = AutoModelForImageTextToText.from_pretrained(pretrained, torch_dtype=torch_dtype, attn_implementation=attn_implementation)
+        weights_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+        self.model = AutoModelForImageTextToText.from_pretrained(pretrained, dtype=weights_dtype, attn_implementation=attn_implementation)
         self.model.to(self._device).eval()
         self.processor = AutoProcessor.from_pretrained(pretrained)
         self.processor.tokenizer.padding_side = "left"

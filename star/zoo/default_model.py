@@ -196,7 +196,7 @@ def _assemble(home: Path | str | None, progress: bool):
         vision_state = clip_state_dict(onnx_path, progress)
         steps.update()
         steps.set_postfix_str("dequantize SmolLM2")
-        llm = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, torch_dtype=torch.float32)
+        llm = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         steps.update()
     steps.set_postfix_str("assemble")
@@ -342,7 +342,7 @@ def _load_base(base: Path):
     """The untrained assembly and its processor, as saved."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    return LlavaForConditionalGeneration.from_pretrained(base, torch_dtype=torch.float32), AutoProcessor.from_pretrained(base)
+    return LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32), AutoProcessor.from_pretrained(base)
 
 
 def build_default_model(home: Path | str | None = None, progress: bool = True, weights: Path | str = TRAINED_WEIGHTS) -> Path:

@@ -1,0 +1,155 @@
+"""Every difference between the transformers lines we support (4.57 and 5.x), in one place.
+
+The adapters and the pruner call these functions and never look at a version themselves. Each function
+says what changed and in which direction; where a model lacks what both lines provide, it raises instead of
+guessing, so a new version that moves something again fails loudly rather than pruning the wrong tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+
+import torch
+import transformers
+from torch import nn
+
+from star.decoder import gather_rotary, gather_seq, llama_style_qk
+
+MAJOR = int(transformers.__version__.split(".")[0])
+V5 = MAJOR >= 5
+
+
+def cache_of(kwargs: dict):
+    """The KV cache a forward call was given: `cache` in 5.x, `past_key_values` in 4.57 (and as 5.x's
+    deprecated alias, which a forward pre-hook sees before the model renames it)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def with_cache_position(kwargs: dict, cache_position: torch.Tensor) -> dict:
+    """4.57's models and layers place new keys in the cache by `cache_position`; 5.x has no such argument
+    (its caches append), so there it is not passed at all."""
+    return kwargs if V5 else {**kwargs, "cache_position": cache_position}
+
+
+def keep_pixels_for_forward(model: nn.Module) -> Callable[[], None]:
+    """Make generate() hand this model its `pixel_values`, as 4.57 does, and return what undoes it.
+
+    transformers 5's generate() runs the vision encoder itself before prefill, for models whose
+    `input_modalities` include images, and passes the model `mm_encoder_outputs` with the raw inputs removed
+    (LLaVA-NeXT's `image_sizes`, Qwen2-VL's `image_grid_thw`): stage 1 needs the encoder's inner attention and
+    those inputs, and it must choose the patches before the projector. So on this one instance generate() is
+    told the model takes text only; the forward itself still takes images. Should a later version encode by
+    another route, the pruner's prefill guard raises instead of running unpruned.
+    """
+    if not V5:
+        return lambda: None
+    model.input_modalities = ("text",)
+    return lambda: model.__dict__.pop("input_modalities", None)
+
+
+# -- LLaVA: the CLIP tower ---------------------------------------------------------------------------
+
+
+def clip_encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    """The encoder layers of a CLIP or SigLIP vision model: under `.vision_model` in 4.57, on the model itself
+    in 5.x."""
+    return getattr(tower, "vision_model", tower).encoder.layers
+
+
+# -- Qwen2-VL / Qwen2.5-VL ---------------------------------------------------------------------------
+
+
+def merged_tokens(output) -> torch.Tensor:
+    """The merger's output of a Qwen vision tower call: a tensor in 4.57, `.pooler_output` of a model output
+    in 5.x."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def window_order(visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
+    """For Qwen2.5-VL's windowed tower, the merged token each of its blocks' token groups is (window order);
+    for Qwen2-VL's tower, which keeps the natural order, arange.
+
+    4.57 has it as the tower's `get_window_index`, 5.x as `transformers.vision_utils.get_vision_window_index`.
+    A windowed tower without either raises: a wrong order puts every stage-1 score on the wrong token.
+    """
+    if not getattr(visual, "fullatt_block_indexes", None):
+        return torch.arange(int((grid_thw.prod(dim=-1) // visual.spatial_merge_size**2).sum()))
+    if hasattr(visual, "get_window_index"):
+        return visual.get_window_index(grid_thw)[0]
+    try:
+        from transformers.vision_utils import get_vision_window_index
+    except ImportError as error:
+        raise RuntimeError(
+            f"transformers {transformers.__version__}: cannot find Qwen2.5-VL's window index (neither "
+            "visual.get_window_index nor transformers.vision_utils.get_vision_window_index)"
+        ) from error
+    return get_vision_window_index(
+        grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+        patch_size=visual.patch_size,
+    )[0]
+
+
+def qwen_prompt_positions(model: nn.Module, inputs: dict, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """3-D M-RoPE positions of a prompt: the caller's `position_ids` (generate() gives [4, B, S], text positions
+    first), or the model's `get_rope_index`, [3, B, S].
+
+    5.x reads the image tokens' places from `mm_token_type_ids` (its processor returns them; the model's own
+    forward refuses images without them, and generate() without them numbers image tokens as text), so they
+    are required here too. 4.57 finds them by id and takes the image grids as the second argument.
+    """
+    grid = inputs.get("image_grid_thw")
+    if not V5:
+        given = inputs.get("position_ids")
+        return given if given is not None else model.model.get_rope_index(input_ids, grid, None, mask)[0]
+    types = inputs.get("mm_token_type_ids")
+    if types is None:
+        raise ValueError(
+            "mm_token_type_ids is None: transformers 5's Qwen2-VL places image tokens by them (the processor "
+            "returns them with input_ids); pass them with the prompt"
+        )
+    given = inputs.get("position_ids")
+    return given if given is not None else model.model.get_rope_index(input_ids, types, grid, None, mask)[0]
+
+
+def qwen_decoder_qk(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    rows: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries for `rows` and all keys of a Qwen2-VL decoder layer, as `llama_style_qk`.
+
+    In 5.x the rotary embedding mixes the three M-RoPE axes itself and hands layers cos, sin [B, S, d], so
+    the layer rotates like Llama. In 4.57 cos, sin are [3, B, S, d], one per axis, and the family's
+    `apply_multimodal_rotary_pos_emb` mixes them by the layer's `rope_scaling["mrope_section"]`.
+    """
+    if position_embeddings[0].dim() == 3:
+        return llama_style_qk(layer, hidden, position_embeddings, rows)
+    attn = layer.self_attn
+    apply_rotary = sys.modules[type(layer).__module__].apply_multimodal_rotary_pos_emb
+    section = attn.rope_scaling["mrope_section"]
+    normed = layer.input_layernorm(hidden)
+    cos, sin = position_embeddings
+    batch, seq = hidden.shape[:2]
+    q = attn.q_proj(gather_seq(normed, rows)).view(batch, rows.shape[1], -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    q = apply_rotary(q, q, gather_rotary(cos, rows), gather_rotary(sin, rows), section)[0]
+    k = apply_rotary(k, k, cos.expand(-1, batch, -1, -1), sin.expand(-1, batch, -1, -1), section)[0]
+    return q, k
+
+
+def qwen_vision_rotary(block: nn.Module) -> Callable:
+    """The family's `apply_rotary_pos_emb_vision(q, k, cos, sin)`, present in both lines."""
+    return sys.modules[type(block).__module__].apply_rotary_pos_emb_vision
+
+
+def cache_kwargs(cache) -> dict:
+    """A forward call's cache argument, by the name the installed line reads (`cache` from 5.x's rename on,
+    `past_key_values` before)."""
+    from transformers import LlamaModel
+
+    name = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+    return {name: cache}
