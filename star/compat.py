@@ -59,6 +59,14 @@ def clip_encoder_layers(tower: nn.Module) -> nn.ModuleList:
     return getattr(tower, "vision_model", tower).encoder.layers
 
 
+def clip_tower_state(tower: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A `CLIPVisionModel` state dict (keys under `vision_model.`) for this line's tower: 5.x's has no
+    `vision_model` level, so the prefix goes."""
+    if hasattr(tower, "vision_model"):
+        return state
+    return {name.removeprefix("vision_model."): value for name, value in state.items()}
+
+
 # -- Qwen2-VL / Qwen2.5-VL ---------------------------------------------------------------------------
 
 

