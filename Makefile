@@ -1,31 +1,55 @@
-# Every target sets itself up on a fresh machine: it creates .venv when missing and installs the project into it.
+# Every target sets itself up on a fresh machine: it creates its virtual environment when missing and installs
+# the project into it. Two environments, one per supported transformers line (pyproject.toml: >=4.57,<6):
+# .venv has the newest 5.x tested, .venv-4.57 the last 4.x line.
 PY := .venv/bin/python
-# torch is installed first so that a CPU machine takes the local CPU build; GPU users install their own torch.
+PY4 := .venv-4.57/bin/python
+# torch is installed first so that a CPU machine takes the local CPU build; GPU users install their own.
 TORCH ?= torch==2.13.0
-# lmms-eval without its dependencies (they would pull torchvision and another torch), then the ones it imports.
+TRANSFORMERS ?= transformers==5.24.0
+TRANSFORMERS_4 ?= transformers==4.57.6
+# lmms-eval without its dependencies (they would pull torchvision and another torch), installed last so that
+# pip's resolver does not report the dependencies it deliberately lacks; .[lmms-core] has the ones it imports.
 LMMS_EVAL ?= lmms-eval==0.7.3
 
-.PHONY: test demo clean
+.PHONY: test test-4.57 demo clean
 
-# What the demo needs: the package and the converters of the default model's wheels.
-.venv/base: pyproject.toml
-	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[testbed]"
-	touch $@
+# $(1): the environment's folder, $(2): its transformers. What the demo needs: the package and the converters
+# of the default model's wheels.
+define base
+	test -x $(1)/bin/python || python3 -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q "$(TORCH)"
+	$(1)/bin/python -m pip install -q -e ".[testbed]" "$(2)"
+	touch $(1)/base
+endef
 
 # What the tests need besides: pytest, hypothesis, and lmms-eval for its backend's tests.
+define installed
+	$(1)/bin/python -m pip install -q -e ".[dev,lmms-core]" "$(2)"
+	$(1)/bin/python -m pip install -q --no-deps "$(LMMS_EVAL)"
+	touch $(1)/installed
+endef
+
+.venv/base: pyproject.toml
+	$(call base,.venv,$(TRANSFORMERS))
+
 .venv/installed: .venv/base
-	$(PY) -m pip install -q --no-deps "$(LMMS_EVAL)"
-	$(PY) -m pip install -q -e ".[dev,lmms-core]"
-	touch $@
+	$(call installed,.venv,$(TRANSFORMERS))
+
+.venv-4.57/base: pyproject.toml
+	$(call base,.venv-4.57,$(TRANSFORMERS_4))
+
+.venv-4.57/installed: .venv-4.57/base
+	$(call installed,.venv-4.57,$(TRANSFORMERS_4))
 
 test: .venv/installed
 	$(PY) -m pytest -q
+
+test-4.57: .venv-4.57/installed
+	$(PY4) -m pytest -q
 
 demo: .venv/base
 	.venv/bin/star demo
 
 clean:
-	rm -rf .venv
+	rm -rf .venv .venv-4.57
