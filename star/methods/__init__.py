@@ -46,6 +46,8 @@ def parse_option(name: str, option: str, text: str) -> object:
     hint = typing.get_type_hints(REGISTRY[name])[option]
     kind = next(k for k in typing.get_args(hint) if k is not type(None)) if isinstance(hint, types.UnionType) else hint
     is_tuple = typing.get_origin(kind) is tuple
+    if kind is float and text.strip().lstrip("-").isdigit():
+        kind = int  # an int is a float to typing; '0' stays 0, so a setting keeps the name its run folder has
     try:
         return tuple(typing.get_args(kind)[0](part) for part in text.split("/")) if is_tuple else kind(text)
     except ValueError:
