@@ -14,11 +14,6 @@ from star.integrations import add_lmms_eval_command
 from star.methods import REGISTRY, build, options, parse_option
 from star.pruner import POSITION_POLICIES, resolve_keep
 
-OPTION_HELP = (
-    "a method option NAME=VALUE, of the type `star methods` lists (e.g. layer=8, stage1_ratio=0.3, layers=8/16/24); "
-    "repeat for several"
-)
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
@@ -53,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    def add_option_argument(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--option", action="append", type=_option, default=[], metavar="NAME=VALUE",
+            help="a method option, of the type `star methods` lists (e.g. layer=8, stage1_ratio=0.3, layers=8/16/24), "
+            "for every method given but none; repeat for several",
+        )
+
     sub = commands.add_parser("methods", help="list the pruning methods and their options")
     sub.set_defaults(run=_methods)
 
@@ -66,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--text-tokens", type=_count, default=79, help="prompt tokens besides the image (default 79, as in FasterVLM)")
     sub.add_argument("--method", type=_method_names, default="star", help="comma-separated methods (default star)")
     sub.add_argument("--keep", type=_budgets, default="288,115,58,29", help="comma-separated visual tokens kept per image")
-    sub.add_argument("--option", action="append", type=_option, default=[], metavar="NAME=VALUE", help=OPTION_HELP)
+    add_option_argument(sub)
     sub.set_defaults(run=_flops)
 
     sub = commands.add_parser(
@@ -95,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--question", required=True, help="the question")
     sub.add_argument("--method", type=_method_name, default="star", help=f"one of {', '.join(REGISTRY)} (default star)")
     sub.add_argument("--keep", type=_budget, default=20, help="visual tokens kept per image: an int, or a fraction in (0, 1]")
-    sub.add_argument("--option", action="append", type=_option, default=[], metavar="NAME=VALUE", help=OPTION_HELP)
+    add_option_argument(sub)
     sub.add_argument("--save-viz", type=_new_file, help="write the kept-token picture (PNG) here")
     sub.add_argument("--max-new-tokens", type=_positive, default=16)
     sub.set_defaults(run=_run)
@@ -115,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
         "--methods", type=_method_names, default="none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,random", help="comma-separated methods"
     )
     sub.add_argument("--keep", type=_budgets, default="98,39,20,10", help="comma-separated budgets (ints, or fractions in (0, 1])")
-    sub.add_argument("--option", action="append", type=_option, default=[], metavar="NAME=VALUE", help=OPTION_HELP + ", for every pruning method")
+    add_option_argument(sub)
     sub.add_argument("--limit", type=_positive, help="at most this many questions (scenes: per question type)")
     sub.add_argument("--types", help="comma-separated question types to keep (e.g. color,shape for easy-VQA); --limit then counts per type")
     sub.add_argument(
@@ -138,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     add_model_options(sub)
     sub.add_argument("--methods", type=_method_names, default="star,fastv,fastervlm,pdrop", help="comma-separated methods")
     sub.add_argument("--keep", type=_budgets, default="98,39,20,10", help="comma-separated budgets")
-    sub.add_argument("--option", action="append", type=_option, default=[], metavar="NAME=VALUE", help=OPTION_HELP + ", for every method")
+    add_option_argument(sub)
     sub.add_argument("--repeats", type=_positive, default=5)
     sub.add_argument("--warmup", type=_count, default=2)
     sub.add_argument("--new-tokens", type=_positive, default=16, help="tokens generated to time decoding")
@@ -155,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     add_model_options(sub)
     sub.add_argument("--method", type=_method_name, default="star", help="the pruning method to show (default star)")
     sub.add_argument("--keep", type=_budget, default=20, help="visual tokens kept per image (default 20 of 196)")
-    sub.add_argument("--option", action="append", type=_option, default=[], metavar="NAME=VALUE", help=OPTION_HELP)
+    add_option_argument(sub)
     sub.add_argument("--out", type=_out_dir, default="star-demo", help="where the pictures go (default ./star-demo)")
     sub.set_defaults(run=_demo)
 
