@@ -11,13 +11,18 @@ from pathlib import Path
 import star
 from star import flops as flops_model
 from star.integrations import add_lmms_eval_command
-from star.methods import REGISTRY, build, options
-from star.pruner import POSITION_POLICIES
+from star.methods import REGISTRY, build, options, parse_option
+from star.pruner import POSITION_POLICIES, resolve_keep
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}{_option_hint(unknown)}")
+    except SystemExit as exit:  # a usage error (2) or --help (0), already printed
+        return exit.code
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -28,12 +33,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _option_hint(unknown: list[str]) -> str:
+    """For `--layer 8`, say that method options go through --option."""
+    name, _, value = unknown[0].lstrip("-").replace("-", "_").partition("=")
+    value = value or (unknown[1] if len(unknown) > 1 else "VALUE")
+    known = {f.name for cls in REGISTRY.values() for f in dataclasses.fields(cls)}
+    return f" (a method option is given as --option {name}={value})" if unknown[0].startswith("--") and name in known else ""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="star",
         description="STAR and its peers: training-free visual-token pruning for vision-language models.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add_option_argument(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--option", action="append", type=_option, default=[], metavar="NAME=VALUE",
+            help="a method option, of the type `star methods` lists (e.g. layer=8, stage1_ratio=0.3, layers=8/16/24), "
+            "for every method given but none; repeat for several",
+        )
 
     sub = commands.add_parser("methods", help="list the pruning methods and their options")
     sub.set_defaults(run=_methods)
@@ -44,12 +64,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Decoder prefill FLOPs by the paper's formula (section 4.3) for a shipped model shape, for "
         "each method and budget, with the ratio to the unpruned model. Shapes ship with the package: no hub.",
     )
-    sub.add_argument("--model", default="llava-1.5-7b", help=f"a shipped decoder shape: {', '.join(flops_model.named_models())}")
-    sub.add_argument("--text-tokens", type=int, default=79, help="prompt tokens besides the image (default 79, as in FasterVLM)")
-    sub.add_argument("--method", default="star", help="comma-separated methods (default star)")
-    sub.add_argument("--keep", default="288,115,58,29", help="comma-separated visual tokens kept per image")
-    sub.add_argument("--layer", type=int, help="STAR's / FastV's pruning layer (default: the method's)")
-    sub.add_argument("--stage1-ratio", type=float, help="STAR's stage-1 ratio (default 0.15)")
+    sub.add_argument("--model", default="llava-1.5-7b", choices=flops_model.named_models(), help="a shipped decoder shape")
+    sub.add_argument("--text-tokens", type=_count, default=79, help="prompt tokens besides the image (default 79, as in FasterVLM)")
+    sub.add_argument("--method", type=_method_names, default="star", help="comma-separated methods (default star)")
+    sub.add_argument("--keep", type=_budgets, default="288,115,58,29", help="comma-separated visual tokens kept per image")
+    add_option_argument(sub)
     sub.set_defaults(run=_flops)
 
     sub = commands.add_parser(
@@ -63,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def add_model_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--model", help="a LLaVA checkpoint directory or hub id (default: the project's default model)")
-        sub.add_argument("--device", default="cpu", help="torch device (default cpu)")
+        sub.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default cpu)")
         sub.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights dtype")
         sub.add_argument("--positions", default="original", choices=POSITION_POLICIES, help="rotary positions of kept tokens")
 
@@ -74,12 +93,13 @@ def _parser() -> argparse.ArgumentParser:
         "each stage and the FLOPs saved, and with --save-viz writes the paper's Figure 4 for that image.",
     )
     add_model_options(sub)
-    sub.add_argument("--image", required=True, help="an image file")
+    sub.add_argument("--image", type=_image, required=True, help="an image file")
     sub.add_argument("--question", required=True, help="the question")
-    sub.add_argument("--method", default="star", help=f"one of {', '.join(REGISTRY)} (default star)")
-    sub.add_argument("--keep", type=_number, default=20, help="visual tokens kept per image: an int, or a fraction in (0, 1]")
-    sub.add_argument("--save-viz", type=Path, help="write the kept-token picture (PNG) here")
-    sub.add_argument("--max-new-tokens", type=int, default=16)
+    sub.add_argument("--method", type=_method_name, default="star", help=f"one of {', '.join(REGISTRY)} (default star)")
+    sub.add_argument("--keep", type=_budget, default=20, help="visual tokens kept per image: an int, or a fraction in (0, 1]")
+    add_option_argument(sub)
+    sub.add_argument("--save-viz", type=_new_file, help="write the kept-token picture (PNG) here")
+    sub.add_argument("--max-new-tokens", type=_positive, default=16)
     sub.set_defaults(run=_run)
 
     sub = commands.add_parser(
@@ -91,20 +111,23 @@ def _parser() -> argparse.ArgumentParser:
         "stopped. Unreadable records are skipped and listed at the end.",
     )
     add_model_options(sub)
-    sub.add_argument("--data", default="scenes", help="scenes, easy-vqa, or a JSONL file of {image, question, answer[, type]}")
-    sub.add_argument("--split", default="test", help="split of scenes / easy-vqa: train, validation (scenes only) or test")
-    sub.add_argument("--methods", default="none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,random", help="comma-separated methods")
-    sub.add_argument("--keep", default="98,39,20,10", help="comma-separated budgets (ints, or fractions in (0, 1])")
-    sub.add_argument("--limit", type=int, help="at most this many questions (scenes: per question type)")
+    sub.add_argument("--data", type=_data, default="scenes", help="scenes, easy-vqa, or a JSONL file of {image, question, answer[, type]}")
+    sub.add_argument("--split", help="split of scenes / easy-vqa: train, validation (scenes only) or test (default test)")
+    sub.add_argument(
+        "--methods", type=_method_names, default="none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,random", help="comma-separated methods"
+    )
+    sub.add_argument("--keep", type=_budgets, default="98,39,20,10", help="comma-separated budgets (ints, or fractions in (0, 1])")
+    add_option_argument(sub)
+    sub.add_argument("--limit", type=_positive, help="at most this many questions (scenes: per question type)")
     sub.add_argument("--types", help="comma-separated question types to keep (e.g. color,shape for easy-VQA); --limit then counts per type")
     sub.add_argument(
-        "--grid", action="append", default=[], metavar="OPTION=V1,V2",
+        "--grid", action="append", type=_sweep, default=[], metavar="OPTION=V1,V2",
         help="sweep a method option (e.g. layer=4,8,15 or stage1_ratio=0,0.15 or positions=original,contiguous) "
         "for every pruning method; repeat for a grid over several options",
     )
-    sub.add_argument("--batch-size", type=int, default=8)
-    sub.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default 8)")
-    sub.add_argument("--out", type=Path, default=Path("star-eval"), help="output directory (default ./star-eval)")
+    sub.add_argument("--batch-size", type=_positive, default=8)
+    sub.add_argument("--max-new-tokens", type=_positive, default=8, help="answer length limit (default 8)")
+    sub.add_argument("--out", type=_out_dir, default="star-eval", help="output directory (default ./star-eval)")
     sub.set_defaults(run=_eval)
 
     sub = commands.add_parser(
@@ -115,12 +138,13 @@ def _parser() -> argparse.ArgumentParser:
         "to the oracle (the same model given only the kept tokens, with no scoring).",
     )
     add_model_options(sub)
-    sub.add_argument("--methods", default="star,fastv,fastervlm,pdrop", help="comma-separated methods")
-    sub.add_argument("--keep", default="98,39,20,10", help="comma-separated budgets")
-    sub.add_argument("--repeats", type=int, default=5)
-    sub.add_argument("--warmup", type=int, default=2)
-    sub.add_argument("--new-tokens", type=int, default=16, help="tokens generated to time decoding")
-    sub.add_argument("--out", type=Path, help="also write the rows as JSON here")
+    sub.add_argument("--methods", type=_method_names, default="star,fastv,fastervlm,pdrop", help="comma-separated methods")
+    sub.add_argument("--keep", type=_budgets, default="98,39,20,10", help="comma-separated budgets")
+    add_option_argument(sub)
+    sub.add_argument("--repeats", type=_positive, default=5)
+    sub.add_argument("--warmup", type=_count, default=2)
+    sub.add_argument("--new-tokens", type=_positive, default=16, help="tokens generated to time decoding")
+    sub.add_argument("--out", type=_new_file, help="also write the rows as JSON here")
     sub.set_defaults(run=_bench)
 
     sub = commands.add_parser(
@@ -131,9 +155,10 @@ def _parser() -> argparse.ArgumentParser:
         "prefill time), and writes the paper's Figure 4 for each image into OUT.",
     )
     add_model_options(sub)
-    sub.add_argument("--method", default="star", help="the pruning method to show (default star)")
-    sub.add_argument("--keep", type=_number, default=20, help="visual tokens kept per image (default 20 of 196)")
-    sub.add_argument("--out", type=Path, default=Path("star-demo"), help="where the pictures go (default ./star-demo)")
+    sub.add_argument("--method", type=_method_name, default="star", help="the pruning method to show (default star)")
+    sub.add_argument("--keep", type=_budget, default=20, help="visual tokens kept per image (default 20 of 196)")
+    add_option_argument(sub)
+    sub.add_argument("--out", type=_out_dir, default="star-demo", help="where the pictures go (default ./star-demo)")
     sub.set_defaults(run=_demo)
 
     add_lmms_eval_command(commands)
@@ -141,28 +166,151 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _methods(args: argparse.Namespace) -> None:
+    rows = [(f.name, f"{f.type} = {f.default!r}", f.metadata["help"]) for cls in REGISTRY.values() for f in dataclasses.fields(cls)]
+    name_width, type_width = (max(len(row[i]) for row in rows) for i in (0, 1))
     for name, cls in REGISTRY.items():
-        options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls)) or "no options"
-        print(f"{name:11s} {cls.summary}  [{options}]")
+        print(f"{name:11s} {cls.summary}")
+        for f in dataclasses.fields(cls):
+            print(f"{'':13s} {f.name:{name_width}s}  {f'{f.type} = {f.default!r}':{type_width}s}  {f.metadata['help']}")
+        if not dataclasses.fields(cls):
+            print(f"{'':13s} no options")
+    print("Set an option with --option NAME=VALUE (a tuple as 8/16/24) in run, eval, bench, demo and flops; sweep one with eval's --grid NAME=V1,V2.")
 
 
-def _number(text: str) -> int | float:
-    """A budget from the command line: '20' is a count, '0.1' a fraction."""
+# Argument types: argparse calls them while parsing, so a malformed value is a usage error naming the argument.
+
+
+def _budget(text: str) -> int | float:
+    """A budget: '20' is a count of tokens, '0.1' a fraction; the model's own bound is checked on its skeleton."""
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is neither an int nor a float") from None
+            value = None
+    if value is None or (isinstance(value, int) and value < 1) or (isinstance(value, float) and not 0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(f"keep={text!r} is not a budget: give a token count (an int >= 1) or a fraction in (0, 1]")
+    return value
 
 
-def _option_value(text: str) -> int | float | str:
-    """A method option from the command line: a number where it reads as one, else the text."""
+def _budgets(text: str) -> list[int | float]:
+    budgets = _csv(text, _budget)
+    if not budgets:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no budget: give comma-separated budgets, e.g. 98,39,20,10")
+    return budgets
+
+
+def _method_name(text: str) -> str:
     try:
-        return _number(text)
-    except argparse.ArgumentTypeError:
-        return text
+        options(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _method_names(text: str) -> list[str]:
+    names = _csv(text, _method_name)
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no method: known methods are {', '.join(REGISTRY)}")
+    return names
+
+
+def _option(text: str) -> tuple[str, str]:
+    """NAME=VALUE, as text: the value is typed per method, by its field, once the methods are known."""
+    name, equals, value = (part.strip() for part in text.partition("="))
+    if not (name and equals and value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE (e.g. layer=8)")
+    return name, value
+
+
+def _sweep(text: str) -> tuple[str, list[str]]:
+    name, equals, values = (part.strip() for part in text.partition("="))
+    if not (name and equals and _csv(values)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not OPTION=V1,V2 (e.g. layer=4,8,15)")
+    return name, _csv(values)
+
+
+def _positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive int")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int >= 0")
+    return int(text)
+
+
+def _image(text: str) -> Path:
+    from PIL import Image
+
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be read as an image ({error})") from None
+    return path
+
+
+def _data(text: str) -> str:
+    from star.eval.sources import BUILT_IN
+
+    if text not in BUILT_IN and not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is neither {' nor '.join(BUILT_IN)} nor a file")
+    return text
+
+
+def _new_file(text: str) -> Path:
+    """A file to write at the end: its folder must exist now, not after the compute."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be written: there is no folder {str(path.parent)!r}")
+    return path
+
+
+def _out_dir(text: str) -> Path:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    return path
+
+
+def _settings(methods: list[str], keeps: list[int | float], given: list[tuple[str, str]], grid: list[tuple[str, list[str]]] = ()) -> list:
+    """Every method at every budget and grid point, with the options of --option and --grid typed by the method's
+    fields; `none` once, first, unpruned (it has no options). Positions can be swept beside the method's options."""
+    from star.eval.runner import Setting
+
+    names = [name for name, _ in [*given, *grid]]
+    if twice := next((name for name in names if names.count(name) > 1), None):
+        raise ValueError(f"option {twice!r} is given twice (by --option or --grid): give each option once")
+    pruning = [method for method in methods if method != "none"]
+    if names and not pruning:
+        raise ValueError(f"option {names[0]!r} is given, but method 'none' has no options: add a pruning method")
+    settings = [Setting("none", 1.0)] if "none" in methods else []
+    for method in pruning:
+        points = [{name: parse_option(method, name, text) for name, text in given}]
+        for name, values in grid:
+            typed = [value if name == "positions" else parse_option(method, name, value) for value in values]
+            points = [{**point, name: value} for point in points for value in typed]
+        settings += [Setting(method, keep, point) for point in points for keep in keeps]
+    return settings
+
+
+def _check(args: argparse.Namespace, settings: list) -> None:
+    """The device, the model and every setting, checked on the model's skeleton before any load or download."""
+    from star import checks
+
+    checks.check_device(args.device)
+    skeleton = checks.model_skeleton(args.model)
+    for setting in settings:
+        checks.check_setting(skeleton, setting.method, setting.keep, setting.options, args.positions)
 
 
 def _model(args: argparse.Namespace) -> None:
@@ -198,45 +346,35 @@ def _run(args: argparse.Namespace) -> None:
     from star.eval.records import Record
     from star.eval.runner import answer_batch
 
-    if not Path(args.image).is_file():
-        raise ValueError(f"--image {args.image!r} is not a file")
+    [setting] = _settings([args.method], [args.keep], args.option)
+    _check(args, [setting])
     model, processor = _load(args)
-    record = Record("run", Path(args.image), args.question, "")
+    record = Record("run", args.image, args.question, "")
     with star.apply(model, method="none", keep=1.0) as pruner:
         [baseline], baseline_s = answer_batch(model, processor, [record], args.max_new_tokens)
         unpruned_flops = pruner.stats.flops
-    with star.apply(model, method=args.method, keep=args.keep, positions=args.positions) as pruner:
+    with star.apply(model, method=setting.method, keep=setting.keep, positions=args.positions, **setting.options) as pruner:
         [answer], pruned_s = answer_batch(model, processor, [record], args.max_new_tokens)
         stats = pruner.stats
     print(f"question: {args.question}")
     print(f"unpruned: {baseline}    ({baseline_s * 1e3:.0f} ms prefill)")
-    print(f"{args.method} keep={args.keep}: {answer}    ({pruned_s * 1e3:.0f} ms prefill)")
+    print(f"{_label(setting)}: {answer}    ({pruned_s * 1e3:.0f} ms prefill)")
     print(f"visual tokens per stage: {' -> '.join(str(t) for t in stats.tokens)}; decoder layers cut: {stats.layers or 'none'}")
     print(f"prefill FLOPs: {stats.flops / 1e9:.2f} G of {unpruned_flops / 1e9:.2f} G ({1 - stats.flops / unpruned_flops:.0%} saved)")
     if args.save_viz:
-        _save_viz(processor, record, stats, args.save_viz, f"{args.method}: {args.question} -> {answer}")
+        _save_viz(processor, record, stats, args.save_viz, f"{_label(setting)}: {args.question} -> {answer}")
         print(f"wrote {args.save_viz}")
 
 
 def _eval(args: argparse.Namespace) -> None:
     from star.eval import report
-    from star.eval.runner import Setting, check_identity, evaluate, model_identity
+    from star.eval.runner import check_identity, evaluate, model_identity
     from star.eval.sources import load_records
 
-    records, skipped = load_records(args.data, args.split, args.limit, _csv(args.types) if args.types else None)
-    grid = [{}]
-    for spec in args.grid:
-        name, equals, values = spec.partition("=")
-        if not equals or not _csv(values):
-            raise ValueError(f"--grid {spec!r}: write OPTION=V1,V2 (e.g. layer=4,8,15)")
-        grid = [{**point, name.strip(): value} for point in grid for value in _csv(values, _option_value)]
-    settings = [Setting(m, k, point) for m in _csv(args.methods) if m != "none" for point in grid for k in _csv(args.keep, _number)]
-    if "none" in _csv(args.methods):
-        settings.insert(0, Setting("none", 1.0))
-    for setting in settings:  # every method and option is checked before the model loads
-        build(setting.method, **{k: v for k, v in setting.options.items() if k != "positions"})
-        if setting.options.get("positions", "original") not in POSITION_POLICIES:
-            raise ValueError(f"--grid positions={setting.options['positions']!r}: allowed are {', '.join(POSITION_POLICIES)}")
+    split = _split(args.data, args.split)
+    settings = _settings(args.methods, args.keep, args.option, args.grid)
+    _check(args, settings)
+    records, skipped = load_records(args.data, split, args.limit, _csv(args.types) if args.types else None)
     identity = {**model_identity(_model_path(args)), "dtype": args.dtype, "positions": args.positions,
                 "max_new_tokens": args.max_new_tokens}
     check_identity(args.out, identity, write=int(os.environ.get("RANK", 0)) == 0)
@@ -248,7 +386,7 @@ def _eval(args: argparse.Namespace) -> None:
         return
     table = report.markdown_table(summary)
     (args.out / "results.md").write_text(table)
-    report.plot(summary, args.out / "accuracy.png", title=f"{args.data} ({args.split})")
+    report.plot(summary, args.out / "accuracy.png", title=f"{args.data} ({split})")
     print(table)
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'accuracy.png'}")
     for message in skipped + failed:
@@ -263,15 +401,16 @@ def _bench(args: argparse.Namespace) -> None:
     from star.eval.sources import load_records
     from tqdm.auto import tqdm
 
-    settings = [(method, keep) for method in _csv(args.methods) for keep in _csv(args.keep, _number)]
-    for method, _ in settings:  # an unknown method is refused before the model loads
-        build(method)
+    settings = _settings(["none", *args.methods], args.keep, args.option)  # the unpruned model first: every ratio's reference
+    _check(args, settings)
     model, processor = _load(args)
     record = load_records("scenes", "test", 1)[0][0]
     inputs = processor(images=[record.open_image()], text=[build_prompt(processor, record.question)], return_tensors="pt").to(args.device)
     rows = []
-    for method, keep in tqdm([("none", 1.0), *settings], desc="star bench", unit="setting"):
-        rows.append(measure(model, inputs, method, keep, args.repeats, args.warmup, args.new_tokens, args.positions))
+    for setting in tqdm(settings, desc="star bench", unit="setting"):
+        rows.append(measure(
+            model, inputs, setting.method, setting.keep, args.repeats, args.warmup, args.new_tokens, args.positions, **setting.options
+        ))
     base = rows[0]
     print("| method | keep | tokens | prefill ms | vs unpruned | vs oracle | decoder FLOPs vs unpruned | counted FLOPs vs unpruned | decode tok/s | KV cache MB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -301,18 +440,20 @@ def _demo(args: argparse.Namespace) -> None:
     from star.eval.runner import answer_batch
     from star.eval.sources import load_records
 
+    [setting] = _settings([args.method], [args.keep], args.option)
+    _check(args, [setting])
     scenes = load_records("scenes", "test", 1)[0]
     assets = files("star") / "data" / "assets"
     photos = [Record(name.split(".")[0], Path(str(assets / name)), question, "") for name, question in DEMO_PHOTOS]
     model, processor = _load(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"| image | question | truth | unpruned | {args.method} keep={args.keep} | tokens | FLOPs saved | prefill ms |")
+    print(f"| image | question | truth | unpruned | {_label(setting)} | tokens | FLOPs saved | prefill ms |")
     print("|---|---|---|---|---|---|---|---|")
     for record in scenes + photos:
         with star.apply(model, method="none", keep=1.0) as pruner:
             [full], full_s = answer_batch(model, processor, [record])
             full_flops = pruner.stats.flops
-        with star.apply(model, method=args.method, keep=args.keep, positions=args.positions) as pruner:
+        with star.apply(model, method=setting.method, keep=setting.keep, positions=args.positions, **setting.options) as pruner:
             [pruned], pruned_s = answer_batch(model, processor, [record])
             stats = pruner.stats
         tokens = " > ".join(str(t) for t in stats.tokens)
@@ -320,7 +461,7 @@ def _demo(args: argparse.Namespace) -> None:
             f"| {record.id} | {record.question} | {record.answer} | {full} | {pruned} | {tokens} | "
             f"{1 - stats.flops / full_flops:.0%} | {full_s * 1e3:.0f} > {pruned_s * 1e3:.0f} |"
         )
-        _save_viz(processor, record, stats, args.out / f"{record.id}.png", f"{args.method}: {record.question} -> {pruned}")
+        _save_viz(processor, record, stats, args.out / f"{record.id}.png", f"{_label(setting)}: {record.question} -> {pruned}")
     print(f"wrote the kept-token pictures to {args.out}/")
 
 
@@ -339,23 +480,37 @@ def _csv(text: str, cast=str) -> list:
     return [cast(part.strip()) for part in text.split(",") if part.strip()]
 
 
+def _label(setting) -> str:
+    return " ".join([setting.method, f"keep={setting.keep}", *(f"{k}={v}" for k, v in setting.options.items())])
+
+
+def _split(data: str, split: str | None) -> str:
+    """--split checked against --data: the built-in sets have their own splits, a JSONL file has none."""
+    from star.data import easyvqa, scenes
+
+    allowed = {"scenes": list(scenes.SPLITS), "easy-vqa": list(easyvqa.SPLITS)}.get(data)
+    if allowed is None and split is not None:
+        raise ValueError(f"--split {split!r} is given with --data {data!r}: a JSONL file has no splits, only scenes and easy-vqa do")
+    if allowed is not None and split is not None and split not in allowed:
+        raise ValueError(f"--split {split!r} is not a split of {data}: allowed are {', '.join(allowed)}")
+    return split or "test"
+
+
 def _flops(args: argparse.Namespace) -> None:
     shape = flops_model.DecoderShape.named(args.model)
     per_crop = flops_model.visual_tokens(args.model)
     crops = flops_model.crops_per_image(args.model)
     fixed = args.text_tokens + flops_model.fixed_image_tokens(args.model)
-    given = {"layer": args.layer, "stage1_ratio": args.stage1_ratio}
-    methods = {name: build(name, **{k: v for k, v in given.items() if v is not None and k in options(name)}) for name in _csv(args.method)}
     baseline = flops_model.prefill_flops(shape, [fixed + crops * per_crop] * shape.num_layers)
     rows = []
-    for name, method in methods.items():
-        for keep in _csv(args.keep, int):
-            plan = method.plan(per_crop, keep, shape.num_layers)
-            stages = [(s.layer, crops * s.keep) for s in plan.llm_stages]
-            lengths = flops_model.tokens_per_layer(shape.num_layers, fixed, crops * plan.vision_keep, stages)
-            total = flops_model.prefill_flops(shape, lengths)
-            tokens = " / ".join(str(t) for t in plan.tokens)
-            rows.append(f"| {name} | {keep} | {tokens} | {total / 1e12:.3f} | {total / baseline:.3f} |")
+    for setting in _settings(args.method, args.keep, args.option):
+        keep = resolve_keep(setting.keep, per_crop)
+        plan = build(setting.method, **setting.options).plan(per_crop, keep, shape.num_layers)
+        stages = [(s.layer, crops * s.keep) for s in plan.llm_stages]
+        lengths = flops_model.tokens_per_layer(shape.num_layers, fixed, crops * plan.vision_keep, stages)
+        total = flops_model.prefill_flops(shape, lengths)
+        tokens = " / ".join(str(t) for t in plan.tokens)
+        rows.append(f"| {setting.method} | {keep} | {tokens} | {total / 1e12:.3f} | {total / baseline:.3f} |")
     unit = f"{crops} crops of {per_crop}" if crops > 1 else f"{per_crop}"
     print(f"{args.model}: {shape.num_layers} layers, {unit} visual + {fixed} other tokens; unpruned {baseline / 1e12:.3f} TFLOPs per image")
     print("| method | keep | visual tokens per stage" + (" (per crop)" if crops > 1 else "") + " | TFLOPs | ratio to unpruned |")

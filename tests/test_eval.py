@@ -121,7 +121,7 @@ def test_empty_or_missing_data_is_a_clear_error(checkpoint, tmp_path, capsys):
     assert run_eval(checkpoint, str(tmp_path / "empty.jsonl"), tmp_path / "out") == 2
     assert "holds no usable record" in capsys.readouterr().err
     assert run_eval(checkpoint, str(tmp_path / "nope.jsonl"), tmp_path / "out") == 2
-    assert "data='" in capsys.readouterr().err
+    assert "--data" in (err := capsys.readouterr().err) and "nope.jsonl" in err
     assert run_eval(checkpoint, write_data(tmp_path, GOOD), tmp_path / "out", methods="star,bogus") == 2
     assert "method='bogus'" in capsys.readouterr().err
 

@@ -101,6 +101,9 @@ def test_bad_model_args_are_refused_before_loading():
         backend.check_model_args(method="star", keep=0)
     with pytest.raises(ValueError, match="template"):
         backend.check_model_args(method="star", keep=58, template="chatml")
+    backend.check_model_args(method="pdrop", keep=58, layers="8/16/24")  # spelled as `star --option` spells it
+    with pytest.raises(ValueError, match="8/16/24"):
+        backend.check_model_args(method="pdrop", keep=58, layers="8;16")
 
 
 def test_the_backend_is_registered_for_lmms_eval():

@@ -10,8 +10,8 @@ given. Written against lmms-eval 0.7.3 (the `[lmms]` extra pins it).
 model_args: pretrained (a checkpoint directory or hub id; LLaVA-1.5, LLaVA-NeXT or Qwen2-VL), method, keep
 (an int or a fraction), positions, dtype (auto, float16, bfloat16, float32), attn_implementation (default
 sdpa), template (`model`: the checkpoint's chat template, as `star eval` prompts; `vicuna_v1`: the same with
-LLaVA's system line, as the LLaVA-1.5 papers evaluate), and the method's own options (layer=16,
-stage1_ratio=0.15 for star, ...). Each sample log gets, under `token_counts`, the prompt and answer lengths
+LLaVA's system line, as the LLaVA-1.5 papers evaluate), and the method's own options as `star --option` spells
+them (layer=16, stage1_ratio=0.15 for star, layers=8/16/24 for pdrop; `star methods` lists them). Each sample log gets, under `token_counts`, the prompt and answer lengths
 and STAR's record of its prefill: visual tokens per stage, prefill FLOPs, prefill time, the whole generate()
 time (latency; a batch's time shared evenly) and peak GPU memory.
 """
@@ -32,7 +32,7 @@ from PIL import Image
 import star
 from star.data.vqa import exact_match
 from star.eval.records import QUESTION_SUFFIX, read_jsonl
-from star.methods import build
+from star.methods import build, parse_option
 from star.pruner import POSITION_POLICIES
 
 BACKEND = "star"
@@ -73,9 +73,15 @@ class StarCounts(TokenCounts):
         return {**super().to_dict(), **{k: v for k, v in extra.items() if v is not None}}
 
 
+def method_options(method: str, options: dict) -> dict:
+    """The method's own model_args, typed as `star --option` types them: lmms-eval has read the numbers, and text
+    (layers=8/16/24, or a malformed value) is read here by the method's field."""
+    return {name: parse_option(method, name, value) if isinstance(value, str) else value for name, value in options.items()}
+
+
 def check_model_args(method: str = "star", keep: int | float = 0.1, positions: str = "original", dtype: str = "auto", template: str = "model", **options: object) -> None:
     """Reject bad model_args before any model is loaded (the scripts' test calls this without a model)."""
-    build(method, **options)  # unknown method or option: a ValueError naming it
+    build(method, **method_options(method, options))  # unknown method or option: a ValueError naming it
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or keep <= 0:
         raise ValueError(f"keep={keep!r} must be a positive int (tokens) or a fraction in (0, 1]")
     if positions not in POSITION_POLICIES:
@@ -109,6 +115,7 @@ class Star(lmms):
         from accelerate import Accelerator
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        options = method_options(method, options)
         check_model_args(method, keep, positions, dtype, template, **options)
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive int ('auto' is not supported)")

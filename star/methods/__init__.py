@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 
 from star.methods.base import DecoderView, LLMStage, Method, Plan, Selection, VisionView
 from star.methods.fastervlm import FasterVLM
@@ -33,12 +35,32 @@ def options(name: str) -> list[str]:
 
 def build(name: str, **options_: object) -> Method:
     """The method `name` with its options, or a ValueError that lists what is allowed."""
-    allowed = options(name)
-    unknown = sorted(set(options_) - set(allowed))
-    if unknown:
-        accepted = ", ".join(allowed) if allowed else "none"
-        raise ValueError(f"option {unknown[0]!r} is not accepted by method {name!r}: its options are {accepted}")
+    _check_known(name, options_)
     return REGISTRY[name](**options_)
 
 
-__all__ = ["DecoderView", "LLMStage", "Method", "Plan", "Selection", "VisionView", "build", "methods", "options", "REGISTRY"]
+def parse_option(name: str, option: str, text: str) -> object:
+    """Option `option` of method `name` read from text as its field's type: '8' for an int, '0.15' for a float,
+    '8/16/24' for a tuple of ints (not commas: those separate the values of a sweep). Ranges are the plan's to check."""
+    _check_known(name, [option])
+    hint = typing.get_type_hints(REGISTRY[name])[option]
+    kind = next(k for k in typing.get_args(hint) if k is not type(None)) if isinstance(hint, types.UnionType) else hint
+    is_tuple = typing.get_origin(kind) is tuple
+    if kind is float and text.strip().lstrip("-").isdigit():
+        kind = int  # an int is a float to typing; '0' stays 0, so a setting keeps the name its run folder has
+    try:
+        return tuple(typing.get_args(kind)[0](part) for part in text.split("/")) if is_tuple else kind(text)
+    except ValueError:
+        label = "ints joined by / (e.g. 8/16/24)" if is_tuple else {int: "an int", float: "a float"}[kind]
+        raise ValueError(f"{option}={text!r}: method {name!r} takes {label} for {option}") from None
+
+def _check_known(name: str, given) -> None:
+    """A ValueError naming the first option in `given` that method `name` does not have, and the ones it has."""
+    allowed = options(name)
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        accepted = ", ".join(allowed) if allowed else "none"
+        raise ValueError(f"option {unknown[0]!r} is not accepted by method {name!r}: its options are {accepted}")
+
+
+__all__ = ["DecoderView", "LLMStage", "Method", "Plan", "Selection", "VisionView", "build", "methods", "options", "parse_option", "REGISTRY"]

@@ -6,7 +6,7 @@ ranks the tokens, and layers K..L-1 run without the dropped ones; K = 2 by defau
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from star import scoring
 from star.methods.base import DecoderView, LLMStage, Method, Plan, Selection, check_layer
@@ -17,7 +17,7 @@ class FastV(Method):
     name = "fastv"
     summary = "last prompt token's attention at layer K-1, pruning before layer K (K=2)"
 
-    layer: int = 2
+    layer: int = field(default=2, metadata={"help": "the decoder layer K before which tokens are dropped (ranked by layer K-1)"})
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         layer = check_layer("layer", self.layer, num_layers)

@@ -8,7 +8,7 @@ geometric one that ends at `keep`, so every method is compared at the same final
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from star import scoring
 from star.methods.base import DecoderView, LLMStage, Method, Plan, Selection, geometric_plan
@@ -19,7 +19,9 @@ class PyramidDrop(Method):
     name = "pdrop"
     summary = "last instruction token's attention at L/4, L/2, 3L/4, geometric budgets"
 
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "the decoder layers that drop tokens, increasing (None: L/4, L/2, 3L/4)"}
+    )
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         layers = self.layers or tuple(num_layers * s // 4 for s in (1, 2, 3))

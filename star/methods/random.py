@@ -6,7 +6,7 @@ gives alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,7 +18,7 @@ class RandomPruning(Method):
     name = "random"
     summary = "a seeded random subset of the patches, before the decoder"
 
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "the seed of the random subset"})
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         return Plan(n_visual=n_visual, vision_keep=keep)

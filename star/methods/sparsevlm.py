@@ -34,7 +34,7 @@ Where this file departs from the code:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,9 +51,11 @@ class SparseVLM(Method):
     name = "sparsevlm"
     summary = "text raters' attention at L*{2,6,15}/32, geometric budgets, deleted tokens recycled by clustering"
 
-    layers: tuple[int, ...] | None = None
-    recycle_ratio: float = 0.3
-    cluster_size: int = 10
+    layers: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "the decoder layers that prune, increasing (None: L*{2,6,15}/32)"}
+    )
+    recycle_ratio: float = field(default=0.3, metadata={"help": "share of the deleted tokens recycled into merged ones, in [0, 1]"})
+    cluster_size: int = field(default=10, metadata={"help": "recycled tokens per merged token"})
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         layers = self.layers or tuple(sorted({max(1, num_layers * layer // 32) for layer in CODE_LAYERS}))

@@ -14,7 +14,7 @@ are the prompt's. Layers K..L-1 then run, and cache, only the kept tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from star import scoring
 from star.methods.base import DecoderView, LLMStage, Method, Plan, Selection, VisionView, check_layer, check_ratio
@@ -25,8 +25,8 @@ class Star(Method):
     name = "star"
     summary = "vision self-attention (stage 1) then text-to-image attention at layer K (stage 2)"
 
-    layer: int | None = None
-    stage1_ratio: float = 0.15
+    layer: int | None = field(default=None, metadata={"help": "the decoder layer K of stage 2 (None: half the decoder's depth)"})
+    stage1_ratio: float = field(default=0.15, metadata={"help": "share of the patches stage 1 drops in the vision encoder, in [0, 1)"})
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         layer = check_layer("layer", num_layers // 2 if self.layer is None else self.layer, num_layers)

@@ -10,7 +10,7 @@ after the dominant ones in score order, the kept tokens stay in spatial order he
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,7 +23,7 @@ class VisionZip(Method):
     name = "visionzip"
     summary = "dominant tokens by [CLS] attention + contextual tokens merged by key similarity"
 
-    contextual_ratio: float = 10 / 64
+    contextual_ratio: float = field(default=10 / 64, metadata={"help": "share of the budget given to merged contextual tokens, in [0, 1)"})
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         check_ratio("contextual_ratio", self.contextual_ratio)
