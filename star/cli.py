@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import star
+from star import compat
 from star import flops as flops_model
 from star.integrations import add_lmms_eval_command
 from star.methods import REGISTRY, build, options, parse_option
@@ -337,7 +338,7 @@ def _load(args: argparse.Namespace):
     if args.device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per data-parallel process
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    processor = AutoProcessor.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path, **compat.processor_kwargs())
     processor.tokenizer.padding_side = "left"
     return model.to(args.device).eval(), processor
 

@@ -50,6 +50,13 @@ def keep_pixels_for_forward(model: nn.Module) -> Callable[[], None]:
     return lambda: model.__dict__.pop("input_modalities", None)
 
 
+def processor_kwargs() -> dict:
+    """`AutoProcessor.from_pretrained`'s options: 4.57 warns on every load of a checkpoint saved with a slow
+    image processor unless `use_fast` is given (its fast one needs torchvision, which a CPU-only torch lacks),
+    so the saved choice is stated; 5.x chooses without a warning."""
+    return {} if V5 else {"use_fast": False}
+
+
 # -- LLaVA: the CLIP tower ---------------------------------------------------------------------------
 
 

@@ -354,7 +354,7 @@ def _load_base(base: Path):
     """The untrained assembly and its processor, as saved."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    return LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32), AutoProcessor.from_pretrained(base)
+    return LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32), AutoProcessor.from_pretrained(base, **compat.processor_kwargs())
 
 
 def build_default_model(home: Path | str | None = None, progress: bool = True, weights: Path | str = TRAINED_WEIGHTS) -> Path:
