@@ -15,7 +15,7 @@ import torch
 import transformers
 from torch import nn
 
-from star.decoder import gather_rotary, gather_seq, llama_style_qk
+from star.decoder import gather_rotary, llama_style_qk, project_qk
 
 MAJOR = int(transformers.__version__.split(".")[0])
 V5 = MAJOR >= 5
@@ -143,14 +143,11 @@ def qwen_decoder_qk(
     """
     if position_embeddings[0].dim() == 3:
         return llama_style_qk(layer, hidden, position_embeddings, rows)
-    attn = layer.self_attn
     apply_rotary = sys.modules[type(layer).__module__].apply_multimodal_rotary_pos_emb
-    section = attn.rope_scaling["mrope_section"]
-    normed = layer.input_layernorm(hidden)
+    section = layer.self_attn.rope_scaling["mrope_section"]
+    q, k = project_qk(layer, hidden, rows)
     cos, sin = position_embeddings
-    batch, seq = hidden.shape[:2]
-    q = attn.q_proj(gather_seq(normed, rows)).view(batch, rows.shape[1], -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    batch = hidden.shape[0]
     q = apply_rotary(q, q, gather_rotary(cos, rows), gather_rotary(sin, rows), section)[0]
     k = apply_rotary(k, k, cos.expand(-1, batch, -1, -1), sin.expand(-1, batch, -1, -1), section)[0]
     return q, k

@@ -98,13 +98,21 @@ def llama_style_qk(
     The layer's own input norm, projections and rotary embedding, as its attention computes them, so the
     scores equal that layer's attention probabilities. Returns q [B, H, R, d], k [B, Hk, S, d].
     """
-    attn = layer.self_attn
-    normed = layer.input_layernorm(hidden)
+    q, k = project_qk(layer, hidden, rows)
     cos, sin = position_embeddings
-    batch, seq = hidden.shape[:2]
+    batch = hidden.shape[0]
     cos = cos.expand(batch, *cos.shape[1:])
     sin = sin.expand(batch, *sin.shape[1:])
+    return rotate(q, gather_seq(cos, rows), gather_seq(sin, rows)), rotate(k, cos, sin)
+
+
+def project_qk(layer: nn.Module, hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's input norm and q/k projections, before any rotary embedding: queries for `rows`
+    [B, R] as [B, H, R, d], keys for every token as [B, Hk, S, d]."""
+    attn = layer.self_attn
+    normed = layer.input_layernorm(hidden)
+    batch, seq = hidden.shape[:2]
     q = attn.q_proj(gather_seq(normed, rows)).view(batch, rows.shape[1], -1, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-    return rotate(q, gather_seq(cos, rows), gather_seq(sin, rows)), rotate(k, cos, sin)
+    return q, k
 
