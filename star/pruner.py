@@ -415,10 +415,13 @@ class Pruner:
             return None
         return (hidden, *args[1:]), current
 
-    def _select(self, stage: LLMStage, hidden: torch.Tensor, kwargs: dict, budgets: list[int]) -> list[Selection]:
+    def _select(
+        self, stage: LLMStage, hidden: torch.Tensor, kwargs: dict, budgets: list[int], cut_hidden: torch.Tensor | None
+    ) -> list[Selection]:
         """The method's decoder-stage selection over the last frame's visual tokens: one per group of rows.
 
         Rows that hold and keep the same numbers of visual tokens are scored together; otherwise row by row.
+        cut_hidden: the states entering the cut layer, when the stage scores with an earlier layer.
         """
         prompt = self._prompt
         frame = prompt.frames[-1]
@@ -431,10 +434,11 @@ class Pruner:
             groups = list(range(batch))
         selections = []
         for row in groups:
-            h, pe, key_mask = hidden, kwargs["position_embeddings"], frame.mask.bool()
+            h, cut, pe, key_mask = hidden, cut_hidden, kwargs["position_embeddings"], frame.mask.bool()
             visual, n_text = frame.visual, prompt.n_text
             if row is not None:
                 h, key_mask, n_text = h[row : row + 1], key_mask[row : row + 1], n_text[row : row + 1]
+                cut = None if cut is None else cut[row : row + 1]
                 pe = tuple(_batch_row(x, row, x.dim() - 3) for x in pe)
                 visual = visual[row : row + 1, : int(counts[row])]
 
@@ -442,7 +446,7 @@ class Pruner:
                 q, k = self.adapter.decoder_qk(score_layer, h, pe, rows)
                 return attention_probs(q, k, key_mask, rows)
 
-            view = DecoderView(h, visual, n_text, key_mask, attention)
+            view = DecoderView(h, visual, n_text, key_mask, attention, cut)
             selections.append(self.method.select_llm(stage, view, budgets[0 if row is None else row]))
         return selections
 
@@ -453,7 +457,8 @@ class Pruner:
         stage = self.plan.llm_stages[stage_number]
         budgets = prompt.budgets[stage_number]
         score_hidden, score_kwargs = step.saved.get(stage.score_layer, (hidden, kwargs))
-        selections = self._select(stage, score_hidden, score_kwargs, budgets)
+        cut_hidden = hidden if stage.score_layer != stage.layer else None
+        selections = self._select(stage, score_hidden, score_kwargs, budgets, cut_hidden)
         batch, length = hidden.shape[:2]
         if len(selections) == 1:
             index = selections[0].index
