@@ -88,6 +88,7 @@ def evaluate(
         bar.set_postfix_str(setting.name)
         path = runs / setting.name / f"rank{rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / "setting.json").write_text(json.dumps(asdict(setting)))  # what the folder answers, for a later report
         pending = todo[setting.name]
         with star.apply(model, method=setting.method, keep=setting.keep, **{"positions": positions, **setting.options}) as pruner:
             for start in range(0, len(pending), batch_size):
