@@ -5,15 +5,37 @@
 #   scripts/results.sh sweep    # STAR's stage-1 ratio, layer K and position policy, validation split
 #   scripts/results.sh tables   # every method at 98/39/20/10 tokens, scenes and easy-VQA test splits
 #   scripts/results.sh bench    # prefill and decode time against the unpruned model and the oracle
+#   scripts/results.sh compare  # COMPARE_METHODS at 98/39/20/10 tokens, authors' defaults and earlier variants
 #
 # Sizes are environment variables (per question type): MODEL_N (200 scene questions), EASY_N (100 easy-VQA
-# colour and shape questions), SWEEP_N (25), TABLE_N (25), and BENCH_REPEATS (9). Every run resumes where it
+# colour and shape questions), SWEEP_N (25), TABLE_N (25), BENCH_REPEATS (9), and COMPARE_ROUNDS ("2 5 15 50": per-type
+# limits, run in turn so every setting grows together; 50 is the target: 200 scene and 100 easy-VQA questions per
+# setting). Every run resumes where it
 # stopped: star eval appends answers as they come (and refuses a folder that other weights answered).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAR=.venv/bin/star
+STAR=${STAR:-.venv/bin/star}
 OUT=docs/results
 METHODS=none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,random
+# The compare target's methods, at their authors' defaults: a new method joins with one more name here.
+COMPARE_METHODS=${COMPARE_METHODS:-none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,random}
+# This project's variants from before the fidelity fixes (issue 14), "method option..." each, run beside the defaults.
+VARIANTS=(
+  "fastervlm positions=original"
+  "visionzip positions=original merge=mean order=spatial"
+  "pdrop positions=original"
+  "sparsevlm positions=original schedule=geometric"
+)
+
+compare_one() {  # DATA OUT LIMIT [--types ...]: the defaults, then each variant, into one folder
+  local data=$1 out=$2 limit=$3; shift 3
+  $STAR eval --data "$data" --split test "$@" --limit "$limit" --methods "$COMPARE_METHODS" --keep 98,39,20,10 --out "$out"
+  for variant in "${VARIANTS[@]}"; do
+    read -r method options <<< "$variant"
+    $STAR eval --data "$data" --split test "$@" --limit "$limit" --methods "$method" --keep 98,39,20,10 \
+      $(printf -- "--option %s " $options) --out "$out"
+  done
+}
 
 case "${1:-}" in
   model)
@@ -38,8 +60,16 @@ case "${1:-}" in
     $STAR bench --methods star,fastv,fastervlm,pdrop --keep 98,39,20,10 --repeats "${BENCH_REPEATS:-9}" --warmup 3 \
       --out $OUT/bench.json | tee $OUT/bench.md
     ;;
+  compare)
+    for limit in ${COMPARE_ROUNDS:-2 5 15 50}; do
+      compare_one scenes $OUT/compare-scenes "$limit"
+      compare_one easy-vqa $OUT/compare-easy-vqa "$limit" --types color,shape
+    done
+    ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/compare-scenes "scenes (test)"
+    ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/compare-easy-vqa "easy-VQA (test, colour and shape)"
+    ;;
   *)
-    sed -n 2,11p "$0"
+    sed -n 2,14p "$0"
     exit 2
     ;;
 esac

@@ -57,7 +57,7 @@ def kv_cache_bytes(cache: DynamicCache) -> int:
 
 
 @torch.no_grad()
-def measure(model, inputs: dict, method: str, keep: int | float, repeats: int = 5, warmup: int = 2, new_tokens: int = 16, positions: str = "original", **options) -> dict:
+def measure(model, inputs: dict, method: str, keep: int | float, repeats: int = 5, warmup: int = 2, new_tokens: int = 16, positions: str | None = None, **options) -> dict:
     """Prefill time, decode tokens/s, KV-cache bytes and peak memory of one setting, and its prefill against its
     oracle's and the unpruned model's.
 
@@ -75,7 +75,7 @@ def measure(model, inputs: dict, method: str, keep: int | float, repeats: int = 
     times: dict[str, list[float]] = {key: [] for key in contenders}
     for run in range(warmup + repeats):
         for key, (chosen, budget) in contenders.items():
-            with Pruner(model, chosen, keep=budget, positions=positions) as attached:
+            with Pruner(model, chosen, keep=budget, positions=pruner.positions) as attached:
                 elapsed = _timed(lambda: model(**inputs, **compat.cache_kwargs(DynamicCache())))
                 if chosen is not unpruned and not all(torch.equal(a, b) for a, b in zip(attached.stats.kept_patches, replay.kept)):
                     raise RuntimeError(f"{'the oracle' if chosen is replay else method} did not keep the measured run's tokens")

@@ -85,7 +85,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", help="a LLaVA checkpoint directory or hub id (default: the project's default model)")
         sub.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default cpu)")
         sub.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights dtype")
-        sub.add_argument("--positions", default="original", choices=POSITION_POLICIES, help="rotary positions of kept tokens")
+        sub.add_argument(
+            "--positions", default=None, choices=POSITION_POLICIES,
+            help="rotary positions of kept tokens (default: each method's authors' policy, as `star methods` lists)",
+        )
 
     sub = commands.add_parser(
         "run",
@@ -171,6 +174,7 @@ def _methods(args: argparse.Namespace) -> None:
     name_width, type_width = (max(len(row[i]) for row in rows) for i in (0, 1))
     for name, cls in REGISTRY.items():
         print(f"{name:11s} {cls.summary}")
+        print(f"{'':13s} defaults from {cls.source}; positions={cls.positions!r}")
         for f in dataclasses.fields(cls):
             print(f"{'':13s} {f.name:{name_width}s}  {f'{f.type} = {f.default!r}':{type_width}s}  {f.metadata['help']}")
         if not dataclasses.fields(cls):
@@ -296,7 +300,7 @@ def _settings(methods: list[str], keeps: list[int | float], given: list[tuple[st
         raise ValueError(f"option {names[0]!r} is given, but method 'none' has no options: add a pruning method")
     settings = [Setting("none", 1.0)] if "none" in methods else []
     for method in pruning:
-        points = [{name: parse_option(method, name, text) for name, text in given}]
+        points = [{name: text if name == "positions" else parse_option(method, name, text) for name, text in given}]
         for name, values in grid:
             typed = [value if name == "positions" else parse_option(method, name, value) for value in values]
             points = [{**point, name: value} for point in points for value in typed]
@@ -511,11 +515,12 @@ def _flops(args: argparse.Namespace) -> None:
         lengths = flops_model.tokens_per_layer(shape.num_layers, fixed, crops * plan.vision_keep, stages)
         total = flops_model.prefill_flops(shape, lengths)
         tokens = " / ".join(str(t) for t in plan.tokens)
-        rows.append(f"| {setting.method} | {keep} | {tokens} | {total / 1e12:.3f} | {total / baseline:.3f} |")
+        average = plan.layer_average(shape.num_layers)
+        rows.append(f"| {setting.method} | {keep} | {tokens} | {average:.1f} | {total / 1e12:.3f} | {total / baseline:.3f} |")
     unit = f"{crops} crops of {per_crop}" if crops > 1 else f"{per_crop}"
     print(f"{args.model}: {shape.num_layers} layers, {unit} visual + {fixed} other tokens; unpruned {baseline / 1e12:.3f} TFLOPs per image")
-    print("| method | keep | visual tokens per stage" + (" (per crop)" if crops > 1 else "") + " | TFLOPs | ratio to unpruned |")
-    print("|---|---|---|---|---|")
+    print("| method | keep | visual tokens per stage" + (" (per crop)" if crops > 1 else "") + " | layer average | TFLOPs | ratio to unpruned |")
+    print("|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

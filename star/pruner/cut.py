@@ -27,7 +27,8 @@ def cut(
     earlier layer's). budgets: the visual tokens each prompt keeps.
     """
     frame = prompt.frames[-1]
-    selections = select(adapter, method, stage, prompt, *scored, budgets)
+    cut_hidden = hidden if stage.score_layer != stage.layer else None
+    selections = select(adapter, method, stage, prompt, *scored, budgets, cut_hidden)
     batch, length = hidden.shape[:2]
     if len(selections) == 1:
         index = selections[0].index
@@ -86,11 +87,12 @@ def cut(
 
 def select(
     adapter: Adapter, method: Method, stage: LLMStage, prompt: Prompt, hidden: torch.Tensor, kwargs: dict,
-    budgets: list[int],
+    budgets: list[int], cut_hidden: torch.Tensor | None,
 ) -> list[Selection]:
     """The method's decoder-stage selection over the last frame's visual tokens: one per group of rows.
 
     Rows that hold and keep the same numbers of visual tokens are scored together; otherwise row by row.
+    cut_hidden: the states entering the cut layer, when the stage scores with an earlier layer.
     """
     frame = prompt.frames[-1]
     score_layer = adapter.layers[stage.score_layer]
@@ -102,10 +104,11 @@ def select(
         groups = list(range(batch))
     selections = []
     for row in groups:
-        h, pe, key_mask = hidden, kwargs["position_embeddings"], frame.mask.bool()
+        h, entering, pe, key_mask = hidden, cut_hidden, kwargs["position_embeddings"], frame.mask.bool()
         visual, n_text = frame.visual, prompt.n_text
         if row is not None:
             h, key_mask, n_text = h[row : row + 1], key_mask[row : row + 1], n_text[row : row + 1]
+            entering = None if entering is None else entering[row : row + 1]
             pe = tuple(_batch_row(x, row, x.dim() - 3) for x in pe)
             visual = visual[row : row + 1, : int(counts[row])]
 
@@ -113,7 +116,7 @@ def select(
             q, k = adapter.decoder_qk(score_layer, h, pe, rows)
             return attention_probs(q, k, key_mask, rows)
 
-        view = DecoderView(h, visual, n_text, key_mask, attention)
+        view = DecoderView(h, visual, n_text, key_mask, attention, entering)
         selections.append(method.select_llm(stage, view, budgets[0 if row is None else row]))
     return selections
 
