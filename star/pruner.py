@@ -415,10 +415,13 @@ class Pruner:
             return None
         return (hidden, *args[1:]), current
 
-    def _select(self, stage: LLMStage, hidden: torch.Tensor, kwargs: dict, budgets: list[int]) -> list[Selection]:
+    def _select(
+        self, stage: LLMStage, hidden: torch.Tensor, kwargs: dict, budgets: list[int], cut_hidden: torch.Tensor
+    ) -> list[Selection]:
         """The method's decoder-stage selection over the last frame's visual tokens: one per group of rows.
 
-        Rows that hold and keep the same numbers of visual tokens are scored together; otherwise row by row.
+        hidden, kwargs: the score layer's input; cut_hidden: the cut layer's (the same frame). Rows that hold
+        and keep the same numbers of visual tokens are scored together; otherwise row by row.
         """
         prompt = self._prompt
         frame = prompt.frames[-1]
@@ -431,10 +434,10 @@ class Pruner:
             groups = list(range(batch))
         selections = []
         for row in groups:
-            h, pe, key_mask = hidden, kwargs["position_embeddings"], frame.mask.bool()
+            h, pe, key_mask, cut = hidden, kwargs["position_embeddings"], frame.mask.bool(), cut_hidden
             visual, n_text = frame.visual, prompt.n_text
             if row is not None:
-                h, key_mask, n_text = h[row : row + 1], key_mask[row : row + 1], n_text[row : row + 1]
+                h, key_mask, n_text, cut = h[row : row + 1], key_mask[row : row + 1], n_text[row : row + 1], cut[row : row + 1]
                 pe = tuple(_batch_row(x, row, x.dim() - 3) for x in pe)
                 visual = visual[row : row + 1, : int(counts[row])]
 
@@ -442,7 +445,10 @@ class Pruner:
                 q, k = self.adapter.decoder_qk(score_layer, h, pe, rows)
                 return attention_probs(q, k, key_mask, rows)
 
-            view = DecoderView(h, visual, n_text, key_mask, attention)
+            def keys(h=h, pe=pe) -> torch.Tensor:
+                return self.adapter.decoder_qk(score_layer, h, pe, torch.zeros_like(h[:, :1, 0], dtype=torch.long))[1]
+
+            view = DecoderView(h, visual, n_text, key_mask, attention, keys, partial(self.adapter.norm, cut))
             selections.append(self.method.select_llm(stage, view, budgets[0 if row is None else row]))
         return selections
 
@@ -453,7 +459,7 @@ class Pruner:
         stage = self.plan.llm_stages[stage_number]
         budgets = prompt.budgets[stage_number]
         score_hidden, score_kwargs = step.saved.get(stage.score_layer, (hidden, kwargs))
-        selections = self._select(stage, score_hidden, score_kwargs, budgets)
+        selections = self._select(stage, score_hidden, score_kwargs, budgets, hidden)
         batch, length = hidden.shape[:2]
         if len(selections) == 1:
             index = selections[0].index
