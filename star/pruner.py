@@ -435,18 +435,23 @@ class Pruner:
         selections = []
         for row in groups:
             h, pe, key_mask, cut = hidden, kwargs["position_embeddings"], frame.mask.bool(), cut_hidden
-            visual, n_text = frame.visual, prompt.n_text
+            visual, n_text, positions = frame.visual, prompt.n_text, frame.position_ids
             if row is not None:
                 h, key_mask, n_text, cut = h[row : row + 1], key_mask[row : row + 1], n_text[row : row + 1], cut[row : row + 1]
                 pe = tuple(_batch_row(x, row, x.dim() - 3) for x in pe)
                 visual = visual[row : row + 1, : int(counts[row])]
+                positions = _batch_row(positions, row, positions.dim() - 2)
 
             def attention(rows: torch.Tensor, h=h, pe=pe, key_mask=key_mask) -> torch.Tensor:
                 q, k = self.adapter.decoder_qk(score_layer, h, pe, rows)
                 return attention_probs(q, k, key_mask, rows)
 
-            def keys(h=h, pe=pe) -> torch.Tensor:
-                return self.adapter.decoder_qk(score_layer, h, pe, torch.zeros_like(h[:, :1, 0], dtype=torch.long))[1]
+            def keys(h=h, key_mask=key_mask, positions=positions) -> torch.Tensor:
+                """Keys after the rotary embedding of positions counted from each prompt's first token, as the
+                prompt alone has them: a rotated key's norm depends on its position, which padding shifts."""
+                first = key_mask.long().argmax(dim=1)[:, None].expand(*positions.shape[:-1], 1)
+                alone = self.adapter.rotary(h, positions - positions.gather(-1, first))
+                return self.adapter.decoder_qk(score_layer, h, alone, torch.zeros_like(h[:, :1, 0], dtype=torch.long))[1]
 
             view = DecoderView(h, visual, n_text, key_mask, attention, keys, partial(self.adapter.norm, cut))
             selections.append(self.method.select_llm(stage, view, budgets[0 if row is None else row]))
