@@ -447,10 +447,9 @@ class Pruner:
                 return attention_probs(q, k, key_mask, rows)
 
             def keys(h=h, key_mask=key_mask, positions=positions) -> torch.Tensor:
-                """Keys after the rotary embedding of positions counted from each prompt's first token, as the
-                prompt alone has them: a rotated key's norm depends on its position, which padding shifts."""
-                first = key_mask.long().argmax(dim=1)[:, None].expand(*positions.shape[:-1], 1)
-                alone = self.adapter.rotary(h, positions - positions.gather(-1, first))
+                """Keys rotated at the positions each prompt has alone: a rotated key's norm depends on its
+                position, which left padding shifts."""
+                alone = self.adapter.rotary_alone(h, positions, key_mask)
                 return self.adapter.decoder_qk(score_layer, h, alone, torch.zeros_like(h[:, :1, 0], dtype=torch.long))[1]
 
             view = DecoderView(h, visual, n_text, key_mask, attention, keys, partial(self.adapter.norm, cut))

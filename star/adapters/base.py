@@ -62,6 +62,15 @@ class Decoder:
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.decoder.rotary_emb(hidden, position_ids)
 
+    def rotary_alone(self, hidden: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary embedding of a frame's positions ([B, S], or M-RoPE's [3, B, S] that generate() may give
+        as [4, B, S], text positions first) counted from each prompt's first token (key_mask [B, S] False at
+        padding): the positions each prompt has alone, whatever padding shifted them by."""
+        if self.mrope:
+            positions = positions[-3:]
+        first = key_mask.long().argmax(dim=1)[:, None].expand(*positions.shape[:-1], 1)
+        return self.rotary(hidden, positions - positions.gather(-1, first))
+
     def norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The decoder's final norm, the one the LM head reads through."""
         return self.decoder.norm(hidden)

@@ -15,8 +15,8 @@ authors report seeing in CLIP alone (CDPruner issues #9, #14). A loaded LLaVA or
 aligned with its vision tower; the space where its image and text tokens meet is the decoder's input. So
 here the relevance is the mean cosine similarity between a token's decoder input embedding and the input
 embeddings of the instruction: the prompt tokens after the last image token (the question and the
-assistant prefix), not negated. A prompt with no text after its image has no instruction: every token is
-then equally relevant, and the selection is the plain DPP over S.
+assistant prefix), not negated. A prompt with no text after its image (or a view of no prompt) has no
+instruction: every token is then equally relevant, and the selection is the plain DPP over S.
 
 Where else this file departs from the code:
 - The code normalises relevance over the whole batch of crops at once; here over each unit (an image, a
@@ -48,10 +48,11 @@ class CDPruner(Method):
         return Plan(n_visual=n_visual, vision_keep=keep)
 
     def select_vision(self, view: VisionView, k: int) -> Selection:
-        if view.instruction is None:
-            raise ValueError("cdpruner conditions on the prompt's instruction: this view belongs to no prompt")
-        text, own = view.instruction()
         tokens = torch.nn.functional.normalize(view.embeddings.float(), dim=-1)
+        if view.instruction is None:
+            text, own = tokens[:, :0], tokens.new_zeros(tokens.shape[0], 0, dtype=torch.bool)
+        else:
+            text, own = view.instruction()
         similarity = tokens @ tokens.transpose(1, 2)
         relevance = instruction_relevance(tokens, torch.nn.functional.normalize(text.float(), dim=-1), own)
         return Selection(dpp_map(relevance[:, :, None] * similarity * relevance[:, None, :], k))
