@@ -276,3 +276,17 @@ def test_dart_budget_is_exact_when_it_does_not_divide():
     for k in range(1, 31):
         kept = least_duplicated(states, norms, visual, text, k, 4, 4)
         assert len(kept) == k and len(set(kept.tolist())) == k
+
+
+def test_diversity_selections_keep_exactly_k_distinct_tokens_when_tokens_repeat():
+    """Duplicated tokens and a kernel of rank 2: the greedy steps past what the code handles still keep k."""
+    from star.methods.cdpruner import dpp_map
+    from star.methods.divprune import max_min_diverse
+
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randn(2, 2, 6, generator=g).repeat(1, 5, 1)  # 10 tokens, 2 distinct ones per image
+    kernel = torch.nn.functional.normalize(tokens, dim=-1) @ torch.nn.functional.normalize(tokens, dim=-1).transpose(1, 2)
+    for k in range(1, 11):
+        for kept in (max_min_diverse(tokens, k), dpp_map(kernel, k)):
+            assert kept.shape == (2, k)
+            assert all(len(set(row.tolist())) == k for row in kept)

@@ -21,9 +21,9 @@ instruction: every token is then equally relevant, and the selection is the plai
 Where else this file departs from the code:
 - The code normalises relevance over the whole batch of crops at once; here over each unit (an image, a
   LLaVA-NeXT crop), so a prompt's selection does not depend on the others in its batch.
-- Once the kernel's rank is spent (every gain left is 0 up to rounding), the code divides by a square root
-  of zero or less; here such a step keeps the lowest-indexed token left and changes no gain, so exactly
-  `keep` distinct tokens are kept.
+- Once the kernel's rank is spent (every gain left is 0 up to rounding), the code divides by the square root
+  of zero or less, and its NaNs can pick a token twice; here such a step keeps the not yet kept token of
+  largest gain and changes no gain, so exactly `keep` distinct tokens are kept.
 - LLaVA-NeXT: the code drops unpadding and the newline tokens and keeps `keep` of every crop; here every crop
   keeps `keep` (a cut tile, its share of the patches it shows) and the newline tokens stay.
 - Positions: the code hands the decoder the shorter sequence, numbered without gaps (positions="contiguous");
