@@ -15,7 +15,8 @@ same function in `Qwen2_5-VL/Qwen2_5VL_DART/modeling_qwen2_5_vl_self.py`):
 Budget: the code gives each pivot max_num_trunction // pivots tokens (128 // 8 = 16 for its "128" setting,
 which so keeps 4 + 8 x 16 = 132 visual tokens). Here `keep` is the final count: keep - (image pivots) tokens
 are split as evenly as possible over the pivots, the earlier pivots taking the remainder, so keep=132 is
-the code's "128" exactly.
+the code's "128" exactly. On LLaVA-NeXT the code's budget is one count for the whole image (320 by default,
+`retain_token_num_for_llava_next`); here it is `keep` per crop, summed over the prompt's crops.
 
 Where this file departs from the code:
 - Pivots are visited in sequence order; the code visits them in the iteration order of a Python set of
