@@ -28,6 +28,14 @@ def test_star_flops_command_prints_the_table(capsys):
     assert "| fastervlm | 29 | 576 / 29 |" in out
 
 
+def test_flops_command_knows_the_2025_baselines(capsys):
+    assert main(["flops", "--model", "llava-1.5-7b", "--method", "vispruner,divprune,cdpruner,dart", "--keep", "64"]) == 0
+    out = capsys.readouterr().out
+    for method in ("vispruner", "divprune", "cdpruner"):
+        assert f"| {method} | 64 | 576 / 64 |" in out
+    assert "| dart | 64 | 576 / 576 / 64 |" in out
+
+
 def test_shipped_shapes_and_bad_names():
     assert named_models() == ["llava-1.5-13b", "llava-1.5-7b", "llava-next-7b"]
     assert DecoderShape.named("llava-1.5-13b").num_layers == 40
@@ -49,7 +57,7 @@ def test_formula_equals_counted_matrix_products_of_a_llama():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method", ["none", "star", "pdrop", "fastervlm"])
+@pytest.mark.parametrize("method", ["none", "star", "pdrop", "fastervlm", "cdpruner", "dart"])
 def test_stats_flops_match_the_counted_decoder_of_a_real_prefill(method):
     model = tiny_llava(attn="eager")
     inputs = batch([prompt_ids(3, 6, seed=1), prompt_ids(7, 4, seed=2)])

@@ -12,7 +12,7 @@ from families import (
 )
 from star.scoring import top_k_in_order
 
-SELECTING = ["star", "fastv", "fastervlm", "pdrop", "random"]
+SELECTING = ["star", "fastv", "fastervlm", "pdrop", "random", "vispruner", "divprune", "cdpruner", "dart"]
 # (20, 70) picks the 32 x 64 grid and unpads it to 2 of its 4 patch rows: its tiles are shown in part.
 WIDE, SQUARE, MEDIUM = (20, 70), (64, 64), (40, 70)
 
@@ -54,7 +54,7 @@ def test_pruned_prefill_equals_forward_over_kept_tokens(model, method, positions
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method", ["star", "fastv", "pdrop", "fastervlm"])
+@pytest.mark.parametrize("method", ["star", "fastv", "pdrop", "fastervlm", "divprune", "dart"])
 def test_cached_generation_equals_recomputation(model, method):
     inputs = _one(model, SQUARE, text=(5, 4), seed=1)
     with star.apply(model, method=method, keep=4) as pruner:

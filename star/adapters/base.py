@@ -8,6 +8,7 @@ embeddings; the pruner applies the method's plan to each unit and builds the sho
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -60,6 +61,33 @@ class Decoder:
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.decoder.rotary_emb(hidden, position_ids)
+
+    def rotary_alone(self, hidden: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary embedding of a frame's positions ([B, S], or M-RoPE's [3, B, S] that generate() may give
+        as [4, B, S], text positions first) counted from each prompt's first token (key_mask [B, S] False at
+        padding): the positions each prompt has alone, whatever padding shifted them by."""
+        if self.mrope:
+            positions = positions[-3:]
+        first = key_mask.long().argmax(dim=1)[:, None].expand(*positions.shape[:-1], 1)
+        return self.rotary(hidden, positions - positions.gather(-1, first))
+
+    def norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder's final norm, the one the LM head reads through."""
+        return self.decoder.norm(hidden)
+
+    def instruction(self, input_ids: torch.Tensor, is_image: torch.Tensor, rows: torch.Tensor) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        """For the units of prompts `rows` [I], computes the decoder input embeddings of their prompts' tokens
+        after the last image token, [I, T, D], right-aligned as left padding leaves them, and their mask [I, T]."""
+
+        def embeddings() -> tuple[torch.Tensor, torch.Tensor]:
+            length = input_ids.shape[1]
+            positions = torch.arange(length, device=input_ids.device)
+            last_image = torch.where(is_image, positions, -1).amax(dim=1)[rows]
+            width = int((length - 1 - last_image).max())
+            own = positions[length - width :][None, :] > last_image[:, None]
+            return self.embed(input_ids[rows, length - width :]), own
+
+        return embeddings
 
 
 def split_rows(image_tokens: torch.Tensor, per_image: list[int], what: str) -> list[int]:

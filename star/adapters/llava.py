@@ -80,12 +80,14 @@ class LlavaAdapter(LlamaDecoder):
         out = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
         return out.hidden_states[self.feature_index], out.hidden_states[self.feature_index - 1]
 
-    def clip_view(self, feature: torch.Tensor, layer_input: torch.Tensor) -> VisionView:
+    def clip_view(self, feature: torch.Tensor, layer_input: torch.Tensor, instruction=None) -> VisionView:
         return VisionView(
             features=feature[:, 1:],
             n_prefix=1,
             qk=partial(_clip_qk, self.feature_layer, layer_input),
             prefix_features=feature[:, 0],
+            project=self.project,
+            instruction=instruction,
         )
 
     def encode_prompts(self, inputs: dict, input_ids: torch.Tensor) -> Encoded:
@@ -100,7 +102,8 @@ class LlavaAdapter(LlamaDecoder):
         first = torch.cumsum(counts, dim=0) - counts
         image_in_row = torch.arange(images, device=device) - first[rows]
         places = image_in_row[:, None] * self.n_visual + torch.arange(self.n_visual, device=device)
-        group = VisionGroup(self.encode(pixel_values), rows, places)
+        view = self.clip_view(*self.feature_layer_io(pixel_values), self.instruction(input_ids, is_image, rows))
+        group = VisionGroup(view, rows, places)
         return Encoded([group], ordinals(is_image), None)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:

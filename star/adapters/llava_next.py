@@ -100,7 +100,8 @@ class LlavaNextAdapter(LlavaAdapter):
         groups = []
         if bool(whole.any()):
             index = whole.nonzero()[:, 0]
-            groups.append(VisionGroup(self.clip_view(feature[index], layer_input[index]), rows[index], place_of[index]))
+            view = self.clip_view(feature[index], layer_input[index], self.instruction(input_ids, is_image, rows[index]))
+            groups.append(VisionGroup(view, rows[index], place_of[index]))
         for crop in partial_crops:
             shown = (place_of[crop] >= 0).nonzero()[:, 0]
             view = PartialCropView(
@@ -108,6 +109,8 @@ class LlavaNextAdapter(LlavaAdapter):
                 n_prefix=1,
                 qk=partial(_clip_qk, self.feature_layer, layer_input[crop : crop + 1]),
                 prefix_features=feature[crop : crop + 1, 0],
+                project=self.project,
+                instruction=self.instruction(input_ids, is_image, rows[crop : crop + 1]),
                 columns=torch.cat([shown.new_zeros(1), 1 + shown]),
             )
             groups.append(VisionGroup(view, rows[crop : crop + 1], place_of[crop : crop + 1, shown]))

@@ -113,6 +113,7 @@ class Qwen2VLAdapter(Decoder):
                     features=tokens[None, token_start : token_start + n],
                     n_prefix=0,
                     qk=qk,
+                    instruction=self.instruction(input_ids, is_image, torch.tensor([row], device=device)),
                     group=self.merge_unit,
                     order=order[token_start : token_start + n] - token_start,
                 )

@@ -7,6 +7,9 @@ import types
 import typing
 
 from star.methods.base import DecoderView, LLMStage, Method, Plan, Selection, VisionView
+from star.methods.cdpruner import CDPruner
+from star.methods.dart import Dart
+from star.methods.divprune import DivPrune
 from star.methods.fastervlm import FasterVLM
 from star.methods.fastv import FastV
 from star.methods.none import NoPruning
@@ -15,9 +18,13 @@ from star.methods.random import RandomPruning
 from star.methods.sparsevlm import SparseVLM
 from star.methods.star import Star
 from star.methods.visionzip import VisionZip
+from star.methods.vispruner import VisPruner
 
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (NoPruning, Star, FastV, FasterVLM, VisionZip, PyramidDrop, SparseVLM, RandomPruning)
+    cls.name: cls
+    for cls in (
+        NoPruning, Star, FastV, FasterVLM, VisionZip, PyramidDrop, SparseVLM, VisPruner, DivPrune, CDPruner, Dart, RandomPruning
+    )
 }
 
 

@@ -68,12 +68,19 @@ class VisionView:
     features: [I, N, D] the patch features the projector would receive.
     qk: computes the feature layer's queries and keys, [I, H, T, d] each, over all T = n_prefix + N tokens
     (n_prefix is 1 for CLIP's [CLS], 0 for encoders without one). Called only by methods that score.
+    project: the projector, features -> decoder input embeddings; None where the features already are
+    those embeddings (Qwen2-VL, whose patch merger is its projector).
+    instruction: computes the decoder input embeddings of each unit's instruction, the prompt tokens after
+    its last image token, as ([I, T, D_decoder], mask [I, T] False where a row has fewer); None where the
+    view belongs to no prompt. Called only by methods that condition on the instruction.
     """
 
     features: torch.Tensor
     n_prefix: int
     qk: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     prefix_features: torch.Tensor | None = None
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    instruction: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @cached_property
     def attention(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,6 +99,11 @@ class VisionView:
             raise ValueError("this vision encoder has no [CLS] token, so a [CLS]-attention method cannot score it")
         return self.attention[0][:, :, 0, self.n_prefix :].mean(dim=1)
 
+    @cached_property
+    def embeddings(self) -> torch.Tensor:
+        """The features as the decoder receives them, [I, N, D_decoder], projected once per view."""
+        return self.features if self.project is None else self.project(self.features)
+
 
 @dataclass
 class DecoderView:
@@ -102,6 +114,10 @@ class DecoderView:
     key_mask: [B, S] False for padding.
     attention: that layer's attention probabilities for query rows [B, R] against all S keys, causal,
     [B, H, R, S] in float32.
+    keys: that layer's keys at every position, after the rotary embedding, [B, H_kv, S, d].
+    states: the states the cut keeps, those entering the layer that cuts, [B, S, D]: `hidden` unless the
+    stage scores with an earlier layer (FastV, SparseVLM: that layer's output).
+    normed_states: `states` through the decoder's final norm, as the LM head reads them, [B, S, D].
     """
 
     hidden: torch.Tensor
@@ -109,13 +125,9 @@ class DecoderView:
     n_text: torch.Tensor
     key_mask: torch.Tensor
     attention: Callable[[torch.Tensor], torch.Tensor]
-    cut_hidden: torch.Tensor | None = None
-
-    @property
-    def states(self) -> torch.Tensor:
-        """The states the cut keeps: the input of the layer the stage cuts before. It is `hidden` (the scoring
-        layer's input) unless the stage scores with an earlier layer (FastV, SparseVLM: that layer's output)."""
-        return self.hidden if self.cut_hidden is None else self.cut_hidden
+    keys: Callable[[], torch.Tensor]
+    states: torch.Tensor
+    normed_states: Callable[[], torch.Tensor]
 
     def text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The text rows as an index [B, R] over the last R positions, with the mask of each row's own."""

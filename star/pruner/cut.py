@@ -7,6 +7,8 @@ on the KV cache holds only the kept tokens.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from star import compat
@@ -27,8 +29,7 @@ def cut(
     earlier layer's). budgets: the visual tokens each prompt keeps.
     """
     frame = prompt.frames[-1]
-    cut_hidden = hidden if stage.score_layer != stage.layer else None
-    selections = select(adapter, method, stage, prompt, *scored, budgets, cut_hidden)
+    selections = select(adapter, method, stage, prompt, *scored, budgets, hidden)
     batch, length = hidden.shape[:2]
     if len(selections) == 1:
         index = selections[0].index
@@ -87,12 +88,12 @@ def cut(
 
 def select(
     adapter: Adapter, method: Method, stage: LLMStage, prompt: Prompt, hidden: torch.Tensor, kwargs: dict,
-    budgets: list[int], cut_hidden: torch.Tensor | None,
+    budgets: list[int], cut_hidden: torch.Tensor,
 ) -> list[Selection]:
     """The method's decoder-stage selection over the last frame's visual tokens: one per group of rows.
 
-    Rows that hold and keep the same numbers of visual tokens are scored together; otherwise row by row.
-    cut_hidden: the states entering the cut layer, when the stage scores with an earlier layer.
+    hidden, kwargs: the score layer's inputs; cut_hidden: the stage layer's (the same frame). Rows that hold
+    and keep the same numbers of visual tokens are scored together; otherwise row by row.
     """
     frame = prompt.frames[-1]
     score_layer = adapter.layers[stage.score_layer]
@@ -104,19 +105,25 @@ def select(
         groups = list(range(batch))
     selections = []
     for row in groups:
-        h, entering, pe, key_mask = hidden, cut_hidden, kwargs["position_embeddings"], frame.mask.bool()
-        visual, n_text = frame.visual, prompt.n_text
+        h, pe, key_mask, cut_h = hidden, kwargs["position_embeddings"], frame.mask.bool(), cut_hidden
+        visual, n_text, positions = frame.visual, prompt.n_text, frame.position_ids
         if row is not None:
-            h, key_mask, n_text = h[row : row + 1], key_mask[row : row + 1], n_text[row : row + 1]
-            entering = None if entering is None else entering[row : row + 1]
+            h, key_mask, n_text, cut_h = h[row : row + 1], key_mask[row : row + 1], n_text[row : row + 1], cut_h[row : row + 1]
             pe = tuple(_batch_row(x, row, x.dim() - 3) for x in pe)
             visual = visual[row : row + 1, : int(counts[row])]
+            positions = _batch_row(positions, row, positions.dim() - 2)
 
         def attention(rows: torch.Tensor, h=h, pe=pe, key_mask=key_mask) -> torch.Tensor:
             q, k = adapter.decoder_qk(score_layer, h, pe, rows)
             return attention_probs(q, k, key_mask, rows)
 
-        view = DecoderView(h, visual, n_text, key_mask, attention, entering)
+        def keys(h=h, key_mask=key_mask, positions=positions) -> torch.Tensor:
+            """Keys rotated at the positions each prompt has alone: a rotated key's norm depends on its
+            position, which left padding shifts."""
+            alone = adapter.rotary_alone(h, positions, key_mask)
+            return adapter.decoder_qk(score_layer, h, alone, torch.zeros_like(h[:, :1, 0], dtype=torch.long))[1]
+
+        view = DecoderView(h, visual, n_text, key_mask, attention, keys, cut_h, partial(adapter.norm, cut_h))
         selections.append(method.select_llm(stage, view, budgets[0 if row is None else row]))
     return selections
 
