@@ -503,6 +503,10 @@ def _flops(args: argparse.Namespace) -> None:
     crops = flops_model.crops_per_image(args.model)
     fixed = args.text_tokens + flops_model.fixed_image_tokens(args.model)
     baseline = flops_model.prefill_flops(shape, [fixed + crops * per_crop] * shape.num_layers)
+    refused = flops_model.refused_methods(args.model)
+    for method in args.method:
+        if method in refused:
+            raise ValueError(f"--method {method!r} cannot prune {args.model}: {refused[method]}")
     rows = []
     for setting in _settings(args.method, args.keep, args.option):
         keep = resolve_keep(setting.keep, per_crop)
