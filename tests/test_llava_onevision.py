@@ -171,6 +171,20 @@ def test_decoder_selection_equals_top_k_of_eager_attention():
         assert torch.equal(stage[row][stage[row] >= 0], places[top_k_in_order(scores, totals[row][-1])])
 
 
+@torch.no_grad()
+def test_generate_prunes_its_prefill(model):
+    inputs = onevision_inputs(model, [[SQUARE]], [(2, 3)], seed=7)
+    lengths = []
+    handle = model.model.language_model.layers[0].register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
+    try:
+        with star.apply(model, method="star", keep=2) as pruner:
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            entry = pruner.stats.sequence_lengths[0]
+    finally:
+        handle.remove()
+    assert lengths[0] == entry < inputs["input_ids"].shape[1]
+
+
 def test_bad_inputs_are_named(model):
     with pytest.raises(ValueError, match="keep"):
         star.apply(model, method="star", keep=CROP + 1)
