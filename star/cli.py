@@ -11,6 +11,8 @@ from pathlib import Path
 import star
 from star import compat
 from star import flops as flops_model
+from star.adapters import ADAPTERS
+from star.adapters.base import vision_refusal
 from star.integrations import add_lmms_eval_command
 from star.methods import REGISTRY, build, options, parse_option
 from star.pruner import POSITION_POLICIES, resolve_keep
@@ -175,6 +177,11 @@ def _methods(args: argparse.Namespace) -> None:
             print(f"{'':13s} {f.name:{name_width}s}  {f'{f.type} = {f.default!r}':{type_width}s}  {f.metadata['help']}")
         if not dataclasses.fields(cls):
             print(f"{'':13s} no options")
+        for adapter in ADAPTERS:
+            reason = vision_refusal(adapter, cls())
+            if reason:
+                models = ", ".join(model.__name__ for model in adapter.model_classes)
+                print(f"{'':13s} refused by {models}: {reason}")
     print("Set an option with --option NAME=VALUE (a tuple as 8/16/24) in run, eval, bench, demo and flops; sweep one with eval's --grid NAME=V1,V2.")
 
 

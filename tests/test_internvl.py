@@ -123,7 +123,14 @@ def _blocks_by_hand(per_patch: torch.Tensor) -> torch.Tensor:
 def test_vision_scores_equal_eager_attention_summed_per_merged_token(method):
     eager, sdpa = tiny_internvl(attn="eager"), tiny_internvl(attn="sdpa")
     inputs = internvl_inputs([[2], [1]], [(2, 2), (3, 1)], seed=5)
-    probs = eager.model.vision_tower(pixel_values=inputs["pixel_values"], output_attentions=True).attentions[-1]
+    weights = []  # the eager attention weights of the tower's last layer (4.57's tower takes no output_attentions)
+    layer = eager.model.vision_tower.encoder.layer[-1].attention
+    handle = layer.register_forward_hook(lambda module, args, output: weights.append(output[1]))
+    try:
+        eager.model.vision_tower(pixel_values=inputs["pixel_values"])
+    finally:
+        handle.remove()
+    probs = weights[0]
     received = _blocks_by_hand(probs.mean(dim=(1, 2))[:, 1:])  # mean over heads and every row, [CLS] dropped
     cls_row = _blocks_by_hand(probs[:, :, 0, 1:].mean(dim=1))
     with star.apply(sdpa, method=method, keep=4) as pruner:

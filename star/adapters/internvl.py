@@ -46,6 +46,7 @@ class ShuffledView(VisionView):
 class InternVLAdapter(LlavaAdapter):
     model_classes = (InternVLForConditionalGeneration,)
     vision_inputs = ("pixel_values",)
+    projects_cls = False  # the projector takes 2 x 2 patch blocks only
 
     def __init__(self, model: InternVLForConditionalGeneration):
         config = model.config

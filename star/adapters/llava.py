@@ -23,6 +23,7 @@ class LlamaDecoder(Decoder):
 
     mrope = False
     has_cls = True
+    projects_cls = True
 
     def decoder_qk(self, layer: nn.Module, hidden, position_embeddings, rows):
         return llama_style_qk(layer, hidden, position_embeddings, rows)

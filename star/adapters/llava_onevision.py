@@ -50,7 +50,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
     model_classes = (LlavaOnevisionForConditionalGeneration,)
     vision_inputs = ("pixel_values", "image_sizes", "batch_num_images")
     select_strategy = "full"
-    has_cls = False
+    has_cls = projects_cls = False
 
     def __init__(self, model: LlavaOnevisionForConditionalGeneration):
         super().__init__(model)
