@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import star
+import star.adapters.internvl as internvl_adapter
 from families import IMAGE_TOKEN, forward_kept, greedy_by_recompute, kept_of
 from star.scoring import top_k_in_order
 from tiled_families import TILE, internvl_inputs, prompt_embeds, rows_alone, tiny_internvl
@@ -120,7 +121,8 @@ def _blocks_by_hand(per_patch: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 @pytest.mark.parametrize("method", ["star", "fastervlm"])
-def test_vision_scores_equal_eager_attention_summed_per_merged_token(method):
+def test_vision_scores_equal_eager_attention_summed_per_merged_token(method, monkeypatch):
+    monkeypatch.setattr(internvl_adapter, "TILES_AT_ONCE", 2)  # three tiles: scored in two pieces
     eager, sdpa = tiny_internvl(attn="eager"), tiny_internvl(attn="sdpa")
     inputs = internvl_inputs([[2], [1]], [(2, 2), (3, 1)], seed=5)
     weights = []  # the eager attention weights of the tower's last layer (4.57's tower takes no output_attentions)

@@ -17,14 +17,18 @@ patch blocks, so it is refused.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 
 import torch
 from torch import nn
 from transformers import InternVLForConditionalGeneration
 
+from star import scoring
 from star.adapters.llava import LlavaAdapter
 from star.methods.base import VisionView
+
+
+TILES_AT_ONCE = 8  # tiles whose attention is computed together: a batch's whole attention never exists at once
 
 
 @dataclass
@@ -34,13 +38,25 @@ class ShuffledView(VisionView):
 
     sources: torch.Tensor | None = None  # [N, 4] patch numbers (0-based, [CLS] not counted)
 
+    @cached_property
+    def patch_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per patch, [I, P] each: the attention it receives (mean over all query rows and heads) and the
+        [CLS] row's attention to it (mean over heads)."""
+        q, k = self.qk()
+        received, cls_row = [], []
+        for start in range(0, q.shape[0], TILES_AT_ONCE):
+            probs = scoring.attention_probs(q[start : start + TILES_AT_ONCE], k[start : start + TILES_AT_ONCE])
+            received.append(scoring.received_attention(probs)[:, 1:])
+            cls_row.append(probs[:, :, 0, 1:].mean(dim=1))
+        return torch.cat(received), torch.cat(cls_row)
+
     def received(self) -> torch.Tensor:
-        """Attention each token's patches receive, mean over all query rows and heads, summed per token: [I, N]."""
-        return super().received()[:, self.sources].sum(dim=-1)
+        """Attention each token's patches receive, summed per token: [I, N]."""
+        return self.patch_scores[0][:, self.sources].sum(dim=-1)
 
     def cls_attention(self) -> torch.Tensor:
-        """The [CLS] row's attention to each token's patches, mean over heads, summed per token: [I, N]."""
-        return super().cls_attention()[:, self.sources].sum(dim=-1)
+        """The [CLS] row's attention to each token's patches, summed per token: [I, N]."""
+        return self.patch_scores[1][:, self.sources].sum(dim=-1)
 
 
 class InternVLAdapter(LlavaAdapter):
