@@ -11,6 +11,8 @@ from pathlib import Path
 import star
 from star import compat
 from star import flops as flops_model
+from star.adapters import ADAPTERS
+from star.adapters.base import vision_refusal
 from star.integrations import add_lmms_eval_command
 from star.methods import REGISTRY, build, options, parse_option
 from star.pruner import POSITION_POLICIES, resolve_keep
@@ -179,6 +181,11 @@ def _methods(args: argparse.Namespace) -> None:
             print(f"{'':13s} {f.name:{name_width}s}  {f'{f.type} = {f.default!r}':{type_width}s}  {f.metadata['help']}")
         if not dataclasses.fields(cls):
             print(f"{'':13s} no options")
+        for adapter in ADAPTERS:
+            reason = vision_refusal(adapter, cls())
+            if reason:
+                models = ", ".join(model.__name__ for model in adapter.model_classes)
+                print(f"{'':13s} refused by {models}: {reason}")
     print("Set an option with --option NAME=VALUE (a tuple as 8/16/24) in run, eval, bench, demo and flops; sweep one with eval's --grid NAME=V1,V2.")
 
 
@@ -507,6 +514,10 @@ def _flops(args: argparse.Namespace) -> None:
     crops = flops_model.crops_per_image(args.model)
     fixed = args.text_tokens + flops_model.fixed_image_tokens(args.model)
     baseline = flops_model.prefill_flops(shape, [fixed + crops * per_crop] * shape.num_layers)
+    refused = flops_model.refused_methods(args.model)
+    for method in args.method:
+        if method in refused:
+            raise ValueError(f"--method {method!r} cannot prune {args.model}: {refused[method]}")
     rows = []
     for setting in _settings(args.method, args.keep, args.option):
         keep = resolve_keep(setting.keep, per_crop)

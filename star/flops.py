@@ -68,6 +68,11 @@ def fixed_image_tokens(name: str) -> int:
     return int(_named(name).get("newline_tokens", 0))
 
 
+def refused_methods(name: str) -> dict[str, str]:
+    """The methods the family of a shipped model refuses, with the reason (e.g. a [CLS] method on SigLIP)."""
+    return dict(_named(name).get("refused_methods", {}))
+
+
 def _named(name: str) -> dict:
     if name not in named_models():
         raise ValueError(f"model={name!r} has no shipped shape: known are {', '.join(named_models())}")

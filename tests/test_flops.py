@@ -37,12 +37,23 @@ def test_flops_command_knows_the_2025_baselines(capsys):
 
 
 def test_shipped_shapes_and_bad_names():
-    assert named_models() == ["llava-1.5-13b", "llava-1.5-7b", "llava-next-7b"]
+    assert named_models() == ["internvl3-8b", "llava-1.5-13b", "llava-1.5-7b", "llava-next-7b", "llava-onevision-7b"]
     assert DecoderShape.named("llava-1.5-13b").num_layers == 40
     with pytest.raises(ValueError, match="model='llava-9b'"):
         DecoderShape.named("llava-9b")
     with pytest.raises(ValueError, match="tokens_per_layer"):
         prefill_flops(DecoderShape.named("llava-1.5-7b"), [10] * 3)
+
+
+def test_flops_of_the_tiled_families_count_per_crop_and_refuse_what_their_family_refuses(capsys):
+    assert main(["flops", "--model", "internvl3-8b", "--method", "star,fastervlm", "--keep", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "13 crops of 256 visual + 79 other tokens" in out and "| fastervlm | 64 | 256 / 64 |" in out
+    assert main(["flops", "--model", "llava-onevision-7b", "--method", "star", "--keep", "72"]) == 0
+    assert "10 crops of 729 visual + 160 other tokens" in capsys.readouterr().out  # 79 text and 81 newlines
+    for model, method in [("llava-onevision-7b", "fastervlm"), ("llava-onevision-7b", "visionzip"), ("internvl3-8b", "visionzip")]:
+        assert main(["flops", "--model", model, "--method", f"star,{method}", "--keep", "64"]) == 2
+        assert f"--method '{method}' cannot prune {model}: " in capsys.readouterr().err
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from star.methods.base import VisionView
+from star.methods.base import Method, VisionView
 
 TEXT = -1  # a prompt token that is no image token
 FIXED = -2  # an image token that is always kept and never counted as visual (LLaVA-NeXT's image newline)
@@ -48,9 +48,15 @@ class Encoded:
 
 
 class Decoder:
-    """The decoder accessors every family shares: its layers, token embeddings and rotary embedding."""
+    """The decoder accessors every family shares: its layers, token embeddings and rotary embedding.
+
+    has_cls: the tower has a [CLS] token whose attention ranks patches (FasterVLM). projects_cls: its feature
+    can enter the decoder as a token (VisionZip keeps it).
+    """
 
     decoder: nn.Module
+    has_cls = False
+    projects_cls = False
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -88,6 +94,29 @@ class Decoder:
             return self.embed(input_ids[rows, length - width :]), own
 
         return embeddings
+
+
+def vision_refusal(adapter: type[Decoder], method: Method) -> str | None:
+    """Why `method`'s vision stage cannot run on the family of `adapter`, or None where it can (or has none).
+
+    The vision stage runs once on a two-patch stand-in view shaped like the family's ([CLS] or not, a [CLS]
+    feature for the decoder or not), so what it raises is what it would raise at the first prompt.
+    """
+    prefix = 1 if adapter.has_cls else 0
+    stand_in = torch.zeros(1, 1, prefix + 2, 1)
+    probe = VisionView(
+        features=torch.zeros(1, 2, 1),
+        n_prefix=prefix,
+        qk=lambda: (stand_in, stand_in),
+        prefix_features=torch.zeros(1, 1) if adapter.projects_cls else None,
+    )
+    try:
+        method.select_vision(probe, 1)
+    except NotImplementedError:
+        return None
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def split_rows(image_tokens: torch.Tensor, per_image: list[int], what: str) -> list[int]:

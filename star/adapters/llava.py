@@ -23,6 +23,7 @@ class LlamaDecoder(Decoder):
 
     mrope = False
     has_cls = True
+    projects_cls = True
 
     def decoder_qk(self, layer: nn.Module, hidden, position_embeddings, rows):
         return llama_style_qk(layer, hidden, position_embeddings, rows)
@@ -44,6 +45,7 @@ class LlamaDecoder(Decoder):
 class LlavaAdapter(LlamaDecoder):
     model_classes = (LlavaForConditionalGeneration,)
     vision_inputs = ("pixel_values",)
+    select_strategy = "default"  # the vision_feature_select_strategy the family's checkpoints use
 
     def __init__(self, model: LlavaForConditionalGeneration):
         config = model.config
@@ -52,10 +54,10 @@ class LlavaAdapter(LlamaDecoder):
                 f"vision_feature_layer={config.vision_feature_layer!r} (several layers) is not supported: "
                 "pruning scores one feature layer, so it must be a single integer"
             )
-        if config.vision_feature_select_strategy != "default":
+        if config.vision_feature_select_strategy != self.select_strategy:
             raise ValueError(
                 f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} is not supported: "
-                "allowed is 'default' ([CLS] dropped), as every llava-hf checkpoint uses"
+                f"allowed is {self.select_strategy!r}, as every {type(model).__name__} checkpoint on the hub uses"
             )
         self.model = model
         self.vision_tower: nn.Module = model.model.vision_tower

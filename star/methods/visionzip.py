@@ -53,7 +53,9 @@ class VisionZip(Method):
 
     def select_vision(self, view: VisionView, k: int) -> Selection:
         if view.prefix_features is None:
-            raise ValueError("visionzip keeps the [CLS] token as a dominant token: this encoder has none")
+            raise ValueError(
+                "visionzip keeps the [CLS] token as a dominant token: this model has none its decoder can take"
+            )
         n = view.features.shape[1]
         if k == n:
             return Selection(torch.arange(n, device=view.features.device).expand(view.features.shape[0], n))
