@@ -108,11 +108,14 @@ def llama_style_qk(
 
 def project_qk(layer: nn.Module, hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A decoder layer's input norm and q/k projections, before any rotary embedding: queries for `rows`
-    [B, R] as [B, H, R, d], keys for every token as [B, Hk, S, d]."""
+    [B, R] as [B, H, R, d], keys for every token as [B, Hk, S, d]. Where the attention normalises each head's
+    queries and keys (`q_norm`, `k_norm`: Qwen3, Gemma 3), so do these."""
     attn = layer.self_attn
     normed = layer.input_layernorm(hidden)
     batch, seq = hidden.shape[:2]
     q = attn.q_proj(gather_seq(normed, rows)).view(batch, rows.shape[1], -1, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
     return q, k
 

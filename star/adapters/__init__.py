@@ -7,9 +7,10 @@ from torch import nn
 from star.adapters.llava import LlavaAdapter
 from star.adapters.llava_next import LlavaNextAdapter
 from star.adapters.qwen2_vl import Qwen2VLAdapter
+from star.adapters.qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter)
-Adapter = LlavaAdapter | LlavaNextAdapter | Qwen2VLAdapter
+ADAPTERS = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen3VLAdapter)
+Adapter = LlavaAdapter | LlavaNextAdapter | Qwen2VLAdapter | Qwen3VLAdapter
 
 
 def adapter_for(model: nn.Module) -> Adapter:

@@ -12,10 +12,33 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from star import scoring
 from star.methods.base import VisionView
 
+QUERY_CHUNK = 1024  # query rows scored at once: a large image's full attention matrix never exists at once
 TEXT = -1  # a prompt token that is no image token
 FIXED = -2  # an image token that is always kept and never counted as visual (LLaVA-NeXT's image newline)
+
+
+@dataclass
+class MergedView(VisionView):
+    """Units of a tower without [CLS] whose decoder tokens each merge several patches (Qwen's 2 x 2 merger,
+    Gemma 3's 4 x 4 average pool): features are the merged tokens, qk the patches' queries and keys in the
+    layer's own order, and `token_of[p]` the token that the layer's patch p goes into.
+
+    A token's score is the attention its patches receive (mean over query rows and heads), summed over them.
+    """
+
+    token_of: torch.Tensor | None = None
+
+    def received(self) -> torch.Tensor:
+        """Attention each token's patches receive, mean over query rows and heads, summed per token: [I, N]."""
+        q, k = self.qk()
+        total = q.new_zeros(q.shape[0], k.shape[2], dtype=torch.float32)
+        for start in range(0, q.shape[2], QUERY_CHUNK):
+            total += scoring.attention_probs(q[:, :, start : start + QUERY_CHUNK], k).sum(dim=2).mean(dim=1)
+        per_token = total.new_zeros(q.shape[0], self.features.shape[1])
+        return per_token.index_add_(1, self.token_of, total / q.shape[2])
 
 
 @dataclass
@@ -25,11 +48,14 @@ class VisionGroup:
     view: the units' feature layer, features [I, N, D] (I units of N candidate tokens each).
     rows: [I] the prompt each unit belongs to.
     ordinals: [I, N] each candidate's place among the image tokens of its prompt (in prompt order).
+    residuals: [I, N, E, D] what the decoder adds onto each candidate's hidden state after each of its first E
+    layers (Qwen3-VL's DeepStack features), or None where the family adds nothing.
     """
 
     view: VisionView
     rows: torch.Tensor
     ordinals: torch.Tensor
+    residuals: torch.Tensor | None = None
 
 
 @dataclass
