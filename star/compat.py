@@ -165,6 +165,27 @@ def qwen_vision_rotary(block: nn.Module) -> Callable:
     return sys.modules[type(block).__module__].apply_rotary_pos_emb_vision
 
 
+# -- decoder layers with several rotary tables ---------------------------------------------------------
+
+# The rotary tables a decoder layer may be given, with the layer type each belongs to (None: the layer's own).
+# 5.x hands every layer the table of its own type as `position_embeddings`; 4.57's Gemma 3 hands every layer
+# both of its tables, and the layer picks one by its type.
+ROTARY_TABLES = {"position_embeddings": None, "position_embeddings_global": "full_attention", "position_embeddings_local": "sliding_attention"}
+
+
+def rotary_tables(kwargs: dict) -> dict[str, str | None]:
+    """The rotary tables among a decoder layer's inputs: name -> the layer type it belongs to."""
+    return {name: kind for name, kind in ROTARY_TABLES.items() if kwargs.get(name) is not None}
+
+
+def layer_rotary(kwargs: dict, layer_type: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary table (cos, sin) a decoder layer of `layer_type` applies, from its inputs."""
+    for name, kind in rotary_tables(kwargs).items():
+        if kind is None or kind == layer_type:
+            return kwargs[name]
+    raise RuntimeError(f"transformers {transformers.__version__}: no rotary table for a {layer_type} layer among {sorted(kwargs)}")
+
+
 # -- Gemma 3 -------------------------------------------------------------------------------------------
 
 

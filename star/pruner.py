@@ -25,7 +25,7 @@ from star import compat
 from star import flops as flops_model
 from star.adapters import adapter_for
 from star.adapters.base import FIXED, TEXT
-from star.decoder import Frame, contiguous_positions, gather_positions, gather_rotary, gather_seq, slice_mask
+from star.decoder import Frame, contiguous_positions, decode_mask, gather_positions, gather_rotary, gather_seq, slice_mask
 from star.methods import DecoderView, LLMStage, Method, Plan, Selection, VisionView
 from star.scoring import attention_probs
 
@@ -75,6 +75,7 @@ class _Prompt:
     budgets: list[list[int]]  # per decoder stage, the visual tokens each prompt keeps
     tokens: list[int]
     totals: list[list[int]]
+    residuals: torch.Tensor | None = None  # [B, V, E, D] DeepStack features of the last frame's visual tokens
 
 
 @dataclass
@@ -84,7 +85,9 @@ class _Step:
     prefill: bool
     position_ids: torch.Tensor | None = None
     cache_position: torch.Tensor | None = None
-    override: dict[str, Any] = field(default_factory=dict)
+    padding: torch.Tensor | None = None  # the step's 2-D mask in the entry frame: its prompt tokens, then the new ones
+    frame: int = 0  # the frame the layers run in now: 0 (the entry frame) until the first stage's layer
+    overrides: dict[str | None, dict[str, Any]] = field(default_factory=dict)  # the frame's inputs, per layer type
     saved: dict[int, tuple[torch.Tensor, dict[str, Any]]] = field(default_factory=dict)
 
 
@@ -137,6 +140,8 @@ class Pruner:
             for index in range(first, num_layers):
                 hook = partial(self._before_layer, index)
                 self._handles.append(self.adapter.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+        for index in range(self.adapter.residual_layers):
+            self._handles.append(self.adapter.layers[index].register_forward_hook(partial(self._after_layer, index)))
         self._restore_generate = compat.keep_pixels_for_forward(model)
         model._star_pruner = self
 
@@ -279,6 +284,11 @@ class Pruner:
         device = input_ids.device
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(input_ids) if mask is None else mask
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask came as {type(mask).__name__}{'' if not isinstance(mask, torch.Tensor) else f' of {mask.dim()} dims'}"
+                " at prefill: the pruner needs the 2-D padding mask [batch, tokens] to build its shorter frames"
+            )
         if bool((mask[:, 1:] < mask[:, :-1]).any()):
             raise ValueError("attention_mask pads on the right: prompts must be left-padded (padding_side='left')")
         encoded = self.adapter.encode_prompts(kwargs, input_ids)
@@ -288,6 +298,7 @@ class Pruner:
         slots = encoded.slots
         kept_places: list[list[torch.Tensor]] = [[] for _ in range(batch)]
         kept_embeds: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        kept_residuals: list[list[torch.Tensor]] = [[] for _ in range(batch)]
         totals = torch.zeros(batch, 2 + len(self.plan.llm_stages), dtype=torch.long)
         tokens = None
         for group in encoded.groups:
@@ -303,9 +314,13 @@ class Pruner:
             features = selection.states if selection.states is not None else gather_seq(group.view.features, selection.index)
             projected = self.adapter.project(features)
             kept = group.ordinals.gather(1, selection.index)
+            # A merged token keeps the residuals of the place it takes.
+            residuals = None if group.residuals is None else gather_seq(group.residuals, selection.index)
             for unit, row in enumerate(group.rows.tolist()):
                 kept_places[row].append(kept[unit])
                 kept_embeds[row].append(projected[unit])
+                if residuals is not None:
+                    kept_residuals[row].append(residuals[unit])
 
         totals_list = totals.tolist()
         budgets = [[row[2 + s] for row in totals_list] for s in range(len(self.plan.llm_stages))]
@@ -321,7 +336,7 @@ class Pruner:
         # rows are left-padded; one spare padding slot per row when a later cut is uneven, so every row has a
         # masked column for that cut's own padding to point at.
         image_cols = ragged_rows(slots != TEXT)
-        columns, visual_embeds = [], []
+        columns, visual_embeds, visual_residuals = [], [], []
         for row in range(batch):
             places = torch.cat(kept_places[row]) if kept_places[row] else slots.new_zeros(0)
             others = (slots[row] < 0).nonzero()[:, 0]  # TEXT and FIXED
@@ -330,6 +345,8 @@ class Pruner:
             columns.append(cols[order])
             visual_order = order[order >= len(others)] - len(others)
             visual_embeds.append(torch.cat(kept_embeds[row])[visual_order] if kept_embeds[row] else None)
+            if kept_residuals[row]:
+                visual_residuals.append(torch.cat(kept_residuals[row])[visual_order])
         spare = 1 if uneven and self.plan.llm_stages else 0
         width = max(len(c) for c in columns) + spare
         entry_keep = torch.stack([torch.cat([c.new_zeros(width - len(c)), c]) for c in columns])
@@ -357,14 +374,26 @@ class Pruner:
         last_image = (image_like * torch.arange(entry_length, device=device)).amax(dim=1)
         entry_cols = torch.arange(entry_length, device=device).expand(batch, entry_length)
         frame = Frame(0, entry_cols, entry_mask, visual, patches, positions)
+        self._check_window(entry_length)
+        residuals = None
+        if visual_residuals:
+            residuals = torch.zeros(batch, visual.shape[1], *visual_residuals[0].shape[1:], dtype=embeds.dtype, device=device)
+            for row, row_residuals in enumerate(visual_residuals):
+                residuals[row, : len(row_residuals)] = row_residuals.to(embeds.dtype)
         self._prompt = _Prompt(
             length, entry_keep, entry_real, pads, full_positions, [frame], entry_length - 1 - last_image, budgets,
-            tokens or [0] * totals.shape[1], totals_list,
+            tokens or [0] * totals.shape[1], totals_list, residuals,
         )
         self._step = _Step(prefill=True)
+        token_inputs = {
+            name: kwargs[name].gather(1, entry_keep) * entry_real
+            for name in self.adapter.token_inputs
+            if kwargs.get(name) is not None
+        }
         entry = {
             **kwargs,
             **{name: None for name in self.adapter.vision_inputs},
+            **token_inputs,
             "input_ids": None,
             "inputs_embeds": embeds,
             "attention_mask": entry_mask,
@@ -391,29 +420,89 @@ class Pruner:
             full = prompt.full_length
             entry = mask[:, :full].gather(1, prompt.entry_keep) * prompt.entry_real
             mask = torch.cat([entry, mask[:, full:]], dim=1)
-        self._step = _Step(prefill=False, position_ids=positions, cache_position=cache_position)
+        self._check_window(int(cache_position.max()) + 1)
+        self._step = _Step(prefill=False, position_ids=positions, cache_position=cache_position, padding=mask)
         return compat.with_cache_position({**kwargs, "attention_mask": mask, "position_ids": positions}, cache_position)
 
     # -- the decoder layers -----------------------------------------------------------------------------
+
+    def _check_window(self, length: int) -> None:
+        """Refuse a sequence that outgrows the decoder's sliding window while a decoder stage prunes it.
+
+        Within the window a sliding layer attends to everything a global one does, so a cut's frame is exact; beyond
+        it, the window would span dropped tokens, and the sliding caches keep only its last tokens, which the
+        pruned frames cannot be mapped onto.
+        """
+        window = self.adapter.window
+        if window is not None and self.plan.llm_stages and length > window:
+            raise ValueError(
+                f"the sequence reaches {length} tokens after stage 1, beyond the decoder's sliding_window={window}: "
+                f"method {self.method.name!r} prunes inside the decoder, which is defined within the window only; "
+                "use a method that prunes before the decoder (random), a smaller keep, or a shorter prompt or answer"
+            )
 
     def _before_layer(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         step = self._step
         if step is None:
             return None
         hidden = args[0]
-        current = {**kwargs, **step.override}
+        current = self._frame_inputs(index, hidden, kwargs, step)
         if index in self._early_scores:
             step.saved[index] = (hidden, current)
         stage_number = self._stage_at.get(index)
         if stage_number is not None:
             if step.prefill:
-                hidden, step.override = self._cut(stage_number, hidden, current, step)
-            else:
-                step.override = self._decode_frame(stage_number, hidden, kwargs, step)
-            current = {**kwargs, **step.override}
-        if not step.override:
+                hidden = self._cut(stage_number, hidden, current, step)
+            step.frame = stage_number + 1
+            step.overrides = {}
+            current = self._frame_inputs(index, hidden, kwargs, step)
+        if current is kwargs:
             return None
         return (hidden, *args[1:]), current
+
+    def _after_layer(self, index: int, module: nn.Module, args: tuple, output: Any) -> Any:
+        """After layer `index`, at prefill, add its residuals (DeepStack) onto the visual tokens present then."""
+        step, prompt = self._step, self._prompt
+        if step is None or not step.prefill or prompt.residuals is None:
+            return None
+        if not isinstance(output, torch.Tensor):
+            raise RuntimeError(f"decoder layer {index} returned {type(output).__name__}, not its hidden states: cannot add its DeepStack features")
+        visual = prompt.frames[-1].visual
+        present = (visual >= 0)[..., None].to(output.dtype)
+        added = prompt.residuals[:, : visual.shape[1], index] * present
+        index_ = visual.clamp_min(0)[..., None].expand(-1, -1, output.shape[-1])
+        return output.scatter_add(1, index_, added.to(output.dtype))
+
+    def _frame_inputs(self, index: int, hidden: torch.Tensor, kwargs: dict, step: _Step) -> dict:
+        """Layer `index`'s inputs in the frame the layers run in now. The model makes them for the entry frame,
+        one mask and rotary table per layer type, so each type's are moved once per frame."""
+        if step.frame == 0:
+            return kwargs
+        frame = self._prompt.frames[step.frame]
+        layer_type = self.adapter.layer_type(index)
+        if layer_type not in step.overrides:
+            if step.prefill:
+                step.overrides[layer_type] = self._prefill_frame(frame, hidden, kwargs, layer_type)
+            else:
+                step.overrides[layer_type] = self._decode_frame(frame, hidden, kwargs, step, layer_type)
+        return {**kwargs, **step.overrides[layer_type]}
+
+    def _prefill_frame(self, frame: Frame, hidden: torch.Tensor, kwargs: dict, layer_type: str | None) -> dict:
+        """A layer's prefill inputs moved from the entry frame into `frame`: its mask, rotary tables and
+        positions gathered at the tokens the frame keeps (or, for contiguous positions, made anew)."""
+        keep = frame.keep_cols
+        override = {"attention_mask": slice_mask(kwargs["attention_mask"], keep, keep)}
+        for name, kind in compat.rotary_tables(kwargs).items():
+            if self.positions == "original":
+                cos, sin = kwargs[name]
+                override[name] = (gather_rotary(cos, keep), gather_rotary(sin, keep))
+            else:
+                override[name] = self.adapter.rotary(hidden, frame.position_ids, kind or layer_type)
+        if self.positions == "contiguous":
+            override["position_ids"] = frame.position_ids
+        elif kwargs.get("position_ids") is not None:
+            override["position_ids"] = gather_positions(kwargs["position_ids"], keep)
+        return compat.with_cache_position(override, torch.arange(frame.length, device=hidden.device))
 
     def _select(self, stage: LLMStage, hidden: torch.Tensor, kwargs: dict, budgets: list[int]) -> list[Selection]:
         """The method's decoder-stage selection over the last frame's visual tokens: one per group of rows.
@@ -423,6 +512,7 @@ class Pruner:
         prompt = self._prompt
         frame = prompt.frames[-1]
         score_layer = self.adapter.layers[stage.score_layer]
+        score_rotary = compat.layer_rotary(kwargs, self.adapter.layer_type(stage.score_layer))
         batch = hidden.shape[0]
         counts = (frame.visual >= 0).sum(dim=1)
         if len(set(budgets)) == 1 and bool((counts == counts[0]).all()):
@@ -431,7 +521,7 @@ class Pruner:
             groups = list(range(batch))
         selections = []
         for row in groups:
-            h, pe, key_mask = hidden, kwargs["position_embeddings"], frame.mask.bool()
+            h, pe, key_mask = hidden, score_rotary, frame.mask.bool()
             visual, n_text = frame.visual, prompt.n_text
             if row is not None:
                 h, key_mask, n_text = h[row : row + 1], key_mask[row : row + 1], n_text[row : row + 1]
@@ -446,8 +536,9 @@ class Pruner:
             selections.append(self.method.select_llm(stage, view, budgets[0 if row is None else row]))
         return selections
 
-    def _cut(self, stage_number: int, hidden: torch.Tensor, kwargs: dict, step: _Step) -> tuple[torch.Tensor, dict]:
-        """Score the visual tokens with the stage's layer and keep the top ones: the start of a new frame."""
+    def _cut(self, stage_number: int, hidden: torch.Tensor, kwargs: dict, step: _Step) -> torch.Tensor:
+        """Score the visual tokens with the stage's layer and keep the top ones: the start of a new frame, whose
+        inputs `_prefill_frame` makes for every layer from this one on."""
         prompt = self._prompt
         frame = prompt.frames[-1]
         stage = self.plan.llm_stages[stage_number]
@@ -488,41 +579,33 @@ class Pruner:
             for row, merged in enumerate(states):
                 hidden[row, kept_visual[row]] = merged.to(hidden.dtype)
 
-        layer_positions = kwargs.get("position_ids")
         if self.positions == "original":
             positions = gather_positions(frame.position_ids, keep)
-            cos, sin = kwargs["position_embeddings"]
-            position_embeddings = (gather_rotary(cos, keep), gather_rotary(sin, keep))
-            layer_positions = None if layer_positions is None else gather_positions(layer_positions, keep)
         else:
-            positions = layer_positions = contiguous_positions(frame.position_ids, keep)
-            position_embeddings = self.adapter.rotary(hidden, positions)
+            positions = contiguous_positions(frame.position_ids, keep)
         prompt.frames.append(
             Frame(stage.layer, frame.keep_cols.gather(1, keep), frame.mask.gather(1, keep), visual, patches, positions)
         )
-        return hidden, compat.with_cache_position(
-            {
-                "attention_mask": slice_mask(kwargs["attention_mask"], keep, keep),
-                "position_embeddings": position_embeddings,
-                "position_ids": layer_positions,
-            },
-            torch.arange(keep.shape[1], device=hidden.device),
-        )
+        if prompt.residuals is not None:
+            prompt.residuals = gather_seq(prompt.residuals, index.clamp_min(0))
+        return hidden
 
-    def _decode_frame(self, stage_number: int, hidden: torch.Tensor, kwargs: dict, step: _Step) -> dict:
-        """Decode-step inputs of the layers from a stage on: their cache holds only the kept prompt tokens."""
+    def _decode_frame(self, frame: Frame, hidden: torch.Tensor, kwargs: dict, step: _Step, layer_type: str | None) -> dict:
+        """A layer's decode-step inputs in `frame`, whose cache holds only the frame's prompt tokens: the mask's
+        key columns of those tokens and the new ones, cache positions (and contiguous positions) shifted back."""
         prompt = self._prompt
-        frame = prompt.frames[stage_number + 1]
         shift = prompt.frames[0].length - frame.length
         mask = kwargs["attention_mask"]
         if mask is not None:
-            batch, total = frame.keep_cols.shape[0], mask.shape[-1]
-            new = torch.arange(prompt.frames[0].length, total, device=mask.device).expand(batch, -1)
-            mask = slice_mask(mask, None, torch.cat([frame.keep_cols, new], dim=1))
+            batch, entry = frame.keep_cols.shape[0], prompt.frames[0].length
+            new = torch.arange(entry, int(step.cache_position.max()) + 1, device=mask.device).expand(batch, -1)
+            mask = decode_mask(mask, step.padding, torch.cat([frame.keep_cols, new], dim=1), step.cache_position)
         override = compat.with_cache_position({"attention_mask": mask}, step.cache_position - shift)
         if self.positions == "contiguous":
             positions = step.position_ids - shift
-            override.update(position_ids=positions, position_embeddings=self.adapter.rotary(hidden, positions))
+            override["position_ids"] = positions
+            for name, kind in compat.rotary_tables(kwargs).items():
+                override[name] = self.adapter.rotary(hidden, positions, kind or layer_type)
         return override
 
 

@@ -33,7 +33,7 @@ from star.decoder import llama_style_qk
 class Gemma3Adapter(LlamaDecoder):
     model_classes = (Gemma3ForConditionalGeneration,)
     vision_inputs = ("pixel_values",)
-    token_inputs = ("token_type_ids",)  # per prompt token: the pruner keeps the entries of the tokens it keeps
+    token_inputs = ("token_type_ids",)
     has_cls = False
 
     def __init__(self, model: Gemma3ForConditionalGeneration):
@@ -73,7 +73,7 @@ class Gemma3Adapter(LlamaDecoder):
         vocabulary, are embedded as id 0, as the model does, and overwritten."""
         return self.decoder.embed_tokens(input_ids.masked_fill(input_ids == self.image_token_id, 0))
 
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return compat.gemma_rotary(self.decoder, hidden, position_ids, layer_type)
 
     def encode_prompts(self, inputs: dict, input_ids: torch.Tensor) -> Encoded:

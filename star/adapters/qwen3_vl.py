@@ -26,6 +26,10 @@ from star.adapters.qwen2_vl import Qwen2VLAdapter
 class Qwen3VLAdapter(Qwen2VLAdapter):
     model_classes = (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration)
 
+    def __init__(self, model: Qwen3VLForConditionalGeneration | Qwen3VLMoeForConditionalGeneration):
+        super().__init__(model)
+        self.residual_layers = len(self.visual.deepstack_visual_indexes)
+
     def tower(self, pixel_values: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The merged tokens [T, D] and their DeepStack features [T, E, D], E = len(deepstack_visual_indexes)."""
         return compat.deepstack_tokens(self.visual(pixel_values, grid_thw=grid))
