@@ -13,10 +13,33 @@ from typing import Callable
 import torch
 from torch import nn
 
+from star import scoring
 from star.methods.base import Method, VisionView
 
+QUERY_CHUNK = 1024  # query rows scored at once: a large image's full attention matrix never exists at once
 TEXT = -1  # a prompt token that is no image token
 FIXED = -2  # an image token that is always kept and never counted as visual (LLaVA-NeXT's image newline)
+
+
+@dataclass
+class MergedView(VisionView):
+    """Units of a tower without [CLS] whose decoder tokens each merge several patches (Qwen's 2 x 2 merger,
+    Gemma 3's 4 x 4 average pool): features are the merged tokens, qk the patches' queries and keys in the
+    layer's own order, and `token_of[p]` the token that the layer's patch p goes into.
+
+    A token's score is the attention its patches receive (mean over query rows and heads), summed over them.
+    """
+
+    token_of: torch.Tensor | None = None
+
+    def received(self) -> torch.Tensor:
+        """Attention each token's patches receive, mean over query rows and heads, summed per token: [I, N]."""
+        q, k = self.qk()
+        total = q.new_zeros(q.shape[0], k.shape[2], dtype=torch.float32)
+        for start in range(0, q.shape[2], QUERY_CHUNK):
+            total += scoring.attention_probs(q[:, :, start : start + QUERY_CHUNK], k).sum(dim=2).mean(dim=1)
+        per_token = total.new_zeros(q.shape[0], self.features.shape[1])
+        return per_token.index_add_(1, self.token_of, total / q.shape[2])
 
 
 @dataclass
@@ -26,11 +49,14 @@ class VisionGroup:
     view: the units' feature layer, features [I, N, D] (I units of N candidate tokens each).
     rows: [I] the prompt each unit belongs to.
     ordinals: [I, N] each candidate's place among the image tokens of its prompt (in prompt order).
+    residuals: [I, N, E, D] what the decoder adds onto each candidate's hidden state after each of its first E
+    layers (Qwen3-VL's DeepStack features), or None where the family adds nothing.
     """
 
     view: VisionView
     rows: torch.Tensor
     ordinals: torch.Tensor
+    residuals: torch.Tensor | None = None
 
 
 @dataclass
@@ -65,17 +91,31 @@ class Decoder:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.embed_tokens(input_ids)
 
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # What the decoder adds onto visual tokens after its first layers (Qwen3-VL's DeepStack): how many layers.
+    residual_layers = 0
+    # Per-token inputs besides input_ids that the model reads at prefill (Gemma 3's token_type_ids).
+    token_inputs: tuple[str, ...] = ()
+    # A sliding window some decoder layers attend within, or None (see `Gemma3Adapter`).
+    window: int | None = None
+
+    def layer_type(self, index: int) -> str | None:
+        """The type of decoder layer `index` where layers differ in mask and rotary table (Gemma 3), else None."""
+        return None
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.decoder.rotary_emb(hidden, position_ids)
 
-    def rotary_alone(self, hidden: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotary embedding of a frame's positions ([B, S], or M-RoPE's [3, B, S] that generate() may give
-        as [4, B, S], text positions first) counted from each prompt's first token (key_mask [B, S] False at
-        padding): the positions each prompt has alone, whatever padding shifted them by."""
+    def rotary_alone(
+        self, hidden: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, layer_type: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary embedding (of a layer of `layer_type`) of a frame's positions ([B, S], or M-RoPE's
+        [3, B, S] that generate() may give as [4, B, S], text positions first) counted from each prompt's first
+        token (key_mask [B, S] False at padding): the positions each prompt has alone, whatever padding
+        shifted them by."""
         if self.mrope:
             positions = positions[-3:]
         first = key_mask.long().argmax(dim=1)[:, None].expand(*positions.shape[:-1], 1)
-        return self.rotary(hidden, positions - positions.gather(-1, first))
+        return self.rotary(hidden, positions - positions.gather(-1, first), layer_type)
 
     def norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The decoder's final norm, the one the LM head reads through."""

@@ -14,38 +14,14 @@ The kept tokens keep their original 3-D positions in every layer and at every de
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-from star import compat, scoring
-from star.adapters.base import Decoder, Encoded, VisionGroup, ordinals, split_rows
-from star.methods.base import VisionView
-
-QUERY_CHUNK = 1024  # query rows scored at once: a large image's full attention matrix never exists at once
-
-
-@dataclass
-class MergedView(VisionView):
-    """One image of a tower without [CLS]: features are the merged tokens, qk the patches' queries and keys
-    in the layer's own order, where each `group` consecutive patches make one token; `order[i]` is the
-    token that the layer's i-th group becomes."""
-
-    group: int = 4
-    order: torch.Tensor | None = None
-
-    def received(self) -> torch.Tensor:
-        """Attention each token's patches receive, mean over query rows and heads, summed per token: [1, N]."""
-        q, k = self.qk()
-        total = q.new_zeros(q.shape[0], k.shape[2], dtype=torch.float32)
-        for start in range(0, q.shape[2], QUERY_CHUNK):
-            total += scoring.attention_probs(q[:, :, start : start + QUERY_CHUNK], k).sum(dim=2).mean(dim=1)
-        per_group = (total / q.shape[2]).view(q.shape[0], -1, self.group).sum(dim=-1)
-        return torch.empty_like(per_group).scatter_(1, self.order[None], per_group)
-
+from star import compat
+from star.adapters.base import Decoder, Encoded, MergedView, VisionGroup, ordinals, split_rows
 
 class Qwen2VLAdapter(Decoder):
     model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
@@ -96,7 +72,7 @@ class Qwen2VLAdapter(Decoder):
 
         handle = self.score_block.register_forward_pre_hook(record, with_kwargs=True)
         try:
-            tokens = compat.merged_tokens(self.visual(inputs["pixel_values"].type(self.visual.dtype), grid_thw=grid))
+            tokens, residuals = self.tower(inputs["pixel_values"].type(self.visual.dtype), grid)
         finally:
             handle.remove()
         order = compat.window_order(self.visual, grid).to(input_ids.device)
@@ -114,15 +90,19 @@ class Qwen2VLAdapter(Decoder):
                     n_prefix=0,
                     qk=qk,
                     instruction=self.instruction(input_ids, is_image, torch.tensor([row], device=device)),
-                    group=self.merge_unit,
-                    order=order[token_start : token_start + n] - token_start,
+                    token_of=(order[token_start : token_start + n] - token_start).repeat_interleave(self.merge_unit),
                 )
                 places = torch.arange(place, place + n, device=device)[None]
-                groups.append(VisionGroup(view, torch.tensor([row], device=device), places))
+                extra = None if residuals is None else residuals[None, token_start : token_start + n]
+                groups.append(VisionGroup(view, torch.tensor([row], device=device), places, extra))
                 token_start += n
                 place += n
                 image += 1
         return Encoded(groups, ordinals(is_image), None)
+
+    def tower(self, pixel_values: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The merged tokens of every image, [T, D]; Qwen2-VL's decoder takes nothing else from the tower."""
+        return compat.merged_tokens(self.visual(pixel_values, grid_thw=grid)), None
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The merger already projected the tokens into the decoder's space."""
