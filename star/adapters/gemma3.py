@@ -85,14 +85,16 @@ class Gemma3Adapter(LlamaDecoder):
         dtype = next(self.vision_tower.parameters()).dtype
         out = self.vision_tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
         device = input_ids.device
+        counts = torch.tensor(per_row, device=device)
+        rows = torch.repeat_interleave(torch.arange(len(per_row), device=device), counts)
         view = MergedView(
             features=self.pool(out.last_hidden_state),
             n_prefix=0,
             qk=partial(_clip_qk, self.score_layer, out.hidden_states[-2]),
             token_of=self.token_of.to(device),
+            project=self.project,
+            instruction=self.instruction(input_ids, is_image, rows),
         )
-        counts = torch.tensor(per_row, device=device)
-        rows = torch.repeat_interleave(torch.arange(len(per_row), device=device), counts)
         first = torch.cumsum(counts, dim=0) - counts
         image_in_row = torch.arange(images, device=device) - first[rows]
         places = image_in_row[:, None] * self.n_visual + torch.arange(self.n_visual, device=device)

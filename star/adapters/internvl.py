@@ -97,7 +97,7 @@ class InternVLAdapter(LlavaAdapter):
         self.n_visual: int = self.sources.shape[0]
         self.budget_unit: int | None = self.n_visual
 
-    def encode(self, pixel_values: torch.Tensor) -> VisionView:
+    def encode(self, pixel_values: torch.Tensor, instruction=None) -> VisionView:
         """Tiles [I, 3, H, W]: their shuffled patch blocks before the projector, [I, N, 4 * C]."""
         recorded: list[torch.Tensor] = []
 
@@ -117,6 +117,8 @@ class InternVLAdapter(LlavaAdapter):
             n_prefix=1,
             qk=partial(_internvl_qk, self.score_layer, recorded[0]),
             sources=self.sources.to(feature.device),
+            project=self.project,
+            instruction=instruction,
         )
 
 

@@ -72,9 +72,9 @@ class LlavaAdapter(LlamaDecoder):
         self.feature_index = config.vision_feature_layer % (num_vision_layers + 1)
         self.feature_layer = compat.clip_encoder_layers(self.vision_tower)[self.feature_index - 1]
 
-    def encode(self, pixel_values: torch.Tensor) -> VisionView:
-        """The feature layer of the CLIP tower for images [I, 3, H, W]."""
-        return self.clip_view(*self.feature_layer_io(pixel_values))
+    def encode(self, pixel_values: torch.Tensor, instruction=None) -> VisionView:
+        """The feature layer of the CLIP tower for images [I, 3, H, W] (instruction: see `VisionView`)."""
+        return self.clip_view(*self.feature_layer_io(pixel_values), instruction)
 
     def feature_layer_io(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The feature layer's output and input, [I, 1 + N, D] each ([CLS] first)."""
@@ -104,7 +104,7 @@ class LlavaAdapter(LlamaDecoder):
         first = torch.cumsum(counts, dim=0) - counts
         image_in_row = torch.arange(images, device=device) - first[rows]
         places = image_in_row[:, None] * self.n_visual + torch.arange(self.n_visual, device=device)
-        view = self.clip_view(*self.feature_layer_io(pixel_values), self.instruction(input_ids, is_image, rows))
+        view = self.encode(pixel_values, self.instruction(input_ids, is_image, rows))
         group = VisionGroup(view, rows, places)
         return Encoded([group], ordinals(is_image), None)
 

@@ -111,6 +111,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
                         n_prefix=0,
                         qk=partial(_clip_qk, self.feature_layer, layer_input[tiles]),
                         to_tokens=partial(self.grid_tokens, image_size=image_sizes[image]),
+                        instruction=self.instruction(input_ids, is_image, torch.tensor([row], device=device)),
                     )
                     groups.append(VisionGroup(view, torch.tensor([row], device=device), shown[None, self.n_visual :]))
                 offset += len(layout)
@@ -120,6 +121,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
             features=torch.stack([t[: self.n_visual] for t in tokens]),
             n_prefix=0,
             qk=partial(_clip_qk, self.feature_layer, layer_input[bases]),
+            instruction=self.instruction(input_ids, is_image, torch.tensor(base_rows, device=device)),
         )
         groups.insert(0, VisionGroup(base_view, torch.tensor(base_rows, device=device), torch.stack(base_places)))
         slots = ordinals(is_image)
