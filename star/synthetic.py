@@ -9,6 +9,7 @@ meaningless, and so is which tokens a score keeps; how many it keeps, and what t
 
 from __future__ import annotations
 
+import copy
 import json
 from importlib.resources import files
 
@@ -48,9 +49,12 @@ def random_model(config, device: str, dtype: torch.dtype, attn: str, seed: int =
     Built inside `torch.device(device)`, every parameter and buffer is created on the device and initialised
     there by the model's own `_init_weights`: no CPU copy first, no second allocation, and buffers the
     constructor computes (rotary frequencies, position ids) are real values, not the garbage `to_empty` leaves.
-    The seed is drawn in a forked generator, so the caller's random state is untouched.
+    The seed is drawn in a forked generator and the config is copied (transformers writes the dtype and attention
+    into it), so neither the caller's random state nor its config changes.
     """
     from transformers import AutoModelForImageTextToText
+
+    config = copy.deepcopy(config)
 
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.device(device):
