@@ -426,11 +426,15 @@ def _bench(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     settings = _settings(["none", *args.methods], args.keep, args.option)  # the unpruned model first: every ratio's reference
-    config = _check_bench(args, settings)
+    config, skeleton = _check_bench(args, settings)
     if args.random_init:
         import torch
 
         print(f"star bench: {synthetic.NOTICE}", flush=True)
+        parameters = sum(p.numel() for p in skeleton.parameters())
+        size = parameters * getattr(torch, args.dtype).itemsize / 2**30
+        print(f"star bench: building {args.config or args.model} ({parameters / 1e9:.2f} B parameters, {size:.1f} GiB "
+              f"{args.dtype}) on {args.device} with random weights", flush=True)
         model = synthetic.random_model(config, args.device, getattr(torch, args.dtype), args.attn)
         prompts = lambda batch: synthetic.synthetic_inputs(model, batch, args.text_tokens)  # noqa: E731
     else:
@@ -500,12 +504,12 @@ def _check_bench(args: argparse.Namespace, settings: list):
     checks.check_device(args.device)
     config = checks.bench_config(args.model, args.config, args.random_init)
     checks.check_attention(args.attn, args.device)
-    skeleton = checks.skeleton_of(config)
-    if args.random_init:
-        checks.check_memory(skeleton, args.dtype, args.device)
+    skeleton = checks.skeleton_of(config, f"--model {args.model!r}")
     for setting in settings:
         checks.check_setting(skeleton, setting.method, setting.keep, setting.options, args.positions)
-    return config
+    if args.random_init:
+        checks.check_memory(skeleton, args.dtype, args.device)
+    return config, skeleton
 
 
 DEMO_PHOTOS = [
