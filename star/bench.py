@@ -108,7 +108,7 @@ def measure(
         "counted_flops": counted,
         **medians,
         "prefill_prompts_per_s": batch / medians["prefill_s"],
-        "decode_tokens_per_s": batch * (new_tokens - 1) / max(decode_s, 1e-9),
+        "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s if decode_s > 0 else None,
         "kv_cache_bytes": kv_cache_bytes(cache),
         "peak_memory_bytes": peak_memory_bytes(device),
     }
@@ -123,7 +123,8 @@ def decode_time(model, inputs: dict, new_tokens: int, repeats: int, warmup: int,
     """Median time of the `new_tokens - 1` decode steps of generate(), alone (all prompts of the batch together).
 
     Each run times generate() for one new token (prefill only) and for `new_tokens`, back to back; their
-    difference is the decode steps, free of the prefill's own noise. Subtracting a separately measured prefill
+    difference is the decode steps, free of the prefill's own noise (a median at or below zero means the noise
+    exceeded the decode steps: the row then reports no decode speed). Subtracting a separately measured prefill
     median instead leaves that noise in a number a tenth its size.
     """
     def generate(n: int) -> None:

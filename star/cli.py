@@ -486,14 +486,18 @@ def bench_table(rows: list[dict]) -> str:
         reference = base[row["batch"]]
         row["flops_vs_unpruned"] = row["flops"] / reference["flops"]
         row["counted_flops_vs_unpruned"] = row["counted_flops"] / reference["counted_flops"]
-        peak = "n/a" if row["peak_memory_bytes"] is None else f"{row['peak_memory_bytes'] / 2**30:.2f}"
+        peak = None if row["peak_memory_bytes"] is None else row["peak_memory_bytes"] / 2**30
         lines.append(
             f"| {row['batch']} | {row['method']} | {row['keep']} | {' / '.join(map(str, row['tokens']))} | "
             f"{row['prefill_s'] * 1e3:.1f} | {row['prefill_prompts_per_s']:.2f} | {row['prefill_vs_unpruned']:.3f} | "
             f"{row['prefill_vs_oracle']:.3f} | {row['flops_vs_unpruned']:.3f} | {row['counted_flops_vs_unpruned']:.3f} | "
-            f"{row['decode_tokens_per_s']:.1f} | {row['kv_cache_bytes'] / 2**20:.2f} | {peak} |"
+            f"{_or_na(row['decode_tokens_per_s'], '.1f')} | {row['kv_cache_bytes'] / 2**20:.2f} | {_or_na(peak, '.2f')} |"
         )
     return "\n".join(lines)
+
+
+def _or_na(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _check_bench(args: argparse.Namespace, settings: list):

@@ -151,7 +151,8 @@ def test_bench_reports_every_batch_size_against_unpruned_and_oracle(tmp_path, ca
         assert row["weights"] == "random" and row["dtype"] == "float32" and row["attn"] == "sdpa"
         assert row["prefill_s"] > 0 and row["oracle_prefill_s"] > 0 and row["unpruned_prefill_s"] > 0
         assert row["prefill_prompts_per_s"] == pytest.approx(row["batch"] / row["prefill_s"])
-        assert row["decode_tokens_per_s"] > 0 and row["peak_memory_bytes"] > 0
+        assert row["decode_tokens_per_s"] is None or row["decode_tokens_per_s"] > 0  # None: noise above the decode steps
+        assert row["peak_memory_bytes"] > 0
         assert row["prefill_vs_unpruned"] > 0 and row["prefill_vs_oracle"] > 0
     by = {(r["batch"], r["method"]): r for r in rows}
     for method in ("none", "star"):  # three prompts of one length cache three times one prompt's keys and values
