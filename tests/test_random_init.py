@@ -5,7 +5,11 @@ and the batch report holds one complete row per batch size and setting."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +163,20 @@ def test_bench_reports_every_batch_size_against_unpruned_and_oracle(tmp_path, ca
         assert by[3, method]["kv_cache_bytes"] == 3 * by[1, method]["kv_cache_bytes"]
     assert by[3, "star"]["flops_vs_unpruned"] == pytest.approx(by[1, "star"]["flops_vs_unpruned"])
     assert by[1, "star"]["kv_cache_bytes"] < by[1, "none"]["kv_cache_bytes"]
+
+
+def test_the_table3_script_runs_at_a_tiny_shape(tmp_path):
+    """scripts/paper/table3.sh, the one GPU script, on the CPU with a tiny config: both benches and the paper table."""
+    tiny_llava().config.save_pretrained(tmp_path / "tiny")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(root), "SOURCE": f"--model {tmp_path / 'tiny'}",
+           "KEEPS": "4", "DEVICE": "cpu", "DTYPE": "float32", "REPEATS": "1", "WARMUP": "0", "NEW_TOKENS": "2",
+           "BATCHES": "2", "OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", str(root / "scripts/paper/table3.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "out/batch1.json").read_text()) + json.loads((tmp_path / "out/batches.json").read_text())
+    assert [(r["batch"], r["method"]) for r in rows] == [
+        (1, "none"), (1, "fastv"), (1, "fastervlm"), (1, "sparsevlm"), (1, "star"), (2, "none"), (2, "star"), (2, "fastervlm")
+    ]
+    table = (tmp_path / "out/table3.md").read_text()
+    assert "| 576 | none | 8.99 |" in table and "| 2 | star | 4 |" in table and "Random weights" in table
