@@ -6,11 +6,12 @@
 #   scripts/results.sh tables   # every method at 98/39/20/10 tokens, scenes and easy-VQA test splits
 #   scripts/results.sh bench    # prefill and decode time against the unpruned model and the oracle
 #   scripts/results.sh compare  # COMPARE_METHODS at 98/39/20/10 tokens, authors' defaults and earlier variants
+#   scripts/results.sh scale    # STAR's time against its FLOPs at 135M (default model) and 1.1B (random weights)
 #
 # Sizes are environment variables (per question type): MODEL_N (200 scene questions), EASY_N (100 easy-VQA
-# colour and shape questions), SWEEP_N (25), TABLE_N (25), BENCH_REPEATS (9), and COMPARE_ROUNDS ("2 5 15 50": per-type
-# limits, run in turn so every setting grows together; 50 is the target: 200 scene and 100 easy-VQA questions per
-# setting). Every run resumes where it
+# colour and shape questions), SWEEP_N (25), TABLE_N (25), BENCH_REPEATS (9), SCALE_REPEATS (3),
+# SCALE_REPEATS_1B (2), and COMPARE_ROUNDS ("2 5 15 50": per-type limits, run in turn so every setting grows
+# together; 50 is the target: 200 scene and 100 easy-VQA questions per setting). Every run resumes where it
 # stopped: star eval appends answers as they come (and refuses a folder that other weights answered).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,8 +69,17 @@ case "${1:-}" in
     ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/compare-scenes "scenes (test)"
     ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/compare-easy-vqa "easy-VQA (test, colour and shape)"
     ;;
+  scale)
+    # float32: on this CPU bfloat16 matrix products run slower than float32 ones. One prompt per batch row.
+    mkdir -p $OUT/scale
+    $STAR bench --methods star --keep 98,20 --batch 1,8 --repeats "${SCALE_REPEATS:-3}" --warmup 1 --new-tokens 4 \
+      --out $OUT/scale/default-135m.json | tee $OUT/scale/default-135m.md
+    $STAR bench --config llava-1.5-tinyllama-1.1b --random-init --methods star --keep 58 --batch 1 \
+      --repeats "${SCALE_REPEATS_1B:-2}" --warmup 0 --new-tokens 2 --out $OUT/scale/tinyllama-1.1b.json | tee $OUT/scale/tinyllama-1.1b.md
+    .venv/bin/python scripts/plot_scaling.py $OUT/scale/*.json --out $OUT/scale/scaling.png
+    ;;
   *)
-    sed -n 2,14p "$0"
+    sed -n 2,15p "$0"
     exit 2
     ;;
 esac

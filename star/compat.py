@@ -136,6 +136,13 @@ def qwen_prompt_positions(model: nn.Module, inputs: dict, input_ids: torch.Tenso
     return given if given is not None else model.model.get_rope_index(input_ids, types, grid, None, mask)[0]
 
 
+def qwen_token_types(input_ids: torch.Tensor, image_token_id: int) -> dict:
+    """What a Qwen2-VL prompt carries beside its ids, as the processor returns it: 5.x's `mm_token_type_ids` (1 at
+    image tokens), which its model and generate() read for 3-D positions; nothing in 4.57, which finds image
+    tokens by id."""
+    return {"mm_token_type_ids": (input_ids == image_token_id).int()} if V5 else {}
+
+
 def qwen_decoder_qk(
     layer: nn.Module,
     hidden: torch.Tensor,

@@ -37,7 +37,7 @@ def test_flops_command_knows_the_2025_baselines(capsys):
 
 
 def test_shipped_shapes_and_bad_names():
-    assert named_models() == ["internvl3-8b", "llava-1.5-13b", "llava-1.5-7b", "llava-next-7b", "llava-onevision-7b"]
+    assert {"internvl3-8b", "llava-1.5-13b", "llava-1.5-7b", "llava-next-7b", "llava-onevision-7b", "llava-1.5-tinyllama-1.1b", "qwen2.5-vl-7b"} <= set(named_models())
     assert DecoderShape.named("llava-1.5-13b").num_layers == 40
     with pytest.raises(ValueError, match="model='llava-9b'"):
         DecoderShape.named("llava-9b")

@@ -189,3 +189,10 @@ def ordinals(is_image: torch.Tensor) -> torch.Tensor:
     """Each token's place among its prompt's image tokens ([B, S]; TEXT where it is not one)."""
     place = is_image.long().cumsum(dim=1) - 1
     return place.masked_fill(~is_image, TEXT)
+
+
+def around_image(before: torch.Tensor, after: torch.Tensor, block: list[int]) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask of prompts [B, b] + one image block + [B, a], unpadded (all rows alike long)."""
+    image = torch.tensor(block, dtype=before.dtype).expand(before.shape[0], -1)
+    ids = torch.cat([before, image, after], dim=1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from star import compat
-from star.adapters.base import Decoder, Encoded, VisionGroup, ordinals, split_rows
+from star.adapters.base import Decoder, Encoded, VisionGroup, around_image, ordinals, split_rows
 from star.decoder import llama_style_qk
 from star.methods.base import VisionView
 
@@ -110,6 +110,12 @@ class LlavaAdapter(LlamaDecoder):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)
+
+    def synthetic_inputs(self, before: torch.Tensor, after: torch.Tensor, generator: torch.Generator) -> dict:
+        """Prompts of text [B, b] and [B, a] around one random image of the tower's size, for timing."""
+        side = self.model.config.vision_config.image_size
+        pixels = torch.randn(before.shape[0], 3, side, side, generator=generator)
+        return {**around_image(before, after, [self.image_token_id] * self.n_visual), "pixel_values": pixels}
 
 
 def _clip_qk(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

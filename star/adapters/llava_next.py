@@ -19,7 +19,7 @@ from transformers import LlavaNextForConditionalGeneration
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from star import scoring
-from star.adapters.base import FIXED, Encoded, VisionGroup, ordinals, split_rows
+from star.adapters.base import FIXED, Encoded, VisionGroup, around_image, ordinals, split_rows
 from star.adapters.llava import LlavaAdapter, _clip_qk
 from star.methods.base import VisionView
 
@@ -115,3 +115,16 @@ class LlavaNextAdapter(LlavaAdapter):
             )
             groups.append(VisionGroup(view, rows[crop : crop + 1], place_of[crop : crop + 1, shown]))
         return Encoded(groups, slots, self.newline)
+
+    def synthetic_inputs(self, before: torch.Tensor, after: torch.Tensor, generator: torch.Generator) -> dict:
+        """Prompts of text around one random image of the largest pinpoint (672 x 672 for LLaVA-NeXT-7B: the base
+        crop and a 2 x 2 grid of tiles), its image tokens counted by the model's own packing."""
+        config = self.model.config
+        size = max(config.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
+        side = config.vision_config.image_size
+        crops = image_size_to_num_patches(size, config.image_grid_pinpoints, side)
+        batch = before.shape[0]
+        tokens = len(self.layouts([crops], torch.tensor([size]))[0])
+        pixels = torch.randn(batch, crops, 3, side, side, generator=generator)
+        block = [self.image_token_id] * tokens
+        return {**around_image(before, after, block), "pixel_values": pixels, "image_sizes": torch.tensor([size] * batch)}

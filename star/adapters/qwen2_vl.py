@@ -21,7 +21,9 @@ from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from star import compat
-from star.adapters.base import Decoder, Encoded, MergedView, VisionGroup, ordinals, split_rows
+from star.adapters.base import Decoder, Encoded, MergedView, VisionGroup, around_image, ordinals, split_rows
+
+SYNTHETIC_PATCHES = 48  # per side of the timing image: 672 px at 14 px patches, 576 merged tokens as LLaVA-1.5's
 
 class Qwen2VLAdapter(Decoder):
     model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
@@ -107,6 +109,19 @@ class Qwen2VLAdapter(Decoder):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The merger already projected the tokens into the decoder's space."""
         return features
+
+    def synthetic_inputs(self, before: torch.Tensor, after: torch.Tensor, generator: torch.Generator) -> dict:
+        """Prompts of text around one random square image of SYNTHETIC_PATCHES patches a side, between its vision
+        start and end tokens."""
+        config, vision = self.model.config, self.model.config.vision_config
+        side = SYNTHETIC_PATCHES
+        batch = before.shape[0]
+        block = [config.vision_start_token_id] + [self.image_token_id] * (side * side // self.merge_unit) + [config.vision_end_token_id]
+        prompt = around_image(before, after, block)
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixels = torch.randn(batch * side * side, patch, generator=generator)
+        grid = torch.tensor([[1, side, side]] * batch)
+        return {**prompt, "pixel_values": pixels, "image_grid_thw": grid, **compat.qwen_token_types(prompt["input_ids"], self.image_token_id)}
 
     def _patch_qk(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], start: int, end: int):
         """Queries and keys of the score layer for one image's patches (start:end), [1, H, T, d] each."""
