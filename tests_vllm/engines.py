@@ -101,3 +101,23 @@ def kept_patches(llm) -> list[list[int]]:
     from operator import attrgetter
 
     return [[int(i) for i in k] for k in llm.apply_model(attrgetter("star_kept"))[0]]
+
+
+def default_model() -> str:
+    """The project's default model (built from pinned wheels on first use, then cached), as a directory."""
+    from star.zoo import build_default_model
+
+    return str(build_default_model(progress=False))
+
+
+def scene_prompts(path: str, count: int) -> tuple[list[str], list[list], list]:
+    """`count` scene questions of the test split as the default model's prompts (its chat template, as `star eval`
+    builds them), their images, and their records."""
+    from transformers import AutoProcessor
+
+    from star.data.scenes import scene_records
+    from star.eval.runner import build_prompt
+
+    processor = AutoProcessor.from_pretrained(path)
+    records = scene_records("test", per_type=count)[:count]
+    return [build_prompt(processor, r.question) for r in records], [[r.image] for r in records], records
