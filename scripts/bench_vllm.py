@@ -68,11 +68,11 @@ def settings(args: argparse.Namespace, n_visual: int) -> list[dict]:
 def scene_requests(path: str, count: int) -> tuple[list[str], list]:
     from transformers import AutoProcessor
 
-    from star.data.scenes import scene_records
+    from star.data.scenes import TYPES, scene_records
     from star.eval.runner import build_prompt
 
     processor = AutoProcessor.from_pretrained(path)
-    records = scene_records("test", per_type=count)[:count]  # per type: the first `count` are of every type in turn
+    records = scene_records("test", per_type=-(-count // len(TYPES)))[:count]
     return [build_prompt(processor, r.question) for r in records], records
 
 

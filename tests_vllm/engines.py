@@ -43,15 +43,21 @@ def overrides(method: str, keep: int | float, **options) -> dict:
     return hf_overrides(method, keep, **options)
 
 
-def hf_generate(path: str, prompts: list[str], images: list[list], setting: dict, max_new_tokens: int) -> dict:
-    """The Hugging Face path for the same checkpoint: `star.apply(..., positions="contiguous")`, greedy, batched
-    (left-padded). Returns each prompt's new tokens, their log-probabilities, and its kept patches (its places
-    among the prompt's image tokens)."""
-    import star
+def hf_model(path: str) -> tuple:
+    """The same checkpoint through transformers: the model (float32) and its processor (left padding)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(path, padding_side="left")
+    return model, AutoProcessor.from_pretrained(path, padding_side="left")
+
+
+def hf_generate(hf: tuple, prompts: list[str], images: list[list], setting: dict, max_new_tokens: int) -> dict:
+    """The Hugging Face path: `star.apply(..., positions="contiguous")` on `hf_model`'s pair, greedy, batched
+    (left-padded). Returns each prompt's new tokens, their log-probabilities, and its kept patches (its places
+    among the prompt's image tokens)."""
+    import star
+
+    model, processor = hf
     inputs = processor(images=[i for row in images for i in row], text=prompts, return_tensors="pt", padding=True)
     options = {k: v for k, v in setting.items() if k not in ("method", "keep")}
     with torch.no_grad(), star.apply(model, setting["method"], setting["keep"], positions="contiguous", **options) as pruner:
@@ -115,9 +121,9 @@ def scene_prompts(path: str, count: int) -> tuple[list[str], list[list], list]:
     builds them), their images, and their records."""
     from transformers import AutoProcessor
 
-    from star.data.scenes import scene_records
+    from star.data.scenes import TYPES, scene_records
     from star.eval.runner import build_prompt
 
     processor = AutoProcessor.from_pretrained(path)
-    records = scene_records("test", per_type=count)[:count]
+    records = scene_records("test", per_type=-(-count // len(TYPES)))[:count]
     return [build_prompt(processor, r.question) for r in records], [[r.image] for r in records], records

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from engines import ENGINE, default_model, hf_generate, kept_patches, overrides, scene_prompts, vllm_generate
+from engines import ENGINE, default_model, hf_generate, hf_model, kept_patches, overrides, scene_prompts, vllm_generate
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends a function to the engine
 
@@ -31,8 +31,13 @@ def path() -> str:
 
 
 @pytest.fixture(scope="module")
+def hf(path) -> tuple:
+    return hf_model(path)
+
+
+@pytest.fixture(scope="module")
 def scenes(path):
-    return scene_prompts(path, 6)
+    return scene_prompts(path, 4)
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +55,9 @@ def _same(ours: dict, reference: dict) -> None:
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: f"{s['method']}-{s['keep']}")
-def test_same_patches_and_answers_as_the_hf_path(llm, path, scenes, setting):
+def test_same_patches_and_answers_as_the_hf_path(llm, hf, scenes, setting):
     prompts, images, _ = scenes
-    reference = hf_generate(path, prompts, images, setting, STEPS)
+    reference = hf_generate(hf, prompts, images, setting, STEPS)
     [alone] = vllm_generate(llm, prompts[:1], images[:1], setting, STEPS)
     assert kept_patches(llm) == [reference[0]["kept"]]
     _same(alone, reference[0])

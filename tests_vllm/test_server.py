@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from engines import default_model, hf_generate, overrides, scene_prompts
+from engines import default_model, hf_generate, hf_model, overrides, scene_prompts
 
 N_VISUAL = 196
 START_TIMEOUT_S = 600
@@ -84,18 +84,21 @@ def _ask(client, model: str, record, setting: dict | None = None):
 
 
 @pytest.fixture(scope="module")
+def hf(path) -> tuple:
+    return hf_model(path)
+
+
+@pytest.fixture(scope="module")
 def scenes(path):
     return scene_prompts(path, 4)
 
 
-def test_answers_are_the_hf_paths_and_the_prompt_shrinks(server, scenes):
+def test_answers_are_the_hf_paths_and_the_prompt_shrinks(server, hf, scenes):
     client, model = server
     prompts, images, records = scenes
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = hf[1].tokenizer
     for setting in ({"method": "star-vision", "keep": 39}, {"method": "fastervlm", "keep": 20}, {"method": "none", "keep": N_VISUAL}):
-        reference = hf_generate(model, prompts, images, setting, 8)
+        reference = hf_generate(hf, prompts, images, setting, 8)
         for record, expected in zip(records, reference):
             reply = _ask(client, model, record, setting if setting["keep"] != 39 else None)
             assert reply.choices[0].message.content == tokenizer.decode(expected["tokens"], skip_special_tokens=True)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engines import ENGINE, N_VISUAL, hf_generate, kept_patches, overrides, tiny_llava_checkpoint, vllm_generate
+from engines import ENGINE, N_VISUAL, hf_generate, hf_model, kept_patches, overrides, tiny_llava_checkpoint, vllm_generate
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends a function to the engine
 
@@ -43,6 +43,11 @@ def checkpoint(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def hf(checkpoint) -> tuple:
+    return hf_model(checkpoint)
+
+
+@pytest.fixture(scope="module")
 def llm(checkpoint):
     from vllm import LLM
 
@@ -57,8 +62,8 @@ def _same(ours: dict, reference: dict) -> None:
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: f"{s['method']}-{s['keep']}")
-def test_each_prompt_alone_keeps_the_hf_patches_and_gives_its_answer(llm, checkpoint, setting):
-    reference = hf_generate(checkpoint, PROMPTS, PICTURES, setting, STEPS)
+def test_each_prompt_alone_keeps_the_hf_patches_and_gives_its_answer(llm, hf, setting):
+    reference = hf_generate(hf, PROMPTS, PICTURES, setting, STEPS)
     for row, prompt in enumerate(PROMPTS):
         [ours] = vllm_generate(llm, [prompt], [PICTURES[row]], setting, STEPS)
         kept = kept_patches(llm)
@@ -71,17 +76,17 @@ def test_each_prompt_alone_keeps_the_hf_patches_and_gives_its_answer(llm, checkp
 
 
 @pytest.mark.parametrize("setting", SETTINGS[:4], ids=lambda s: s["method"])
-def test_a_batch_gives_what_each_prompt_gives_alone(llm, checkpoint, setting):
+def test_a_batch_gives_what_each_prompt_gives_alone(llm, hf, setting):
     """vLLM schedules the three prompts together; each must give the Hugging Face path's answer for it."""
-    reference = hf_generate(checkpoint, PROMPTS, PICTURES, setting, STEPS)
+    reference = hf_generate(hf, PROMPTS, PICTURES, setting, STEPS)
     for ours, expected in zip(vllm_generate(llm, PROMPTS, PICTURES, setting, STEPS), reference):
         _same(ours, expected)
 
 
-def test_the_engine_setting_applies_when_a_request_gives_none(llm, checkpoint):
+def test_the_engine_setting_applies_when_a_request_gives_none(llm, hf):
     [ours] = vllm_generate(llm, PROMPTS[:1], PICTURES[:1], None, STEPS)
     assert ours["prompt_tokens"] == len(PROMPTS[0].split()) - 1 + 5
-    _same(ours, hf_generate(checkpoint, PROMPTS[:1], PICTURES[:1], {"method": "fastervlm", "keep": 5}, STEPS)[0])
+    _same(ours, hf_generate(hf, PROMPTS[:1], PICTURES[:1], {"method": "fastervlm", "keep": 5}, STEPS)[0])
 
 
 @pytest.mark.parametrize(
@@ -97,9 +102,9 @@ def test_the_engine_setting_applies_when_a_request_gives_none(llm, checkpoint):
         ({"keep": 4}, "must be a dict with 'method', 'keep'"),
     ],
 )
-def test_a_bad_request_is_refused_and_the_engine_keeps_serving(llm, checkpoint, setting, message):
+def test_a_bad_request_is_refused_and_the_engine_keeps_serving(llm, hf, setting, message):
     with pytest.raises(ValueError) as error:
         vllm_generate(llm, PROMPTS[:1], PICTURES[:1], setting, STEPS)
     assert "mm_processor_kwargs['star']" in str(error.value) and message in str(error.value)
     [after] = vllm_generate(llm, PROMPTS[:1], PICTURES[:1], SETTINGS[0], STEPS)
-    _same(after, hf_generate(checkpoint, PROMPTS[:1], PICTURES[:1], SETTINGS[0], STEPS)[0])
+    _same(after, hf_generate(hf, PROMPTS[:1], PICTURES[:1], SETTINGS[0], STEPS)[0])
