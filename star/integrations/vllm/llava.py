@@ -1,0 +1,183 @@
+"""LLaVA-1.5 in vLLM with its visual tokens pruned before the decoder: `StarLlavaForConditionalGeneration`.
+
+Two places change, both vLLM's own multimodal interfaces (docs/serving.md):
+- the front end's processor replaces each image's placeholder with as many tokens as the setting keeps, so the
+  scheduler reserves KV blocks for the pruned prompt; it also checks the setting (a bad one is the request's
+  error) and sends it with each image as a `star_setting` field;
+- the model's `embed_multimodal` runs the CLIP tower, hands the feature layer to the method's `select_vision`
+  (the same method files and `VisionView` as `star.apply`), and projects only the kept patches, in order.
+The decoder, the KV cache, prefix caching and chunked prefill are vLLM's, unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from functools import partial
+
+import torch
+from torch import nn
+from transformers import BatchFeature, CLIPVisionConfig
+from vllm.config import VllmConfig
+from vllm.model_executor.models.utils import WeightsMapper
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+
+from star.decoder import gather_seq
+from star.integrations.vllm import Setting, parse_setting
+from star.methods import Selection, VisionView
+
+FIELD = "star_setting"
+
+
+class StarLlavaProcessingInfo(LlavaProcessingInfo):
+    def setting(self, mm_kwargs: Mapping[str, object]) -> Setting:
+        """The request's setting (`mm_processor_kwargs["star"]`), else the engine's (`hf_overrides["star"]`)."""
+        config = self.get_hf_config()
+        if "star" in mm_kwargs:
+            return parse_setting(mm_kwargs["star"], n_visual(config), num_layers(config), "mm_processor_kwargs['star']")
+        return engine_setting(config)
+
+
+class StarLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+    def _apply_hf_processor_main(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        setting = self.info.setting(hf_kwargs)
+        processed = super()._apply_hf_processor_main(mm_items, {k: v for k, v in hf_kwargs.items() if k != "star"})
+        if "pixel_values" in processed:
+            text = torch.tensor(list(setting.text.encode()), dtype=torch.uint8)
+            processed[FIELD] = text.expand(len(processed["pixel_values"]), -1).clone()
+        return processed
+
+    def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
+        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs), FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True)}
+
+    def _get_prompt_updates(
+        self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs: MultiModalKwargsItems
+    ) -> Sequence[PromptUpdate]:
+        if mm_items.get_all_counts().get("image") and not isinstance(mm_items["image"], ImageProcessorItems):
+            raise ValueError("images given as embeddings cannot be pruned: send the images themselves")
+        setting = self.info.setting(hf_processor_mm_kwargs)
+        token = self.info.get_hf_config().image_token_index
+        return [PromptReplacement(modality="image", target=[token], replacement=[token] * setting.keep)]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    StarLlavaMultiModalProcessor, info=StarLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
+class StarLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """vLLM's LLaVA whose images enter the decoder pruned. `star_kept` holds, after each encoder call, the kept
+    patch indices of each image it encoded (for tests and inspection, like `Pruner.stats`)."""
+
+    # transformers 5 saves the CLIP tower without its `vision_model.` level (star/compat.py), as the default
+    # model's checkpoint is; vLLM 0.32's LLaVA expects it, so such keys get it back before vLLM's own mapping.
+    hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
+        orig_to_new_regex={re.compile(r"^(?:model\.)?vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."}
+    )
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        config = vllm_config.model_config.hf_config
+        engine_setting(config)  # a bad or decoder-stage setting stops the engine here, before any weight loads
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        feature = self.vision_tower.vision_model.encoder.layers[-1].self_attn
+        if feature.num_heads_per_partition != feature.num_heads:
+            raise ValueError(
+                f"tensor parallel vision tower ({feature.num_heads_per_partition} of {feature.num_heads} heads per "
+                "process): the scores need every head of the feature layer; serve with tensor_parallel_size=1"
+            )
+        self.star_kept: list[torch.Tensor] = []
+
+    def embed_multimodal(self, **kwargs: object):
+        settings = kwargs.pop(FIELD, None)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if image_input["type"] != "pixel_values" or settings is None:
+            raise ValueError(f"{image_input['type']} reached the pruned model without its {FIELD}: it cannot be pruned")
+        config = self.config
+        texts = [bytes(row.tolist()).decode() for row in settings]
+        chosen = {text: parse_setting_text(text, config) for text in texts}
+        feature, layer_input = self._feature_layer(image_input["pixel_values"])
+        features, prefix = feature[:, 1:], feature[:, 0]
+        embeds: list[torch.Tensor | None] = [None] * len(texts)
+        kept: list[torch.Tensor | None] = [None] * len(texts)
+        for text, setting in chosen.items():
+            rows = torch.tensor([i for i, t in enumerate(texts) if t == text], device=feature.device)
+            view = VisionView(
+                features=features[rows], n_prefix=1, qk=partial(_clip_qk, self._feature_attention_layer(), layer_input[rows]),
+                prefix_features=prefix[rows],
+            )
+            n = features.shape[1]
+            if setting.prunes:
+                selection = setting.method.select_vision(view, setting.keep)
+            else:
+                selection = Selection(torch.arange(n, device=feature.device).expand(len(rows), n))
+            states = selection.states if selection.states is not None else gather_seq(view.features, selection.index)
+            projected = self.multi_modal_projector(states)
+            for unit, row in enumerate(rows.tolist()):
+                embeds[row], kept[row] = projected[unit], selection.index[unit].cpu()
+        self.star_kept = kept
+        return embeds
+
+    def _feature_attention_layer(self) -> nn.Module:
+        return self.vision_tower.vision_model.encoder.layers[-1]
+
+    def _feature_layer(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The feature layer's output and input, [I, 1 + N, D] each ([CLS] first). vLLM builds the tower only up
+        to the feature layer (vision_feature_layer), so that layer is its last."""
+        vision = self.vision_tower.vision_model
+        hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
+        for layer in vision.encoder.layers[:-1]:
+            hidden = layer(hidden)
+        return self._feature_attention_layer()(hidden), hidden
+
+
+def engine_setting(config) -> Setting:
+    """The engine's default setting, from `hf_overrides["star"]`; the model's own constraints checked first."""
+    if not isinstance(config.vision_config, CLIPVisionConfig):
+        raise ValueError(
+            f"vision_config of type {type(config.vision_config).__name__} is not supported: the pruned LLaVA needs a "
+            "CLIP tower (its [CLS] token and layout are what the methods score)"
+        )
+    if not isinstance(config.vision_feature_layer, int) or config.vision_feature_select_strategy != "default":
+        raise ValueError(
+            f"vision_feature_layer={config.vision_feature_layer!r}, vision_feature_select_strategy="
+            f"{config.vision_feature_select_strategy!r}: the pruned LLaVA needs one integer layer and 'default'"
+        )
+    raw = getattr(config, "star", None)
+    if raw is None:
+        raise ValueError(
+            "hf_overrides has no 'star' setting: StarLlavaForConditionalGeneration needs one, e.g. "
+            '--hf-overrides \'{"architectures": ["StarLlavaForConditionalGeneration"], "star": {"method": "fastervlm", "keep": 98}}\''
+        )
+    return parse_setting(raw, n_visual(config), num_layers(config), "hf_overrides['star']")
+
+
+def parse_setting_text(text: str, config) -> Setting:
+    return parse_setting(json.loads(text), n_visual(config), num_layers(config), FIELD)
+
+
+def n_visual(config) -> int:
+    vision = config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+def num_layers(config) -> int:
+    return config.text_config.num_hidden_layers
+
+
+def _clip_qk(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys of vLLM's CLIP encoder layer (fused q/k/v projection) for its input: [I, H, T, d] each."""
+    attn = layer.self_attn
+    qkv, _ = attn.qkv_proj(layer.layer_norm1(hidden))
+    q, k, _ = qkv.chunk(3, dim=-1)
+    shape = (*hidden.shape[:2], attn.num_heads, attn.head_dim)
+    return q.reshape(shape).transpose(1, 2), k.reshape(shape).transpose(1, 2)

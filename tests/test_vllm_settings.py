@@ -1,0 +1,64 @@
+"""The vLLM plugin's settings, checked without vLLM (star.integrations.vllm imports none of it): what runs, what
+is refused and why, and the overrides helper. The engine itself is tested in tests_vllm/ (make test-vllm)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from star.integrations.vllm import hf_overrides, parse_setting, vision_methods
+
+
+def test_vision_side_methods_are_those_without_a_decoder_stage():
+    assert vision_methods() == ["star-vision", "fastervlm", "visionzip", "random"]
+
+
+@pytest.mark.parametrize(
+    "raw, keep",
+    [
+        ({"method": "star-vision", "keep": 39}, 39),
+        ({"method": "fastervlm", "keep": 0.5}, 98),
+        ({"method": "visionzip", "keep": 20, "contextual_ratio": 0.25}, 20),
+        ({"method": "none", "keep": 196}, 196),
+        ({"method": "star", "keep": 180}, 180),  # at this budget STAR has no decoder stage: stage 1 alone keeps 180
+        ({"method": "fastv", "keep": 196}, 196),  # nothing to cut
+    ],
+)
+def test_a_setting_keeps_what_the_method_plans(raw, keep):
+    setting = parse_setting(raw, 196, 30, "here")
+    assert setting.keep == keep and setting.prunes == (keep < 196)
+    assert json.loads(setting.text) == raw
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"method": "star", "keep": 39}, "here: method='star' at keep=39 prunes inside the decoder (a cut before layer 15)"),
+        ({"method": "star", "keep": 39}, "method 'star-vision' runs STAR's vision stage at the same final budget"),
+        ({"method": "fastv", "keep": 39}, "vision-side methods run instead: star-vision, fastervlm, visionzip, random"),
+        ({"method": "pdrop", "keep": 39}, "prunes inside the decoder"),
+        ({"method": "sparsevlm", "keep": 39}, "prunes inside the decoder"),
+        ({"method": "fastervlm", "keep": 197}, "here: keep=197 is outside [1, 196]"),
+        ({"method": "fastervlm", "keep": 0}, "keep=0 is outside [1, 196]"),
+        ({"method": "visionzip", "keep": 20, "contextual_ratio": 1.5}, "contextual_ratio=1.5 is not a ratio in [0, 1)"),
+        ({"method": "random", "keep": 20, "layer": 3}, "option 'layer' is not accepted by method 'random'"),
+        ({"method": 3, "keep": 20}, "method=3 is unknown"),
+        ({"keep": 20}, "must be a dict with 'method', 'keep'"),
+        ("fastervlm", "must be a dict"),
+    ],
+)
+def test_a_bad_setting_names_where_it_came_from_and_what_is_allowed(raw, message):
+    with pytest.raises(ValueError) as error:
+        parse_setting(raw, 196, 30, "here")
+    assert message in str(error.value)
+
+
+def test_overrides_name_the_pruned_architecture():
+    assert hf_overrides("fastervlm", 98) == {
+        "architectures": ["StarLlavaForConditionalGeneration"], "star": {"method": "fastervlm", "keep": 98}
+    }
+    with pytest.raises(ValueError, match="architecture='Qwen2VLForConditionalGeneration' is not served: vLLM computes"):
+        hf_overrides("fastervlm", 98, architecture="Qwen2VLForConditionalGeneration")
+    with pytest.raises(ValueError, match="option 'seed' is not accepted by method 'fastervlm'"):
+        hf_overrides("fastervlm", 98, seed=1)
