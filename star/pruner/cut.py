@@ -68,8 +68,9 @@ def cut(
 
     if positions == "original":
         frame_positions = gather_positions(frame.position_ids, keep)
-    else:
-        frame_positions = contiguous_positions(frame.position_ids, keep)
+    else:  # the padding slots this cut added to a shorter row do not count as tokens before its real ones
+        added = torch.tensor([width - len(o) - len(v) for o, v in rows], device=hidden.device)
+        frame_positions = contiguous_positions(frame.position_ids, keep) - added[:, None]
     prompt.frames.append(
         Frame(stage.layer, frame.keep_cols.gather(1, keep), frame.mask.gather(1, keep), visual, patches, frame_positions)
     )

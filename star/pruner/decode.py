@@ -64,8 +64,9 @@ def layer_inputs(
         new = torch.arange(entry, int(step.cache_position.max()) + 1, device=mask.device).expand(batch, -1)
         mask = decode_mask(mask, step.padding, torch.cat([frame.keep_cols, new], dim=1), step.cache_position)
     override = compat.with_cache_position({"attention_mask": mask}, step.cache_position - shift)
-    if positions == "contiguous":
-        position_ids = step.position_ids - shift
+    if positions == "contiguous":  # each row moves back by the tokens this frame dropped from its own
+        dropped = prompt.frames[0].mask.sum(dim=1) - frame.mask.sum(dim=1)
+        position_ids = step.position_ids - dropped[:, None]
         override["position_ids"] = position_ids
         for name, kind in compat.rotary_tables(kwargs).items():
             override[name] = adapter.rotary(hidden, position_ids, kind or layer_type)

@@ -88,11 +88,6 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
     totals_list = totals.tolist()
     budgets = [[row[2 + s] for row in totals_list] for s in range(len(stages))]
     uneven = any(len({row[j] for row in totals_list}) > 1 for j in range(1, totals.shape[1]))
-    if uneven and positions == "contiguous" and stages:
-        raise ValueError(
-            "positions='contiguous' needs every prompt of a batch to keep the same number of visual tokens "
-            "(same image sizes); use positions='original', or batch such prompts apart"
-        )
 
     # Entry frame: each prompt's text and fixed image tokens, and its kept visual tokens at their places (a
     # merged token may share its place with another; the stable sort keeps the method's order). Shorter
