@@ -66,8 +66,8 @@ case "${1:-}" in
       compare_one scenes $OUT/compare-scenes "$limit"
       compare_one easy-vqa $OUT/compare-easy-vqa "$limit" --types color,shape
     done
-    ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/compare-scenes "scenes (test)"
-    ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/compare-easy-vqa "easy-VQA (test, colour and shape)"
+    ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/compare-scenes "scenes (test)" $OUT/scenes-810/results.json
+    ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/compare-easy-vqa "easy-VQA (test, colour and shape)" $OUT/easy-vqa/results.json
     ;;
   scale)
     # float32: on this CPU bfloat16 matrix products run slower than float32 ones. One prompt per batch row.
