@@ -9,6 +9,7 @@ import torch
 import star
 import star.adapters.internvl as internvl_adapter
 from families import IMAGE_TOKEN, forward_kept, greedy_by_recompute, kept_of
+from star.checks import check_setting, model_skeleton
 from star.scoring import top_k_in_order
 from tiled_families import TILE, internvl_inputs, prompt_embeds, rows_alone, tiny_internvl
 
@@ -188,3 +189,16 @@ def test_bad_inputs_are_named(model):
             model(**short)
         with pytest.raises(ValueError, match="image tokens"):
             model(**{**inputs, "pixel_values": inputs["pixel_values"][:1]})
+
+
+def test_settings_are_checked_on_a_weightless_skeleton(model, tmp_path):
+    """What the star command does before any load: star.apply on the config's meta-device skeleton."""
+    model.config.save_pretrained(tmp_path)
+    skeleton = model_skeleton(str(tmp_path))
+    assert next(skeleton.parameters()).device.type == "meta"
+    check_setting(skeleton, "star", 8, {"layer": 3}, "contiguous")
+    for method in ['visionzip']:
+        with pytest.raises(ValueError, match=rf"method='{method}' cannot prune InternVL"):
+            check_setting(skeleton, method, 8, {}, "original")
+    with pytest.raises(ValueError, match="keep=17"):
+        check_setting(skeleton, "star", 17, {}, "original")

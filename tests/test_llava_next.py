@@ -71,10 +71,7 @@ def test_batch_of_different_lengths_and_image_layouts_equals_each_alone(model, m
     sizes = [[WIDE], [SQUARE], [MEDIUM, WIDE]]
     inputs = next_inputs(model, sizes, [(3, 6), (7, 4), (1, 9)], seed=2)
     per_row = [len(s) for s in sizes]
-    # PDrop's and SparseVLM's own positions (contiguous) are refused for a batch whose rows keep different
-    # numbers of tokens after a decoder cut (test below); such a batch runs with positions="original"
-    positions = "original" if method in ("pdrop", "sparsevlm") else None
-    with star.apply(model, method=method, keep=6, positions=positions) as pruner:
+    with star.apply(model, method=method, keep=6) as pruner:
         together = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6)[:, -6:]
         prefill = model(**inputs).logits[:, -1]
         batch_stats = pruner.stats
@@ -194,11 +191,3 @@ def test_bad_inputs_are_named(model):
             model(**short)
         with pytest.raises(ValueError, match="image_sizes"):
             model(**{**inputs, "image_sizes": None})
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("method", ["pdrop", "sparsevlm"])
-def test_authors_contiguous_positions_refuse_uneven_decoder_cuts(model, method):
-    inputs = next_inputs(model, [[WIDE], [SQUARE]], [(3, 6), (7, 4)], seed=2)
-    with star.apply(model, method=method, keep=6), pytest.raises(ValueError, match="positions='contiguous' needs every prompt"):
-        model(**inputs)

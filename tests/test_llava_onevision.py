@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import star
 from families import IMAGE_TOKEN, forward_kept, greedy_by_recompute, kept_of
+from star.checks import check_setting, model_skeleton
 from star.scoring import top_k_in_order
 from tiled_families import CROP, onevision_inputs, prompt_embeds, rows_alone, tiny_onevision
 
@@ -201,3 +202,16 @@ def test_bad_inputs_are_named(model):
             model(**{**inputs, "image_sizes": None})
         with pytest.raises(ValueError, match="pixel_values_videos"):
             model(**inputs, pixel_values_videos=torch.zeros(1, 2, 3, 32, 32))
+
+
+def test_settings_are_checked_on_a_weightless_skeleton(model, tmp_path):
+    """What the star command does before any load: star.apply on the config's meta-device skeleton."""
+    model.config.save_pretrained(tmp_path)
+    skeleton = model_skeleton(str(tmp_path))
+    assert next(skeleton.parameters()).device.type == "meta"
+    check_setting(skeleton, "star", 8, {"layer": 3}, "contiguous")
+    for method in ['fastervlm', 'visionzip']:
+        with pytest.raises(ValueError, match=rf"method='{method}' cannot prune LlavaOnevision"):
+            check_setting(skeleton, method, 8, {}, "original")
+    with pytest.raises(ValueError, match="keep=17"):
+        check_setting(skeleton, "star", 17, {}, "original")
