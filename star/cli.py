@@ -12,7 +12,8 @@ import star
 from star import compat
 from star import flops as flops_model
 from star.integrations import add_lmms_eval_command
-from star.methods import REGISTRY, build, options, parse_option
+from star.adapters import ADAPTERS
+from star.methods import REGISTRY, build, cls_free_error, options, parse_option
 from star.pruner import POSITION_POLICIES, resolve_keep
 
 
@@ -175,6 +176,11 @@ def _methods(args: argparse.Namespace) -> None:
             print(f"{'':13s} {f.name:{name_width}s}  {f'{f.type} = {f.default!r}':{type_width}s}  {f.metadata['help']}")
         if not dataclasses.fields(cls):
             print(f"{'':13s} no options")
+    print("Model families, what an int --keep counts in each, and the methods that run on it:")
+    for adapter in ADAPTERS:
+        refused = [] if adapter.has_cls else [name for name, cls in REGISTRY.items() if cls_free_error(cls()) is not None]
+        runs = "every method" if not refused else f"every method but {', '.join(refused)} (no [CLS] token)"
+        print(f"  {', '.join(c.__name__ for c in adapter.model_classes)}: {adapter.budget_note}; {runs}")
     print("Set an option with --option NAME=VALUE (a tuple as 8/16/24) in run, eval, bench, demo and flops; sweep one with eval's --grid NAME=V1,V2.")
 
 

@@ -25,6 +25,7 @@ from star.adapters.base import Decoder, Encoded, MergedView, VisionGroup, ordina
 
 class Qwen2VLAdapter(Decoder):
     model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+    budget_note = "tokens per image (each image its own size; an int above an image's tokens is refused)"
     vision_inputs = ("pixel_values", "image_grid_thw")
     mrope = True
     has_cls = False

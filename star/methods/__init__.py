@@ -6,6 +6,8 @@ import dataclasses
 import types
 import typing
 
+import torch
+
 from star.methods.base import DecoderView, LLMStage, Method, Plan, Selection, VisionView
 from star.methods.fastervlm import FasterVLM
 from star.methods.fastv import FastV
@@ -54,6 +56,21 @@ def parse_option(name: str, option: str, text: str) -> object:
         label = "ints joined by / (e.g. 8/16/24)" if is_tuple else {int: "an int", float: "a float"}[kind]
         raise ValueError(f"{option}={text!r}: method {name!r} takes {label} for {option}") from None
 
+def cls_free_error(method: Method) -> str | None:
+    """Why `method`'s vision stage cannot score a tower without [CLS] (Qwen2-VL, Qwen3-VL, Gemma 3), or None
+    where it can: the stage runs once on a two-token stand-in view without [CLS], so what it raises is what it
+    would raise at the first prompt."""
+    stand_in = torch.zeros(1, 1, 2, 1)
+    probe = VisionView(features=torch.zeros(1, 2, 1), n_prefix=0, qk=lambda: (stand_in, stand_in))
+    try:
+        method.select_vision(probe, 1)
+    except ValueError as error:
+        return str(error)
+    except NotImplementedError:  # no vision stage at all
+        return None
+    return None
+
+
 def _check_known(name: str, given) -> None:
     """A ValueError naming the first option in `given` that method `name` does not have, and the ones it has."""
     allowed = options(name)
@@ -63,4 +80,7 @@ def _check_known(name: str, given) -> None:
         raise ValueError(f"option {unknown[0]!r} is not accepted by method {name!r}: its options are {accepted}")
 
 
-__all__ = ["DecoderView", "LLMStage", "Method", "Plan", "Selection", "VisionView", "build", "methods", "options", "parse_option", "REGISTRY"]
+__all__ = [
+    "DecoderView", "LLMStage", "Method", "Plan", "Selection", "VisionView", "build", "cls_free_error", "methods", "options",
+    "parse_option", "REGISTRY",
+]

@@ -26,7 +26,7 @@ from transformers import DynamicCache
 from star import compat
 from star import flops as flops_model
 from star.adapters import adapter_for
-from star.methods import Method, VisionView
+from star.methods import Method, cls_free_error
 from star.pruner import decode
 from star.pruner.budget import Budget
 from star.pruner.cut import cut, frame_inputs
@@ -163,21 +163,12 @@ class Pruner:
         )
 
     def _check_encoder(self, model_name: str) -> None:
-        """Refuse, before any compute, a method whose vision stage needs a [CLS] token this encoder lacks.
-
-        The method's vision stage runs once on a two-token stand-in view without [CLS]; what it raises is
-        what it would raise at the first prompt.
-        """
+        """Refuse, before any compute, a method whose vision stage needs a [CLS] token this encoder lacks."""
         if self.adapter.has_cls or self.plan.vision_keep >= self.plan.n_visual:
             return
-        stand_in = torch.zeros(1, 1, 2, 1)
-        probe = VisionView(features=torch.zeros(1, 2, 1), n_prefix=0, qk=lambda: (stand_in, stand_in))
-        try:
-            self.method.select_vision(probe, 1)
-        except ValueError as error:
-            raise ValueError(f"method={self.method.name!r} cannot prune {model_name}: {error}") from None
-
-    # -- the model's forward: prefill and decode steps -------------------------------------------------
+        error = cls_free_error(self.method)
+        if error is not None:
+            raise ValueError(f"method={self.method.name!r} cannot prune {model_name}: {error}")
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if args:
