@@ -23,6 +23,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForCondition
 from star import compat
 from star.adapters.base import Decoder, Encoded, MergedView, VisionGroup, ordinals, split_rows
 
+
 class Qwen2VLAdapter(Decoder):
     model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
     budget_note = "tokens per image (each image its own size; an int above an image's tokens is refused)"

@@ -56,6 +56,7 @@ def parse_option(name: str, option: str, text: str) -> object:
         label = "ints joined by / (e.g. 8/16/24)" if is_tuple else {int: "an int", float: "a float"}[kind]
         raise ValueError(f"{option}={text!r}: method {name!r} takes {label} for {option}") from None
 
+
 def cls_free_error(method: Method) -> str | None:
     """Why `method`'s vision stage cannot score a tower without [CLS] (Qwen2-VL, Qwen3-VL, Gemma 3), or None
     where it can: the stage runs once on a two-token stand-in view without [CLS], so what it raises is what it
@@ -66,8 +67,8 @@ def cls_free_error(method: Method) -> str | None:
         method.select_vision(probe, 1)
     except ValueError as error:
         return str(error)
-    except NotImplementedError:  # no vision stage at all
-        return None
+    except NotImplementedError:  # no vision stage, so nothing that could need [CLS]
+        pass
     return None
 
 
