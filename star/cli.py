@@ -204,6 +204,11 @@ def _methods(args: argparse.Namespace) -> None:
             if reason:
                 models = ", ".join(model.__name__ for model in adapter.model_classes)
                 print(f"{'':13s} refused by {models}: {reason}")
+    print("Model families, what an int --keep counts in each, and the methods that run on it:")
+    for adapter in ADAPTERS:
+        refused = [name for name, cls in REGISTRY.items() if vision_refusal(adapter, cls())]
+        runs = "every method" if not refused else f"every method but {', '.join(refused)}"
+        print(f"  {', '.join(c.__name__ for c in adapter.model_classes)}: {adapter.budget_note}; {runs}")
     print("Set an option with --option NAME=VALUE (a tuple as 8/16/24) in run, eval, bench, demo and flops; sweep one with eval's --grid NAME=V1,V2.")
 
 

@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaModel
 
 import star
 from conftest import batch, prompt_ids, tiny_llava
+from families import gemma_inputs, qwen_inputs, tiny_gemma3, tiny_qwen3
 from star.cli import main
 from star.flops import DecoderShape, count_flops, layer_flops, named_models, prefill_flops, tokens_per_layer
 
@@ -37,7 +38,8 @@ def test_flops_command_knows_the_2025_baselines(capsys):
 
 
 def test_shipped_shapes_and_bad_names():
-    assert {"internvl3-8b", "llava-1.5-13b", "llava-1.5-7b", "llava-next-7b", "llava-onevision-7b", "llava-1.5-tinyllama-1.1b", "qwen2.5-vl-7b"} <= set(named_models())
+    assert {"gemma-3-4b", "internvl3-8b", "llava-1.5-13b", "llava-1.5-7b", "llava-next-7b", "llava-onevision-7b",
+            "llava-1.5-tinyllama-1.1b", "qwen2.5-vl-7b", "qwen3-vl-8b"} <= set(named_models())
     assert DecoderShape.named("llava-1.5-13b").num_layers == 40
     with pytest.raises(ValueError, match="model='llava-9b'"):
         DecoderShape.named("llava-9b")
@@ -77,3 +79,26 @@ def test_stats_flops_match_the_counted_decoder_of_a_real_prefill(method):
         stats = pruner.stats
     decoder = sum(v for k, v in counted.items() if k.startswith("model.language_model.layers.") and k.count(".") == 3)
     assert abs(stats.flops - decoder) / decoder < 0.05
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_stats_flops_match_the_counted_decoder_of_qwen3_vl_and_gemma3(family):
+    """Qwen3-VL and Gemma 3 decoders have per-head q/k norms and (Gemma) a gated GELU FFN: the formula's
+    matrix products are theirs."""
+    if family == "qwen3":
+        model, inputs = tiny_qwen3(attn="eager"), qwen_inputs([[(4, 6)], [(8, 8)]], [(3, 6), (7, 4)])
+    else:
+        model, inputs = tiny_gemma3(attn="eager"), gemma_inputs([1, 2], [(3, 6), (7, 4)])
+    with star.apply(model, method="star", keep=3) as pruner:
+        counted = count_flops(lambda: model(**inputs), model)
+        stats = pruner.stats
+    decoder = sum(v for k, v in counted.items() if k.startswith("model.language_model.layers.") and k.count(".") == 3)
+    assert abs(stats.flops - decoder) / decoder < 0.05
+
+
+def test_flops_of_a_mixture_of_experts_decoder_count_the_routed_experts():
+    moe = tiny_qwen3(moe=True).config.text_config
+    assert DecoderShape.from_config(moe).intermediate_size == 2 * 32
+    with pytest.raises(ValueError, match="mlp_only_layers"):
+        DecoderShape.from_config(type(moe)(**{**moe.to_dict(), "mlp_only_layers": [0]}))

@@ -167,7 +167,7 @@ def test_cached_generation_equals_recomputation(model, method, positions):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method, keep", [(m, 0.5) for m in NO_CLS] + [("star", 3), ("pdrop", 2)])
+@pytest.mark.parametrize("method, keep", [("star", 3), ("pdrop", 2), ("sparsevlm", 0.5), ("random", 0.5)])
 def test_batch_of_different_lengths_and_image_counts_equals_each_alone(model, method, keep):
     images = [1, 2, 1]
     inputs = gemma_inputs(images, [(3, 6), (7, 4), (1, 9)], seed=4)
@@ -186,7 +186,7 @@ def test_batch_of_different_lengths_and_image_counts_equals_each_alone(model, me
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("keep", [1, 5, 0.25])
+@pytest.mark.parametrize("keep", [1, 0.25])
 @pytest.mark.parametrize("method", NO_CLS)
 def test_every_image_keeps_exactly_its_budget_in_order(model, method, keep):
     inputs = gemma_inputs([3], [(2, 5)], seed=5)

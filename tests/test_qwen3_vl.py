@@ -152,7 +152,7 @@ def test_cached_generation_equals_recomputation(model, method):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method, keep", [(m, 0.5) for m in NO_CLS] + [("star", 3), ("fastv", 2)])
+@pytest.mark.parametrize("method, keep", [("star", 3), ("fastv", 2), ("sparsevlm", 0.5), ("random", 0.5)])
 def test_batch_of_different_lengths_and_image_sizes_equals_each_alone(model, method, keep):
     grids = [[SMALL], [LARGE, TINY], [TINY]]
     inputs = qwen_inputs(grids, [(3, 6), (7, 4), (1, 9)], seed=4)
@@ -172,7 +172,7 @@ def test_batch_of_different_lengths_and_image_sizes_equals_each_alone(model, met
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("keep", [1, 4, 0.25])
+@pytest.mark.parametrize("keep", [1, 0.25])
 @pytest.mark.parametrize("method", NO_CLS)
 def test_every_image_keeps_exactly_its_budget_in_order(model, method, keep):
     inputs = qwen_inputs([[SMALL, LARGE, TINY]], [(2, 5)], seed=5)

@@ -83,6 +83,12 @@ class Decoder:
     decoder: nn.Module
     has_cls = False
     projects_cls = False
+    # What the decoder adds onto visual tokens after its first layers (Qwen3-VL's DeepStack): how many layers.
+    residual_layers = 0
+    # Per-token inputs besides input_ids that the model reads at prefill (Gemma 3's token_type_ids).
+    token_inputs: tuple[str, ...] = ()
+    # A sliding window some decoder layers attend within, or None (see `Gemma3Adapter`).
+    window: int | None = None
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -90,13 +96,6 @@ class Decoder:
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.embed_tokens(input_ids)
-
-    # What the decoder adds onto visual tokens after its first layers (Qwen3-VL's DeepStack): how many layers.
-    residual_layers = 0
-    # Per-token inputs besides input_ids that the model reads at prefill (Gemma 3's token_type_ids).
-    token_inputs: tuple[str, ...] = ()
-    # A sliding window some decoder layers attend within, or None (see `Gemma3Adapter`).
-    window: int | None = None
 
     def layer_type(self, index: int) -> str | None:
         """The type of decoder layer `index` where layers differ in mask and rotary table (Gemma 3), else None."""

@@ -32,6 +32,7 @@ from star.decoder import llama_style_qk
 
 class Gemma3Adapter(LlamaDecoder):
     model_classes = (Gemma3ForConditionalGeneration,)
+    budget_note = "tokens per image or pan-and-scan crop (256); decoder stages within the 1024-token sliding window"
     vision_inputs = ("pixel_values",)
     token_inputs = ("token_type_ids",)
     has_cls = False

@@ -63,6 +63,7 @@ class InternVLAdapter(LlavaAdapter):
     model_classes = (InternVLForConditionalGeneration,)
     vision_inputs = ("pixel_values",)
     projects_cls = False  # the projector takes 2 x 2 patch blocks only
+    budget_note = "tokens per 256-token tile (every tile, the thumbnail and each video frame)"
 
     def __init__(self, model: InternVLForConditionalGeneration):
         config = model.config

@@ -44,6 +44,7 @@ class LlamaDecoder(Decoder):
 
 class LlavaAdapter(LlamaDecoder):
     model_classes = (LlavaForConditionalGeneration,)
+    budget_note = "tokens per image (576 for a 336 px CLIP tower)"
     vision_inputs = ("pixel_values",)
     select_strategy = "default"  # the vision_feature_select_strategy the family's checkpoints use
 

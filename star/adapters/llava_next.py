@@ -39,6 +39,7 @@ class PartialCropView(VisionView):
 
 class LlavaNextAdapter(LlavaAdapter):
     model_classes = (LlavaNextForConditionalGeneration,)
+    budget_note = "tokens per 576-token crop (base image and tiles); newline tokens always stay"
     vision_inputs = ("pixel_values", "image_sizes")
 
     def __init__(self, model: LlavaNextForConditionalGeneration):

@@ -51,6 +51,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
     vision_inputs = ("pixel_values", "image_sizes", "batch_num_images")
     select_strategy = "full"
     has_cls = projects_cls = False
+    budget_note = "tokens per 729-token crop (the tile grid keeps its share); newline tokens always stay"
 
     def __init__(self, model: LlavaOnevisionForConditionalGeneration):
         super().__init__(model)

@@ -25,8 +25,10 @@ from star.adapters.base import Decoder, Encoded, MergedView, VisionGroup, around
 
 SYNTHETIC_PATCHES = 48  # per side of the timing image: 672 px at 14 px patches, 576 merged tokens as LLaVA-1.5's
 
+
 class Qwen2VLAdapter(Decoder):
     model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+    budget_note = "tokens per image (each image its own size; an int above an image's tokens is refused)"
     vision_inputs = ("pixel_values", "image_grid_thw")
     mrope = True
     has_cls = False

@@ -25,6 +25,7 @@ from star.adapters.qwen2_vl import Qwen2VLAdapter
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
     model_classes = (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration)
+    budget_note = "tokens per image (each image its own size); DeepStack features go with their tokens"
 
     def __init__(self, model: Qwen3VLForConditionalGeneration | Qwen3VLMoeForConditionalGeneration):
         super().__init__(model)

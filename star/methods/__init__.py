@@ -62,6 +62,7 @@ def parse_option(name: str, option: str, text: str) -> object:
         label = "ints joined by / (e.g. 8/16/24)" if is_tuple else {int: "an int", float: "a float"}[kind]
         raise ValueError(f"{option}={text!r}: method {name!r} takes {label} for {option}") from None
 
+
 def _check_known(name: str, given) -> None:
     """A ValueError naming the first option in `given` that method `name` does not have, and the ones it has."""
     allowed = options(name)
@@ -71,4 +72,7 @@ def _check_known(name: str, given) -> None:
         raise ValueError(f"option {unknown[0]!r} is not accepted by method {name!r}: its options are {accepted}")
 
 
-__all__ = ["DecoderView", "LLMStage", "Method", "Plan", "Selection", "VisionView", "build", "methods", "options", "parse_option", "REGISTRY"]
+__all__ = [
+    "DecoderView", "LLMStage", "Method", "Plan", "Selection", "VisionView", "build", "methods", "options",
+    "parse_option", "REGISTRY",
+]
