@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    rows = [{**row, "model": row.get("model") or "default"} for path in args.files for row in json.loads(path.read_text())]
+    rows = [{**row, "model": Path(row.get("model") or "default").name} for path in args.files for row in json.loads(path.read_text())]
     data = points(rows)
     shapes = sorted({(p["model"], p["device"]) for p in data})
     colors = {shape: plt.cm.tab10(i) for i, shape in enumerate(shapes)}

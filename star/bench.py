@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 import statistics
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -24,6 +24,8 @@ from star import compat
 from star.methods import DecoderView, LLMStage, Method, Plan, Selection, VisionView
 from star.methods.none import NoPruning
 from star.pruner import Pruner
+
+_STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")  # Linux: the process's memory figures
 
 
 @dataclass(frozen=True)
@@ -144,8 +146,8 @@ def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak: CUDA's allocator statistics, or the process's resident high-water mark (Linux)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    elif _STATUS.is_file():
-        Path("/proc/self/clear_refs").write_text("5")
+    elif _CLEAR_REFS.exists():
+        _CLEAR_REFS.write_text("5")
 
 
 def peak_memory_bytes(device: torch.device) -> int | None:
@@ -155,9 +157,6 @@ def peak_memory_bytes(device: torch.device) -> int | None:
         return torch.cuda.max_memory_allocated(device)
     found = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text()) if _STATUS.is_file() else None
     return int(found.group(1)) * 1024 if found else None
-
-
-_STATUS = Path("/proc/self/status")
 
 
 def counted_flops(fn: Callable[[], object]) -> float:

@@ -468,7 +468,7 @@ def _bench(args: argparse.Namespace) -> None:
                 tick=lambda: bar.update(), **setting.options,
             ), **described})
     bar.close()
-    print(bench_table(rows))
+    print(_bench_table(rows))
     if args.random_init:
         print(f"({synthetic.NOTICE})")
     if args.out:
@@ -490,7 +490,7 @@ def _bench_model(args: argparse.Namespace):
     return model, prompts
 
 
-def bench_table(rows: list[dict]) -> str:
+def _bench_table(rows: list[dict]) -> str:
     """The rows as one Markdown table, each compared with the unpruned row of its batch size (ratios added to the rows)."""
     lines = [
         "| batch | method | keep | tokens | prefill ms | prompts/s | vs unpruned | vs oracle | decoder FLOPs vs unpruned "
@@ -517,8 +517,8 @@ def _or_na(value: float | None, spec: str) -> str:
 
 
 def _check_bench(args: argparse.Namespace, settings: list):
-    """bench's arguments checked before any load: the model source, attention, memory, then every setting on the
-    skeleton. Returns the config to build from when --random-init."""
+    """bench's arguments checked before any load: the model source, the attention, every setting on the skeleton,
+    and for random weights the memory they need. Returns the config and its skeleton."""
     from star import checks
 
     checks.check_device(args.device)

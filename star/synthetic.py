@@ -55,7 +55,6 @@ def random_model(config, device: str, dtype: torch.dtype, attn: str, seed: int =
     from transformers import AutoModelForImageTextToText
 
     config = copy.deepcopy(config)
-
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(seed)
