@@ -10,9 +10,9 @@ setting serves the same bursts. One engine per mode serves every setting, each a
 `mm_processor_kwargs`; the unpruned row is the plugin's `none` setting in that engine. A setting is timed after
 a warm-up burst, `--repeats` times; the table gives medians, and each row's ratio to the unpruned row of the same
 mode. Columns: requests/s and prompt tokens/s over the burst's wall time; time to first token (median over the
-burst's requests: the engine's own `first_token_latency` offline, the first streamed chunk for the server); KV
-blocks a request holds at its end (ceil((prompt + answer tokens) / block size), vLLM's paged allocation with
-every request's image different). On a CPU vLLM reserves its KV cache up front: VLLM_CPU_KVCACHE_SPACE (GiB),
+burst's requests: the engine's own `first_token_latency` offline, the first streamed chunk for the server); the
+KV cache a request holds at its end: its tokens (prompt + answer) and the blocks vLLM's paged allocation gives
+them (ceil(tokens / block size), every request's image being different). On a CPU vLLM reserves its KV cache up front: VLLM_CPU_KVCACHE_SPACE (GiB),
 2 here unless set.
 """
 
@@ -182,6 +182,7 @@ def _burst(wall: float, prompt: list[int], ttft: list[float], answer: list[int],
     return {
         "wall_s": wall, "requests_per_s": len(prompt) / wall, "prompt_tokens_per_s": sum(prompt) / wall,
         "ttft_s": statistics.median(ttft), "prompt_tokens": statistics.median(prompt),
+        "kv_tokens": statistics.median(p + a for p, a in zip(prompt, answer)),
         "kv_blocks": statistics.median(blocks(p, a, block_size) for p, a in zip(prompt, answer)), "block_size": block_size,
     }
 
@@ -224,7 +225,7 @@ def _image_url(image) -> str:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| mode | setting | prompt tokens | requests/s | prompt tokens/s | TTFT (s) | KV blocks / request |",
+        "| mode | setting | prompt tokens | requests/s | prompt tokens/s | TTFT (s) | KV cache / request: tokens (blocks) |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in results:
@@ -233,7 +234,7 @@ def table(results: list[dict]) -> str:
         lines.append(
             f"| {row['mode']} | {name} | {row['prompt_tokens']:.0f} | {row['requests_per_s']:.2f} ({row['requests_per_s'] / base['requests_per_s']:.2f}x) "
             f"| {row['prompt_tokens_per_s']:.0f} | {row['ttft_s']:.2f} ({row['ttft_s'] / base['ttft_s']:.2f}x) "
-            f"| {row['kv_blocks']:.0f} of {row['block_size']} tokens |"
+            f"| {row['kv_tokens']:.0f} ({row['kv_blocks']:.0f} of {row['block_size']}) |"
         )
     return "\n".join(lines)
 
