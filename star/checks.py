@@ -9,6 +9,7 @@ argument fails in the time it takes to read a config.json.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -36,9 +37,9 @@ def check_device(text: str) -> None:
         raise ValueError(f"--device {text!r} is not a device of this machine: allowed are {', '.join(available)}")
 
 
-def model_config(model: str | None):
-    """The config of --model, read without its weights: a directory's config.json, a hub id's (only that file is
-    fetched), or the default model's (its shape, when it is not built yet)."""
+def model_config(model: str | None, argument: str = "--model"):
+    """The config of `argument`, read without its weights: a directory's config.json, a hub id's (only that file
+    is fetched), or the default model's (its shape, when it is not built yet)."""
     from transformers import AutoConfig
 
     from star.zoo import star_home
@@ -48,14 +49,16 @@ def model_config(model: str | None):
         return AutoConfig.from_pretrained(built) if (built / "config.json").is_file() else _default_model_config()
     path = Path(model).expanduser()
     if path.exists() and not (path / "config.json").is_file():
-        raise ValueError(f"--model {model!r} is not a model directory: it holds no config.json")
+        raise ValueError(f"{argument} {model!r} is not a model directory: it holds no config.json")
     if not path.exists() and (path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1):
-        raise ValueError(f"--model {model!r} does not exist: give a model directory or a hub id (e.g. llava-hf/llava-1.5-7b-hf)")
+        raise ValueError(f"{argument} {model!r} does not exist: give a model directory or a hub id (e.g. llava-hf/llava-1.5-7b-hf)")
+    if not path.exists():  # the Hub may take its time to answer, or to time out where there is no network
+        print(f"{argument} {model!r}: reading its config.json from the Hugging Face Hub", file=sys.stderr, flush=True)
     try:
         return AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0]
-        raise ValueError(f"--model {model!r}: its config.json cannot be read ({reason})") from None
+        raise ValueError(f"{argument} {model!r}: its config.json cannot be read ({reason})") from None
 
 
 def _default_model_config():
@@ -67,15 +70,15 @@ def _default_model_config():
     return LlavaConfig(vision_config=vision, text_config=LlamaConfig(num_hidden_layers=DEFAULT_MODEL_LAYERS), vision_feature_layer=-2)
 
 
-def model_skeleton(model: str | None) -> nn.Module:
-    """The model of --model without weights (on the meta device), or a ValueError when it is no supported family."""
+def model_skeleton(model: str | None, argument: str = "--model") -> nn.Module:
+    """The model of `argument` without weights (on the meta device), or a ValueError when it is no supported family."""
     from transformers import AutoModelForImageTextToText
 
-    config = model_config(model)
+    config = model_config(model, argument)
     supported = {cls.config_class.model_type for adapter in ADAPTERS for cls in adapter.model_classes}
     if config.model_type not in supported:
         raise ValueError(
-            f"--model {model!r} is a {config.model_type!r} model: supported are the image-text families {', '.join(sorted(supported))}"
+            f"{argument} {model!r} is a {config.model_type!r} model: supported are the image-text families {', '.join(sorted(supported))}"
         )
     with torch.device("meta"):
         return AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa")

@@ -183,11 +183,39 @@ def snapshot(folder: str) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
+# lmms-eval's own command line: the star backend's model_args, checked against the checkpoint's config before
+# lmms-eval loads a task or the weights.
+LMMS = "lmms-eval --tasks mme --model_args"
+LMMS_CASES = [
+    ("pretrained={tiny},keep=17", ["keep=17", "[1, 16]"]),
+    ("pretrained={checkpoint},method=star,keep=0", ["keep=0"]),
+    ("pretrained={checkpoint},method=nope", ["method='nope'"]),
+    ("pretrained={checkpoint},layer=6", ["layer=6", "1 to 5"]),
+    ("pretrained={checkpoint},depth=3", ["'depth'"]),
+    ("pretrained={checkpoint},positions=sideways", ["positions='sideways'"]),
+    ("pretrained={text-only}", ["pretrained", "text-only", "'llama'"]),
+    ("pretrained={no-config}", ["pretrained", "no config.json"]),
+    ("method=star,keep=4", ["pretrained="]),
+]
+
+
 @pytest.mark.usefixtures("no_model")
 @pytest.mark.parametrize("base, extra, named", CASES, ids=[f"{base.split()[0]} {extra}" for base, extra, _ in CASES])
 def test_a_bad_argument_is_one_error_line_before_any_compute(files, base, extra, named, capsys):
+    assert_one_error_line(files, f"{base} {extra}", named, capsys)
+
+
+@pytest.mark.usefixtures("no_model")
+@pytest.mark.parametrize("extra, named", LMMS_CASES, ids=[extra for extra, _ in LMMS_CASES])
+def test_a_bad_lmms_eval_model_arg_is_one_error_line_before_lmms_eval_starts(files, extra, named, capsys, monkeypatch):
+    dispatch = pytest.importorskip("lmms_eval.cli.dispatch")
+    monkeypatch.setattr(dispatch, "main", lambda: pytest.fail("a bad model_arg reached lmms-eval"))
+    assert_one_error_line(files, f"{LMMS} {extra}", named, capsys)
+
+
+def assert_one_error_line(files: dict[str, str], command: str, named: list[str], capsys) -> None:
     run_before = snapshot(files["run"])
-    argv = f"{base} {extra}".format(**files).split()
+    argv = command.format(**files).split()
     assert main(argv) == 2
     out, err = capsys.readouterr()
     errors = [line for line in err.splitlines() if "error:" in line]
@@ -250,3 +278,12 @@ def test_option_reaches_the_method_in_run_and_eval(files, capsys):
                  "--option", "layer=3", "--max-new-tokens", "2", "--out", str(out_dir)]) == 0
     rows = json.loads((out_dir / "results.json").read_text())["settings"]
     assert [(row["name"], row["options"]) for row in rows] == [("none-1.0", {}), ("star-4-layer3", {"layer": 3}), ("fastv-4-layer3", {"layer": 3})]
+
+
+def test_star_run_on_a_checkpoint_prints_no_warning(files, tmp_path):
+    """4.57 warns at every load of a processor saved as a slow one unless `use_fast` is stated: star states it."""
+    script = shutil.which("star", path=str(Path(sys.executable).parent))
+    argv = ["run", "--model", files["checkpoint"], "--image", files["image"], "--question", "what", "--keep", "4", "--max-new-tokens", "1"]
+    done = subprocess.run([script, *argv], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "slow image processor" not in done.stderr and "warn" not in done.stderr.lower(), done.stderr

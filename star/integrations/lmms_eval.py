@@ -18,6 +18,7 @@ time (latency; a batch's time shared evenly) and peak GPU memory.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import time
@@ -30,6 +31,8 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 
 import star
+from star import compat
+from star.checks import check_setting, model_skeleton
 from star.data.vqa import exact_match
 from star.eval.records import QUESTION_SUFFIX, read_jsonl
 from star.methods import build, parse_option
@@ -92,6 +95,11 @@ def check_model_args(method: str = "star", keep: int | float = 0.1, positions: s
         raise ValueError(f"template={template!r} is unknown: allowed are {', '.join(TEMPLATES)}")
 
 
+def check_checkpoint(pretrained: str, method: str, keep: int | float, positions: str, options: dict) -> None:
+    """Reject a budget or option that this checkpoint cannot take, from its config.json alone (no weights)."""
+    check_setting(model_skeleton(pretrained, argument="model_args pretrained"), method, keep, options, positions)
+
+
 class Star(lmms):
     """A pruned Hugging Face VLM as an lmms-eval model (generate_until tasks, batches with left padding)."""
 
@@ -117,6 +125,7 @@ class Star(lmms):
 
         options = method_options(method, options)
         check_model_args(method, keep, positions, dtype, template, **options)
+        check_checkpoint(pretrained, method, keep, positions, options)
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive int ('auto' is not supported)")
         accelerator = Accelerator()
@@ -128,7 +137,7 @@ class Star(lmms):
         weights_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
         self.model = AutoModelForImageTextToText.from_pretrained(pretrained, dtype=weights_dtype, attn_implementation=attn_implementation)
         self.model.to(self._device).eval()
-        self.processor = AutoProcessor.from_pretrained(pretrained)
+        self.processor = AutoProcessor.from_pretrained(pretrained, **compat.processor_kwargs())
         self.processor.tokenizer.padding_side = "left"
         self.system = TEMPLATES[template]
         self.batch_size = int(batch_size)
@@ -305,14 +314,48 @@ def register() -> None:
     MODEL_REGISTRY_V2.register_manifest(manifest(), overwrite=True)
 
 
+def check_command(argv: list[str]) -> None:
+    """The star backend's --model_args, checked before lmms-eval loads any task or weights.
+
+    Names and values as `Star` takes them, and the budget and options against the checkpoint's config. A run
+    configured otherwise (lmms-eval's --config file) is checked when lmms-eval builds the model.
+    """
+    from lmms_eval.utils import simple_parse_args_string
+
+    if "-h" in argv or "--help" in argv or _flag(argv, "--model", BACKEND) != BACKEND or _flag(argv, "--config"):
+        return
+    model_args = simple_parse_args_string(_flag(argv, "--model_args", ""))
+    if "pretrained" not in model_args:
+        raise ValueError("--model_args has no pretrained=: name the checkpoint, a model directory or a hub id")
+    try:
+        given = inspect.signature(Star.__init__).bind(None, **model_args).arguments
+    except TypeError as error:
+        raise ValueError(f"--model_args: {error}") from None
+    options = method_options(given.get("method", "star"), given.get("options", {}))
+    method, keep, positions = given.get("method", "star"), given.get("keep", 0.1), given.get("positions", "original")
+    check_model_args(method, keep, positions, given.get("dtype", "auto"), given.get("template", "model"), **options)
+    check_checkpoint(given["pretrained"], method, keep, positions, options)
+
+
+def _flag(argv: list[str], name: str, default: str | None = None) -> str | None:
+    """The value of `name` in argv, spelled `name VALUE` or `name=VALUE`."""
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg[len(name) + 1 :]
+    return default
+
+
 def main(argv: list[str] | None = None) -> int:
     """`star lmms-eval ARGS`: lmms-eval's command line with the star backend registered."""
     from lmms_eval.cli.dispatch import main as lmms_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
     register()
-    if argv and argv[0].startswith("-") and "--model" not in argv and not any(a.startswith("--model=") for a in argv):
+    if argv and argv[0].startswith("-") and _flag(argv, "--model") is None:
         argv = ["--model", BACKEND, *argv]
+    check_command(argv)
     sys.argv = ["lmms-eval", *argv]
     lmms_main()
     return 0

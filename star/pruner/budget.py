@@ -1,0 +1,86 @@
+"""The budget: `keep` as token counts, for the whole model, for each unit of an image and for each stage."""
+
+from __future__ import annotations
+
+from star.methods import LLMStage, Method, Plan
+
+# Families whose images differ in size (Qwen2-VL) get a notional image of this many tokens at apply(), to
+# check the options and place the hooks; the real plans are made per image at prefill.
+NOMINAL_TOKENS = 16384
+
+
+def resolve_keep(keep: int | float, n_visual: int | None) -> int:
+    """`keep` as a token count: an int in [1, n_visual], or a float in (0, 1] as a fraction of n_visual.
+
+    n_visual is None for families whose images differ in size: an int is then checked against each image.
+    """
+    bound = "" if n_visual is None else f", {n_visual}"
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise ValueError(f"keep={keep!r} must be an int in [1{bound}] or a float in (0, 1]")
+    if isinstance(keep, float):
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep={keep!r} as a fraction must be in (0, 1]")
+        return max(1, round(keep * (n_visual or NOMINAL_TOKENS)))
+    if keep < 1 or (n_visual is not None and keep > n_visual):
+        raise ValueError(f"keep={keep!r} is outside [1{bound}]: the model has {n_visual or 'a varying number of'} visual tokens per image")
+    return keep
+
+
+def unit_keep(keep: int | float, n: int, budget_unit: int | None) -> int:
+    """The budget of one unit of n visual tokens.
+
+    A fraction applies to every unit. An int counts tokens per `budget_unit` tokens (LLaVA-NeXT: per 576-token
+    crop, so a crop the prompt shows only in part keeps the same fraction), or per image where that is None.
+    """
+    if isinstance(keep, float):
+        return max(1, round(keep * n))
+    if budget_unit is None:
+        if keep > n:
+            raise ValueError(f"keep={keep} is above the {n} visual tokens of an image in this batch: pass at most {n}, or a fraction")
+        return keep
+    return keep if n == budget_unit else min(n, max(1, round(keep * n / budget_unit)))
+
+
+class Budget:
+    """A method's plans on one model: the nominal plan that places the hooks, and one per unit size met.
+
+    n_visual: the model's visual tokens per image, or None where images differ in size (the nominal plan is
+    then made for NOMINAL_TOKENS). budget_unit: what an int `keep` counts per (see `unit_keep`).
+    """
+
+    def __init__(self, method: Method, keep: int | float, n_visual: int | None, budget_unit: int | None, num_layers: int):
+        self.method = method
+        self.given = keep
+        self.keep = resolve_keep(keep, n_visual)
+        self.budget_unit = budget_unit
+        self.num_layers = num_layers
+        self.plan = method.plan(n_visual or max(NOMINAL_TOKENS, self.keep), self.keep, num_layers)
+        check_stages(self.plan.llm_stages)
+        self._plans: dict[int, Plan] = {}
+
+    def unit_plan(self, n: int) -> Plan:
+        """The method's plan for one unit (an image, a LLaVA-NeXT crop) of n visual tokens."""
+        if n not in self._plans:
+            plan = self.method.plan(n, unit_keep(self.given, n, self.budget_unit), self.num_layers)
+            nominal = {s.layer: s for s in self.plan.llm_stages}
+            if any(nominal.get(s.layer, None) is None or nominal[s.layer].score_layer != s.score_layer for s in plan.llm_stages):
+                raise ValueError(f"method {self.method.name!r} plans other decoder stages for {n} tokens than for {self.plan.n_visual}")
+            self._plans[n] = plan
+        return self._plans[n]
+
+    def schedule(self, plan: Plan) -> list[int]:
+        """A unit's visual tokens [from the encoder, entering the decoder, after each of the nominal stages]."""
+        counts = [plan.n_visual, plan.vision_keep]
+        own = {s.layer: s.keep for s in plan.llm_stages}
+        for stage in self.plan.llm_stages:
+            counts.append(own.get(stage.layer, counts[-1]))
+        return counts
+
+
+def check_stages(stages: tuple[LLMStage, ...]) -> None:
+    """Each stage scores within the frame it cuts: no earlier cut may fall between its score layer and its layer."""
+    previous = -1
+    for stage in stages:
+        if not previous < stage.score_layer <= stage.layer:
+            raise ValueError(f"decoder stages {stages} overlap: each must score after the previous cut")
+        previous = stage.layer

@@ -1,0 +1,257 @@
+"""The Pruner: hooks on one model instance that prune its visual tokens once per prompt, at prefill.
+
+Two kinds of forward pre-hook, and nothing else of the model is touched:
+- on the model itself: at prefill it hands the prompt to `entry` (stage 1, the shorter entry frame); at each
+  decode step to `decode`, which maps generate()'s full-length inputs into that frame.
+- on the decoder layers from the first decoder stage on: at a stage's layer, at prefill, `cut` scores and cuts
+  the sequence; every later layer gets the shorter frame's inputs. Layers cache what they see, so the KV cache
+  of layers >= K holds only the kept tokens, and at decode `decode` slices the mask's key columns to match.
+This module decides which of those applies to each call and refuses what none of them handles.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from star import compat
+from star import flops as flops_model
+from star.adapters import adapter_for
+from star.methods import Method, VisionView
+from star.pruner import decode
+from star.pruner.budget import Budget
+from star.pruner.cut import cut
+from star.pruner.entry import Prompt, enter
+
+POSITION_POLICIES = ("original", "contiguous")
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+@dataclass
+class PruneStats:
+    """What the last prefill did.
+
+    tokens: visual tokens per image after each stage: [from the encoder, entering the decoder, after each
+    decoder stage]. For LLaVA-NeXT, per 576-token crop (the budget's unit); for families whose images differ
+    in size (Qwen2-VL), those of the batch's first image. totals: the same counts per prompt, all its images
+    (and crops) together, [B][stages]. kept_patches: for each of those stages after the encoder, [B, V] the
+    visual tokens still present in each prompt, by their place among the prompt's image tokens (image m's
+    patch j is m * n_visual + j for LLaVA-1.5; LLaVA-NeXT's newline tokens take places but are never listed);
+    where prompts keep different numbers, shorter rows end with -1. A merged token counts as its
+    representative's place. layers: the decoder layer where each decoder stage cut. sequence_lengths: the
+    tokens each decoder layer processed (per prompt, padding included). flops: the decoder's prefill FLOPs for
+    the whole batch, by the paper's formula over those lengths.
+    """
+
+    tokens: list[int]
+    kept_patches: list[torch.Tensor]
+    layers: list[int]
+    sequence_lengths: list[int]
+    batch_size: int
+    flops: float
+    totals: list[list[int]]
+
+
+@dataclass
+class _Call:
+    """State of one forward call as it passes through the decoder layers."""
+
+    step: decode.Step | None  # None at prefill
+    override: dict[str, Any] = field(default_factory=dict)
+    saved: dict[int, tuple[torch.Tensor, dict[str, Any]]] = field(default_factory=dict)
+
+
+class Pruner:
+    """Prunes the visual tokens of one loaded model; `remove()` leaves the model exactly as it was."""
+
+    def __init__(self, model: nn.Module, method: Method, keep: int | float, positions: str = "original"):
+        self.adapter = adapter_for(model)
+        if positions not in POSITION_POLICIES:
+            raise ValueError(f"positions={positions!r} is unknown: allowed are {', '.join(POSITION_POLICIES)}")
+        if positions == "contiguous" and self.adapter.mrope:
+            raise ValueError(
+                f"positions='contiguous' is not defined for {type(model).__name__}: its M-RoPE positions are 3-D "
+                "(an image's tokens share one temporal position and span a height x width grid), so there is no "
+                "single gap-free renumbering; use positions='original'"
+            )
+        implementation = model.config.get_text_config()._attn_implementation
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation={implementation!r} is not supported: allowed are "
+                f"{', '.join(ATTENTION_IMPLEMENTATIONS)}"
+            )
+        if getattr(model, "_star_pruner", None) is not None:
+            raise ValueError("this model is already pruned: call remove() on its pruner before applying another")
+        self.model = model
+        self.method = method
+        self.positions = positions
+        num_layers = len(self.adapter.layers)
+        # Families whose images differ in size plan per image at prefill; the nominal plan checks the options
+        # and places the hooks (a method's stage layers depend on its options and the depth, not on the image).
+        self.budget = Budget(method, keep, self.adapter.n_visual, self.adapter.budget_unit, num_layers)
+        self.keep = self.budget.keep
+        self.plan = self.budget.plan
+        self._check_encoder(type(model).__name__)
+        self._stage_at = {stage.layer: i for i, stage in enumerate(self.plan.llm_stages)}
+        self._early_scores = {s.score_layer for s in self.plan.llm_stages if s.score_layer != s.layer}
+        self._shape = flops_model.DecoderShape.from_config(model.config.get_text_config())
+        self._signature = inspect.signature(model.forward)
+        self._prompt: Prompt | None = None
+        self._call: _Call | None = None
+        self._handles = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward),
+        ]
+        if self.plan.llm_stages:
+            first = min(s.score_layer for s in self.plan.llm_stages)
+            for index in range(first, num_layers):
+                hook = partial(self._before_layer, index)
+                self._handles.append(self.adapter.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+        self._restore_generate = compat.keep_pixels_for_forward(model)
+        model._star_pruner = self
+
+    def remove(self) -> None:
+        """Detach every hook; the model computes exactly what it did before `apply()`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._restore_generate()
+        self._restore_generate = lambda: None
+        self._prompt = self._call = None
+        if getattr(self.model, "_star_pruner", None) is self:
+            del self.model._star_pruner
+
+    def __enter__(self) -> Pruner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"Pruner(method={self.method!r}, keep={self.keep}, positions={self.positions!r}, plan={self.plan})"
+
+    @property
+    def stats(self) -> PruneStats | None:
+        """Token counts and FLOPs of the last prefill (None before the first one)."""
+        prompt = self._prompt
+        if prompt is None:
+            return None
+        frames = prompt.frames
+        lengths = [next(f.length for f in reversed(frames) if f.start_layer <= i) for i in range(len(self.adapter.layers))]
+        batch = frames[0].keep_cols.shape[0]
+        done = 1 + len(frames)
+        return PruneStats(
+            tokens=prompt.tokens[:done],
+            kept_patches=[f.patches for f in frames],
+            layers=[f.start_layer for f in frames[1:]],
+            sequence_lengths=lengths,
+            batch_size=batch,
+            flops=batch * flops_model.prefill_flops(self._shape, lengths),
+            totals=[row[:done] for row in prompt.totals],
+        )
+
+    def _check_encoder(self, model_name: str) -> None:
+        """Refuse, before any compute, a method whose vision stage needs a [CLS] token this encoder lacks.
+
+        The method's vision stage runs once on a two-token stand-in view without [CLS]; what it raises is
+        what it would raise at the first prompt.
+        """
+        if self.adapter.has_cls or self.plan.vision_keep >= self.plan.n_visual:
+            return
+        stand_in = torch.zeros(1, 1, 2, 1)
+        probe = VisionView(features=torch.zeros(1, 2, 1), n_prefix=0, qk=lambda: (stand_in, stand_in))
+        try:
+            self.method.select_vision(probe, 1)
+        except ValueError as error:
+            raise ValueError(f"method={self.method.name!r} cannot prune {model_name}: {error}") from None
+
+    # -- the model's forward: prefill and decode steps -------------------------------------------------
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if args:
+            bound = self._signature.bind_partial(*args, **kwargs).arguments
+            kwargs = {**bound.pop("kwargs", {}), **bound}
+        cache = compat.cache_of(kwargs)
+        past = cache.get_seq_length() if cache is not None else 0
+        self._call = None
+        if kwargs.get("pixel_values") is not None:
+            if past:
+                raise ValueError(
+                    "pixel_values came with a non-empty cache: pruning happens once per prompt, at "
+                    "prefill; start a new cache for a new image"
+                )
+            if cache is not None and not isinstance(cache, DynamicCache):
+                raise ValueError(f"a cache of type {type(cache).__name__} is not supported: use DynamicCache")
+            self._prompt, inputs = enter(self.adapter, self.budget, self.positions, kwargs)
+            self._call = _Call(step=None)
+            return (), inputs
+        if past == 0:
+            self._refuse_unpruned_images(kwargs)
+        if past == 0 or self._prompt is None:
+            self._prompt = None
+            return (), kwargs
+        inputs, step = decode.step_inputs(self.adapter, self._prompt, self.positions, kwargs, past)
+        self._call = _Call(step=step)
+        return (), inputs
+
+    def _refuse_unpruned_images(self, kwargs: dict) -> None:
+        """A prefill whose images reach the model by any way but `pixel_values` would run unpruned: refuse it.
+
+        Known ways: precomputed encoder outputs (transformers 5's `mm_encoder_outputs`), `inputs_embeds` (the
+        pruner cannot tell image tokens in them), and image tokens in `input_ids` with their pixels under
+        another name.
+        """
+        encoded = kwargs.get("mm_encoder_outputs")
+        if encoded:
+            raise ValueError(
+                f"mm_encoder_outputs ({', '.join(encoded)}) came at prefill: the images were encoded before the "
+                "model was called, so stage 1 cannot choose their patches; pass pixel_values instead"
+            )
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError(
+                "inputs_embeds came at prefill: the pruner finds the image tokens by their ids; pass input_ids "
+                "and pixel_values (or remove() the pruner for a prompt given as embeddings)"
+            )
+        input_ids = kwargs.get("input_ids")
+        if input_ids is not None and bool((input_ids == self.adapter.image_token_id).any()):
+            given = sorted(k for k, v in kwargs.items() if v is not None and k not in ("input_ids", "attention_mask"))
+            raise ValueError(
+                f"input_ids hold {int((input_ids == self.adapter.image_token_id).sum())} image tokens but no "
+                f"pixel_values came (given: {', '.join(given) or 'nothing else'}): the pruner prunes images "
+                "passed as pixel_values only"
+            )
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """A call's frame state ends with the call, so layers run on their own afterwards are left alone."""
+        self._call = None
+
+    # -- the decoder layers -----------------------------------------------------------------------------
+
+    def _before_layer(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        call = self._call
+        if call is None:
+            return None
+        hidden = args[0]
+        current = {**kwargs, **call.override}
+        if index in self._early_scores:
+            call.saved[index] = (hidden, current)
+        stage_number = self._stage_at.get(index)
+        if stage_number is not None:
+            prompt = self._prompt
+            if call.step is None:
+                stage = self.plan.llm_stages[stage_number]
+                scored = call.saved.get(stage.score_layer, (hidden, current))
+                budgets = prompt.budgets[stage_number]
+                hidden, call.override = cut(self.adapter, self.method, stage, prompt, budgets, self.positions, hidden, current, scored)
+            else:
+                call.override = decode.layer_inputs(self.adapter, prompt, stage_number, self.positions, hidden, kwargs, call.step)
+            current = {**kwargs, **call.override}
+        if not call.override:
+            return None
+        return (hidden, *args[1:]), current
