@@ -28,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -127,7 +128,8 @@ def run_server(args, path: str, overrides: dict, rows: list[dict]) -> list[dict]
                "--hf-overrides", json.dumps(overrides), "--dtype", engine["dtype"], "--max-model-len", str(engine["max_model_len"]),
                "--max-num-seqs", str(engine["max_num_seqs"]), "--seed", "0", "--trust-request-mm-kwargs"]
     command += ["--enforce-eager"] if engine.get("enforce_eager") else []
-    log = open(args.out.with_suffix(".server.log"), "w")
+    log = tempfile.NamedTemporaryFile("w", prefix="vllm-serve-", suffix=".log", delete=False)
+    print(f"vllm serve's log: {log.name}", file=sys.stderr)
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
     try:
@@ -198,7 +200,7 @@ def _wait(client, process, timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {process.returncode}: see its log beside --out")
+            raise RuntimeError(f"vllm serve exited with {process.returncode}: see its log (printed at its start)")
         try:
             client.models.list()
             return
