@@ -2,7 +2,7 @@
 `vllm serve` with the OpenAI client, in one run.
 
     .venv-vllm/bin/python scripts/bench_vllm.py                      # the CPU table of docs/results.md
-    .venv-vllm/bin/python scripts/bench_vllm.py --gpu --model llava-hf/llava-1.5-7b-hf --requests 256
+    .venv-vllm/bin/python scripts/bench_vllm.py --gpu --model llava-hf/llava-1.5-7b-hf --keep 288,115,58,29 --requests 256
 
 Each burst is N scene questions (one image each), every request submitted at once, so that the engine batches
 them; every burst has images of its own (so no encoder or prefix cache serves one burst from another), and every
