@@ -18,7 +18,7 @@ from star.methods.visionzip import VisionZip
 
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (NoPruning, Star, StarVision, FastV, FasterVLM, VisionZip, PyramidDrop, SparseVLM, RandomPruning)
+    for cls in (NoPruning, Star, FastV, FasterVLM, VisionZip, PyramidDrop, SparseVLM, RandomPruning, StarVision)
 }
 
 
