@@ -2,7 +2,7 @@
 `vllm serve` with the OpenAI client, in one run.
 
     .venv-vllm/bin/python scripts/bench_vllm.py                      # the CPU table of docs/results.md
-    .venv-vllm/bin/python scripts/bench_vllm.py --gpu --model llava-hf/llava-1.5-7b-hf --requests 256
+    .venv-vllm/bin/python scripts/bench_vllm.py --gpu --model llava-hf/llava-1.5-7b-hf --keep 288,115,58,29 --requests 256
 
 Each burst is N scene questions (one image each), every request submitted at once, so that the engine batches
 them; every burst has images of its own (so no encoder or prefix cache serves one burst from another), and every
@@ -10,9 +10,9 @@ setting serves the same bursts. One engine per mode serves every setting, each a
 `mm_processor_kwargs`; the unpruned row is the plugin's `none` setting in that engine. A setting is timed after
 a warm-up burst, `--repeats` times; the table gives medians, and each row's ratio to the unpruned row of the same
 mode. Columns: requests/s and prompt tokens/s over the burst's wall time; time to first token (median over the
-burst's requests: the engine's own `first_token_latency` offline, the first streamed chunk for the server); KV
-blocks a request holds at its end (ceil((prompt + answer tokens) / block size), vLLM's paged allocation with
-every request's image different). On a CPU vLLM reserves its KV cache up front: VLLM_CPU_KVCACHE_SPACE (GiB),
+burst's requests: the engine's own `first_token_latency` offline, the first streamed chunk for the server); the
+KV cache a request holds at its end: its tokens (prompt + answer) and the blocks vLLM's paged allocation gives
+them (ceil(tokens / block size), every request's image being different). On a CPU vLLM reserves its KV cache up front: VLLM_CPU_KVCACHE_SPACE (GiB),
 2 here unless set.
 """
 
@@ -28,9 +28,15 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+
+
+# `vllm serve`'s server by its module: vllm-cpu 0.32.0's `vllm` command fails before parsing (it reads the version
+# of a distribution named "vllm"; this one is "vllm-cpu"). The module runs the same server with the same arguments.
+SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,11 +124,12 @@ def run_server(args, path: str, overrides: dict, rows: list[dict]) -> list[dict]
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     engine = engine_args(args)
-    command = [str(Path(sys.executable).parent / "vllm"), "serve", path, "--host", "127.0.0.1", "--port", str(port),
+    command = [*SERVE, "--model", path, "--host", "127.0.0.1", "--port", str(port),
                "--hf-overrides", json.dumps(overrides), "--dtype", engine["dtype"], "--max-model-len", str(engine["max_model_len"]),
-               "--max-num-seqs", str(engine["max_num_seqs"]), "--seed", "0"]
+               "--max-num-seqs", str(engine["max_num_seqs"]), "--seed", "0", "--trust-request-mm-kwargs"]
     command += ["--enforce-eager"] if engine.get("enforce_eager") else []
-    log = open(args.out.with_suffix(".server.log"), "w")
+    log = tempfile.NamedTemporaryFile("w", prefix="vllm-serve-", suffix=".log", delete=False)
+    print(f"vllm serve's log: {log.name}", file=sys.stderr)
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
     try:
@@ -177,6 +184,7 @@ def _burst(wall: float, prompt: list[int], ttft: list[float], answer: list[int],
     return {
         "wall_s": wall, "requests_per_s": len(prompt) / wall, "prompt_tokens_per_s": sum(prompt) / wall,
         "ttft_s": statistics.median(ttft), "prompt_tokens": statistics.median(prompt),
+        "kv_tokens": statistics.median(p + a for p, a in zip(prompt, answer)),
         "kv_blocks": statistics.median(blocks(p, a, block_size) for p, a in zip(prompt, answer)), "block_size": block_size,
     }
 
@@ -192,7 +200,7 @@ def _wait(client, process, timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {process.returncode}: see its log beside --out")
+            raise RuntimeError(f"vllm serve exited with {process.returncode}: see its log (printed at its start)")
         try:
             client.models.list()
             return
@@ -219,7 +227,7 @@ def _image_url(image) -> str:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| mode | setting | prompt tokens | requests/s | prompt tokens/s | TTFT (s) | KV blocks / request |",
+        "| mode | setting | prompt tokens | requests/s | prompt tokens/s | TTFT (s) | KV cache / request: tokens (blocks) |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in results:
@@ -228,7 +236,7 @@ def table(results: list[dict]) -> str:
         lines.append(
             f"| {row['mode']} | {name} | {row['prompt_tokens']:.0f} | {row['requests_per_s']:.2f} ({row['requests_per_s'] / base['requests_per_s']:.2f}x) "
             f"| {row['prompt_tokens_per_s']:.0f} | {row['ttft_s']:.2f} ({row['ttft_s'] / base['ttft_s']:.2f}x) "
-            f"| {row['kv_blocks']:.0f} of {row['block_size']} tokens |"
+            f"| {row['kv_tokens']:.0f} ({row['kv_blocks']:.0f} of {row['block_size']}) |"
         )
     return "\n".join(lines)
 

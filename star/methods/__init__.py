@@ -23,8 +23,8 @@ from star.methods.vispruner import VisPruner
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (
-        NoPruning, Star, StarVision, FastV, FasterVLM, VisionZip, PyramidDrop, SparseVLM, VisPruner, DivPrune, CDPruner,
-        Dart, RandomPruning,
+        NoPruning, Star, FastV, FasterVLM, VisionZip, PyramidDrop, SparseVLM, VisPruner, DivPrune, CDPruner, Dart,
+        RandomPruning, StarVision,
     )
 }
 

@@ -28,10 +28,14 @@ from star.pruner import resolve_keep
 ARCHITECTURES = {"LlavaForConditionalGeneration": "StarLlavaForConditionalGeneration"}
 MODULES = {"StarLlavaForConditionalGeneration": "star.integrations.vllm.llava:StarLlavaForConditionalGeneration"}
 # Families of the Hugging Face path that the plugin does not serve yet, and why.
-NOT_SERVED = {
-    "Qwen2VLForConditionalGeneration": "vLLM computes a request's M-RoPE positions from its image grid when the request "
+_MROPE = (
+    "vLLM computes a request's M-RoPE positions from its image grid when the request "
     "is added, before the encoder runs; the kept tokens are known only after it, so their original 3-D positions "
-    "cannot be given to them, and star has no gap-free M-RoPE numbering to compare against",
+    "cannot be given to them, and star has no gap-free M-RoPE numbering to compare against"
+)
+NOT_SERVED = {
+    "Qwen2VLForConditionalGeneration": _MROPE,
+    "Qwen2_5_VLForConditionalGeneration": _MROPE,
     "LlavaNextForConditionalGeneration": "not built yet: its per-crop budgets, unpadded tiles and newline tokens need "
     "their own placeholder count and selection in vLLM's LLaVA-NeXT processor",
 }
@@ -99,7 +103,8 @@ def check_method(raw: object) -> Method:
 
 
 def vision_methods() -> list[str]:
-    """The registered methods that prune only before the decoder (at a budget below the encoder's tokens)."""
+    """The registered methods that prune only before the decoder at a budget below the encoder's tokens, read from
+    their plans for LLaVA-1.5's sizes (576 tokens, 58 kept, 32 layers; a plan's stages depend on the options)."""
     return [
         name for name, cls in REGISTRY.items()
         if name != "none" and not cls().plan(576, 58, 32).llm_stages

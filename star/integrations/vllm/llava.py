@@ -87,7 +87,7 @@ class StarLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         config = vllm_config.model_config.hf_config
         engine_setting(config)  # a bad or decoder-stage setting stops the engine here, before any weight loads
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        feature = self.vision_tower.vision_model.encoder.layers[-1].self_attn
+        feature = self.feature_layer.self_attn
         if feature.num_heads_per_partition != feature.num_heads:
             raise ValueError(
                 f"tensor parallel vision tower ({feature.num_heads_per_partition} of {feature.num_heads} heads per "
@@ -102,20 +102,18 @@ class StarLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return []
         if image_input["type"] != "pixel_values" or settings is None:
             raise ValueError(f"{image_input['type']} reached the pruned model without its {FIELD}: it cannot be pruned")
-        config = self.config
         texts = [bytes(row.tolist()).decode() for row in settings]
-        chosen = {text: parse_setting_text(text, config) for text in texts}
         feature, layer_input = self._feature_layer(image_input["pixel_values"])
-        features, prefix = feature[:, 1:], feature[:, 0]
         embeds: list[torch.Tensor | None] = [None] * len(texts)
         kept: list[torch.Tensor | None] = [None] * len(texts)
-        for text, setting in chosen.items():
+        for text in dict.fromkeys(texts):  # the images of one encoder call, grouped by setting
+            setting = parse_setting(json.loads(text), n_visual(self.config), num_layers(self.config), FIELD)
             rows = torch.tensor([i for i, t in enumerate(texts) if t == text], device=feature.device)
             view = VisionView(
-                features=features[rows], n_prefix=1, qk=partial(_clip_qk, self._feature_attention_layer(), layer_input[rows]),
-                prefix_features=prefix[rows],
+                features=feature[rows, 1:], n_prefix=1, qk=partial(_clip_qk, self.feature_layer, layer_input[rows]),
+                prefix_features=feature[rows, 0],
             )
-            n = features.shape[1]
+            n = view.features.shape[1]
             if setting.prunes:
                 selection = setting.method.select_vision(view, setting.keep)
             else:
@@ -127,17 +125,18 @@ class StarLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.star_kept = kept
         return embeds
 
-    def _feature_attention_layer(self) -> nn.Module:
+    @property
+    def feature_layer(self) -> nn.Module:
+        """The CLIP layer whose output the projector receives: vLLM builds the tower only up to it, so its last."""
         return self.vision_tower.vision_model.encoder.layers[-1]
 
     def _feature_layer(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The feature layer's output and input, [I, 1 + N, D] each ([CLS] first). vLLM builds the tower only up
-        to the feature layer (vision_feature_layer), so that layer is its last."""
+        """The feature layer's output and input, [I, 1 + N, D] each ([CLS] first)."""
         vision = self.vision_tower.vision_model
         hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
         for layer in vision.encoder.layers[:-1]:
             hidden = layer(hidden)
-        return self._feature_attention_layer()(hidden), hidden
+        return self.feature_layer(hidden), hidden
 
 
 def engine_setting(config) -> Setting:
@@ -159,10 +158,6 @@ def engine_setting(config) -> Setting:
             '--hf-overrides \'{"architectures": ["StarLlavaForConditionalGeneration"], "star": {"method": "fastervlm", "keep": 98}}\''
         )
     return parse_setting(raw, n_visual(config), num_layers(config), "hf_overrides['star']")
-
-
-def parse_setting_text(text: str, config) -> Setting:
-    return parse_setting(json.loads(text), n_visual(config), num_layers(config), FIELD)
 
 
 def n_visual(config) -> int:
