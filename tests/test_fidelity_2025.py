@@ -85,7 +85,7 @@ def test_vispruner_keeps_the_official_tokens(eager_and_sdpa, keep, ratio):
         official = official_vispruner(features, attentions, keep, ratio)[0].nonzero()[:, 0]
         assert torch.equal(kept[0], official)
         all_features = image_features(sdpa, inputs["pixel_values"])[0]
-        assert (logits - forward_kept(sdpa, prompt, all_features, [official], layers, "original")).abs().max() < 1e-4
+        assert (logits - forward_kept(sdpa, prompt, all_features, [official], layers, "contiguous")).abs().max() < 1e-4
 
 
 def test_vispruner_rounds_on_many_patches_equal_the_official_loop():
@@ -133,7 +133,7 @@ def test_divprune_keeps_the_official_tokens(eager_and_sdpa, keep):
         features = image_features(sdpa, inputs["pixel_values"])[0]
         official = official_divprune(features, keep)
         assert torch.equal(kept[0], official)
-        assert (logits - forward_kept(sdpa, prompt, features, [official], layers, "original")).abs().max() < 1e-4
+        assert (logits - forward_kept(sdpa, prompt, features, [official], layers, "contiguous")).abs().max() < 1e-4
 
 
 # -- CDPruner: Theia-4869/CDPruner 9541616, llava/model/llava_arch.py `encode_images` ----------------------
@@ -181,7 +181,7 @@ def test_cdpruner_keeps_the_official_tokens(eager_and_sdpa, keep):
         text = sdpa.model.language_model.embed_tokens(instruction)
         official = official_cdpruner(features, features, text, keep)[0]
         assert torch.equal(kept[0], official)
-        assert (logits - forward_kept(sdpa, prompt, features[0], [official], layers, "original")).abs().max() < 1e-4
+        assert (logits - forward_kept(sdpa, prompt, features[0], [official], layers, "contiguous")).abs().max() < 1e-4
 
 
 def test_cdpruner_relevance_changes_with_the_question(eager_and_sdpa):

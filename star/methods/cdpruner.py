@@ -26,8 +26,8 @@ Where else this file departs from the code:
   largest gain and changes no gain, so exactly `keep` distinct tokens are kept.
 - LLaVA-NeXT: the code drops unpadding and the newline tokens and keeps `keep` of every crop; here every crop
   keeps `keep` (a cut tile, its share of the patches it shows) and the newline tokens stay.
-- Positions: the code hands the decoder the shorter sequence, numbered without gaps (positions="contiguous");
-  `positions` is the caller's choice here.
+- Positions: the code hands the decoder the shorter sequence, numbered without gaps, so
+  positions="contiguous" is the default here too.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from star.methods.base import Method, Plan, Selection, VisionView
 class CDPruner(Method):
     name = "cdpruner"
     summary = "the most diverse tokens given the instruction (greedy DPP MAP, relevance-weighted cosine kernel), before the decoder"
+    source = "Theia-4869/CDPruner @ 9541616"
+    positions = "contiguous"
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         return Plan(n_visual=n_visual, vision_keep=keep)

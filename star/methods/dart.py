@@ -42,6 +42,8 @@ from star.scoring import top_k_in_order
 class Dart(Method):
     name = "dart"
     summary = "pivots by key norm at layer K-1, then the tokens least similar to them, pruning before layer K (K=2)"
+    source = "ZichenWen1/DART @ 5a19452 (read in its fork xqy1111111/DART)"
+    positions = "original"
 
     layer: int = field(default=2, metadata={"help": "the decoder layer K before which tokens are dropped (pivots from layer K-1)"})
     pivot_image_tokens: int = field(default=4, metadata={"help": "visual pivot tokens (largest key L1 norm), at least 1"})

@@ -14,8 +14,8 @@ Where this file departs from the code:
   crop keeps `keep` of its own tokens (the budget unit of every method) and the newline tokens stay.
 - Distances are computed in float32, and a kept token is never picked again (the code can pick one twice
   once every token left duplicates a kept one, its distance to itself being a rounding error above 0).
-- Positions: the code hands the decoder the shorter sequence, numbered without gaps (positions="contiguous");
-  `positions` is the caller's choice here.
+- Positions: the code hands the decoder the shorter sequence, numbered without gaps, so
+  positions="contiguous" is the default here too.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from star.methods.base import Method, Plan, Selection, VisionView
 class DivPrune(Method):
     name = "divprune"
     summary = "the most diverse tokens (greedy max-min cosine distance of their embeddings), before the decoder"
+    source = "vbdi/divprune @ 799e2d9"
+    positions = "contiguous"
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         return Plan(n_visual=n_visual, vision_keep=keep)

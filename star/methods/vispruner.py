@@ -24,8 +24,8 @@ Where this file departs from the code:
 - LLaVA-NeXT: the code drops unpadding and the newline tokens and keeps `keep` of every 576-token crop;
   here every crop keeps `keep` (a tile that unpadding cuts, its share of the patches it shows) and the
   newline tokens stay, as for every method.
-- Positions: the code hands the decoder the shorter sequence, numbered without gaps (positions="contiguous");
-  `positions` is the caller's choice here.
+- Positions: the code hands the decoder the shorter sequence, numbered without gaps, so
+  positions="contiguous" is the default here too.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ ROUND = 8
 class VisPruner(Method):
     name = "vispruner"
     summary = "important patches by [CLS] attention, then diverse ones by dropping near-duplicates, before the decoder"
+    source = "Theia-4869/VisPruner @ aefa01a"
+    positions = "contiguous"
 
     important_ratio: float = field(default=0.5, metadata={"help": "share of the budget kept by attention (the rest by diversity), in [0, 1]"})
 
