@@ -5,15 +5,38 @@
 #   scripts/results.sh sweep    # STAR's stage-1 ratio, layer K and position policy, validation split
 #   scripts/results.sh tables   # every method at 98/39/20/10 tokens, scenes and easy-VQA test splits
 #   scripts/results.sh bench    # prefill and decode time against the unpruned model and the oracle
+#   scripts/results.sh compare  # COMPARE_METHODS at 98/39/20/10 tokens, authors' defaults and earlier variants
+#   scripts/results.sh scale    # STAR's time against its FLOPs at 135M (default model) and 1.1B (random weights)
 #
 # Sizes are environment variables (per question type): MODEL_N (200 scene questions), EASY_N (100 easy-VQA
-# colour and shape questions), SWEEP_N (25), TABLE_N (25), and BENCH_REPEATS (9). Every run resumes where it
+# colour and shape questions), SWEEP_N (25), TABLE_N (25), BENCH_REPEATS (9), SCALE_REPEATS (3),
+# SCALE_REPEATS_1B (2), and COMPARE_ROUNDS ("2 5 15 50": per-type limits, run in turn so every setting grows
+# together; 50 is the target: 200 scene and 100 easy-VQA questions per setting). Every run resumes where it
 # stopped: star eval appends answers as they come (and refuses a folder that other weights answered).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAR=.venv/bin/star
+STAR=${STAR:-.venv/bin/star}
 OUT=docs/results
 METHODS=none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,random
+# The compare target's methods, at their authors' defaults: a new method joins with one more name here.
+COMPARE_METHODS=${COMPARE_METHODS:-none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,random}
+# This project's variants from before the fidelity fixes (issue 14), "method option..." each, run beside the defaults.
+VARIANTS=(
+  "fastervlm positions=original"
+  "visionzip positions=original merge=mean order=spatial"
+  "pdrop positions=original"
+  "sparsevlm positions=original schedule=geometric"
+)
+
+compare_one() {  # DATA OUT LIMIT [--types ...]: the defaults, then each variant, into one folder
+  local data=$1 out=$2 limit=$3; shift 3
+  $STAR eval --data "$data" --split test "$@" --limit "$limit" --methods "$COMPARE_METHODS" --keep 98,39,20,10 --out "$out"
+  for variant in "${VARIANTS[@]}"; do
+    read -r method options <<< "$variant"
+    $STAR eval --data "$data" --split test "$@" --limit "$limit" --methods "$method" --keep 98,39,20,10 \
+      $(printf -- "--option %s " $options) --out "$out"
+  done
+}
 
 case "${1:-}" in
   model)
@@ -38,8 +61,27 @@ case "${1:-}" in
     $STAR bench --methods star,fastv,fastervlm,pdrop --keep 98,39,20,10 --repeats "${BENCH_REPEATS:-9}" --warmup 3 \
       --out $OUT/bench.json | tee $OUT/bench.md
     ;;
+  compare)
+    for limit in ${COMPARE_ROUNDS:-2 5 15 50}; do
+      compare_one scenes $OUT/compare-scenes "$limit"
+      compare_one easy-vqa $OUT/compare-easy-vqa "$limit" --types color,shape
+    done
+    ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/compare-scenes "scenes (test)" $OUT/scenes-810/results.json
+    ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/compare-easy-vqa "easy-VQA (test, colour and shape)" $OUT/easy-vqa/results.json
+    ;;
+  scale)
+    # float32 (on this CPU bfloat16 matrix products run slower than float32 ones) and one thread per process (on a
+    # shared 2-core machine two threads spin against each other's load); batch 1.
+    mkdir -p $OUT/scale
+    export OMP_NUM_THREADS=${SCALE_THREADS:-1}
+    $STAR bench --methods star --keep 98,20 --batch 1 --repeats "${SCALE_REPEATS:-3}" --warmup 1 --new-tokens 4 \
+      --out $OUT/scale/default-135m.json | tee $OUT/scale/default-135m.md
+    $STAR bench --config llava-1.5-tinyllama-1.1b --random-init --methods star --keep 58 --batch 1 \
+      --repeats "${SCALE_REPEATS_1B:-2}" --warmup 0 --new-tokens 2 --out $OUT/scale/tinyllama-1.1b.json | tee $OUT/scale/tinyllama-1.1b.md
+    .venv/bin/python scripts/plot_scaling.py $OUT/scale/*.json --out $OUT/scale/scaling.png
+    ;;
   *)
-    sed -n 2,11p "$0"
+    sed -n 2,15p "$0"
     exit 2
     ;;
 esac

@@ -2,14 +2,17 @@
 
 The oracle is the same model given only the kept tokens: the same hooks replay the kept sets of the run
 being measured, with no scoring at all. It is the floor pruning can reach, so `prefill / oracle` is what a
-method's scoring costs, and `prefill / unpruned` is what the user gets.
+method's scoring costs, and `prefill / unpruned` is what the user gets. A batch of B prompts is measured the same
+way: each prompt keeps its own tokens, and throughput counts all B.
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -21,6 +24,8 @@ from star import compat
 from star.methods import DecoderView, LLMStage, Method, Plan, Selection, VisionView
 from star.methods.none import NoPruning
 from star.pruner import Pruner
+
+_STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")  # Linux: the process's memory figures
 
 
 @dataclass(frozen=True)
@@ -57,17 +62,26 @@ def kv_cache_bytes(cache: DynamicCache) -> int:
 
 
 @torch.no_grad()
-def measure(model, inputs: dict, method: str, keep: int | float, repeats: int = 5, warmup: int = 2, new_tokens: int = 16, positions: str = "original", **options) -> dict:
-    """Prefill time, decode tokens/s, KV-cache bytes and peak memory of one setting, and its prefill against its
-    oracle's and the unpruned model's.
+def measure(
+    model, inputs: dict, method: str, keep: int | float, repeats: int = 5, warmup: int = 2, new_tokens: int = 16,
+    positions: str | None = None, tick: Callable[[], object] = lambda: None, **options,
+) -> dict:
+    """Prefill time and throughput, decode tokens/s, KV-cache bytes and peak memory of one setting on one batch of
+    prompts, and its prefill against its oracle's and the unpruned model's.
 
     The prefills of the setting, of its oracle and of the unpruned model alternate, run by run, and each ratio
     is the median of the per-run ratios: a machine that speeds up or slows down during the measurement (or
-    between settings) moves all three alike, and the ratios stay honest.
+    between settings) moves all three alike, and the ratios stay honest. `tick` is called after each of the
+    `calls(repeats, warmup)` model calls, for a progress bar. Peak memory is the highest during this setting's
+    calls: allocated GPU memory on a GPU, the process's resident memory (weights included) on a CPU.
     """
+    device = next(model.parameters()).device
+    batch = inputs["input_ids"].shape[0]
+    reset_peak_memory(device)
     with star.apply(model, method=method, keep=keep, positions=positions, **options) as pruner:
         cache = DynamicCache()
         counted = counted_flops(lambda: model(**inputs, **compat.cache_kwargs(cache)))
+        tick()
         stats = pruner.stats
         replay = Replay(recorded_plan=pruner.plan, kept=tuple(stats.kept_patches))
     unpruned = NoPruning()
@@ -75,41 +89,49 @@ def measure(model, inputs: dict, method: str, keep: int | float, repeats: int = 
     times: dict[str, list[float]] = {key: [] for key in contenders}
     for run in range(warmup + repeats):
         for key, (chosen, budget) in contenders.items():
-            with Pruner(model, chosen, keep=budget, positions=positions) as attached:
+            with Pruner(model, chosen, keep=budget, positions=pruner.positions) as attached:
                 elapsed = _timed(lambda: model(**inputs, **compat.cache_kwargs(DynamicCache())))
                 if chosen is not unpruned and not all(torch.equal(a, b) for a, b in zip(attached.stats.kept_patches, replay.kept)):
                     raise RuntimeError(f"{'the oracle' if chosen is replay else method} did not keep the measured run's tokens")
+            tick()
             if run >= warmup:
                 times[key].append(elapsed)
     medians = {key: statistics.median(values) for key, values in times.items()}
     medians["prefill_vs_unpruned"] = statistics.median(p / u for p, u in zip(times["prefill_s"], times["unpruned_prefill_s"]))
     medians["prefill_vs_oracle"] = statistics.median(p / o for p, o in zip(times["prefill_s"], times["oracle_prefill_s"]))
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     with star.apply(model, method=method, keep=keep, positions=positions, **options):
-        decode_s = decode_time(model, inputs, new_tokens, repeats, warmup)
+        decode_s = decode_time(model, inputs, new_tokens, repeats, warmup, tick)
     return {
         "method": method,
         "keep": keep,
+        "batch": batch,
         "tokens": stats.tokens,
         "flops": stats.flops,
         "counted_flops": counted,
         **medians,
-        "decode_tokens_per_s": (new_tokens - 1) / max(decode_s, 1e-9),
+        "prefill_prompts_per_s": batch / medians["prefill_s"],
+        "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s if decode_s > 0 else None,
         "kv_cache_bytes": kv_cache_bytes(cache),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "peak_memory_bytes": peak_memory_bytes(device),
     }
 
 
-def decode_time(model, inputs: dict, new_tokens: int, repeats: int, warmup: int) -> float:
-    """Median time of the `new_tokens - 1` decode steps of generate(), alone.
+def calls(repeats: int, warmup: int) -> int:
+    """Model calls one `measure` makes: the counted prefill, three prefills and two generate() calls a run."""
+    return 1 + 5 * (warmup + repeats)
+
+
+def decode_time(model, inputs: dict, new_tokens: int, repeats: int, warmup: int, tick: Callable[[], object] = lambda: None) -> float:
+    """Median time of the `new_tokens - 1` decode steps of generate(), alone (all prompts of the batch together).
 
     Each run times generate() for one new token (prefill only) and for `new_tokens`, back to back; their
-    difference is the decode steps, free of the prefill's own noise. Subtracting a separately measured prefill
+    difference is the decode steps, free of the prefill's own noise (a median at or below zero means the noise
+    exceeded the decode steps: the row then reports no decode speed). Subtracting a separately measured prefill
     median instead leaves that noise in a number a tenth its size.
     """
     def generate(n: int) -> None:
         model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        tick()
 
     differences = []
     for run in range(warmup + repeats):
@@ -118,6 +140,23 @@ def decode_time(model, inputs: dict, new_tokens: int, repeats: int, warmup: int)
         if run >= warmup:
             differences.append(difference)
     return statistics.median(differences)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or the process's resident high-water mark (Linux)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif _CLEAR_REFS.exists():
+        _CLEAR_REFS.write_text("5")
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """The peak since `reset_peak_memory`: allocated CUDA memory, or on a CPU the process's resident high-water
+    mark (VmHWM, weights and everything else included); None where neither can be read."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    found = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text()) if _STATUS.is_file() else None
+    return int(found.group(1)) * 1024 if found else None
 
 
 def counted_flops(fn: Callable[[], object]) -> float:

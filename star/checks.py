@@ -9,6 +9,7 @@ argument fails in the time it takes to read a config.json.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -72,16 +73,63 @@ def _default_model_config():
 
 def model_skeleton(model: str | None, argument: str = "--model") -> nn.Module:
     """The model of `argument` without weights (on the meta device), or a ValueError when it is no supported family."""
+    return skeleton_of(model_config(model, argument), f"{argument} {model!r}")
+
+
+def skeleton_of(config, named: str = "the model") -> nn.Module:
+    """The model of a config on the meta device, or a ValueError when it is no supported family."""
     from transformers import AutoModelForImageTextToText
 
-    config = model_config(model, argument)
     supported = {cls.config_class.model_type for adapter in ADAPTERS for cls in adapter.model_classes}
     if config.model_type not in supported:
         raise ValueError(
-            f"{argument} {model!r} is a {config.model_type!r} model: supported are the image-text families {', '.join(sorted(supported))}"
+            f"{named} is a {config.model_type!r} model: supported are the image-text families {', '.join(sorted(supported))}"
         )
     with torch.device("meta"):
         return AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa")
+
+
+def bench_config(model: str | None, config: str | None, random_init: bool):
+    """The config `star bench` builds from: a shipped architecture (--config, random weights only) or --model's."""
+    from star import synthetic
+
+    if config is not None and model is not None:
+        raise ValueError(f"--config {config!r} and --model {model!r} are both given: give one (--config builds a shipped architecture)")
+    if config is not None and not random_init:
+        raise ValueError(f"--config {config!r} ships an architecture, not weights: add --random-init")
+    if random_init and config is None and model is None:
+        raise ValueError("--random-init is given without --config or --model: name an architecture (the default model has its weights)")
+    return synthetic.shipped_config(config) if config is not None else model_config(model)
+
+
+def check_attention(attn: str, device: str) -> None:
+    """FlashAttention-2 runs on a CUDA device with the flash-attn package; SDPA and eager run anywhere."""
+    if attn != "flash_attention_2":
+        return
+    from transformers.utils import is_flash_attn_2_available
+
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"--attn flash_attention_2 runs on CUDA only, not --device {device!r}: use --attn sdpa or eager there")
+    if not is_flash_attn_2_available():
+        raise ValueError("--attn flash_attention_2 needs the flash-attn package, which is not installed: use --attn sdpa or install flash-attn")
+
+
+def check_memory(skeleton: nn.Module, dtype: str, device: str) -> None:
+    """A ValueError when the weights alone, in `dtype`, exceed the memory `device` has free now."""
+    need = sum(p.numel() for p in skeleton.parameters()) * getattr(torch, dtype).itemsize
+    if torch.device(device).type == "cuda":
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        meminfo = Path("/proc/meminfo")
+        found = re.search(r"MemAvailable:\s+(\d+) kB", meminfo.read_text()) if meminfo.is_file() else None
+        if found is None:
+            return
+        free = int(found.group(1)) * 1024
+    if need > free:
+        raise ValueError(
+            f"--dtype {dtype}: the weights alone need {need / 2**30:.1f} GiB and --device {device!r} has {free / 2**30:.1f} GiB "
+            "available: choose a smaller dtype or model, or free memory"
+        )
 
 
 def check_setting(skeleton: nn.Module, method: str, keep: int | float, options: dict, positions: str) -> None:

@@ -11,6 +11,9 @@ from pathlib import Path
 import star
 from star import compat
 from star import flops as flops_model
+from star import synthetic
+from star.adapters import ADAPTERS
+from star.adapters.base import vision_refusal
 from star.integrations import add_lmms_eval_command
 from star.methods import REGISTRY, build, options, parse_option
 from star.pruner import POSITION_POLICIES, resolve_keep
@@ -85,7 +88,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", help="a LLaVA checkpoint directory or hub id (default: the project's default model)")
         sub.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default cpu)")
         sub.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights dtype")
-        sub.add_argument("--positions", default="original", choices=POSITION_POLICIES, help="rotary positions of kept tokens")
+        sub.add_argument(
+            "--positions", default=None, choices=POSITION_POLICIES,
+            help="rotary positions of kept tokens (default: each method's authors' policy, as `star methods` lists)",
+        )
 
     sub = commands.add_parser(
         "run",
@@ -134,11 +140,28 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser(
         "bench",
         help="prefill time, decode speed and memory against the unpruned model and the oracle",
-        description="Medians over repeated runs after warm-up, per method and budget: prefill time, decode "
-        "tokens/s, KV-cache bytes, peak GPU memory, and the ratios of prefill time to the unpruned model and "
-        "to the oracle (the same model given only the kept tokens, with no scoring).",
+        description="Medians over repeated runs after warm-up, per batch size, method and budget: prefill time "
+        "and throughput, decode tokens/s, KV-cache bytes, peak memory, and the ratios of prefill time to the "
+        "unpruned model and to the oracle (the same model given only the kept tokens, with no scoring). "
+        "With --config NAME --random-init it times a real architecture (LLaVA-1.5-7B/13B, LLaVA-NeXT-7B, "
+        "Qwen2.5-VL-7B, ...) with random weights built on --device, no checkpoint needed: a random image of the "
+        "family's native size in a prompt of --text-tokens; its answers are meaningless, its times are real.",
     )
     add_model_options(sub)
+    sub.add_argument(
+        "--config", choices=synthetic.shipped_configs(),
+        help="a shipped architecture to build with random weights (needs --random-init; instead of --model)",
+    )
+    sub.add_argument(
+        "--random-init", action="store_true",
+        help="random weights on the device, from --config's or --model's config.json: no weights are read",
+    )
+    sub.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"], help="attention implementation (default sdpa)")
+    sub.add_argument("--batch", type=_batches, default="1", help="comma-separated batch sizes, e.g. 1,8,32 (default 1)")
+    sub.add_argument(
+        "--text-tokens", type=_positive, default=synthetic.TEXT_TOKENS,
+        help=f"text tokens of each random-init prompt besides the image (default {synthetic.TEXT_TOKENS}, the paper's for LLaVA-1.5)",
+    )
     sub.add_argument("--methods", type=_method_names, default="star,fastv,fastervlm,pdrop", help="comma-separated methods")
     sub.add_argument("--keep", type=_budgets, default="98,39,20,10", help="comma-separated budgets")
     add_option_argument(sub)
@@ -171,10 +194,21 @@ def _methods(args: argparse.Namespace) -> None:
     name_width, type_width = (max(len(row[i]) for row in rows) for i in (0, 1))
     for name, cls in REGISTRY.items():
         print(f"{name:11s} {cls.summary}")
+        print(f"{'':13s} defaults from {cls.source}; positions={cls.positions!r}")
         for f in dataclasses.fields(cls):
             print(f"{'':13s} {f.name:{name_width}s}  {f'{f.type} = {f.default!r}':{type_width}s}  {f.metadata['help']}")
         if not dataclasses.fields(cls):
             print(f"{'':13s} no options")
+        for adapter in ADAPTERS:
+            reason = vision_refusal(adapter, cls())
+            if reason:
+                models = ", ".join(model.__name__ for model in adapter.model_classes)
+                print(f"{'':13s} refused by {models}: {reason}")
+    print("Model families, what an int --keep counts in each, and the methods that run on it:")
+    for adapter in ADAPTERS:
+        refused = [name for name, cls in REGISTRY.items() if vision_refusal(adapter, cls())]
+        runs = "every method" if not refused else f"every method but {', '.join(refused)}"
+        print(f"  {', '.join(c.__name__ for c in adapter.model_classes)}: {adapter.budget_note}; {runs}")
     print("Set an option with --option NAME=VALUE (a tuple as 8/16/24) in run, eval, bench, demo and flops; sweep one with eval's --grid NAME=V1,V2.")
 
 
@@ -200,6 +234,13 @@ def _budgets(text: str) -> list[int | float]:
     if not budgets:
         raise argparse.ArgumentTypeError(f"{text!r} holds no budget: give comma-separated budgets, e.g. 98,39,20,10")
     return budgets
+
+
+def _batches(text: str) -> list[int]:
+    sizes = _csv(text, _positive)
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no batch size: give comma-separated positive ints, e.g. 1,8,32")
+    return sizes
 
 
 def _method_name(text: str) -> str:
@@ -296,7 +337,7 @@ def _settings(methods: list[str], keeps: list[int | float], given: list[tuple[st
         raise ValueError(f"option {names[0]!r} is given, but method 'none' has no options: add a pruning method")
     settings = [Setting("none", 1.0)] if "none" in methods else []
     for method in pruning:
-        points = [{name: parse_option(method, name, text) for name, text in given}]
+        points = [{name: text if name == "positions" else parse_option(method, name, text) for name, text in given}]
         for name, values in grid:
             typed = [value if name == "positions" else parse_option(method, name, value) for value in values]
             points = [{**point, name: value} for point in points for value in typed]
@@ -337,7 +378,7 @@ def _load(args: argparse.Namespace):
     dtype = getattr(torch, args.dtype)
     if args.device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per data-parallel process
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=getattr(args, "attn", "sdpa"))
     processor = AutoProcessor.from_pretrained(path, **compat.processor_kwargs())
     processor.tokenizer.padding_side = "left"
     return model.to(args.device).eval(), processor
@@ -397,35 +438,98 @@ def _eval(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     import json
 
-    from star.bench import measure
-    from star.eval.runner import build_prompt
-    from star.eval.sources import load_records
+    from star.bench import calls, measure
     from tqdm.auto import tqdm
 
     settings = _settings(["none", *args.methods], args.keep, args.option)  # the unpruned model first: every ratio's reference
-    _check(args, settings)
-    model, processor = _load(args)
-    record = load_records("scenes", "test", 1)[0][0]
-    inputs = processor(images=[record.open_image()], text=[build_prompt(processor, record.question)], return_tensors="pt").to(args.device)
+    config, skeleton = _check_bench(args, settings)
+    if args.random_init:
+        import torch
+
+        print(f"star bench: {synthetic.NOTICE}", flush=True)
+        parameters = sum(p.numel() for p in skeleton.parameters())
+        size = parameters * getattr(torch, args.dtype).itemsize / 2**30
+        print(f"star bench: building {args.config or args.model} ({parameters / 1e9:.2f} B parameters, {size:.1f} GiB "
+              f"{args.dtype}) on {args.device} with random weights", flush=True)
+        model = synthetic.random_model(config, args.device, getattr(torch, args.dtype), args.attn)
+        prompts = lambda batch: synthetic.synthetic_inputs(model, batch, args.text_tokens)  # noqa: E731
+    else:
+        model, prompts = _bench_model(args)
+    described = {"model": args.config or args.model, "weights": "random" if args.random_init else "checkpoint",
+                 "device": args.device, "dtype": args.dtype, "attn": args.attn}
+    bar = tqdm(total=len(args.batch) * len(settings) * calls(args.repeats, args.warmup), desc="star bench", unit="call")
     rows = []
-    for setting in tqdm(settings, desc="star bench", unit="setting"):
-        rows.append(measure(
-            model, inputs, setting.method, setting.keep, args.repeats, args.warmup, args.new_tokens, args.positions, **setting.options
-        ))
-    base = rows[0]
-    print("| method | keep | tokens | prefill ms | vs unpruned | vs oracle | decoder FLOPs vs unpruned | counted FLOPs vs unpruned | decode tok/s | KV cache MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        row["flops_vs_unpruned"] = row["flops"] / base["flops"]
-        row["counted_flops_vs_unpruned"] = row["counted_flops"] / base["counted_flops"]
-        print(
-            f"| {row['method']} | {row['keep']} | {' / '.join(map(str, row['tokens']))} | {row['prefill_s'] * 1e3:.1f} | "
-            f"{row['prefill_vs_unpruned']:.3f} | {row['prefill_vs_oracle']:.3f} | {row['flops_vs_unpruned']:.3f} | "
-            f"{row['counted_flops_vs_unpruned']:.3f} | "
-            f"{row['decode_tokens_per_s']:.1f} | {row['kv_cache_bytes'] / 2**20:.2f} |"
-        )
+    for batch in args.batch:
+        inputs = prompts(batch)
+        for setting in settings:
+            bar.set_postfix_str(f"batch {batch}, {_label(setting)}")
+            rows.append({**measure(
+                model, inputs, setting.method, setting.keep, args.repeats, args.warmup, args.new_tokens, args.positions,
+                tick=lambda: bar.update(), **setting.options,
+            ), **described})
+    bar.close()
+    print(_bench_table(rows))
+    if args.random_init:
+        print(f"({synthetic.NOTICE})")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
+
+
+def _bench_model(args: argparse.Namespace):
+    """The checkpoint of --model and a function of the batch size: that many copies of one test-split scene prompt."""
+    from star.eval.runner import build_prompt
+    from star.eval.sources import load_records
+
+    model, processor = _load(args)
+    record = load_records("scenes", "test", 1)[0][0]
+
+    def prompts(batch: int) -> dict:
+        text = build_prompt(processor, record.question)
+        return processor(images=[record.open_image()] * batch, text=[text] * batch, return_tensors="pt").to(args.device)
+
+    return model, prompts
+
+
+def _bench_table(rows: list[dict]) -> str:
+    """The rows as one Markdown table, each compared with the unpruned row of its batch size (ratios added to the rows)."""
+    lines = [
+        "| batch | method | keep | tokens | prefill ms | prompts/s | vs unpruned | vs oracle | decoder FLOPs vs unpruned "
+        "| counted FLOPs vs unpruned | decode tok/s | KV cache MB | peak memory GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = {row["batch"]: row for row in rows if row["method"] == "none"}
+    for row in rows:
+        reference = base[row["batch"]]
+        row["flops_vs_unpruned"] = row["flops"] / reference["flops"]
+        row["counted_flops_vs_unpruned"] = row["counted_flops"] / reference["counted_flops"]
+        peak = None if row["peak_memory_bytes"] is None else row["peak_memory_bytes"] / 2**30
+        lines.append(
+            f"| {row['batch']} | {row['method']} | {row['keep']} | {' / '.join(map(str, row['tokens']))} | "
+            f"{row['prefill_s'] * 1e3:.1f} | {row['prefill_prompts_per_s']:.2f} | {row['prefill_vs_unpruned']:.3f} | "
+            f"{row['prefill_vs_oracle']:.3f} | {row['flops_vs_unpruned']:.3f} | {row['counted_flops_vs_unpruned']:.3f} | "
+            f"{_or_na(row['decode_tokens_per_s'], '.1f')} | {row['kv_cache_bytes'] / 2**20:.2f} | {_or_na(peak, '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def _or_na(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _check_bench(args: argparse.Namespace, settings: list):
+    """bench's arguments checked before any load: the model source, the attention, every setting on the skeleton,
+    and for random weights the memory they need. Returns the config and its skeleton."""
+    from star import checks
+
+    checks.check_device(args.device)
+    config = checks.bench_config(args.model, args.config, args.random_init)
+    checks.check_attention(args.attn, args.device)
+    skeleton = checks.skeleton_of(config, f"--model {args.model!r}")
+    for setting in settings:
+        checks.check_setting(skeleton, setting.method, setting.keep, setting.options, args.positions)
+    if args.random_init:
+        checks.check_memory(skeleton, args.dtype, args.device)
+    return config, skeleton
 
 
 DEMO_PHOTOS = [
@@ -503,6 +607,10 @@ def _flops(args: argparse.Namespace) -> None:
     crops = flops_model.crops_per_image(args.model)
     fixed = args.text_tokens + flops_model.fixed_image_tokens(args.model)
     baseline = flops_model.prefill_flops(shape, [fixed + crops * per_crop] * shape.num_layers)
+    refused = flops_model.refused_methods(args.model)
+    for method in args.method:
+        if method in refused:
+            raise ValueError(f"--method {method!r} cannot prune {args.model}: {refused[method]}")
     rows = []
     for setting in _settings(args.method, args.keep, args.option):
         keep = resolve_keep(setting.keep, per_crop)
@@ -511,11 +619,12 @@ def _flops(args: argparse.Namespace) -> None:
         lengths = flops_model.tokens_per_layer(shape.num_layers, fixed, crops * plan.vision_keep, stages)
         total = flops_model.prefill_flops(shape, lengths)
         tokens = " / ".join(str(t) for t in plan.tokens)
-        rows.append(f"| {setting.method} | {keep} | {tokens} | {total / 1e12:.3f} | {total / baseline:.3f} |")
+        average = plan.layer_average(shape.num_layers)
+        rows.append(f"| {setting.method} | {keep} | {tokens} | {average:.1f} | {total / 1e12:.3f} | {total / baseline:.3f} |")
     unit = f"{crops} crops of {per_crop}" if crops > 1 else f"{per_crop}"
     print(f"{args.model}: {shape.num_layers} layers, {unit} visual + {fixed} other tokens; unpruned {baseline / 1e12:.3f} TFLOPs per image")
-    print("| method | keep | visual tokens per stage" + (" (per crop)" if crops > 1 else "") + " | TFLOPs | ratio to unpruned |")
-    print("|---|---|---|---|---|")
+    print("| method | keep | visual tokens per stage" + (" (per crop)" if crops > 1 else "") + " | layer average | TFLOPs | ratio to unpruned |")
+    print("|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -83,6 +83,13 @@ def merged_tokens(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+def deepstack_tokens(output) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Qwen3-VL vision tower call's merged tokens [T, D] and DeepStack features [T, E, D] (one per deepstack
+    layer): a (tokens, list) tuple in 4.57, `.pooler_output` and `.deepstack_features` of a model output in 5.x."""
+    tokens, deepstack = output if isinstance(output, tuple) else (output.pooler_output, output.deepstack_features)
+    return tokens, torch.stack(list(deepstack), dim=1)
+
+
 def window_order(visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
     """For Qwen2.5-VL's windowed tower, the merged token each of its blocks' token groups is (window order);
     for Qwen2-VL's tower, which keeps the natural order, arange.
@@ -129,6 +136,13 @@ def qwen_prompt_positions(model: nn.Module, inputs: dict, input_ids: torch.Tenso
     return given if given is not None else model.model.get_rope_index(input_ids, types, grid, None, mask)[0]
 
 
+def qwen_token_types(input_ids: torch.Tensor, image_token_id: int) -> dict:
+    """What a Qwen2-VL prompt carries beside its ids, as the processor returns it: 5.x's `mm_token_type_ids` (1 at
+    image tokens), which its model and generate() read for 3-D positions; nothing in 4.57, which finds image
+    tokens by id."""
+    return {"mm_token_type_ids": (input_ids == image_token_id).int()} if V5 else {}
+
+
 def qwen_decoder_qk(
     layer: nn.Module,
     hidden: torch.Tensor,
@@ -156,6 +170,39 @@ def qwen_decoder_qk(
 def qwen_vision_rotary(block: nn.Module) -> Callable:
     """The family's `apply_rotary_pos_emb_vision(q, k, cos, sin)`, present in both lines."""
     return sys.modules[type(block).__module__].apply_rotary_pos_emb_vision
+
+
+# -- decoder layers with several rotary tables ---------------------------------------------------------
+
+# The rotary tables a decoder layer may be given, with the layer type each belongs to (None: the layer's own).
+# 5.x hands every layer the table of its own type as `position_embeddings`; 4.57's Gemma 3 hands every layer
+# both of its tables, and the layer picks one by its type.
+ROTARY_TABLES = {"position_embeddings": None, "position_embeddings_global": "full_attention", "position_embeddings_local": "sliding_attention"}
+
+
+def rotary_tables(kwargs: dict) -> dict[str, str | None]:
+    """The rotary tables among a decoder layer's inputs: name -> the layer type it belongs to."""
+    return {name: kind for name, kind in ROTARY_TABLES.items() if kwargs.get(name) is not None}
+
+
+def layer_rotary(kwargs: dict, layer_type: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary table (cos, sin) a decoder layer of `layer_type` applies, from its inputs."""
+    for name, kind in rotary_tables(kwargs).items():
+        if kind is None or kind == layer_type:
+            return kwargs[name]
+    raise RuntimeError(f"transformers {transformers.__version__}: no rotary table for a {layer_type} layer among {sorted(kwargs)}")
+
+
+# -- Gemma 3 -------------------------------------------------------------------------------------------
+
+
+def gemma_rotary(decoder: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: str):
+    """Gemma 3's rotary embedding of one layer type: 5.x has one module that takes the type, 4.57 two modules
+    (`rotary_emb` for global layers, `rotary_emb_local` for sliding ones)."""
+    if V5:
+        return decoder.rotary_emb(hidden, position_ids, layer_type)
+    module = decoder.rotary_emb_local if layer_type == "sliding_attention" else decoder.rotary_emb
+    return module(hidden, position_ids)
 
 
 def cache_kwargs(cache) -> dict:

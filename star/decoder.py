@@ -73,6 +73,23 @@ def slice_mask(mask: torch.Tensor | None, rows: torch.Tensor | None, cols: torch
     return gather_seq(mask, cols, dim=3)
 
 
+def decode_mask(like: torch.Tensor, padding: torch.Tensor | None, cols: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """A decode step's mask for a frame's cache, in the form of the model's own mask `like` (2-D, or 4-D bool or
+    additive float): query i, at entry-frame position query[i], sees the key at entry-frame column cols[b, j] if
+    that column is no padding and not after it. Built from the step's 2-D mask `padding` [B, S] (None: no
+    padding), not cut from `like`: where layers of a type size their masks by a cache that a cut shortened
+    (Gemma 3's first global layer), `like` lacks the columns."""
+    batch = cols.shape[0]
+    seen = torch.ones_like(cols, dtype=torch.bool) if padding is None else gather_seq(padding.bool(), cols)
+    if like.dim() == 2:
+        return seen.to(like.dtype)
+    allowed = seen[:, None, None, :] & (cols[:, None, None, :] <= query.view(1, 1, -1, 1))
+    allowed = allowed.expand(batch, 1, len(query), cols.shape[1])
+    if like.dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(~allowed, torch.finfo(like.dtype).min)
+
+
 def contiguous_positions(positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """1-D positions [B, S] of the kept tokens renumbered without gaps: each moves back by the tokens dropped
     before it. (Not defined for M-RoPE's 3-D positions, where an image's tokens share temporal positions.)"""
@@ -108,11 +125,14 @@ def llama_style_qk(
 
 def project_qk(layer: nn.Module, hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A decoder layer's input norm and q/k projections, before any rotary embedding: queries for `rows`
-    [B, R] as [B, H, R, d], keys for every token as [B, Hk, S, d]."""
+    [B, R] as [B, H, R, d], keys for every token as [B, Hk, S, d]. Where the attention normalises each head's
+    queries and keys (`q_norm`, `k_norm`: Qwen3, Gemma 3), so do these."""
     attn = layer.self_attn
     normed = layer.input_layernorm(hidden)
     batch, seq = hidden.shape[:2]
     q = attn.q_proj(gather_seq(normed, rows)).view(batch, rows.shape[1], -1, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
     return q, k
 

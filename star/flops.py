@@ -30,11 +30,15 @@ class DecoderShape:
 
     @classmethod
     def from_config(cls, config) -> DecoderShape:
-        """The shape of a transformers Llama/Mistral/Qwen2-style decoder config."""
+        """The shape of a transformers Llama/Mistral/Qwen2-style decoder config.
+
+        A mixture-of-experts decoder (Qwen3-VL-MoE) counts, per token, the FFNs of the experts it is routed to
+        (num_experts_per_tok of moe_intermediate_size each); the router's small product is not counted.
+        """
         heads = config.num_attention_heads
         return cls(
             hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
+            intermediate_size=_ffn_width(config),
             num_layers=config.num_hidden_layers,
             num_heads=heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
@@ -47,6 +51,19 @@ class DecoderShape:
         """A decoder shape shipped with the package (no hub needed): see `named_models()`."""
         data = _named(name)
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+def _ffn_width(config) -> int:
+    """The FFN width a token passes through: the dense one, or that of its routed experts together."""
+    experts = getattr(config, "num_experts_per_tok", None)
+    if not experts or not getattr(config, "num_experts", None):
+        return config.intermediate_size
+    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+        raise ValueError(
+            f"mlp_only_layers={config.mlp_only_layers}, decoder_sparse_step={config.decoder_sparse_step}: FLOPs of a "
+            "decoder that mixes dense and expert layers are not modelled (every Qwen3-VL-MoE checkpoint is all experts)"
+        )
+    return experts * config.moe_intermediate_size
 
 
 def named_models() -> list[str]:
@@ -66,6 +83,11 @@ def crops_per_image(name: str) -> int:
 def fixed_image_tokens(name: str) -> int:
     """Image tokens that are never pruned nor counted as visual (LLaVA-NeXT's newlines), per full image."""
     return int(_named(name).get("newline_tokens", 0))
+
+
+def refused_methods(name: str) -> dict[str, str]:
+    """The methods the family of a shipped model refuses, with the reason (e.g. a [CLS] method on SigLIP)."""
+    return dict(_named(name).get("refused_methods", {}))
 
 
 def _named(name: str) -> dict:

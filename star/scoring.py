@@ -54,13 +54,14 @@ def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def merge_by_similarity(
-    tokens: torch.Tensor, keys: torch.Tensor, num_targets: int
+    tokens: torch.Tensor, keys: torch.Tensor, num_targets: int, formula: str = "target_plus_mean"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge tokens into `num_targets` evenly spaced targets, each token joining its most similar target.
 
     tokens: [N, D] states to merge, keys: [N, d] what similarity is measured on (cosine).
-    Returns (target indices into tokens [num_targets], merged states [num_targets, D]); each merged state is
-    the mean of its target and every token assigned to it.
+    Returns (target indices into tokens [num_targets], merged states [num_targets, D]). formula "target_plus_mean":
+    each merged state is its target plus the mean of the tokens assigned to it (VisionZip's code); "mean": the mean
+    of its target and those tokens together.
     """
     n = tokens.shape[0]
     if num_targets == 0:
@@ -72,8 +73,13 @@ def merge_by_similarity(
     normed = torch.nn.functional.normalize(keys.float(), dim=-1)
     similarity = normed[~is_target] @ normed[targets].T
     assignment = similarity.argmax(dim=-1)
-    sums = tokens[targets].float().clone()
-    sums.index_add_(0, assignment, tokens[~is_target].float())
-    counts = torch.ones(num_targets, device=tokens.device)
-    counts.index_add_(0, assignment, torch.ones_like(assignment, dtype=torch.float))
-    return targets, (sums / counts[:, None]).to(tokens.dtype)
+    sums = torch.zeros(num_targets, tokens.shape[1], device=tokens.device).index_add_(0, assignment, tokens[~is_target].float())
+    counts = torch.zeros(num_targets, device=tokens.device).index_add_(0, assignment, torch.ones_like(assignment, dtype=torch.float))
+    target = tokens[targets].float()
+    if formula == "target_plus_mean":
+        merged = target + sums / counts.clamp_min(1.0)[:, None]
+    elif formula == "mean":
+        merged = (target + sums) / (counts + 1.0)[:, None]
+    else:
+        raise ValueError(f"formula={formula!r} is unknown: allowed are 'target_plus_mean', 'mean'")
+    return targets, merged.to(tokens.dtype)

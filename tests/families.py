@@ -1,9 +1,12 @@
-"""Small random LLaVA-NeXT and Qwen2-VL / Qwen2.5-VL models of the real classes, and prompts for them."""
+"""Small random LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL, Qwen3-VL and Gemma 3 models of the real classes, and prompts
+for them."""
 
 from __future__ import annotations
 
 import torch
 from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
     LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
@@ -11,6 +14,11 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
+    SiglipVisionConfig,
 )
 
 from conftest import left_pad, tiny_clip
@@ -59,6 +67,67 @@ def tiny_qwen(version: str = "2", attn: str = "sdpa", seed: int = 0, layers: int
     model = cls._from_config(config, attn_implementation=attn).eval()
     model.generation_config.pad_token_id = 0
     return model
+
+
+def tiny_qwen3(attn: str = "sdpa", seed: int = 0, layers: int = 6, moe: bool = False):
+    """Qwen3-VL (or its MoE variant): Qwen2-VL's 4 px patches and 2 x 2 merge, a 3-layer tower whose every layer
+    feeds DeepStack (so decoder layers 0, 1, 2 receive features), interleaved M-RoPE, per-head q/k norms."""
+    torch.manual_seed(seed)
+    rope = {"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True, "rope_theta": 10000.0}
+    text = {**_text(layers), "head_dim": 16, ("rope_parameters" if compat.V5 else "rope_scaling"): rope}
+    if not compat.V5:
+        text["rope_theta"] = 10000.0
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    vision = dict(
+        depth=3, hidden_size=32, intermediate_size=64, num_heads=4, in_channels=3, patch_size=4, spatial_merge_size=2,
+        temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2],
+    )
+    ids = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    config_class, cls = (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe else (Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+    model = cls._from_config(config_class(vision_config=vision, text_config=text, **ids), attn_implementation=attn).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+GEMMA_TOKENS = 16  # Gemma 3: 32 px images, 2 px patches (16 x 16), pooled 4 x 4 into 4 x 4 tokens
+BOI, EOI = 122, 123
+
+
+def tiny_gemma3(attn: str = "sdpa", seed: int = 0, layers: int = 6, window: int = 128):
+    """Gemma 3: sliding and global layers alternating, query_pre_attn_scalar apart from head_dim, a 2-layer
+    SigLIP tower of 256 patches that the projector pools 4 x 4 (as the real 4096 into 256). The projector's
+    weight, zero at initialisation, is drawn at random so that images matter."""
+    torch.manual_seed(seed)
+    text = {
+        **_text(layers), "head_dim": 16, "query_pre_attn_scalar": 32, "sliding_window": window,
+        "layer_types": ["sliding_attention", "full_attention"] * (layers // 2),
+    }
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=2)
+    config = Gemma3Config(
+        vision_config=vision, text_config=text, mm_tokens_per_image=GEMMA_TOKENS, image_token_index=IMAGE_TOKEN,
+        boi_token_index=BOI, eoi_token_index=EOI,
+    )
+    model = Gemma3ForConditionalGeneration._from_config(config, attn_implementation=attn).eval()
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.5)
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def gemma_inputs(images: list[int], text: list[tuple[int, int]], seed: int = 0) -> dict:
+    """Gemma 3 prompts: prompt r has images[r] images, each between start- and end-of-image tokens, between
+    `text[r]` words; token_type_ids mark the image tokens, as the processor does."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = []
+    for count, (before, after) in zip(images, text):
+        ids = _words(before, g)
+        for _ in range(count):
+            ids += [BOI] + [IMAGE_TOKEN] * GEMMA_TOKENS + [EOI] + _words(1, g)
+        prompts.append(ids + _words(after, g))
+    inputs = left_pad(prompts)
+    pixels = torch.randn(sum(images), 3, 32, 32, generator=g)
+    return {**inputs, "pixel_values": pixels, "token_type_ids": (inputs["input_ids"] == IMAGE_TOKEN).long()}
 
 
 def _words(n: int, g: torch.Generator) -> list[int]:

@@ -20,7 +20,7 @@ def test_oracle_replays_the_kept_tokens_and_logits(model, method):
     with star.apply(model, method=method, keep=5) as pruner:
         logits = model(**inputs).logits
         replay = Replay(recorded_plan=pruner.plan, kept=tuple(pruner.stats.kept_patches))
-    with Pruner(model, replay, keep=5) as oracle:
+    with Pruner(model, replay, keep=5, positions=pruner.positions) as oracle:
         replayed = model(**inputs).logits
         assert all(torch.equal(a, b) for a, b in zip(oracle.stats.kept_patches, replay.kept))
     if method != "visionzip":  # merged tokens are not a subset of patches, so only their positions replay
@@ -33,7 +33,8 @@ def test_measure_reports_time_memory_and_flops(model):
     full = measure(model, inputs, "none", 1.0, repeats=1, warmup=0, new_tokens=2)
     pruned = measure(model, inputs, "star", 4, repeats=1, warmup=0, new_tokens=2)
     for row in (full, pruned):
-        assert row["prefill_s"] > 0 and row["oracle_prefill_s"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["prefill_s"] > 0 and row["oracle_prefill_s"] > 0
+        assert row["decode_tokens_per_s"] is None or row["decode_tokens_per_s"] > 0  # None: noise above the decode steps
     assert pruned["tokens"] == [16, 14, 4]
     assert pruned["counted_flops"] < full["counted_flops"]
     assert pruned["kv_cache_bytes"] < full["kv_cache_bytes"]

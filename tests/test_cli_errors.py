@@ -18,6 +18,7 @@ from transformers import LlamaConfig
 
 import star.cli
 import star.eval.runner
+import star.synthetic
 import star.zoo
 from conftest import tiny_checkpoint, tiny_llava
 from families import tiny_qwen
@@ -57,9 +58,16 @@ def no_model(monkeypatch, tmp_path):
         raise AssertionError("a bad argument reached the model")
 
     monkeypatch.setattr(star.cli, "_load", refuse)
+    monkeypatch.setattr(star.synthetic, "random_model", refuse)
     monkeypatch.setattr(star.zoo, "build_default_model", refuse)
     monkeypatch.setattr(star.eval.runner, "evaluate", refuse)
     monkeypatch.setenv("STAR_HOME", str(tmp_path / "home"))
+
+
+def _available_gib() -> float:
+    meminfo = Path("/proc/meminfo")
+    lines = meminfo.read_text().splitlines() if meminfo.is_file() else []
+    return next((int(line.split()[1]) / 2**20 for line in lines if line.startswith("MemAvailable:")), float("inf"))
 
 
 # (arguments after the subcommand's base, the texts its one error line must hold); {name} is a path of `files`.
@@ -148,7 +156,22 @@ BENCH_CASES = [
     ("--out {root}", ["--out", "is a folder"]),
     ("--model {no-config}", ["--model", "no config.json"]),
     ("--device banana", ["--device", "'banana'"]),
+    ("--batch 0", ["--batch", "'0'"]),
+    ("--batch 1,x", ["--batch", "'x'"]),
+    ("--batch ,", ["--batch", "no batch size"]),
+    ("--attn flash", ["--attn", "'flash'", "sdpa"]),
+    ("--attn flash_attention_2", ["--attn flash_attention_2", "--device 'cpu'"]),
+    ("--text-tokens 0", ["--text-tokens", "'0'"]),
+    ("--config gpt-2 --random-init", ["--config", "'gpt-2'", "llava-1.5-7b"]),
+    ("--config llava-1.5-7b", ["--config 'llava-1.5-7b'", "--random-init"]),
+    ("--config llava-1.5-7b --random-init --model {tiny}", ["--config 'llava-1.5-7b'", "--model", "both"]),
+    ("--random-init", ["--random-init", "--config"]),
+    ("--config llava-1.5-7b --random-init --keep 600", ["keep=600", "[1, 576]"]),
+    ("--config qwen2.5-vl-7b --random-init --methods fastervlm --keep 58", ["method='fastervlm'", "[CLS]"]),
+    ("--config llava-1.5-7b --random-init --option layer=32", ["layer=32", "1 to 31"]),
 ]
+if _available_gib() < 49:  # the 13B's weights in float32: more than this machine has
+    BENCH_CASES.append(("--config llava-1.5-13b --random-init --dtype float32", ["--dtype float32", "49.7 GiB", "available"]))
 
 DEMO = "demo --out {root}/demo"
 DEMO_CASES = [

@@ -11,7 +11,7 @@ from conftest import N_VISUAL, batch, prompt_ids, tiny_llava
 from reference import forward_kept, greedy_by_recompute, image_features
 
 # Methods whose kept tokens are plain patches (no merged states), so a forward over them is a reference.
-SELECTING = ["star", "fastv", "fastervlm", "pdrop", "random"]
+SELECTING = ["star", "fastv", "fastervlm", "pdrop", "random", "vispruner", "divprune", "cdpruner", "dart"]
 PROMPTS = [prompt_ids(3, 6, seed=1), prompt_ids(7, 4, seed=2), prompt_ids(1, 9, seed=3)]
 
 
@@ -48,7 +48,7 @@ def test_pruned_prefill_equals_forward_over_kept_tokens(model, method, positions
 
 @torch.no_grad()
 @pytest.mark.parametrize("positions", ["original", "contiguous"])
-@pytest.mark.parametrize("method", ["star", "fastv", "pdrop", "fastervlm"])
+@pytest.mark.parametrize("method", ["star", "fastv", "pdrop", "fastervlm", "vispruner", "divprune", "cdpruner", "dart"])
 def test_cached_generation_equals_recomputation(model, method, positions):
     prompt = PROMPTS[1]
     inputs = batch([prompt])

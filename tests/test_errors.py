@@ -33,6 +33,14 @@ PROMPT = prompt_ids(3, 6, seed=1)
         ({"keep": 4, "method": "nope"}, "method"),
         ({"keep": 4, "method": "fastervlm", "layer": 3}, "layer"),
         ({"keep": 4, "positions": "shifted"}, "positions"),
+        ({"keep": 4, "method": "vispruner", "important_ratio": 1.5}, "important_ratio"),
+        ({"keep": 4, "method": "vispruner", "important_ratio": True}, "important_ratio"),
+        ({"keep": 4, "method": "dart", "layer": 0}, "layer"),
+        ({"keep": 4, "method": "dart", "layer": 6}, "layer"),
+        ({"keep": 4, "method": "dart", "pivot_image_tokens": 0}, "pivot_image_tokens"),
+        ({"keep": 4, "method": "dart", "pivot_text_tokens": -1}, "pivot_text_tokens"),
+        ({"keep": 4, "method": "dart", "pivot_text_tokens": 2.5}, "pivot_text_tokens"),
+        ({"keep": 4, "method": "divprune", "layer": 3}, "layer"),
     ],
 )
 def test_bad_arguments_are_named(model, kwargs, named):

@@ -140,13 +140,13 @@ def test_two_processes_give_the_results_of_one(checkpoint, tmp_path):
                "--data", data, "--methods", "none,star", "--keep", "4", "--batch-size", "2", "--max-new-tokens", "2",
                "--out", str(tmp_path / "two")]
     subprocess.run(command, check=True, capture_output=True, timeout=300)
-    assert sorted(p.name for p in (tmp_path / "two" / "runs" / "star-4").iterdir()) == ["rank0.jsonl", "rank1.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "two" / "runs" / "star-4").glob("rank*")) == ["rank0.jsonl", "rank1.jsonl"]
     one = json.loads((tmp_path / "one" / "results.json").read_text())["settings"]
     two = json.loads((tmp_path / "two" / "results.json").read_text())["settings"]
     for a, b in zip(one, two, strict=True):
         assert (a["name"], a["n"], a["accuracy"], a["per_type"], a["tokens"]) == (b["name"], b["n"], b["accuracy"], b["per_type"], b["tokens"])
         predictions = [
-            {row["id"]: row["prediction"] for f in (tmp_path / run / "runs" / a["name"]).iterdir() for row in map(json.loads, f.read_text().splitlines())}
+            {row["id"]: row["prediction"] for f in (tmp_path / run / "runs" / a["name"]).glob("rank*.jsonl") for row in map(json.loads, f.read_text().splitlines())}
             for run in ("one", "two")
         ]
         assert predictions[0] == predictions[1] and len(predictions[0]) == 4

@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaModel
 
 import star
 from conftest import batch, prompt_ids, tiny_llava
+from families import gemma_inputs, qwen_inputs, tiny_gemma3, tiny_qwen3
 from star.cli import main
 from star.flops import DecoderShape, count_flops, layer_flops, named_models, prefill_flops, tokens_per_layer
 
@@ -28,13 +29,33 @@ def test_star_flops_command_prints_the_table(capsys):
     assert "| fastervlm | 29 | 576 / 29 |" in out
 
 
+def test_flops_command_knows_the_2025_baselines(capsys):
+    assert main(["flops", "--model", "llava-1.5-7b", "--method", "vispruner,divprune,cdpruner,dart", "--keep", "64"]) == 0
+    out = capsys.readouterr().out
+    for method in ("vispruner", "divprune", "cdpruner"):
+        assert f"| {method} | 64 | 576 / 64 |" in out
+    assert "| dart | 64 | 576 / 576 / 64 |" in out
+
+
 def test_shipped_shapes_and_bad_names():
-    assert named_models() == ["llava-1.5-13b", "llava-1.5-7b", "llava-next-7b"]
+    assert {"gemma-3-4b", "internvl3-8b", "llava-1.5-13b", "llava-1.5-7b", "llava-next-7b", "llava-onevision-7b",
+            "llava-1.5-tinyllama-1.1b", "qwen2.5-vl-7b", "qwen3-vl-8b"} <= set(named_models())
     assert DecoderShape.named("llava-1.5-13b").num_layers == 40
     with pytest.raises(ValueError, match="model='llava-9b'"):
         DecoderShape.named("llava-9b")
     with pytest.raises(ValueError, match="tokens_per_layer"):
         prefill_flops(DecoderShape.named("llava-1.5-7b"), [10] * 3)
+
+
+def test_flops_of_the_tiled_families_count_per_crop_and_refuse_what_their_family_refuses(capsys):
+    assert main(["flops", "--model", "internvl3-8b", "--method", "star,fastervlm", "--keep", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "13 crops of 256 visual + 79 other tokens" in out and "| fastervlm | 64 | 256 / 64 |" in out
+    assert main(["flops", "--model", "llava-onevision-7b", "--method", "star", "--keep", "72"]) == 0
+    assert "10 crops of 729 visual + 160 other tokens" in capsys.readouterr().out  # 79 text and 81 newlines
+    for model, method in [("llava-onevision-7b", "fastervlm"), ("llava-onevision-7b", "visionzip"), ("internvl3-8b", "visionzip")]:
+        assert main(["flops", "--model", model, "--method", f"star,{method}", "--keep", "64"]) == 2
+        assert f"--method '{method}' cannot prune {model}: " in capsys.readouterr().err
 
 
 @torch.no_grad()
@@ -49,7 +70,7 @@ def test_formula_equals_counted_matrix_products_of_a_llama():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method", ["none", "star", "pdrop", "fastervlm"])
+@pytest.mark.parametrize("method", ["none", "star", "pdrop", "fastervlm", "cdpruner", "dart"])
 def test_stats_flops_match_the_counted_decoder_of_a_real_prefill(method):
     model = tiny_llava(attn="eager")
     inputs = batch([prompt_ids(3, 6, seed=1), prompt_ids(7, 4, seed=2)])
@@ -58,3 +79,26 @@ def test_stats_flops_match_the_counted_decoder_of_a_real_prefill(method):
         stats = pruner.stats
     decoder = sum(v for k, v in counted.items() if k.startswith("model.language_model.layers.") and k.count(".") == 3)
     assert abs(stats.flops - decoder) / decoder < 0.05
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_stats_flops_match_the_counted_decoder_of_qwen3_vl_and_gemma3(family):
+    """Qwen3-VL and Gemma 3 decoders have per-head q/k norms and (Gemma) a gated GELU FFN: the formula's
+    matrix products are theirs."""
+    if family == "qwen3":
+        model, inputs = tiny_qwen3(attn="eager"), qwen_inputs([[(4, 6)], [(8, 8)]], [(3, 6), (7, 4)])
+    else:
+        model, inputs = tiny_gemma3(attn="eager"), gemma_inputs([1, 2], [(3, 6), (7, 4)])
+    with star.apply(model, method="star", keep=3) as pruner:
+        counted = count_flops(lambda: model(**inputs), model)
+        stats = pruner.stats
+    decoder = sum(v for k, v in counted.items() if k.startswith("model.language_model.layers.") and k.count(".") == 3)
+    assert abs(stats.flops - decoder) / decoder < 0.05
+
+
+def test_flops_of_a_mixture_of_experts_decoder_count_the_routed_experts():
+    moe = tiny_qwen3(moe=True).config.text_config
+    assert DecoderShape.from_config(moe).intermediate_size == 2 * 32
+    with pytest.raises(ValueError, match="mlp_only_layers"):
+        DecoderShape.from_config(type(moe)(**{**moe.to_dict(), "mlp_only_layers": [0]}))

@@ -18,7 +18,7 @@ from star.scoring import top_k_in_order
 
 VERSIONS = ["2", "2.5"]
 NO_CLS = [m for m in star.methods() if m not in ("fastervlm", "visionzip")]  # the others need [CLS]
-SELECTING = ["star", "fastv", "pdrop", "random"]  # kept tokens are plain tokens: a forward over them is a reference
+SELECTING = ["star", "fastv", "pdrop", "random", "vispruner", "divprune", "cdpruner", "dart"]  # kept tokens are plain tokens: a forward over them is a reference
 SMALL, LARGE, TINY = (4, 6), (8, 8), (4, 4)  # patch grids: 6, 16 and 4 tokens after the 2 x 2 merge
 
 
@@ -60,7 +60,7 @@ def test_pruned_prefill_equals_forward_over_kept_tokens_at_their_3d_positions(mo
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method", ["star", "fastv", "pdrop"])
+@pytest.mark.parametrize("method", ["star", "fastv", "pdrop", "cdpruner", "dart"])
 def test_cached_generation_equals_recomputation(model, method):
     inputs = qwen_inputs([[LARGE]], [(5, 4)], seed=2)
     with star.apply(model, method=method, keep=4) as pruner:

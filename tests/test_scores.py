@@ -59,6 +59,19 @@ def test_decoder_selection_equals_top_k_of_eager_attention(eager_and_sdpa, metho
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("method", star.methods())
+def test_every_method_keeps_the_same_tokens_and_logits_under_sdpa_and_eager(eager_and_sdpa, method):
+    inputs = batch(PROMPTS)
+    kept, logits = [], []
+    for model in eager_and_sdpa:
+        with star.apply(model, method=method, keep=5) as pruner:
+            logits.append(model(**inputs).logits[:, -1])
+            kept.append(pruner.stats.kept_patches)
+    assert all(torch.equal(e, s) for e, s in zip(*kept))
+    assert (logits[0] - logits[1]).abs().max() < 1e-4
+
+
+@torch.no_grad()
 def test_decoder_attention_rows_equal_eager_probabilities(eager_and_sdpa):
     eager, sdpa = eager_and_sdpa
     inputs = batch(PROMPTS)

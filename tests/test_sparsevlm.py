@@ -15,7 +15,10 @@ PROMPTS = [prompt_ids(3, 6, seed=1), prompt_ids(7, 4, seed=2), prompt_ids(1, 9, 
 
 @torch.no_grad()
 @pytest.mark.parametrize(
-    "options", [{}, {"layers": (1, 3, 5)}, {"recycle_ratio": 0.0}, {"recycle_ratio": 1.0, "cluster_size": 2}]
+    "options", [
+        {}, {"layers": (1, 3)}, {"recycle_ratio": 0.0}, {"recycle_ratio": 1.0, "cluster_size": 2},
+        {"schedule": "geometric"}, {"budget": "average"},
+    ]
 )
 @pytest.mark.parametrize("keep", [1, 2, 5, 9, 15])
 def test_every_stage_keeps_exactly_its_budget(model, keep, options):
@@ -23,10 +26,12 @@ def test_every_stage_keeps_exactly_its_budget(model, keep, options):
     with star.apply(model, method="sparsevlm", keep=keep, **options) as pruner:
         logits = model(**batch([prompt])).logits
         stats = pruner.stats
-    assert [s.layer for s in pruner.plan.llm_stages] == list(options.get("layers", (1, 2)))
+    # each layer's output is pruned: the cut comes before the next layer, ranked by the pruned layer's attention
+    assert [(s.score_layer, s.layer) for s in pruner.plan.llm_stages] == [(l, l + 1) for l in options.get("layers", (0, 2, 4))]
     assert stats.tokens == [N_VISUAL, N_VISUAL, *(s.keep for s in pruner.plan.llm_stages)]
-    assert stats.tokens[-1] == keep
-    assert logits.shape[1] == len(prompt) - N_VISUAL + keep
+    if options.get("budget") != "average":
+        assert stats.tokens[-1] == keep
+    assert logits.shape[1] == len(prompt) - N_VISUAL + stats.tokens[-1]
     for patches, count in zip(stats.kept_patches[1:], stats.tokens[2:]):
         assert patches.shape == (1, count)
         assert bool((patches[:, 1:] > patches[:, :-1]).all())
@@ -83,13 +88,16 @@ def test_recycling_merges_the_top_deleted_tokens_by_cluster():
 
 
 def test_default_layers_scale_with_depth_and_bad_options_fail():
-    assert [s.layer for s in SparseVLM().plan(576, 64, 32).llm_stages] == [2, 6, 15]
-    assert [s.layer for s in SparseVLM().plan(576, 64, 40).llm_stages] == [2, 7, 18]
-    assert [s.layer for s in SparseVLM().plan(576, 64, 12).llm_stages] == [1, 2, 5]
+    assert [s.score_layer for s in SparseVLM().plan(576, 64, 32).llm_stages] == [2, 6, 15]
+    assert [s.score_layer for s in SparseVLM().plan(576, 64, 40).llm_stages] == [2, 7, 18]
+    assert [s.score_layer for s in SparseVLM().plan(576, 64, 12).llm_stages] == [0, 2, 5]
     model = tiny_llava()
     for options, message in [
-        ({"layers": (2, 1)}, "distinct and increasing"),
-        ({"layers": (1, 6)}, "layers=6 is not a decoder layer"),
+        ({"layers": (2, 1)}, "increase by at least 2"),
+        ({"layers": (1, 2)}, "increase by at least 2"),
+        ({"layers": (1, 5)}, "5 is not a layer whose output can be pruned"),
+        ({"budget": "mean"}, "budget='mean' is unknown"),
+        ({"schedule": "geometric", "budget": "average"}, "only schedule='official'"),
         ({"recycle_ratio": 1.5}, "recycle_ratio"),
         ({"cluster_size": 0}, "cluster_size"),
     ]:

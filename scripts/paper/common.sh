@@ -1,4 +1,4 @@
-# Shared by table1.sh, table2.sh and table3.sh: every method at every budget through lmms-eval's `star` backend.
+# Shared by table1.sh and table2.sh: every method at every budget through lmms-eval's `star` backend.
 # Settings that decide the numbers (see docs/reproduce.md): LLaVA's vicuna_v1 conversation (template=vicuna_v1),
 # greedy decoding, float16, SDPA attention, TextVQA with the OCR-token prompt (tasks/textvqa_val_ocr.yaml),
 # MME scored as perception and cognition (lmms-eval reports both), keep = visual tokens left per image/crop.

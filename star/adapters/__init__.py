@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from torch import nn
 
+from star.adapters.gemma3 import Gemma3Adapter
+from star.adapters.internvl import InternVLAdapter
 from star.adapters.llava import LlavaAdapter
 from star.adapters.llava_next import LlavaNextAdapter
+from star.adapters.llava_onevision import LlavaOnevisionAdapter
 from star.adapters.qwen2_vl import Qwen2VLAdapter
+from star.adapters.qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter)
-Adapter = LlavaAdapter | LlavaNextAdapter | Qwen2VLAdapter
+ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen3VLAdapter, InternVLAdapter, Gemma3Adapter)
+Adapter = LlavaAdapter | LlavaNextAdapter | LlavaOnevisionAdapter | Qwen2VLAdapter | Qwen3VLAdapter | InternVLAdapter | Gemma3Adapter
 
 
 def adapter_for(model: nn.Module) -> Adapter:

@@ -8,14 +8,38 @@ embeddings; the pruner applies the method's plan to each unit and builds the sho
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
-from star.methods.base import VisionView
+from star import scoring
+from star.methods.base import Method, VisionView
 
+QUERY_CHUNK = 1024  # query rows scored at once: a large image's full attention matrix never exists at once
 TEXT = -1  # a prompt token that is no image token
 FIXED = -2  # an image token that is always kept and never counted as visual (LLaVA-NeXT's image newline)
+
+
+@dataclass
+class MergedView(VisionView):
+    """Units of a tower without [CLS] whose decoder tokens each merge several patches (Qwen's 2 x 2 merger,
+    Gemma 3's 4 x 4 average pool): features are the merged tokens, qk the patches' queries and keys in the
+    layer's own order, and `token_of[p]` the token that the layer's patch p goes into.
+
+    A token's score is the attention its patches receive (mean over query rows and heads), summed over them.
+    """
+
+    token_of: torch.Tensor | None = None
+
+    def received(self) -> torch.Tensor:
+        """Attention each token's patches receive, mean over query rows and heads, summed per token: [I, N]."""
+        q, k = self.qk()
+        total = q.new_zeros(q.shape[0], k.shape[2], dtype=torch.float32)
+        for start in range(0, q.shape[2], QUERY_CHUNK):
+            total += scoring.attention_probs(q[:, :, start : start + QUERY_CHUNK], k).sum(dim=2).mean(dim=1)
+        per_token = total.new_zeros(q.shape[0], self.features.shape[1])
+        return per_token.index_add_(1, self.token_of, total / q.shape[2])
 
 
 @dataclass
@@ -25,11 +49,14 @@ class VisionGroup:
     view: the units' feature layer, features [I, N, D] (I units of N candidate tokens each).
     rows: [I] the prompt each unit belongs to.
     ordinals: [I, N] each candidate's place among the image tokens of its prompt (in prompt order).
+    residuals: [I, N, E, D] what the decoder adds onto each candidate's hidden state after each of its first E
+    layers (Qwen3-VL's DeepStack features), or None where the family adds nothing.
     """
 
     view: VisionView
     rows: torch.Tensor
     ordinals: torch.Tensor
+    residuals: torch.Tensor | None = None
 
 
 @dataclass
@@ -47,9 +74,21 @@ class Encoded:
 
 
 class Decoder:
-    """The decoder accessors every family shares: its layers, token embeddings and rotary embedding."""
+    """The decoder accessors every family shares: its layers, token embeddings and rotary embedding.
+
+    has_cls: the tower has a [CLS] token whose attention ranks patches (FasterVLM). projects_cls: its feature
+    can enter the decoder as a token (VisionZip keeps it).
+    """
 
     decoder: nn.Module
+    has_cls = False
+    projects_cls = False
+    # What the decoder adds onto visual tokens after its first layers (Qwen3-VL's DeepStack): how many layers.
+    residual_layers = 0
+    # Per-token inputs besides input_ids that the model reads at prefill (Gemma 3's token_type_ids).
+    token_inputs: tuple[str, ...] = ()
+    # A sliding window some decoder layers attend within, or None (see `Gemma3Adapter`).
+    window: int | None = None
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -58,8 +97,65 @@ class Decoder:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.embed_tokens(input_ids)
 
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_type(self, index: int) -> str | None:
+        """The type of decoder layer `index` where layers differ in mask and rotary table (Gemma 3), else None."""
+        return None
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.decoder.rotary_emb(hidden, position_ids)
+
+    def rotary_alone(
+        self, hidden: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, layer_type: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary embedding (of a layer of `layer_type`) of a frame's positions ([B, S], or M-RoPE's
+        [3, B, S] that generate() may give as [4, B, S], text positions first) counted from each prompt's first
+        token (key_mask [B, S] False at padding): the positions each prompt has alone, whatever padding
+        shifted them by."""
+        if self.mrope:
+            positions = positions[-3:]
+        first = key_mask.long().argmax(dim=1)[:, None].expand(*positions.shape[:-1], 1)
+        return self.rotary(hidden, positions - positions.gather(-1, first), layer_type)
+
+    def norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder's final norm, the one the LM head reads through."""
+        return self.decoder.norm(hidden)
+
+    def instruction(self, input_ids: torch.Tensor, is_image: torch.Tensor, rows: torch.Tensor) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        """For the units of prompts `rows` [I], computes the decoder input embeddings of their prompts' tokens
+        after the last image token, [I, T, D], right-aligned as left padding leaves them, and their mask [I, T]."""
+
+        def embeddings() -> tuple[torch.Tensor, torch.Tensor]:
+            length = input_ids.shape[1]
+            positions = torch.arange(length, device=input_ids.device)
+            last_image = torch.where(is_image, positions, -1).amax(dim=1)[rows]
+            width = int((length - 1 - last_image).max())
+            own = positions[length - width :][None, :] > last_image[:, None]
+            return self.embed(input_ids[rows, length - width :]), own
+
+        return embeddings
+
+
+def vision_refusal(adapter: type[Decoder], method: Method) -> str | None:
+    """Why `method`'s vision stage cannot run on the family of `adapter`, or None where it can (or has none).
+
+    The vision stage runs once on a two-patch stand-in view shaped like the family's ([CLS] or not, a [CLS]
+    feature for the decoder or not), so what it raises is what it would raise at the first prompt.
+    """
+    prefix = 1 if adapter.has_cls else 0
+    stand_in = torch.zeros(1, 1, prefix + 2, 1)
+    probe = VisionView(
+        features=torch.zeros(1, 2, 1),
+        n_prefix=prefix,
+        qk=lambda: (stand_in, stand_in),
+        prefix_features=torch.zeros(1, 1) if adapter.projects_cls else None,
+    )
+    try:
+        method.select_vision(probe, 1)
+    except NotImplementedError:
+        return None
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def split_rows(image_tokens: torch.Tensor, per_image: list[int], what: str) -> list[int]:
@@ -92,3 +188,10 @@ def ordinals(is_image: torch.Tensor) -> torch.Tensor:
     """Each token's place among its prompt's image tokens ([B, S]; TEXT where it is not one)."""
     place = is_image.long().cumsum(dim=1) - 1
     return place.masked_fill(~is_image, TEXT)
+
+
+def around_image(before: torch.Tensor, after: torch.Tensor, block: list[int]) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask of prompts [B, b] + one image block + [B, a], unpadded (all rows alike long)."""
+    image = torch.tensor(block, dtype=before.dtype).expand(before.shape[0], -1)
+    ids = torch.cat([before, image, after], dim=1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from star import compat
-from star.adapters.base import Decoder, Encoded, VisionGroup, ordinals, split_rows
+from star.adapters.base import Decoder, Encoded, VisionGroup, around_image, ordinals, split_rows
 from star.decoder import llama_style_qk
 from star.methods.base import VisionView
 
@@ -23,6 +23,7 @@ class LlamaDecoder(Decoder):
 
     mrope = False
     has_cls = True
+    projects_cls = True
 
     def decoder_qk(self, layer: nn.Module, hidden, position_embeddings, rows):
         return llama_style_qk(layer, hidden, position_embeddings, rows)
@@ -43,7 +44,9 @@ class LlamaDecoder(Decoder):
 
 class LlavaAdapter(LlamaDecoder):
     model_classes = (LlavaForConditionalGeneration,)
+    budget_note = "tokens per image (576 for a 336 px CLIP tower)"
     vision_inputs = ("pixel_values",)
+    select_strategy = "default"  # the vision_feature_select_strategy the family's checkpoints use
 
     def __init__(self, model: LlavaForConditionalGeneration):
         config = model.config
@@ -52,10 +55,10 @@ class LlavaAdapter(LlamaDecoder):
                 f"vision_feature_layer={config.vision_feature_layer!r} (several layers) is not supported: "
                 "pruning scores one feature layer, so it must be a single integer"
             )
-        if config.vision_feature_select_strategy != "default":
+        if config.vision_feature_select_strategy != self.select_strategy:
             raise ValueError(
                 f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} is not supported: "
-                "allowed is 'default' ([CLS] dropped), as every llava-hf checkpoint uses"
+                f"allowed is {self.select_strategy!r}, as every {type(model).__name__} checkpoint on the hub uses"
             )
         self.model = model
         self.vision_tower: nn.Module = model.model.vision_tower
@@ -70,9 +73,9 @@ class LlavaAdapter(LlamaDecoder):
         self.feature_index = config.vision_feature_layer % (num_vision_layers + 1)
         self.feature_layer = compat.clip_encoder_layers(self.vision_tower)[self.feature_index - 1]
 
-    def encode(self, pixel_values: torch.Tensor) -> VisionView:
-        """The feature layer of the CLIP tower for images [I, 3, H, W]."""
-        return self.clip_view(*self.feature_layer_io(pixel_values))
+    def encode(self, pixel_values: torch.Tensor, instruction=None) -> VisionView:
+        """The feature layer of the CLIP tower for images [I, 3, H, W] (instruction: see `VisionView`)."""
+        return self.clip_view(*self.feature_layer_io(pixel_values), instruction)
 
     def feature_layer_io(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The feature layer's output and input, [I, 1 + N, D] each ([CLS] first)."""
@@ -80,12 +83,14 @@ class LlavaAdapter(LlamaDecoder):
         out = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
         return out.hidden_states[self.feature_index], out.hidden_states[self.feature_index - 1]
 
-    def clip_view(self, feature: torch.Tensor, layer_input: torch.Tensor) -> VisionView:
+    def clip_view(self, feature: torch.Tensor, layer_input: torch.Tensor, instruction=None) -> VisionView:
         return VisionView(
             features=feature[:, 1:],
             n_prefix=1,
             qk=partial(_clip_qk, self.feature_layer, layer_input),
             prefix_features=feature[:, 0],
+            project=self.project,
+            instruction=instruction,
         )
 
     def encode_prompts(self, inputs: dict, input_ids: torch.Tensor) -> Encoded:
@@ -100,11 +105,18 @@ class LlavaAdapter(LlamaDecoder):
         first = torch.cumsum(counts, dim=0) - counts
         image_in_row = torch.arange(images, device=device) - first[rows]
         places = image_in_row[:, None] * self.n_visual + torch.arange(self.n_visual, device=device)
-        group = VisionGroup(self.encode(pixel_values), rows, places)
+        view = self.encode(pixel_values, self.instruction(input_ids, is_image, rows))
+        group = VisionGroup(view, rows, places)
         return Encoded([group], ordinals(is_image), None)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)
+
+    def synthetic_inputs(self, before: torch.Tensor, after: torch.Tensor, generator: torch.Generator) -> dict:
+        """Prompts of text [B, b] and [B, a] around one random image of the tower's size, for timing."""
+        side = self.model.config.vision_config.image_size
+        pixels = torch.randn(before.shape[0], 3, side, side, generator=generator)
+        return {**around_image(before, after, [self.image_token_id] * self.n_visual), "pixel_values": pixels}
 
 
 def _clip_qk(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ from transformers import LlavaNextForConditionalGeneration
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from star import scoring
-from star.adapters.base import FIXED, Encoded, VisionGroup, ordinals, split_rows
+from star.adapters.base import FIXED, Encoded, VisionGroup, around_image, ordinals, split_rows
 from star.adapters.llava import LlavaAdapter, _clip_qk
 from star.methods.base import VisionView
 
@@ -39,6 +39,7 @@ class PartialCropView(VisionView):
 
 class LlavaNextAdapter(LlavaAdapter):
     model_classes = (LlavaNextForConditionalGeneration,)
+    budget_note = "tokens per 576-token crop (base image and tiles); newline tokens always stay"
     vision_inputs = ("pixel_values", "image_sizes")
 
     def __init__(self, model: LlavaNextForConditionalGeneration):
@@ -100,7 +101,8 @@ class LlavaNextAdapter(LlavaAdapter):
         groups = []
         if bool(whole.any()):
             index = whole.nonzero()[:, 0]
-            groups.append(VisionGroup(self.clip_view(feature[index], layer_input[index]), rows[index], place_of[index]))
+            view = self.clip_view(feature[index], layer_input[index], self.instruction(input_ids, is_image, rows[index]))
+            groups.append(VisionGroup(view, rows[index], place_of[index]))
         for crop in partial_crops:
             shown = (place_of[crop] >= 0).nonzero()[:, 0]
             view = PartialCropView(
@@ -108,7 +110,22 @@ class LlavaNextAdapter(LlavaAdapter):
                 n_prefix=1,
                 qk=partial(_clip_qk, self.feature_layer, layer_input[crop : crop + 1]),
                 prefix_features=feature[crop : crop + 1, 0],
+                project=self.project,
+                instruction=self.instruction(input_ids, is_image, rows[crop : crop + 1]),
                 columns=torch.cat([shown.new_zeros(1), 1 + shown]),
             )
             groups.append(VisionGroup(view, rows[crop : crop + 1], place_of[crop : crop + 1, shown]))
         return Encoded(groups, slots, self.newline)
+
+    def synthetic_inputs(self, before: torch.Tensor, after: torch.Tensor, generator: torch.Generator) -> dict:
+        """Prompts of text around one random image of the largest pinpoint (672 x 672 for LLaVA-NeXT-7B: the base
+        crop and a 2 x 2 grid of tiles), its image tokens counted by the model's own packing."""
+        config = self.model.config
+        size = max(config.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
+        side = config.vision_config.image_size
+        crops = image_size_to_num_patches(size, config.image_grid_pinpoints, side)
+        batch = before.shape[0]
+        tokens = len(self.layouts([crops], torch.tensor([size]))[0])
+        pixels = torch.randn(batch, crops, 3, side, side, generator=generator)
+        block = [self.image_token_id] * tokens
+        return {**around_image(before, after, block), "pixel_values": pixels, "image_sizes": torch.tensor([size] * batch)}

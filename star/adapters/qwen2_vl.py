@@ -14,41 +14,21 @@ The kept tokens keep their original 3-D positions in every layer and at every de
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-from star import compat, scoring
-from star.adapters.base import Decoder, Encoded, VisionGroup, ordinals, split_rows
-from star.methods.base import VisionView
+from star import compat
+from star.adapters.base import Decoder, Encoded, MergedView, VisionGroup, around_image, ordinals, split_rows
 
-QUERY_CHUNK = 1024  # query rows scored at once: a large image's full attention matrix never exists at once
-
-
-@dataclass
-class MergedView(VisionView):
-    """One image of a tower without [CLS]: features are the merged tokens, qk the patches' queries and keys
-    in the layer's own order, where each `group` consecutive patches make one token; `order[i]` is the
-    token that the layer's i-th group becomes."""
-
-    group: int = 4
-    order: torch.Tensor | None = None
-
-    def received(self) -> torch.Tensor:
-        """Attention each token's patches receive, mean over query rows and heads, summed per token: [1, N]."""
-        q, k = self.qk()
-        total = q.new_zeros(q.shape[0], k.shape[2], dtype=torch.float32)
-        for start in range(0, q.shape[2], QUERY_CHUNK):
-            total += scoring.attention_probs(q[:, :, start : start + QUERY_CHUNK], k).sum(dim=2).mean(dim=1)
-        per_group = (total / q.shape[2]).view(q.shape[0], -1, self.group).sum(dim=-1)
-        return torch.empty_like(per_group).scatter_(1, self.order[None], per_group)
+SYNTHETIC_PATCHES = 48  # per side of the timing image: 672 px at 14 px patches, 576 merged tokens as LLaVA-1.5's
 
 
 class Qwen2VLAdapter(Decoder):
     model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+    budget_note = "tokens per image (each image its own size; an int above an image's tokens is refused)"
     vision_inputs = ("pixel_values", "image_grid_thw")
     mrope = True
     has_cls = False
@@ -96,7 +76,7 @@ class Qwen2VLAdapter(Decoder):
 
         handle = self.score_block.register_forward_pre_hook(record, with_kwargs=True)
         try:
-            tokens = compat.merged_tokens(self.visual(inputs["pixel_values"].type(self.visual.dtype), grid_thw=grid))
+            tokens, residuals = self.tower(inputs["pixel_values"].type(self.visual.dtype), grid)
         finally:
             handle.remove()
         order = compat.window_order(self.visual, grid).to(input_ids.device)
@@ -113,19 +93,37 @@ class Qwen2VLAdapter(Decoder):
                     features=tokens[None, token_start : token_start + n],
                     n_prefix=0,
                     qk=qk,
-                    group=self.merge_unit,
-                    order=order[token_start : token_start + n] - token_start,
+                    instruction=self.instruction(input_ids, is_image, torch.tensor([row], device=device)),
+                    token_of=(order[token_start : token_start + n] - token_start).repeat_interleave(self.merge_unit),
                 )
                 places = torch.arange(place, place + n, device=device)[None]
-                groups.append(VisionGroup(view, torch.tensor([row], device=device), places))
+                extra = None if residuals is None else residuals[None, token_start : token_start + n]
+                groups.append(VisionGroup(view, torch.tensor([row], device=device), places, extra))
                 token_start += n
                 place += n
                 image += 1
         return Encoded(groups, ordinals(is_image), None)
 
+    def tower(self, pixel_values: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The merged tokens of every image, [T, D]; Qwen2-VL's decoder takes nothing else from the tower."""
+        return compat.merged_tokens(self.visual(pixel_values, grid_thw=grid)), None
+
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The merger already projected the tokens into the decoder's space."""
         return features
+
+    def synthetic_inputs(self, before: torch.Tensor, after: torch.Tensor, generator: torch.Generator) -> dict:
+        """Prompts of text around one random square image of SYNTHETIC_PATCHES patches a side, between its vision
+        start and end tokens."""
+        config, vision = self.model.config, self.model.config.vision_config
+        side = SYNTHETIC_PATCHES
+        batch = before.shape[0]
+        block = [config.vision_start_token_id] + [self.image_token_id] * (side * side // self.merge_unit) + [config.vision_end_token_id]
+        prompt = around_image(before, after, block)
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixels = torch.randn(batch * side * side, patch, generator=generator)
+        grid = torch.tensor([[1, side, side]] * batch)
+        return {**prompt, "pixel_values": pixels, "image_grid_thw": grid, **compat.qwen_token_types(prompt["input_ids"], self.image_token_id)}
 
     def _patch_qk(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], start: int, end: int):
         """Queries and keys of the score layer for one image's patches (start:end), [1, H, T, d] each."""

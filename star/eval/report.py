@@ -15,19 +15,23 @@ def markdown_table(summary: dict) -> str:
     rows = summary["settings"]
     types = sorted({t for r in rows for t in r["per_type"]})
     swept = any(r.get("options") for r in rows)  # a --grid run: its rows differ by their options
-    head = ["method", *(["options"] * swept), "keep", "n", "accuracy", *types, "retention", "tokens per stage", "TFLOPs", "prefill ms"]
+    head = [
+        "method", *(["options"] * swept), "keep", "n", "accuracy (95% CI)", *types, "retention", "tokens per stage",
+        "layer average", "TFLOPs", "prefill ms",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        per_type = [_pct(r["per_type"][t]["accuracy"]) if t in r["per_type"] else "" for t in types]
+        per_type = [_with_interval(r["per_type"][t]) if t in r["per_type"] else "" for t in types]
         cells = [
             r["method"],
             *([_options(r)] * swept),
             str(r["keep"]),
             str(r["n"]),
-            _pct(r["accuracy"]),
+            _with_interval(r),
             *per_type,
             _pct(r["retention"]),
             " / ".join(f"{t:.0f}" for t in r["tokens"]),
+            "" if r.get("average_tokens") is None else f"{r['average_tokens']:.1f}",
             f"{r['flops'] / 1e12:.4f}" if r["flops"] is not None else "",
             f"{r['prefill_s'] * 1e3:.0f}" if r["prefill_s"] is not None else "",
         ]
@@ -36,18 +40,23 @@ def markdown_table(summary: dict) -> str:
     if majority:
         levels = ", ".join(f"{t} {_pct(level)}" for t, level in sorted(majority.items()))
         lines.append(f"\nMajority-answer level (always giving a type's most common answer): {levels}.")
+    lines.append("Accuracies in %, with the 95% Wilson interval in brackets; the layer average is the visual tokens per image averaged over the decoder's layers.")
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict, path: Path, title: str = "") -> None:
-    """Accuracy against prefill FLOPs (left) and against remaining visual tokens (right), a line per method."""
+    """Accuracy against prefill FLOPs (left) and against remaining visual tokens (right), a line per method, with
+    the 95% interval of each accuracy as an error bar."""
     rows = [r for r in summary["settings"] if r["accuracy"] is not None]
     fig, (by_flops, by_tokens) = plt.subplots(1, 2, figsize=(11, 4.2))
     for line in dict.fromkeys(_label(r) for r in rows):  # a line per method and options, across budgets
         mine = sorted((r for r in rows if _label(r) == line), key=lambda r: r["flops"])
         style = {"marker": "o", "label": line, "linestyle": "none" if line == "none" else "-"}
-        by_flops.plot([r["flops"] / 1e12 for r in mine], [100 * r["accuracy"] for r in mine], **style)
-        by_tokens.plot([r["tokens"][-1] for r in mine], [100 * r["accuracy"] for r in mine], **style)
+        accuracy = [100 * r["accuracy"] for r in mine]
+        errors = [[a - 100 * r["interval"][0] for a, r in zip(accuracy, mine)], [100 * r["interval"][1] - a for a, r in zip(accuracy, mine)]]
+        bars = {"yerr": errors, "capsize": 2, "elinewidth": 0.8}
+        by_flops.errorbar([r["flops"] / 1e12 for r in mine], accuracy, **bars, **style)
+        by_tokens.errorbar([r["tokens"][-1] for r in mine], accuracy, **bars, **style)
     by_flops.set_xlabel("decoder prefill TFLOPs per prompt")
     by_tokens.set_xlabel("visual tokens left per image")
     by_tokens.set_xscale("log")
@@ -68,6 +77,14 @@ def _options(row: dict) -> str:
 
 def _label(row: dict) -> str:
     return f"{row['method']} {_options(row)}".strip()
+
+
+def _with_interval(entry: dict) -> str:
+    """An accuracy with its 95% interval, in %: '83.1 (77.4-87.6)'."""
+    interval = entry.get("interval")
+    if entry["accuracy"] is None or interval is None:
+        return _pct(entry["accuracy"])
+    return f"{_pct(entry['accuracy'])} ({_pct(interval[0])}-{_pct(interval[1])})"
 
 
 def _pct(value: float | None) -> str:

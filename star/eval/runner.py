@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 import star
 from star.data.vqa import exact_match, normalize_answer
 from star.eval.records import QUESTION_SUFFIX, Record, RecordError
+from star.methods.base import layer_average
 from star.zoo.default_model import MANIFEST
 
 
@@ -71,7 +72,7 @@ def evaluate(
     out_dir: Path,
     batch_size: int = 8,
     max_new_tokens: int = 8,
-    positions: str = "original",
+    positions: str | None = None,
     progress: bool = True,
 ) -> tuple[dict, list[str]]:
     """Answer every record under every setting; returns the summary and the messages of skipped records."""
@@ -87,6 +88,7 @@ def evaluate(
         bar.set_postfix_str(setting.name)
         path = runs / setting.name / f"rank{rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / "setting.json").write_text(json.dumps(asdict(setting)))  # what the folder answers, for a later report
         pending = todo[setting.name]
         with star.apply(model, method=setting.method, keep=setting.keep, **{"positions": positions, **setting.options}) as pruner:
             for start in range(0, len(pending), batch_size):
@@ -126,6 +128,7 @@ def _row(record: Record, answer: str, stats, prefill_s: float) -> dict:
         "prediction": answer,
         "correct": exact_match(answer, record.answer),
         "tokens": stats.tokens,
+        "average_tokens": layer_average(stats.tokens[1], list(zip(stats.layers, stats.tokens[2:])), len(stats.sequence_lengths)),
         "flops": stats.flops / stats.batch_size,
         "prefill_s": prefill_s,
     }
@@ -207,18 +210,25 @@ def summarize(settings: list[Setting], runs: Path, ids: set[str]) -> dict:
             truths[row["type"]][normalize_answer(row["answer"])] += 1
         n = len(answered)
         values = [answered[key] for key in sorted(answered)]
+        correct = sum(r["correct"] for r in values)
         rows.append(
             {
                 **asdict(setting),
                 "name": setting.name,
                 "n": n,
-                "accuracy": sum(r["correct"] for r in values) / n if n else None,
+                "accuracy": correct / n if n else None,
+                "interval": wilson_interval(correct, n),
                 # majority: the accuracy of always giving the type's most common answer, the level of guessing
                 "per_type": {
-                    t: {"n": len(v), "accuracy": sum(v) / len(v), "majority": max(truths[t].values()) / len(v)}
+                    t: {
+                        "n": len(v), "accuracy": sum(v) / len(v), "interval": wilson_interval(sum(v), len(v)),
+                        "majority": max(truths[t].values()) / len(v),
+                    }
                     for t, v in sorted(by_type.items())
                 },
                 "tokens": [sum(r["tokens"][i] for r in values) / n for i in range(len(values[0]["tokens"]))] if n else [],
+                # the layer average of rows written before it was recorded is left out, not guessed
+                "average_tokens": _mean([r["average_tokens"] for r in values if "average_tokens" in r]),
                 "flops": sum(r["flops"] for r in values) / n if n else None,
                 "prefill_s": sum(r["prefill_s"] for r in values) / n if n else None,
             }
@@ -227,3 +237,18 @@ def summarize(settings: list[Setting], runs: Path, ids: set[str]) -> dict:
     for row in rows:
         row["retention"] = row["accuracy"] / baseline["accuracy"] if baseline and row["accuracy"] is not None else None
     return {"settings": rows}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> list[float] | None:
+    """The 95% Wilson score interval of an accuracy of `correct` out of `n` (None when n = 0): unlike the normal
+    approximation it stays inside [0, 1] and is honest at small n and at accuracies near 0 or 1."""
+    if n == 0:
+        return None
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]

@@ -82,13 +82,13 @@ def method_options(method: str, options: dict) -> dict:
     return {name: parse_option(method, name, value) if isinstance(value, str) else value for name, value in options.items()}
 
 
-def check_model_args(method: str = "star", keep: int | float = 0.1, positions: str = "original", dtype: str = "auto", template: str = "model", **options: object) -> None:
+def check_model_args(method: str = "star", keep: int | float = 0.1, positions: str | None = None, dtype: str = "auto", template: str = "model", **options: object) -> None:
     """Reject bad model_args before any model is loaded (the scripts' test calls this without a model)."""
     build(method, **method_options(method, options))  # unknown method or option: a ValueError naming it
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or keep <= 0:
         raise ValueError(f"keep={keep!r} must be a positive int (tokens) or a fraction in (0, 1]")
-    if positions not in POSITION_POLICIES:
-        raise ValueError(f"positions={positions!r} is unknown: allowed are {', '.join(POSITION_POLICIES)}")
+    if positions is not None and positions not in POSITION_POLICIES:
+        raise ValueError(f"positions={positions!r} is unknown: allowed are {', '.join(POSITION_POLICIES)} (or none given: the method's own)")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is unknown: allowed are {', '.join(DTYPES)}")
     if template not in TEMPLATES:
@@ -110,7 +110,7 @@ class Star(lmms):
         pretrained: str,
         method: str = "star",
         keep: int | float = 0.1,
-        positions: str = "original",
+        positions: str | None = None,
         dtype: str = "auto",
         attn_implementation: str = "sdpa",
         template: str = "model",

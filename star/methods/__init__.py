@@ -7,6 +7,9 @@ import types
 import typing
 
 from star.methods.base import DecoderView, LLMStage, Method, Plan, Selection, VisionView
+from star.methods.cdpruner import CDPruner
+from star.methods.dart import Dart
+from star.methods.divprune import DivPrune
 from star.methods.fastervlm import FasterVLM
 from star.methods.fastv import FastV
 from star.methods.none import NoPruning
@@ -15,10 +18,14 @@ from star.methods.random import RandomPruning
 from star.methods.sparsevlm import SparseVLM
 from star.methods.star import Star, StarVision
 from star.methods.visionzip import VisionZip
+from star.methods.vispruner import VisPruner
 
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (NoPruning, Star, FastV, FasterVLM, VisionZip, PyramidDrop, SparseVLM, RandomPruning, StarVision)
+    for cls in (
+        NoPruning, Star, FastV, FasterVLM, VisionZip, PyramidDrop, SparseVLM, VisPruner, DivPrune, CDPruner, Dart,
+        RandomPruning, StarVision,
+    )
 }
 
 
@@ -55,6 +62,7 @@ def parse_option(name: str, option: str, text: str) -> object:
         label = "ints joined by / (e.g. 8/16/24)" if is_tuple else {int: "an int", float: "a float"}[kind]
         raise ValueError(f"{option}={text!r}: method {name!r} takes {label} for {option}") from None
 
+
 def _check_known(name: str, given) -> None:
     """A ValueError naming the first option in `given` that method `name` does not have, and the ones it has."""
     allowed = options(name)
@@ -64,4 +72,7 @@ def _check_known(name: str, given) -> None:
         raise ValueError(f"option {unknown[0]!r} is not accepted by method {name!r}: its options are {accepted}")
 
 
-__all__ = ["DecoderView", "LLMStage", "Method", "Plan", "Selection", "VisionView", "build", "methods", "options", "parse_option", "REGISTRY"]
+__all__ = [
+    "DecoderView", "LLMStage", "Method", "Plan", "Selection", "VisionView", "build", "methods", "options",
+    "parse_option", "REGISTRY",
+]

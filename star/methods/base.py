@@ -44,6 +44,11 @@ class Plan:
     def final_keep(self) -> int:
         return self.llm_stages[-1].keep if self.llm_stages else self.vision_keep
 
+    def layer_average(self, num_layers: int) -> float:
+        """Visual tokens per image averaged over the decoder's layers (what each layer's input holds): the budget
+        SparseVLM's and PyramidDrop's papers quote ("64 tokens"), where `keep` is the count after the last stage."""
+        return layer_average(self.vision_keep, [(s.layer, s.keep) for s in self.llm_stages], num_layers)
+
 
 @dataclass
 class Selection:
@@ -63,12 +68,19 @@ class VisionView:
     features: [I, N, D] the patch features the projector would receive.
     qk: computes the feature layer's queries and keys, [I, H, T, d] each, over all T = n_prefix + N tokens
     (n_prefix is 1 for CLIP's [CLS], 0 for encoders without one). Called only by methods that score.
+    project: the projector, features -> decoder input embeddings; None where the features already are
+    those embeddings (Qwen2-VL, whose patch merger is its projector).
+    instruction: computes the decoder input embeddings of each unit's instruction, the prompt tokens after
+    its last image token, as ([I, T, D_decoder], mask [I, T] False where a row has fewer); None where the
+    view belongs to no prompt. Called only by methods that condition on the instruction.
     """
 
     features: torch.Tensor
     n_prefix: int
     qk: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     prefix_features: torch.Tensor | None = None
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    instruction: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @cached_property
     def attention(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,6 +99,11 @@ class VisionView:
             raise ValueError("this vision encoder has no [CLS] token, so a [CLS]-attention method cannot score it")
         return self.attention[0][:, :, 0, self.n_prefix :].mean(dim=1)
 
+    @cached_property
+    def embeddings(self) -> torch.Tensor:
+        """The features as the decoder receives them, [I, N, D_decoder], projected once per view."""
+        return self.features if self.project is None else self.project(self.features)
+
 
 @dataclass
 class DecoderView:
@@ -97,6 +114,10 @@ class DecoderView:
     key_mask: [B, S] False for padding.
     attention: that layer's attention probabilities for query rows [B, R] against all S keys, causal,
     [B, H, R, S] in float32.
+    keys: that layer's keys at every position, after the rotary embedding, [B, H_kv, S, d].
+    states: the states the cut keeps, those entering the layer that cuts, [B, S, D]: `hidden` unless the
+    stage scores with an earlier layer (FastV, SparseVLM: that layer's output).
+    normed_states: `states` through the decoder's final norm, as the LM head reads them, [B, S, D].
     """
 
     hidden: torch.Tensor
@@ -104,6 +125,9 @@ class DecoderView:
     n_text: torch.Tensor
     key_mask: torch.Tensor
     attention: Callable[[torch.Tensor], torch.Tensor]
+    keys: Callable[[], torch.Tensor]
+    states: torch.Tensor
+    normed_states: Callable[[], torch.Tensor]
 
     def text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The text rows as an index [B, R] over the last R positions, with the mask of each row's own."""
@@ -128,6 +152,10 @@ class Method:
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    # The official code whose defaults the method follows (repository @ commit), and the position policy it uses:
+    # "contiguous" where the authors renumber the kept tokens without gaps, "original" where they keep them.
+    source: ClassVar[str] = "this project"
+    positions: ClassVar[str] = "original"
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         raise NotImplementedError
@@ -139,18 +167,42 @@ class Method:
         raise NotImplementedError(f"{self.name} has no decoder stage")
 
 
-def geometric_plan(n_visual: int, keep: int, layers: tuple[int, ...], num_layers: int) -> Plan:
-    """Decoder stages at `layers` whose budgets shrink by one ratio from n_visual down to `keep` (PDrop, SparseVLM)."""
-    if list(layers) != sorted(set(layers)):
+def check_layers(layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    """Decoder layers of a multi-stage method (PDrop): distinct, increasing, each one a layer to cut at."""
+    if isinstance(layers, (str, bytes)) or list(layers) != sorted(set(layers)):
         raise ValueError(f"layers={layers!r} must be distinct and increasing")
     for layer in layers:
         check_layer("layers", layer, num_layers)
-    if keep == n_visual:
-        return Plan(n_visual=n_visual, vision_keep=n_visual)
-    ratio = (keep / n_visual) ** (1.0 / len(layers))
-    counts = [max(keep, round(n_visual * ratio ** (s + 1))) for s in range(len(layers) - 1)] + [keep]
-    stages = tuple(LLMStage(layer=layer, keep=count, score_layer=layer) for layer, count in zip(layers, counts))
+    return tuple(layers)
+
+
+def staged_plan(n_visual: int, counts: list[int], layers: tuple[int, ...], after: bool = False) -> Plan:
+    """Decoder stages keeping counts[s] tokens at layers[s]: before that layer, ranked by its own attention, or,
+    with `after`, on its output (the cut comes before layer + 1, ranked by the layer's attention)."""
+    shift = 1 if after else 0
+    stages = tuple(LLMStage(layer=layer + shift, keep=count, score_layer=layer) for layer, count in zip(layers, counts))
     return Plan(n_visual=n_visual, vision_keep=n_visual, llm_stages=stages)
+
+
+def geometric_counts(n_visual: int, keep: int, stages: int) -> list[int]:
+    """Budgets that shrink by one ratio per stage from n_visual to `keep`: n * r^s with r = (keep / n)^(1/stages)."""
+    ratio = (keep / n_visual) ** (1.0 / stages)
+    return [max(keep, round(n_visual * ratio ** (s + 1))) for s in range(stages - 1)] + [keep]
+
+
+def layer_average(vision_keep: int, stages: list[tuple[int, int]], num_layers: int) -> float:
+    """Visual tokens averaged over `num_layers` decoder layers: `vision_keep` enter, and from each (layer, keep)
+    of `stages` on, layers see `keep`."""
+    counts = [vision_keep] * num_layers
+    for layer, keep in stages:
+        counts[layer:] = [keep] * (num_layers - layer)
+    return sum(counts) / num_layers
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is unknown: allowed are {', '.join(map(repr, allowed))}")
+    return value
 
 
 def check_layer(name: str, layer: int, num_layers: int) -> int:

@@ -1,11 +1,14 @@
 """A decoder stage's cut, at prefill: score the visual tokens with the stage's layer and keep the top ones.
 
-The layer and every later one get the shorter frame: hidden states, mask and rotary positions gathered at the
-kept tokens (a merging method's states written over its kept ones). Layers cache what they see, so from here
-on the KV cache holds only the kept tokens.
+The layer and every later one get the shorter frame: hidden states gathered at the kept tokens (a merging
+method's states written over its kept ones), and `frame_inputs` moves each layer's mask, rotary tables and
+positions, which the model makes for the entry frame, to the same tokens. Layers cache what they see, so from
+here on the KV cache holds only the kept tokens.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
@@ -19,15 +22,16 @@ from star.scoring import attention_probs
 
 def cut(
     adapter: Adapter, method: Method, stage: LLMStage, prompt: Prompt, budgets: list[int], positions: str,
-    hidden: torch.Tensor, kwargs: dict, scored: tuple[torch.Tensor, dict],
-) -> tuple[torch.Tensor, dict]:
-    """The stage's layer inputs in the new frame, which is appended to `prompt.frames`.
+    hidden: torch.Tensor, scored: tuple[torch.Tensor, dict],
+) -> torch.Tensor:
+    """The stage layer's hidden states in the new frame, which is appended to `prompt.frames` (with the kept
+    tokens' residuals, where the family has them).
 
-    hidden, kwargs: the stage layer's inputs; scored: those of the stage's score layer (the same, or an
-    earlier layer's). budgets: the visual tokens each prompt keeps.
+    hidden: the stage layer's input; scored: the input and inputs of the stage's score layer (the same layer,
+    or an earlier one), in the last frame. budgets: the visual tokens each prompt keeps.
     """
     frame = prompt.frames[-1]
-    selections = select(adapter, method, stage, prompt, *scored, budgets)
+    selections = select(adapter, method, stage, prompt, *scored, budgets, hidden)
     batch, length = hidden.shape[:2]
     if len(selections) == 1:
         index = selections[0].index
@@ -62,38 +66,49 @@ def cut(
         for row, merged in enumerate(states):
             hidden[row, kept_visual[row]] = merged.to(hidden.dtype)
 
-    layer_positions = kwargs.get("position_ids")
     if positions == "original":
         frame_positions = gather_positions(frame.position_ids, keep)
-        cos, sin = kwargs["position_embeddings"]
-        position_embeddings = (gather_rotary(cos, keep), gather_rotary(sin, keep))
-        layer_positions = None if layer_positions is None else gather_positions(layer_positions, keep)
-    else:
-        frame_positions = layer_positions = contiguous_positions(frame.position_ids, keep)
-        position_embeddings = adapter.rotary(hidden, frame_positions)
+    else:  # the padding slots this cut added to a shorter row do not count as tokens before its real ones
+        added = torch.tensor([width - len(o) - len(v) for o, v in rows], device=hidden.device)
+        frame_positions = contiguous_positions(frame.position_ids, keep) - added[:, None]
     prompt.frames.append(
         Frame(stage.layer, frame.keep_cols.gather(1, keep), frame.mask.gather(1, keep), visual, patches, frame_positions)
     )
-    return hidden, compat.with_cache_position(
-        {
-            "attention_mask": slice_mask(kwargs["attention_mask"], keep, keep),
-            "position_embeddings": position_embeddings,
-            "position_ids": layer_positions,
-        },
-        torch.arange(keep.shape[1], device=hidden.device),
-    )
+    if prompt.residuals is not None:
+        prompt.residuals = gather_seq(prompt.residuals, index.clamp_min(0))
+    return hidden
+
+
+def frame_inputs(adapter: Adapter, frame: Frame, positions: str, hidden: torch.Tensor, kwargs: dict, layer_type: str | None) -> dict:
+    """What changes in a layer's prefill inputs, made for the entry frame, in `frame`: the mask, every rotary
+    table and the positions, gathered at the tokens the frame keeps (contiguous positions: tables made anew)."""
+    keep = frame.keep_cols
+    override = {"attention_mask": slice_mask(kwargs["attention_mask"], keep, keep)}
+    for name, kind in compat.rotary_tables(kwargs).items():
+        if positions == "original":
+            cos, sin = kwargs[name]
+            override[name] = (gather_rotary(cos, keep), gather_rotary(sin, keep))
+        else:
+            override[name] = adapter.rotary(hidden, frame.position_ids, kind or layer_type)
+    if positions == "contiguous":
+        override["position_ids"] = frame.position_ids
+    elif kwargs.get("position_ids") is not None:
+        override["position_ids"] = gather_positions(kwargs["position_ids"], keep)
+    return compat.with_cache_position(override, torch.arange(frame.length, device=hidden.device))
 
 
 def select(
     adapter: Adapter, method: Method, stage: LLMStage, prompt: Prompt, hidden: torch.Tensor, kwargs: dict,
-    budgets: list[int],
+    budgets: list[int], cut_hidden: torch.Tensor,
 ) -> list[Selection]:
     """The method's decoder-stage selection over the last frame's visual tokens: one per group of rows.
 
-    Rows that hold and keep the same numbers of visual tokens are scored together; otherwise row by row.
+    hidden, kwargs: the score layer's inputs; cut_hidden: the stage layer's (the same frame). Rows that hold
+    and keep the same numbers of visual tokens are scored together; otherwise row by row.
     """
     frame = prompt.frames[-1]
     score_layer = adapter.layers[stage.score_layer]
+    score_rotary = compat.layer_rotary(kwargs, adapter.layer_type(stage.score_layer))
     batch = hidden.shape[0]
     counts = (frame.visual >= 0).sum(dim=1)
     if len(set(budgets)) == 1 and bool((counts == counts[0]).all()):
@@ -102,18 +117,25 @@ def select(
         groups = list(range(batch))
     selections = []
     for row in groups:
-        h, pe, key_mask = hidden, kwargs["position_embeddings"], frame.mask.bool()
-        visual, n_text = frame.visual, prompt.n_text
+        h, pe, key_mask, cut_h = hidden, score_rotary, frame.mask.bool(), cut_hidden
+        visual, n_text, positions = frame.visual, prompt.n_text, frame.position_ids
         if row is not None:
-            h, key_mask, n_text = h[row : row + 1], key_mask[row : row + 1], n_text[row : row + 1]
+            h, key_mask, n_text, cut_h = h[row : row + 1], key_mask[row : row + 1], n_text[row : row + 1], cut_h[row : row + 1]
             pe = tuple(_batch_row(x, row, x.dim() - 3) for x in pe)
             visual = visual[row : row + 1, : int(counts[row])]
+            positions = _batch_row(positions, row, positions.dim() - 2)
 
         def attention(rows: torch.Tensor, h=h, pe=pe, key_mask=key_mask) -> torch.Tensor:
             q, k = adapter.decoder_qk(score_layer, h, pe, rows)
             return attention_probs(q, k, key_mask, rows)
 
-        view = DecoderView(h, visual, n_text, key_mask, attention)
+        def keys(h=h, key_mask=key_mask, positions=positions) -> torch.Tensor:
+            """Keys rotated at the positions each prompt has alone: a rotated key's norm depends on its
+            position, which left padding shifts."""
+            alone = adapter.rotary_alone(h, positions, key_mask, adapter.layer_type(stage.score_layer))
+            return adapter.decoder_qk(score_layer, h, alone, torch.zeros_like(h[:, :1, 0], dtype=torch.long))[1]
+
+        view = DecoderView(h, visual, n_text, key_mask, attention, keys, cut_h, partial(adapter.norm, cut_h))
         selections.append(method.select_llm(stage, view, budgets[0 if row is None else row]))
     return selections
 

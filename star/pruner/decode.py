@@ -13,7 +13,7 @@ import torch
 
 from star import compat
 from star.adapters import Adapter
-from star.decoder import slice_mask
+from star.decoder import Frame, decode_mask
 from star.pruner.entry import Prompt
 
 
@@ -23,6 +23,7 @@ class Step:
 
     position_ids: torch.Tensor
     cache_position: torch.Tensor
+    padding: torch.Tensor | None  # the 2-D mask in the entry frame: the prompt's tokens there, then the new ones
 
 
 def step_inputs(adapter: Adapter, prompt: Prompt, positions: str, kwargs: dict, past: int) -> tuple[dict, Step]:
@@ -44,25 +45,29 @@ def step_inputs(adapter: Adapter, prompt: Prompt, positions: str, kwargs: dict, 
         full = prompt.full_length
         entry = mask[:, :full].gather(1, prompt.entry_keep) * prompt.entry_real
         mask = torch.cat([entry, mask[:, full:]], dim=1)
-    step = Step(position_ids, cache_position)
+    step = Step(position_ids, cache_position, mask)
     inputs = {**kwargs, "attention_mask": mask, "position_ids": position_ids}
     return compat.with_cache_position(inputs, cache_position), step
 
 
 def layer_inputs(
-    adapter: Adapter, prompt: Prompt, stage_number: int, positions: str, hidden: torch.Tensor, kwargs: dict,
-    step: Step,
+    adapter: Adapter, prompt: Prompt, frame: Frame, positions: str, hidden: torch.Tensor, kwargs: dict, step: Step,
+    layer_type: str | None,
 ) -> dict:
-    """What changes in the inputs of the layers from a decoder stage on: their cache holds only its kept tokens."""
-    frame = prompt.frames[stage_number + 1]
+    """What changes in the inputs of a layer that runs in `frame`, whose cache holds only the frame's prompt
+    tokens: the mask's key columns (of those tokens and the new ones), the cache positions, and for contiguous
+    positions the positions and rotary tables."""
     shift = prompt.frames[0].length - frame.length
     mask = kwargs["attention_mask"]
     if mask is not None:
-        batch, total = frame.keep_cols.shape[0], mask.shape[-1]
-        new = torch.arange(prompt.frames[0].length, total, device=mask.device).expand(batch, -1)
-        mask = slice_mask(mask, None, torch.cat([frame.keep_cols, new], dim=1))
+        batch, entry = frame.keep_cols.shape[0], prompt.frames[0].length
+        new = torch.arange(entry, int(step.cache_position.max()) + 1, device=mask.device).expand(batch, -1)
+        mask = decode_mask(mask, step.padding, torch.cat([frame.keep_cols, new], dim=1), step.cache_position)
     override = compat.with_cache_position({"attention_mask": mask}, step.cache_position - shift)
-    if positions == "contiguous":
-        position_ids = step.position_ids - shift
-        override.update(position_ids=position_ids, position_embeddings=adapter.rotary(hidden, position_ids))
+    if positions == "contiguous":  # each row moves back by the tokens this frame dropped from its own
+        dropped = prompt.frames[0].mask.sum(dim=1) - frame.mask.sum(dim=1)
+        position_ids = step.position_ids - dropped[:, None]
+        override["position_ids"] = position_ids
+        for name, kind in compat.rotary_tables(kwargs).items():
+            override[name] = adapter.rotary(hidden, position_ids, kind or layer_type)
     return override

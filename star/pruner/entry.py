@@ -33,6 +33,7 @@ class Prompt:
     budgets: list[list[int]]  # per decoder stage, the visual tokens each prompt keeps
     tokens: list[int]
     totals: list[list[int]]
+    residuals: torch.Tensor | None = None  # [B, V, E, D] DeepStack features of the last frame's visual tokens
 
 
 def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tuple[Prompt, dict]:
@@ -45,6 +46,12 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
     stages = budget.plan.llm_stages
     mask = kwargs.get("attention_mask")
     mask = torch.ones_like(input_ids) if mask is None else mask
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        form = f"a tensor of {mask.dim()} dims" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(
+            f"attention_mask came as {form} at prefill: the pruner needs the 2-D padding mask [batch, tokens] to "
+            "build its shorter frames"
+        )
     if bool((mask[:, 1:] < mask[:, :-1]).any()):
         raise ValueError("attention_mask pads on the right: prompts must be left-padded (padding_side='left')")
     encoded = adapter.encode_prompts(kwargs, input_ids)
@@ -54,6 +61,7 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
     slots = encoded.slots
     kept_places: list[list[torch.Tensor]] = [[] for _ in range(batch)]
     kept_embeds: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+    kept_residuals: list[list[torch.Tensor]] = [[] for _ in range(batch)]
     totals = torch.zeros(batch, 2 + len(stages), dtype=torch.long)
     tokens = None
     for group in encoded.groups:
@@ -69,25 +77,24 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
         features = selection.states if selection.states is not None else gather_seq(group.view.features, selection.index)
         projected = adapter.project(features)
         kept = group.ordinals.gather(1, selection.index)
+        # A merged token keeps the residuals of the place it takes.
+        residuals = None if group.residuals is None else gather_seq(group.residuals, selection.index)
         for unit, row in enumerate(group.rows.tolist()):
             kept_places[row].append(kept[unit])
             kept_embeds[row].append(projected[unit])
+            if residuals is not None:
+                kept_residuals[row].append(residuals[unit])
 
     totals_list = totals.tolist()
     budgets = [[row[2 + s] for row in totals_list] for s in range(len(stages))]
     uneven = any(len({row[j] for row in totals_list}) > 1 for j in range(1, totals.shape[1]))
-    if uneven and positions == "contiguous" and stages:
-        raise ValueError(
-            "positions='contiguous' needs every prompt of a batch to keep the same number of visual tokens "
-            "(same image sizes); use positions='original', or batch such prompts apart"
-        )
 
     # Entry frame: each prompt's text and fixed image tokens, and its kept visual tokens at their places (a
     # merged token may share its place with another; the stable sort keeps the method's order). Shorter
     # rows are left-padded; one spare padding slot per row when a later cut is uneven, so every row has a
     # masked column for that cut's own padding to point at.
     image_cols = ragged_rows(slots != TEXT)
-    columns, visual_embeds = [], []
+    columns, visual_embeds, visual_residuals = [], [], []
     for row in range(batch):
         places = torch.cat(kept_places[row]) if kept_places[row] else slots.new_zeros(0)
         others = (slots[row] < 0).nonzero()[:, 0]  # TEXT and FIXED
@@ -96,6 +103,8 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
         columns.append(cols[order])
         visual_order = order[order >= len(others)] - len(others)
         visual_embeds.append(torch.cat(kept_embeds[row])[visual_order] if kept_embeds[row] else None)
+        if kept_residuals[row]:
+            visual_residuals.append(torch.cat(kept_residuals[row])[visual_order])
     spare = 1 if uneven and stages else 0
     width = max(len(c) for c in columns) + spare
     entry_keep = torch.stack([torch.cat([c.new_zeros(width - len(c)), c]) for c in columns])
@@ -123,13 +132,22 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
     last_image = (image_like * torch.arange(entry_length, device=device)).amax(dim=1)
     entry_cols = torch.arange(entry_length, device=device).expand(batch, entry_length)
     frame = Frame(0, entry_cols, entry_mask, visual, patches, entry_positions)
+    residuals = None
+    if visual_residuals:  # aligned with the frame's visual tokens, shorter rows padded with zeros
+        residuals = embeds.new_zeros(batch, visual.shape[1], *visual_residuals[0].shape[1:])
+        for row, row_residuals in enumerate(visual_residuals):
+            residuals[row, : len(row_residuals)] = row_residuals.to(embeds.dtype)
     prompt = Prompt(
         length, entry_keep, entry_real, pads, full_positions, [frame], entry_length - 1 - last_image, budgets,
-        tokens or [0] * totals.shape[1], totals_list,
+        tokens or [0] * totals.shape[1], totals_list, residuals,
     )
+    # Per-token inputs the model reads besides the ids (Gemma 3's token types), at the kept tokens; 0 at the
+    # padding slots added here.
+    token_inputs = {name: kwargs[name].gather(1, entry_keep) * entry_real for name in adapter.token_inputs if kwargs.get(name) is not None}
     entry = {
         **kwargs,
         **{name: None for name in adapter.vision_inputs},
+        **token_inputs,
         "input_ids": None,
         "inputs_embeds": embeds,
         "attention_mask": entry_mask,

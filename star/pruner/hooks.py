@@ -4,8 +4,11 @@ Two kinds of forward pre-hook, and nothing else of the model is touched:
 - on the model itself: at prefill it hands the prompt to `entry` (stage 1, the shorter entry frame); at each
   decode step to `decode`, which maps generate()'s full-length inputs into that frame.
 - on the decoder layers from the first decoder stage on: at a stage's layer, at prefill, `cut` scores and cuts
-  the sequence; every later layer gets the shorter frame's inputs. Layers cache what they see, so the KV cache
-  of layers >= K holds only the kept tokens, and at decode `decode` slices the mask's key columns to match.
+  the sequence; every later layer gets the shorter frame's inputs (its own layer type's mask and rotary tables,
+  moved once per frame and type). Layers cache what they see, so the KV cache of layers >= K holds only the
+  kept tokens, and at decode `decode` gives them the mask of their cached tokens.
+- where the family adds features onto visual tokens after its first layers (Qwen3-VL's DeepStack), a forward
+  hook on each of those layers adds them onto the visual tokens still present.
 This module decides which of those applies to each call and refuses what none of them handles.
 """
 
@@ -23,10 +26,11 @@ from transformers import DynamicCache
 from star import compat
 from star import flops as flops_model
 from star.adapters import adapter_for
-from star.methods import Method, VisionView
+from star.adapters.base import vision_refusal
+from star.methods import Method
 from star.pruner import decode
 from star.pruner.budget import Budget
-from star.pruner.cut import cut
+from star.pruner.cut import cut, frame_inputs
 from star.pruner.entry import Prompt, enter
 
 POSITION_POLICIES = ("original", "contiguous")
@@ -63,7 +67,8 @@ class _Call:
     """State of one forward call as it passes through the decoder layers."""
 
     step: decode.Step | None  # None at prefill
-    override: dict[str, Any] = field(default_factory=dict)
+    frame: int = 0  # the frame the layers run in now: 0 (the entry frame) until the first stage's layer
+    overrides: dict[str | None, dict[str, Any]] = field(default_factory=dict)  # that frame's inputs, per layer type
     saved: dict[int, tuple[torch.Tensor, dict[str, Any]]] = field(default_factory=dict)
 
 
@@ -113,6 +118,8 @@ class Pruner:
             for index in range(first, num_layers):
                 hook = partial(self._before_layer, index)
                 self._handles.append(self.adapter.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+        for index in range(self.adapter.residual_layers):
+            self._handles.append(self.adapter.layers[index].register_forward_hook(partial(self._after_layer, index)))
         self._restore_generate = compat.keep_pixels_for_forward(model)
         model._star_pruner = self
 
@@ -157,19 +164,13 @@ class Pruner:
         )
 
     def _check_encoder(self, model_name: str) -> None:
-        """Refuse, before any compute, a method whose vision stage needs a [CLS] token this encoder lacks.
-
-        The method's vision stage runs once on a two-token stand-in view without [CLS]; what it raises is
-        what it would raise at the first prompt.
-        """
-        if self.adapter.has_cls or self.plan.vision_keep >= self.plan.n_visual:
+        """Refuse, before any compute, a vision stage this family cannot run (a [CLS] token its tower lacks,
+        or one its decoder never receives)."""
+        if self.plan.vision_keep >= self.plan.n_visual:
             return
-        stand_in = torch.zeros(1, 1, 2, 1)
-        probe = VisionView(features=torch.zeros(1, 2, 1), n_prefix=0, qk=lambda: (stand_in, stand_in))
-        try:
-            self.method.select_vision(probe, 1)
-        except ValueError as error:
-            raise ValueError(f"method={self.method.name!r} cannot prune {model_name}: {error}") from None
+        reason = vision_refusal(type(self.adapter), self.method)
+        if reason:
+            raise ValueError(f"method={self.method.name!r} cannot prune {model_name}: {reason}")
 
     # -- the model's forward: prefill and decode steps -------------------------------------------------
 
@@ -189,6 +190,7 @@ class Pruner:
             if cache is not None and not isinstance(cache, DynamicCache):
                 raise ValueError(f"a cache of type {type(cache).__name__} is not supported: use DynamicCache")
             self._prompt, inputs = enter(self.adapter, self.budget, self.positions, kwargs)
+            self._check_window(self._prompt.frames[0].length)
             self._call = _Call(step=None)
             return (), inputs
         if past == 0:
@@ -197,8 +199,22 @@ class Pruner:
             self._prompt = None
             return (), kwargs
         inputs, step = decode.step_inputs(self.adapter, self._prompt, self.positions, kwargs, past)
+        self._check_window(int(step.cache_position.max()) + 1)
         self._call = _Call(step=step)
         return (), inputs
+
+    def _check_window(self, length: int) -> None:
+        """Refuse a sequence (in the entry frame) that outgrows the decoder's sliding window while a decoder
+        stage prunes it: within the window a sliding layer attends to all a global one does, so a cut's frame
+        is exact; beyond it the window would span dropped tokens, and the sliding caches keep only its last
+        tokens, which the pruned frames cannot be mapped onto."""
+        window = self.adapter.window
+        if window is not None and self.plan.llm_stages and length > window:
+            raise ValueError(
+                f"the sequence reaches {length} tokens after stage 1, beyond the decoder's sliding_window={window}: "
+                f"method {self.method.name!r} prunes inside the decoder, which is defined within the window only; "
+                "use a method that prunes before the decoder (random), a smaller keep, or a shorter prompt or answer"
+            )
 
     def _refuse_unpruned_images(self, kwargs: dict) -> None:
         """A prefill whose images reach the model by any way but `pixel_values` would run unpruned: refuse it.
@@ -238,20 +254,46 @@ class Pruner:
         if call is None:
             return None
         hidden = args[0]
-        current = {**kwargs, **call.override}
+        current = self._frame_inputs(index, hidden, kwargs)
         if index in self._early_scores:
             call.saved[index] = (hidden, current)
         stage_number = self._stage_at.get(index)
         if stage_number is not None:
-            prompt = self._prompt
             if call.step is None:
                 stage = self.plan.llm_stages[stage_number]
                 scored = call.saved.get(stage.score_layer, (hidden, current))
-                budgets = prompt.budgets[stage_number]
-                hidden, call.override = cut(self.adapter, self.method, stage, prompt, budgets, self.positions, hidden, current, scored)
-            else:
-                call.override = decode.layer_inputs(self.adapter, prompt, stage_number, self.positions, hidden, kwargs, call.step)
-            current = {**kwargs, **call.override}
-        if not call.override:
+                budgets = self._prompt.budgets[stage_number]
+                hidden = cut(self.adapter, self.method, stage, self._prompt, budgets, self.positions, hidden, scored)
+            call.frame, call.overrides = stage_number + 1, {}
+            current = self._frame_inputs(index, hidden, kwargs)
+        if current is kwargs:
             return None
         return (hidden, *args[1:]), current
+
+    def _frame_inputs(self, index: int, hidden: torch.Tensor, kwargs: dict) -> dict:
+        """Layer `index`'s inputs in the frame the layers run in now. The model makes them for the entry frame,
+        a mask and rotary table per layer type, so each type's are moved once per frame."""
+        call = self._call
+        if call.frame == 0:
+            return kwargs
+        frame = self._prompt.frames[call.frame]
+        layer_type = self.adapter.layer_type(index)
+        if layer_type not in call.overrides:
+            if call.step is None:
+                override = frame_inputs(self.adapter, frame, self.positions, hidden, kwargs, layer_type)
+            else:
+                override = decode.layer_inputs(self.adapter, self._prompt, frame, self.positions, hidden, kwargs, call.step, layer_type)
+            call.overrides[layer_type] = override
+        return {**kwargs, **call.overrides[layer_type]}
+
+    def _after_layer(self, index: int, module: nn.Module, args: tuple, output: Any) -> torch.Tensor | None:
+        """At prefill, add layer `index`'s residuals (DeepStack) onto the visual tokens present after it."""
+        call, prompt = self._call, self._prompt
+        if call is None or call.step is not None or prompt.residuals is None:
+            return None
+        if not isinstance(output, torch.Tensor):
+            raise RuntimeError(f"decoder layer {index} returned {type(output).__name__}, not its hidden states: cannot add its residuals")
+        visual = prompt.frames[-1].visual
+        added = prompt.residuals[:, : visual.shape[1], index] * (visual >= 0)[..., None]
+        columns = visual.clamp_min(0)[..., None].expand(-1, -1, output.shape[-1])
+        return output.scatter_add(1, columns, added.to(output.dtype))

@@ -1,0 +1,82 @@
+"""Tables and plots of a `scripts/results.sh compare` folder: every setting that answered there, over the
+questions all of them answered (so every row has the same n), with 95% Wilson intervals.
+
+    python scripts/compare.py docs/results/compare-scenes "scenes (test)" [BEFORE/results.json]
+
+Writes results.json, results.md and accuracy.png into the folder, and prints results.md. Settings come from
+each run folder's setting.json (star eval writes it), so the authors' defaults and this project's earlier
+variants, evaluated by separate `star eval` calls into one folder, land in one table. A variant row is named by
+its options, and `pairs` sets it beside the default row of the same method and budget, with the figure of an
+earlier `star eval` folder (BEFORE, run before the fidelity fixes) where one is given.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from star.eval import report
+from star.eval.runner import Setting, _answered, summarize
+
+
+def load(folder: Path) -> tuple[list[Setting], set[str], list[str]]:
+    """The settings answered in `folder`, the record ids every one of them answered, and the names of the settings
+    left out because a run stopped part-way through them (fewer answers than the median setting)."""
+    found = []
+    for path in sorted((folder / "runs").glob("*/setting.json")):
+        data = json.loads(path.read_text())
+        found.append((Setting(data["method"], data["keep"], data.get("options", {})), set(_answered(path.parent))))
+    counts = sorted(len(ids) for _, ids in found)
+    median = counts[len(counts) // 2] if counts else 0
+    settings = [s for s, ids in found if len(ids) >= median and ids]
+    left_out = [s.name for s, ids in found if len(ids) < median or not ids]
+    common = set.intersection(*(ids for s, ids in found if s in settings)) if settings else set()
+    order = {"none": 0, "star": 1, "random": 99}
+    settings.sort(key=lambda s: (order.get(s.method, 2), s.method, bool(s.options), sorted(s.options.items()), -s.keep))
+    return settings, common, left_out
+
+
+def overlap(a: list[float], b: list[float]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def pairs(summary: dict, before: dict | None) -> str:
+    """Each peer's authors' defaults beside this project's earlier variant (run here, on the same questions) and
+    the earlier folder's figure for the same method and budget (other questions, its own n), per budget."""
+    rows = summary["settings"]
+    variants = {(r["method"], r["keep"]): r for r in rows if r["options"]}
+    earlier = {(r["method"], r["keep"]): r for r in (before or {}).get("settings", []) if not r.get("options")}
+    lines = [
+        "| method | keep | authors' defaults | earlier variant, same questions | overlap | before the fidelity fixes (earlier run, n) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        variant = variants.get((r["method"], r["keep"]))
+        if r["options"] or variant is None or r["interval"] is None or variant["interval"] is None:
+            continue
+        old = earlier.get((r["method"], r["keep"]))
+        old_text = "" if old is None else f"{100 * old['accuracy']:.1f} (n={old['n']})"
+        lines.append(
+            f"| {r['method']} | {r['keep']} | {report._with_interval(r)} | {report._with_interval(variant)} "
+            f"({report._options(variant)}) | {'yes' if overlap(r['interval'], variant['interval']) else '**no**'} | {old_text} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(folder: str, title: str, before: str | None = None) -> None:
+    out = Path(folder)
+    settings, ids, left_out = load(out)
+    summary = summarize(settings, out / "runs", ids)
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    earlier = json.loads(Path(before).read_text()) if before else None
+    table = report.markdown_table(summary) + "\n" + pairs(summary, earlier)
+    if left_out:
+        table += f"\nLeft out, answered part-way when the run stopped: {', '.join(left_out)}.\n"
+    (out / "results.md").write_text(table)
+    report.plot(summary, out / "accuracy.png", title=title)
+    print(table)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

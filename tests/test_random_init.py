@@ -1,0 +1,182 @@
+"""`star bench --config NAME --random-init`: the shipped architectures load as the real models, random weights
+are allocated once on the target device (no CPU copy, no float32 copy), the synthetic prompts fit each family,
+and the batch report holds one complete row per batch size and setting."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForImageTextToText
+
+import star
+from conftest import tiny_llava
+from families import tiny_llava_next, tiny_qwen
+from star import synthetic
+from star.checks import skeleton_of
+from star.cli import main
+from star.flops import DecoderShape, named_models, visual_tokens
+
+# Parameter counts the model cards publish (vision tower, projector and decoder together), in billions.
+PUBLISHED = {"llava-1.5-7b": 7.06, "llava-1.5-13b": 13.35, "llava-next-7b": 7.06, "qwen2.5-vl-7b": 8.29}
+
+
+@pytest.mark.parametrize("name", synthetic.shipped_configs())
+def test_a_shipped_architecture_is_the_model_its_flops_shape_describes(name):
+    config = synthetic.shipped_config(name)
+    skeleton = skeleton_of(config)  # a supported family, built on the meta device
+    assert DecoderShape.from_config(config.get_text_config()) == DecoderShape.named(name)
+    if name in PUBLISHED:
+        assert sum(p.numel() for p in skeleton.parameters()) / 1e9 == pytest.approx(PUBLISHED[name], abs=0.01)
+    image_tokens = star.apply(skeleton, method="none", keep=1.0)
+    image_tokens.remove()
+    assert visual_tokens(name) == _tokens_per_image(config)
+
+
+def _tokens_per_image(config) -> int:
+    """Visual tokens of one crop (LLaVA) or of the benchmark's image (Qwen: SYNTHETIC_PATCHES a side, merged)."""
+    from star.adapters.qwen2_vl import SYNTHETIC_PATCHES
+
+    vision = config.vision_config
+    if config.model_type.startswith("qwen"):
+        return SYNTHETIC_PATCHES**2 // vision.spatial_merge_size**2
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+def test_the_required_architectures_ship():
+    assert {"llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "qwen2.5-vl-7b", "llava-1.5-tinyllama-1.1b"} <= set(synthetic.shipped_configs())
+    assert set(synthetic.shipped_configs()) <= set(named_models())
+    with pytest.raises(ValueError, match="'gpt-2'.*llava-1.5-7b"):
+        synthetic.shipped_config("gpt-2")
+
+
+class Allocations(TorchDispatchMode):
+    """Every tensor any operator returns while active: (operator, device, bytes, dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[str, str, int, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.seen.append((func.__name__.split(".")[0], t.device.type, t.numel() * t.element_size(), t.dtype))
+        return out
+
+    def bytes(self, device: str, dtype: torch.dtype | None = None) -> int:
+        """Bytes of fresh tensors (factory operators and copies) on `device`, of `dtype` if given."""
+        fresh = {"empty", "empty_strided", "zeros", "ones", "full", "randn", "rand", "arange", "_to_copy", "clone"}
+        return sum(b for op, d, b, t in self.seen if op in fresh and d == device and dtype in (None, t))
+
+
+def test_random_weights_are_made_on_the_target_device_with_no_cpu_copy():
+    config = tiny_llava().config
+    with Allocations() as made:
+        model = synthetic.random_model(config, "meta", torch.bfloat16, "sdpa")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert made.seen and all(device == "meta" for _, device, _, _ in made.seen), Counter(d for _, d, _, _ in made.seen)
+    with Allocations() as naive:  # the detector sees the copy a CPU build then a move would make
+        AutoModelForImageTextToText.from_config(config).to("meta")
+    assert naive.bytes("cpu") >= sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_random_weights_are_allocated_once_in_their_dtype():
+    config = tiny_llava().config
+    with Allocations() as made:
+        model = synthetic.random_model(config, "cpu", torch.bfloat16, "sdpa")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert weights <= made.bytes("cpu") <= 1.02 * (weights + buffers)  # one allocation per weight, no second copy
+    assert made.bytes("cpu", torch.float32) <= buffers  # never a float32 copy of the weights
+    with Allocations() as naive:
+        AutoModelForImageTextToText.from_config(config).to(torch.bfloat16)
+    assert naive.bytes("cpu") > 2 * weights
+
+
+def test_random_weights_are_the_models_own_initialisation_and_leave_the_callers_rng_alone():
+    config = tiny_llava().config
+    state, before = torch.get_rng_state(), config.to_dict()
+    model = synthetic.random_model(config, "cpu", torch.float32, "eager", seed=3)
+    assert torch.equal(torch.get_rng_state(), state) and config.to_dict() == before
+    torch.manual_seed(3)
+    reference = AutoModelForImageTextToText.from_config(config)
+    ours, theirs = dict(model.named_parameters()), dict(reference.named_parameters())
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    buffers, reference_buffers = dict(model.named_buffers()), dict(reference.named_buffers())
+    assert buffers.keys() == reference_buffers.keys() and all(torch.equal(buffers[k], reference_buffers[k]) for k in buffers)
+    assert model.config._attn_implementation == "eager"
+    assert model.generation_config.pad_token_id is not None
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2.5"])
+def test_synthetic_prompts_fit_the_family_and_prune_per_prompt(family):
+    model = {"llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2.5": lambda: tiny_qwen("2.5")}[family]()
+    inputs = synthetic.synthetic_inputs(model, batch=2, text_tokens=synthetic.TEXT_TOKENS)
+    ids = inputs["input_ids"]
+    adapter = star.adapters.adapter_for(model)
+    image = ids == adapter.image_token_id
+    text = ~image
+    if family == "qwen2.5":
+        text &= (ids != model.config.vision_start_token_id) & (ids != model.config.vision_end_token_id)
+    assert text.sum(dim=1).tolist() == [synthetic.TEXT_TOKENS] * 2
+    first_image = int(image[0].nonzero()[0])
+    assert first_image == synthetic.TEXT_BEFORE_IMAGE + (family == "qwen2.5")
+    assert not torch.equal(ids[0], ids[1])  # each row its own text
+    model(**inputs)  # the model's own check: as many image tokens as its encoder makes features
+    with star.apply(model, method="star", keep=4) as pruner:
+        model(**inputs)
+        stats = pruner.stats
+    per_prompt = 4 * (5 if family == "llava_next" else 1)  # LLaVA-NeXT's budget counts per crop: a base and 4 tiles
+    assert stats.tokens[-1] == 4
+    assert [int((stats.kept_patches[-1][row] >= 0).sum()) for row in range(2)] == [per_prompt] * 2
+
+
+def test_bench_reports_every_batch_size_against_unpruned_and_oracle(tmp_path, capsys):
+    tiny_llava().config.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", str(tmp_path / "tiny"), "--random-init", "--batch", "1,3", "--methods", "star",
+            "--keep", "4", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert synthetic.NOTICE in printed and "| 3 | star | 4 | 16 / 14 / 4 |" in printed
+    rows = json.loads(out.read_text())
+    assert [(r["batch"], r["method"]) for r in rows] == [(1, "none"), (1, "star"), (3, "none"), (3, "star")]
+    for row in rows:
+        assert row["weights"] == "random" and row["dtype"] == "float32" and row["attn"] == "sdpa"
+        assert row["prefill_s"] > 0 and row["oracle_prefill_s"] > 0 and row["unpruned_prefill_s"] > 0
+        assert row["prefill_prompts_per_s"] == pytest.approx(row["batch"] / row["prefill_s"])
+        assert row["decode_tokens_per_s"] is None or row["decode_tokens_per_s"] > 0  # None: noise above the decode steps
+        assert row["peak_memory_bytes"] > 0
+        assert row["prefill_vs_unpruned"] > 0 and row["prefill_vs_oracle"] > 0
+    by = {(r["batch"], r["method"]): r for r in rows}
+    for method in ("none", "star"):  # three prompts of one length cache three times one prompt's keys and values
+        assert by[3, method]["kv_cache_bytes"] == 3 * by[1, method]["kv_cache_bytes"]
+    assert by[3, "star"]["flops_vs_unpruned"] == pytest.approx(by[1, "star"]["flops_vs_unpruned"])
+    assert by[1, "star"]["kv_cache_bytes"] < by[1, "none"]["kv_cache_bytes"]
+
+
+def test_the_table3_script_runs_at_a_tiny_shape(tmp_path):
+    """scripts/paper/table3.sh, the one GPU script, on the CPU with a tiny config: both benches and the paper table."""
+    tiny_llava().config.save_pretrained(tmp_path / "tiny")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(root), "SOURCE": f"--model {tmp_path / 'tiny'}",
+           "KEEPS": "4", "DEVICE": "cpu", "DTYPE": "float32", "REPEATS": "1", "WARMUP": "0", "NEW_TOKENS": "2",
+           "BATCHES": "2", "OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", str(root / "scripts/paper/table3.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "out/batch1.json").read_text()) + json.loads((tmp_path / "out/batches.json").read_text())
+    assert [(r["batch"], r["method"]) for r in rows] == [
+        (1, "none"), (1, "fastv"), (1, "fastervlm"), (1, "sparsevlm"), (1, "star"), (2, "none"), (2, "star"), (2, "fastervlm")
+    ]
+    table = (tmp_path / "out/table3.md").read_text()
+    assert "| 576 | none | 8.99 |" in table and "| 2 | star | 4 |" in table and "Random weights" in table
