@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -130,7 +131,7 @@ def run_server(args, path: str, overrides: dict, rows: list[dict]) -> list[dict]
     command += ["--enforce-eager"] if engine.get("enforce_eager") else []
     log = tempfile.NamedTemporaryFile("w", prefix="vllm-serve-", suffix=".log", delete=False)
     print(f"vllm serve's log: {log.name}", file=sys.stderr)
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
     try:
         _wait(client, process)
@@ -149,8 +150,8 @@ def run_server(args, path: str, overrides: dict, rows: list[dict]) -> list[dict]
             results.append(_row("server", setting, bursts))
             print(json.dumps(results[-1]), flush=True)
         return results
-    finally:
-        process.terminate()
+    finally:  # the server's process group: its engine and worker processes stop with it
+        os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=120)
 
 
