@@ -614,7 +614,8 @@ def _flops(args: argparse.Namespace) -> None:
     rows = []
     for setting in _settings(args.method, args.keep, args.option):
         keep = resolve_keep(setting.keep, per_crop)
-        plan = build(setting.method, **setting.options).plan(per_crop, keep, shape.num_layers)
+        options = {k: v for k, v in setting.options.items() if k != "positions"}  # positions change no FLOPs
+        plan = build(setting.method, **options).plan(per_crop, keep, shape.num_layers)
         stages = [(s.layer, crops * s.keep) for s in plan.llm_stages]
         lengths = flops_model.tokens_per_layer(shape.num_layers, fixed, crops * plan.vision_keep, stages)
         total = flops_model.prefill_flops(shape, lengths)

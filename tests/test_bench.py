@@ -20,7 +20,8 @@ def test_oracle_replays_the_kept_tokens_and_logits(model, method):
     with star.apply(model, method=method, keep=5) as pruner:
         logits = model(**inputs).logits
         replay = Replay(recorded_plan=pruner.plan, kept=tuple(pruner.stats.kept_patches))
-    with Pruner(model, replay, keep=5, positions=pruner.positions) as oracle:
+        positions = pruner.positions  # the method's own (its authors'), which the oracle must replay too
+    with Pruner(model, replay, keep=5, positions=positions) as oracle:
         replayed = model(**inputs).logits
         assert all(torch.equal(a, b) for a, b in zip(oracle.stats.kept_patches, replay.kept))
     if method != "visionzip":  # merged tokens are not a subset of patches, so only their positions replay

@@ -31,7 +31,7 @@ Deliberate differences:
   code's "keep at least one deleted token" (`min(count, n - 1)`) is kept.
 - Scores in float32, recomputed for the rater rows (the code builds every layer's eager map in fp16).
 This project's earlier variant is `schedule="geometric"` with positions="original" (budgets shrinking by one
-ratio to `keep`), which also cut before each layer, ranked by that layer's attention.
+ratio to `keep`); its cut before each layer (instead of after it) is not kept as an option.
 """
 
 from __future__ import annotations
