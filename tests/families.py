@@ -267,3 +267,22 @@ def greedy_by_recompute(model, ids, embeds, positions, fixed, kept, cut_layers, 
 def kept_of(stats, row: int) -> list[torch.Tensor]:
     """The kept places of one prompt at each stage, padding (-1) removed."""
     return [k[row][k[row] >= 0] for k in stats.kept_patches]
+
+
+def assert_batch_equals_each_alone(model, inputs: dict, method: str, keep, alone) -> None:
+    """Under `method` at `keep`, each prompt of the batch `inputs` gets the answer, last prefill logits, token
+    counts and kept sets it gets alone; `alone(row)` gives that prompt's inputs by itself."""
+    import star
+
+    with star.apply(model, method=method, keep=keep) as pruner:
+        together = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6)[:, -6:]
+        prefill = model(**inputs).logits[:, -1]
+        batch_stats = pruner.stats
+        for row in range(inputs["input_ids"].shape[0]):
+            single = alone(row)
+            answer = model.generate(**single, max_new_tokens=6, do_sample=False, min_new_tokens=6)[:, -6:]
+            assert together[row].tolist() == answer[0].tolist()
+            assert (model(**single).logits[0, -1] - prefill[row]).abs().max() < 1e-4
+            assert pruner.stats.totals[0] == batch_stats.totals[row]
+            for mine, theirs in zip(kept_of(pruner.stats, 0), kept_of(batch_stats, row)):
+                assert torch.equal(mine, theirs)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import star
-from families import GEMMA_TOKENS, IMAGE_TOKEN, gemma_inputs, kept_of, tiny_gemma3
+from families import GEMMA_TOKENS, IMAGE_TOKEN, assert_batch_equals_each_alone, gemma_inputs, kept_of, tiny_gemma3
 from conftest import left_pad
 from star import compat
 from star.scoring import top_k_in_order
@@ -171,18 +171,7 @@ def test_cached_generation_equals_recomputation(model, method, positions):
 def test_batch_of_different_lengths_and_image_counts_equals_each_alone(model, method, keep):
     images = [1, 2, 1]
     inputs = gemma_inputs(images, [(3, 6), (7, 4), (1, 9)], seed=4)
-    with star.apply(model, method=method, keep=keep) as pruner:
-        together = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6)[:, -6:]
-        prefill = model(**inputs).logits[:, -1]
-        batch_stats = pruner.stats
-        for row in range(3):
-            single = select_rows(inputs, [row], images)
-            alone = model.generate(**single, max_new_tokens=6, do_sample=False, min_new_tokens=6)[:, -6:]
-            assert together[row].tolist() == alone[0].tolist()
-            assert (model(**single).logits[0, -1] - prefill[row]).abs().max() < 1e-4
-            assert pruner.stats.totals[0] == batch_stats.totals[row]
-            for mine, theirs in zip(kept_of(pruner.stats, 0), kept_of(batch_stats, row)):
-                assert torch.equal(mine, theirs)
+    assert_batch_equals_each_alone(model, inputs, method, keep, lambda row: select_rows(inputs, [row], images))
 
 
 @torch.no_grad()

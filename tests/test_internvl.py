@@ -8,7 +8,7 @@ import torch
 
 import star
 import star.adapters.internvl as internvl_adapter
-from families import IMAGE_TOKEN, forward_kept, greedy_by_recompute, kept_of
+from families import IMAGE_TOKEN, assert_batch_equals_each_alone, forward_kept, greedy_by_recompute, kept_of
 from star.checks import check_setting, model_skeleton
 from star.scoring import top_k_in_order
 from tiled_families import TILE, internvl_inputs, prompt_embeds, rows_alone, tiny_internvl
@@ -67,18 +67,7 @@ def test_cached_generation_equals_recomputation(model, method):
 def test_batch_of_different_lengths_and_tile_counts_equals_each_alone(model, method):
     tiles = [[1], [3, 1], [2]]
     inputs = internvl_inputs(tiles, [(3, 6), (7, 4), (1, 9)], seed=2)
-    with star.apply(model, method=method, keep=6) as pruner:
-        together = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6)[:, -6:]
-        prefill = model(**inputs).logits[:, -1]
-        batch_stats = pruner.stats
-        for row in range(3):
-            single = rows_alone(inputs, [row], [sum(t) for t in tiles])
-            alone = model.generate(**single, max_new_tokens=6, do_sample=False, min_new_tokens=6)[:, -6:]
-            assert together[row].tolist() == alone[0].tolist()
-            assert (model(**single).logits[0, -1] - prefill[row]).abs().max() < 1e-4
-            assert pruner.stats.totals[0] == batch_stats.totals[row]
-            for mine, theirs in zip(kept_of(pruner.stats, 0), kept_of(batch_stats, row)):
-                assert torch.equal(mine, theirs)
+    assert_batch_equals_each_alone(model, inputs, method, 6, lambda row: rows_alone(inputs, [row], [sum(t) for t in tiles]))
 
 
 @torch.no_grad()

@@ -7,7 +7,15 @@ import torch
 
 import star
 from families import (
-    CROP, IMAGE_TOKEN, forward_kept, full_embeds, greedy_by_recompute, kept_of, next_inputs, select_rows,
+    CROP,
+    IMAGE_TOKEN,
+    assert_batch_equals_each_alone,
+    forward_kept,
+    full_embeds,
+    greedy_by_recompute,
+    kept_of,
+    next_inputs,
+    select_rows,
     tiny_llava_next,
 )
 from star.scoring import top_k_in_order
@@ -71,18 +79,7 @@ def test_batch_of_different_lengths_and_image_layouts_equals_each_alone(model, m
     sizes = [[WIDE], [SQUARE], [MEDIUM, WIDE]]
     inputs = next_inputs(model, sizes, [(3, 6), (7, 4), (1, 9)], seed=2)
     per_row = [len(s) for s in sizes]
-    with star.apply(model, method=method, keep=6) as pruner:
-        together = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6)[:, -6:]
-        prefill = model(**inputs).logits[:, -1]
-        batch_stats = pruner.stats
-        for row in range(3):
-            single = select_rows(inputs, [row], per_row)
-            alone = model.generate(**single, max_new_tokens=6, do_sample=False, min_new_tokens=6)[:, -6:]
-            assert together[row].tolist() == alone[0].tolist()
-            assert (model(**single).logits[0, -1] - prefill[row]).abs().max() < 1e-4
-            assert pruner.stats.totals[0] == batch_stats.totals[row]
-            for mine, theirs in zip(kept_of(pruner.stats, 0), kept_of(batch_stats, row)):
-                assert torch.equal(mine, theirs)
+    assert_batch_equals_each_alone(model, inputs, method, 6, lambda row: select_rows(inputs, [row], per_row))
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import star
-from families import IMAGE_TOKEN, kept_of, qwen_inputs, select_rows, tiny_qwen3
+from families import IMAGE_TOKEN, assert_batch_equals_each_alone, kept_of, qwen_inputs, select_rows, tiny_qwen3
 from star import compat
 from star.scoring import top_k_in_order
 
@@ -157,18 +157,7 @@ def test_batch_of_different_lengths_and_image_sizes_equals_each_alone(model, met
     grids = [[SMALL], [LARGE, TINY], [TINY]]
     inputs = qwen_inputs(grids, [(3, 6), (7, 4), (1, 9)], seed=4)
     per_row = [len(g) for g in grids]
-    with star.apply(model, method=method, keep=keep) as pruner:
-        together = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6)[:, -6:]
-        prefill = model(**inputs).logits[:, -1]
-        batch_stats = pruner.stats
-        for row in range(3):
-            single = select_rows(inputs, [row], per_row, _patches(inputs))
-            alone = model.generate(**single, max_new_tokens=6, do_sample=False, min_new_tokens=6)[:, -6:]
-            assert together[row].tolist() == alone[0].tolist()
-            assert (model(**single).logits[0, -1] - prefill[row]).abs().max() < 1e-4
-            assert pruner.stats.totals[0] == batch_stats.totals[row]
-            for mine, theirs in zip(kept_of(pruner.stats, 0), kept_of(batch_stats, row)):
-                assert torch.equal(mine, theirs)
+    assert_batch_equals_each_alone(model, inputs, method, keep, lambda row: select_rows(inputs, [row], per_row, _patches(inputs)))
 
 
 @torch.no_grad()
