@@ -10,8 +10,9 @@
 #
 # Sizes are environment variables (per question type): MODEL_N (200 scene questions), EASY_N (100 easy-VQA
 # colour and shape questions), SWEEP_N (25), TABLE_N (25), BENCH_REPEATS (9), SCALE_REPEATS (3),
-# SCALE_REPEATS_1B (2), and COMPARE_ROUNDS ("2 5 15 50": per-type limits, run in turn so every setting grows
-# together; 50 is the target: 200 scene and 100 easy-VQA questions per setting). Every run resumes where it
+# SCALE_REPEATS_1B (2), COMPARE_ROUNDS ("2 5 15 50") and COMPARE_EASY_ROUNDS ("5 25 50"): per-type limits, run in
+# turn so every setting grows together, scenes first; 50 is the target: 200 scene and 100 easy-VQA questions per
+# setting. Every run resumes where it
 # stopped: star eval appends answers as they come (and refuses a folder that other weights answered).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,13 +20,17 @@ STAR=${STAR:-.venv/bin/star}
 OUT=docs/results
 METHODS=none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,random
 # The compare target's methods, at their authors' defaults: a new method joins with one more name here.
-COMPARE_METHODS=${COMPARE_METHODS:-none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,random}
-# This project's variants from before the fidelity fixes (issue 14), "method option..." each, run beside the defaults.
+COMPARE_METHODS=${COMPARE_METHODS:-none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,vispruner,divprune,cdpruner,dart,random}
+# The variants run beside the defaults, "method option..." each: this project's choices from before the fidelity
+# fixes (issue 14), and the original positions for the 2025 methods whose authors number the kept tokens gap-free.
 VARIANTS=(
   "fastervlm positions=original"
   "visionzip positions=original merge=mean order=spatial"
   "pdrop positions=original"
   "sparsevlm positions=original schedule=geometric"
+  "vispruner positions=original"
+  "divprune positions=original"
+  "cdpruner positions=original"
 )
 
 compare_one() {  # DATA OUT LIMIT [--types ...]: the defaults, then each variant, into one folder
@@ -64,6 +69,8 @@ case "${1:-}" in
   compare)
     for limit in ${COMPARE_ROUNDS:-2 5 15 50}; do
       compare_one scenes $OUT/compare-scenes "$limit"
+    done
+    for limit in ${COMPARE_EASY_ROUNDS:-5 25 50}; do
       compare_one easy-vqa $OUT/compare-easy-vqa "$limit" --types color,shape
     done
     ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/compare-scenes "scenes (test)" $OUT/scenes-810/results.json
