@@ -6,11 +6,12 @@
 #   scripts/results.sh tables   # every method at 98/39/20/10 tokens, scenes and easy-VQA test splits
 #   scripts/results.sh bench    # prefill and decode time against the unpruned model and the oracle
 #   scripts/results.sh compare  # COMPARE_METHODS at 98/39/20/10 tokens, authors' defaults and earlier variants
+#   scripts/results.sh calibrate  # STAR's schedule on the scenes validation split, shipped in star/schedules/
 #   scripts/results.sh scale    # STAR's time against its FLOPs at 135M (default model) and 1.1B (random weights)
 #
 # Sizes are environment variables (per question type): MODEL_N (200 scene questions), EASY_N (100 easy-VQA
 # colour and shape questions), SWEEP_N (25), TABLE_N (25), BENCH_REPEATS (9), SCALE_REPEATS (3),
-# SCALE_REPEATS_1B (2), COMPARE_ROUNDS ("2 5 15 50") and COMPARE_EASY_ROUNDS ("5 25 50"): per-type limits, run in
+# SCALE_REPEATS_1B (2), CALIBRATE_N (10 per type: the shipped schedule's n), COMPARE_ROUNDS ("2 5 15 50") and COMPARE_EASY_ROUNDS ("5 25 50"): per-type limits, run in
 # turn so every setting grows together, scenes first; 50 is the target: 200 scene and 100 easy-VQA questions per
 # setting. Every run resumes where it
 # stopped: star eval appends answers as they come (and refuses a folder that other weights answered).
@@ -75,6 +76,11 @@ case "${1:-}" in
     done
     ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/compare-scenes "scenes (test)" $OUT/scenes-810/results.json
     ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/compare-easy-vqa "easy-VQA (test, colour and shape)" $OUT/easy-vqa/results.json
+    ;;
+  calibrate)
+    mkdir -p $OUT/calibrate
+    $STAR calibrate --data scenes --split validation --limit "${CALIBRATE_N:-10}" --out $OUT/calibrate/star.json
+    cp $OUT/calibrate/star.json star/schedules/default-model-star.json
     ;;
   scale)
     # float32 (on this CPU bfloat16 matrix products run slower than float32 ones) and one thread per process (on a

@@ -1,23 +1,38 @@
 """The public API: two lines on a model that is already loaded.
 
-    pruner = star.apply(model, method="star", keep=58)
+    pruner = star.apply(model, method="star", keep=58)     # or flops=0.3: a compute budget
     model.generate(**inputs)              # the usual generate(): cache, greedy or sampling, batches
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from star import methods as registry
 from star.adapters import adapter_for
+from star.flops import DecoderShape
 from star.pruner import Pruner
+from star.schedule import Schedule, resolve_budget
 
 
-def apply(model: nn.Module, method: str = "star", keep: int | float = 0.1, positions: str | None = None, **options: object) -> Pruner:
+def apply(
+    model: nn.Module,
+    method: str = "star",
+    keep: int | float | None = None,
+    positions: str | None = None,
+    *,
+    flops: float | None = None,
+    time: float | None = None,
+    schedule: str | Path | Schedule | None = None,
+    text_tokens: float | None = None,
+    **options: object,
+) -> Pruner:
     """Prune the visual tokens of `model` (this instance only) until `remove()` is called.
 
     keep: visual tokens per image left after the last stage (an int), or a fraction of the encoder's
-    tokens (a float in (0, 1]). For LLaVA-NeXT the unit is a 576-token crop (base image or tile), as in the
+    tokens (a float in (0, 1]; default 0.1). For LLaVA-NeXT the unit is a 576-token crop (base image or tile), as in the
     paper's Table 2(b); for LLaVA-OneVision a 729-token crop (its tile grid keeps keep x its tokens / 729);
     for InternVL a 256-token tile; for Qwen2-VL and Qwen3-VL an image, whatever its size. positions:
     "original" keeps each token's rotary position, "contiguous" renumbers the kept tokens without gaps; None
@@ -25,11 +40,30 @@ def apply(model: nn.Module, method: str = "star", keep: int | float = 0.1, posit
     models, which have no gap-free numbering. options: the method's own (e.g. layer=16, stage1_ratio=0.15
     for "star"; see `star.methods()` and each method's file). Every argument is checked before any compute.
     Pruning happens once per prompt, at prefill; the decoder layers from a cut on cache only the kept tokens.
+
+    flops (or time): a compute budget instead of keep, as a fraction of the unpruned model's decoder prefill
+    FLOPs (or prefill time): the most accurate setting of `schedule` (a file `star calibrate` wrote) that costs
+    no more; without one, the schedule shipped for this model's shape, else the FLOPs formula alone (star.schedule)
+    for prompts of `text_tokens` text tokens (default: the schedule's, else 79). The pruner's `method` and `keep`
+    show what was picked.
     """
+    if flops is not None or time is not None:
+        if flops is not None and time is not None:
+            raise ValueError(f"flops={flops!r} and time={time!r} are both given: give one budget")
+        kind, budget = ("flops", flops) if flops is not None else ("time", time)
+        adapter = adapter_for(model)
+        shape = DecoderShape.from_config(model.config.get_text_config())
+        name = type(model).__name__
+        units = adapter.budget_unit or adapter.n_visual
+        point, _ = resolve_budget(method, options, keep, kind, budget, schedule, shape, units, name, text_tokens)
+        keep, options = point.keep, {**options, **point.options}
+    elif schedule is not None or text_tokens is not None:
+        given = f"schedule={str(schedule)!r}" if schedule is not None else f"text_tokens={text_tokens!r}"
+        raise ValueError(f"{given} is given without a budget: add flops= or time=")
     chosen = registry.build(method, **options)
     if positions is None:
         positions = "original" if adapter_for(model).mrope else chosen.positions
-    return Pruner(model, chosen, keep=keep, positions=positions)
+    return Pruner(model, chosen, keep=0.1 if keep is None else keep, positions=positions)
 
 
 def methods() -> list[str]:

@@ -132,6 +132,6 @@ def check_memory(skeleton: nn.Module, dtype: str, device: str) -> None:
         )
 
 
-def check_setting(skeleton: nn.Module, method: str, keep: int | float, options: dict, positions: str) -> None:
-    """A ValueError when star.apply would refuse this setting on the real model."""
-    star.apply(skeleton, method=method, keep=keep, **{"positions": positions, **options}).remove()
+def check_setting(skeleton: nn.Module, method: str, keep: int | float | None, options: dict, positions: str, flops: float | None = None) -> None:
+    """A ValueError when star.apply would refuse this setting (a keep, or a FLOPs budget) on the real model."""
+    star.apply(skeleton, method=method, keep=keep, flops=flops, **{"positions": positions, **options}).remove()

@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--image", type=_image, required=True, help="an image file")
     sub.add_argument("--question", required=True, help="the question")
     sub.add_argument("--method", type=_method_name, default="star", help=f"one of {', '.join(REGISTRY)} (default star)")
-    sub.add_argument("--keep", type=_budget, default=20, help="visual tokens kept per image: an int, or a fraction in (0, 1]")
+    sub.add_argument("--keep", type=_budget, help="visual tokens kept per image: an int, or a fraction in (0, 1] (default 20)")
+    sub.add_argument("--flops", type=_fraction, help="a compute budget instead of --keep: a fraction of the unpruned prefill FLOPs")
     add_option_argument(sub)
     sub.add_argument("--save-viz", type=_new_file, help="write the kept-token picture (PNG) here")
     sub.add_argument("--max-new-tokens", type=_positive, default=16)
@@ -123,7 +124,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--methods", type=_method_names, default="none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,random", help="comma-separated methods"
     )
-    sub.add_argument("--keep", type=_budgets, default="98,39,20,10", help="comma-separated budgets (ints, or fractions in (0, 1])")
+    sub.add_argument("--keep", type=_budgets, help="comma-separated budgets (ints, or fractions in (0, 1]; default 98,39,20,10)")
+    sub.add_argument(
+        "--flops", type=_fractions, metavar="F1,F2",
+        help="compute budgets instead of --keep: fractions of the unpruned prefill FLOPs, each picking every method's "
+        "keep (and STAR's layer and stage-1 ratio) from its schedule or the FLOPs formula, as apply(flops=) does",
+    )
     add_option_argument(sub)
     sub.add_argument("--limit", type=_positive, help="at most this many questions (scenes: per question type)")
     sub.add_argument("--types", help="comma-separated question types to keep (e.g. color,shape for easy-VQA); --limit then counts per type")
@@ -136,6 +142,29 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--max-new-tokens", type=_positive, default=8, help="answer length limit (default 8)")
     sub.add_argument("--out", type=_out_dir, default="star-eval", help="output directory (default ./star-eval)")
     sub.set_defaults(run=_eval)
+
+    sub = commands.add_parser(
+        "calibrate",
+        help="measure a method's accuracy-versus-compute frontier on your data, for apply(..., flops=)",
+        description="Sweeps a method's budget (--keep) and options (--grid; for star by default stage1_ratio=0,0.3,0.5 "
+        "and layer at an eighth, a quarter and half of the decoder's depth) on validation data, as star eval "
+        "answers it (resumable: answers go to OUT's folder OUT-runs/), and writes OUT, a schedule of every "
+        "setting's accuracy, FLOPs and prefill time (fractions of the unpruned model's, in the same run), and "
+        "OUT's picture (.png) with the frontier. star.apply(model, flops=0.3, schedule=OUT) then picks the most "
+        "accurate setting within that budget.",
+    )
+    add_model_options(sub)
+    sub.add_argument("--data", type=_data, default="scenes", help="scenes, easy-vqa, or a JSONL file of {image, question, answer[, type]}")
+    sub.add_argument("--split", help="split of scenes / easy-vqa (default: validation for scenes, train for easy-vqa, which has no validation split): never the split you report")
+    sub.add_argument("--method", type=_method_name, default="star", help="the method to calibrate (default star)")
+    sub.add_argument("--keep", type=_budgets, default="0.5,0.2,0.1,0.05", help="comma-separated budgets to sweep (default 0.5,0.2,0.1,0.05 of the visual tokens)")
+    sub.add_argument("--grid", action="append", type=_sweep, default=[], metavar="OPTION=V1,V2", help="an option to sweep (repeat for a grid); replaces the default grid")
+    sub.add_argument("--limit", type=_positive, help="at most this many questions (scenes: per question type)")
+    sub.add_argument("--types", help="comma-separated question types to keep; --limit then counts per type")
+    sub.add_argument("--batch-size", type=_positive, default=8)
+    sub.add_argument("--max-new-tokens", type=_positive, default=8, help="answer length limit (default 8)")
+    sub.add_argument("--out", type=_new_file, required=True, help="the schedule file to write, e.g. schedule.json")
+    sub.set_defaults(run=_calibrate)
 
     sub = commands.add_parser(
         "bench",
@@ -236,6 +265,23 @@ def _budgets(text: str) -> list[int | float]:
     return budgets
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"flops={text!r} is not a budget: give a fraction of the unpruned prefill FLOPs in (0, 1]")
+    return value
+
+
+def _fractions(text: str) -> list[float]:
+    budgets = _csv(text, _fraction)
+    if not budgets:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no budget: give comma-separated fractions, e.g. 0.2,0.3,0.5")
+    return budgets
+
+
 def _batches(text: str) -> list[int]:
     sizes = _csv(text, _positive)
     if not sizes:
@@ -324,9 +370,11 @@ def _out_dir(text: str) -> Path:
     return path
 
 
-def _settings(methods: list[str], keeps: list[int | float], given: list[tuple[str, str]], grid: list[tuple[str, list[str]]] = ()) -> list:
-    """Every method at every budget and grid point, with the options of --option and --grid typed by the method's
-    fields; `none` once, first, unpruned (it has no options). Positions can be swept beside the method's options."""
+def _settings(methods: list[str], keeps: list[int | float], given: list[tuple[str, str]], grid: list[tuple[str, list[str]]] = (),
+              flops: list[float] = ()) -> list:
+    """Every method at every budget (each keep, then each FLOPs budget) and grid point, with the options of --option
+    and --grid typed by the method's fields; `none` once, first, unpruned (it has no options). Positions can be
+    swept beside the method's options."""
     from star.eval.runner import Setting
 
     names = [name for name, _ in [*given, *grid]]
@@ -342,7 +390,15 @@ def _settings(methods: list[str], keeps: list[int | float], given: list[tuple[st
             typed = [value if name == "positions" else parse_option(method, name, value) for value in values]
             points = [{**point, name: value} for point in points for value in typed]
         settings += [Setting(method, keep, point) for point in points for keep in keeps]
+        settings += [Setting(method, None, point, flops_budget=budget) for point in points for budget in flops]
     return settings
+
+
+def _keeps_or_flops(keeps: list | None, flops: list | None, default: list) -> tuple[list, list]:
+    """--keep or --flops (one of them: each is a whole budget), the default keeps where neither is given."""
+    if keeps and flops:
+        raise ValueError("--keep and --flops are both given: a budget is tokens or compute, give one")
+    return (keeps or ([] if flops else default)), (flops or [])
 
 
 def _check(args: argparse.Namespace, settings: list) -> None:
@@ -352,7 +408,7 @@ def _check(args: argparse.Namespace, settings: list) -> None:
     checks.check_device(args.device)
     skeleton = checks.model_skeleton(args.model)
     for setting in settings:
-        checks.check_setting(skeleton, setting.method, setting.keep, setting.options, args.positions)
+        checks.check_setting(skeleton, setting.method, setting.keep, setting.options, args.positions, setting.flops_budget)
 
 
 def _model(args: argparse.Namespace) -> None:
@@ -386,17 +442,20 @@ def _load(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> None:
     from star.eval.records import Record
-    from star.eval.runner import answer_batch
+    from star.eval.runner import answer_batch, method_options, text_tokens
 
-    [setting] = _settings([args.method], [args.keep], args.option)
+    keeps, flops = _keeps_or_flops([args.keep] if args.keep else None, [args.flops] if args.flops else None, [20])
+    [setting] = _settings([args.method], keeps, args.option, (), flops)
     _check(args, [setting])
     model, processor = _load(args)
     record = Record("run", args.image, args.question, "")
     with star.apply(model, method="none", keep=1.0) as pruner:
         [baseline], baseline_s = answer_batch(model, processor, [record], args.max_new_tokens)
         unpruned_flops = pruner.stats.flops
-    with star.apply(model, method=setting.method, keep=setting.keep, positions=args.positions, **setting.options) as pruner:
+    with star.apply(model, method=setting.method, **setting.budget(text_tokens(processor, [record])), positions=args.positions, **setting.options) as pruner:
         [answer], pruned_s = answer_batch(model, processor, [record], args.max_new_tokens)
+        if setting.flops_budget is not None:  # name what the budget picked
+            setting = dataclasses.replace(setting, keep=pruner.keep, options={**setting.options, **method_options(pruner.method)})
         stats = pruner.stats
     print(f"question: {args.question}")
     print(f"unpruned: {baseline}    ({baseline_s * 1e3:.0f} ms prefill)")
@@ -414,7 +473,8 @@ def _eval(args: argparse.Namespace) -> None:
     from star.eval.sources import load_records
 
     split = _split(args.data, args.split)
-    settings = _settings(args.methods, args.keep, args.option, args.grid)
+    keeps, flops = _keeps_or_flops(args.keep, args.flops, [98, 39, 20, 10])
+    settings = _settings(args.methods, keeps, args.option, args.grid, flops)
     _check(args, settings)
     records, skipped = load_records(args.data, split, args.limit, _csv(args.types) if args.types else None)
     identity = {**model_identity(_model_path(args)), "dtype": args.dtype, "positions": args.positions,
@@ -431,6 +491,43 @@ def _eval(args: argparse.Namespace) -> None:
     report.plot(summary, args.out / "accuracy.png", title=f"{args.data} ({split})")
     print(table)
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'accuracy.png'}")
+    for message in skipped + failed:
+        print(f"skipped: {message}", file=sys.stderr)
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from star import checks
+    from star.calibrate import calibrate, default_grid, grid_settings, runs_folder
+    from star.schedule import frontier
+    from star.eval.runner import check_identity, model_identity
+    from star.eval.sources import load_records
+
+    if args.method == "none":
+        raise ValueError("--method 'none' has nothing to calibrate: name a pruning method")
+    split = _split(args.data, args.split or {"scenes": "validation", "easy-vqa": "train"}.get(args.data))
+    checks.check_device(args.device)
+    skeleton = checks.model_skeleton(args.model)
+    if args.grid:
+        grid = {name: [parse_option(args.method, name, value) for value in values] for name, values in args.grid}
+    else:
+        grid = default_grid(args.method, skeleton.config.get_text_config().num_hidden_layers)
+    for setting in grid_settings(args.method, args.keep, grid):
+        checks.check_setting(skeleton, setting.method, setting.keep, setting.options, args.positions)
+    records, skipped = load_records(args.data, split, args.limit, _csv(args.types) if args.types else None)
+    identity = {**model_identity(_model_path(args)), "dtype": args.dtype, "positions": args.positions, "max_new_tokens": args.max_new_tokens}
+    check_identity(runs_folder(args.out), identity)
+    model, processor = _load(args)
+    source = f"star calibrate on {Path(args.data).name} ({split}), {len(records)} questions"
+    schedule, failed = calibrate(
+        model, processor, records, args.method, args.keep, grid, args.out, source, args.batch_size, args.max_new_tokens, args.positions
+    )
+    print("The frontier (each setting more accurate than every cheaper one), by FLOPs:")
+    print("| FLOPs | time | keep | options | accuracy (95% CI) | n |\n|---|---|---|---|---|---|")
+    for point in frontier(list(schedule.points), "flops"):
+        options = " ".join(f"{k}={v}" for k, v in sorted(point.options.items()))
+        low, high = point.interval
+        print(f"| {point.flops:.3f} | {point.time:.3f} | {point.keep} | {options} | {100 * point.accuracy:.1f} ({100 * low:.1f}-{100 * high:.1f}) | {point.n} |")
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}; answers in {runs_folder(args.out)}/ (a rerun resumes)")
     for message in skipped + failed:
         print(f"skipped: {message}", file=sys.stderr)
 
@@ -586,7 +683,8 @@ def _csv(text: str, cast=str) -> list:
 
 
 def _label(setting) -> str:
-    return " ".join([setting.method, f"keep={setting.keep}", *(f"{k}={v}" for k, v in setting.options.items())])
+    budget = f"flops={setting.flops_budget}, picking" if setting.flops_budget is not None else ""
+    return " ".join([setting.method, *([budget] if budget else []), f"keep={setting.keep}", *(f"{k}={v}" for k, v in setting.options.items())])
 
 
 def _split(data: str, split: str | None) -> str:

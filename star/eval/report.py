@@ -25,7 +25,7 @@ def markdown_table(summary: dict) -> str:
         cells = [
             r["method"],
             *([_options(r)] * swept),
-            str(r["keep"]),
+            _keep(r),
             str(r["n"]),
             _with_interval(r),
             *per_type,
@@ -69,6 +69,15 @@ def plot(summary: dict, path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _keep(row: dict) -> str:
+    """The budget: keep, or a FLOPs budget with the keep and options it picked."""
+    if row.get("flops_budget") is None:
+        return str(row["keep"])
+    picked = row.get("picked") or {}
+    chosen = " ".join(f"{k}={v}" for k, v in sorted(picked.get("options", {}).items()) if v is not None)
+    return f"flops {row['flops_budget']}: {picked.get('keep')} {chosen}".strip()
 
 
 def _options(row: dict) -> str:

@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable
 
@@ -29,16 +29,23 @@ from star.zoo.default_model import MANIFEST
 
 @dataclass(frozen=True)
 class Setting:
-    """One column of the results: a method at a budget, with its options."""
+    """One column of the results: a method at a budget, with its options. `flops_budget`, where set, is a compute
+    budget (a fraction of the unpruned prefill FLOPs) that picks keep and options (star.schedule) in place of keep."""
 
     method: str
-    keep: int | float
+    keep: int | float | None
     options: dict = field(default_factory=dict)
+    flops_budget: float | None = None
 
     @property
     def name(self) -> str:
         extra = "".join(f"-{k}{v}" for k, v in sorted(self.options.items()))
-        return f"{self.method}-{self.keep}{extra}"
+        budget = f"flops{self.flops_budget}" if self.flops_budget is not None else self.keep
+        return f"{self.method}-{budget}{extra}"
+
+    def budget(self, text_tokens: float | None = None) -> dict:
+        """The budget as star.apply takes it; a FLOPs budget for prompts of `text_tokens` text tokens."""
+        return {"keep": self.keep} if self.flops_budget is None else {"flops": self.flops_budget, "text_tokens": text_tokens}
 
 
 def build_prompt(processor, question: str) -> str:
@@ -88,9 +95,12 @@ def evaluate(
         bar.set_postfix_str(setting.name)
         path = runs / setting.name / f"rank{rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        (path.parent / "setting.json").write_text(json.dumps(asdict(setting)))  # what the folder answers, for a later report
         pending = todo[setting.name]
-        with star.apply(model, method=setting.method, keep=setting.keep, **{"positions": positions, **setting.options}) as pruner:
+        budget = setting.budget(text_tokens(processor, records))
+        with star.apply(model, method=setting.method, **budget, **{"positions": positions, **setting.options}) as pruner:
+            # what the folder answers, for a later report; a compute budget's pick with it
+            picked = {"picked": {"keep": pruner.keep, "options": method_options(pruner.method)}} if setting.flops_budget is not None else {}
+            (path.parent / "setting.json").write_text(json.dumps({**asdict(setting), **picked}))
             for start in range(0, len(pending), batch_size):
                 chunk = _readable(pending[start : start + batch_size], skipped)
                 if chunk:
@@ -117,6 +127,17 @@ def _gather_messages(messages: list[str], world: int) -> list[str]:
     gathered: list[list[str]] = [[] for _ in range(world)]
     dist.all_gather_object(gathered, messages)
     return [m for part in gathered for m in part]
+
+
+def text_tokens(processor, records: list[Record]) -> float:
+    """The records' prompts' mean text tokens (their tokens with the image placeholder not yet expanded, less
+    that placeholder): the prompt length a FLOPs budget is computed for."""
+    return sum(len(processor.tokenizer(build_prompt(processor, r.question)).input_ids) - 1 for r in records) / len(records)
+
+
+def method_options(method) -> dict:
+    """A built method's options, as star.apply takes them."""
+    return {f.name: getattr(method, f.name) for f in fields(method)}
 
 
 def _row(record: Record, answer: str, stats, prefill_s: float) -> dict:
@@ -211,10 +232,13 @@ def summarize(settings: list[Setting], runs: Path, ids: set[str]) -> dict:
         n = len(answered)
         values = [answered[key] for key in sorted(answered)]
         correct = sum(r["correct"] for r in values)
+        recorded = runs / setting.name / "setting.json"
+        picked = json.loads(recorded.read_text()).get("picked") if recorded.is_file() else None
         rows.append(
             {
                 **asdict(setting),
                 "name": setting.name,
+                "picked": picked,
                 "n": n,
                 "accuracy": correct / n if n else None,
                 "interval": wilson_interval(correct, n),

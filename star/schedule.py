@@ -1,0 +1,204 @@
+"""Compute budgets: `flops=0.3` or `time=0.5` turned into a method's settings (keep and the options it picks).
+
+A user thinks in compute, a method in tokens and layers. A *schedule* is a method's measured settings on one
+model shape, each with its cost (decoder prefill FLOPs and prefill time, as fractions of the unpruned model's)
+and its accuracy; a budget picks the most accurate setting that costs no more, which is a point of the
+accuracy-versus-cost frontier. `star calibrate` measures a schedule on the user's data; `star/schedules/` ships
+some (the default model's); without one, `by_formula` sets only what the FLOPs formula can decide.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Callable
+
+from star.flops import DecoderShape, prefill_flops, tokens_per_layer
+from star.methods import Plan, build
+from star.synthetic import TEXT_TOKENS
+
+COSTS = ("flops", "time")
+# STAR's defaults in the paper (section 4.1), which the formula scales when no schedule was measured.
+STAR_DEFAULTS = {"stage1_ratio": 0.15}
+# The least budget the formula lets STAR's stage 2 keep before it moves the cut earlier: the paper's smallest,
+# 29 of 576 tokens.
+STAR_FLOOR = 29 / 576
+
+
+@dataclass(frozen=True)
+class Point:
+    """One setting of a method and what it cost and scored; `options` are the ones the budget picks."""
+
+    keep: int
+    options: dict
+    flops: float
+    time: float | None = None
+    accuracy: float | None = None
+    interval: tuple[float, float] | None = None
+    n: int | None = None
+
+    def cost(self, kind: str) -> float | None:
+        return self.flops if kind == "flops" else self.time
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A method's measured settings on one model shape (its decoder and its visual tokens per image unit)."""
+
+    method: str
+    shape: dict
+    text_tokens: float
+    points: tuple[Point, ...]
+    source: str
+
+    @property
+    def knobs(self) -> set[str]:
+        """The options the schedule chooses (besides keep): those its points set."""
+        return {name for point in self.points for name in point.options}
+
+    def pick(self, kind: str, budget: float) -> Point:
+        """The most accurate point whose `kind` cost is at most `budget` (the cheaper one on a tie)."""
+        costed = [p for p in self.points if p.cost(kind) is not None and p.accuracy is not None]
+        if not costed:
+            raise ValueError(f"{kind}={budget} needs measured {kind} costs, and this schedule ({self.source}) has none")
+        affordable = [p for p in costed if p.cost(kind) <= budget]
+        if not affordable:
+            least = min(p.cost(kind) for p in costed)
+            raise ValueError(f"{kind}={budget} is below every setting of this schedule ({self.source}): the cheapest costs {least:.3f}")
+        return max(affordable, key=lambda p: (p.accuracy, -p.cost(kind)))
+
+    def save(self, path: Path | str) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path | str) -> Schedule:
+        """A schedule file, or a ValueError naming the file and what is wrong with it."""
+        try:
+            data = json.loads(Path(path).read_text())
+            points = tuple(Point(**{**p, "interval": tuple(p["interval"]) if p.get("interval") else None}) for p in data.pop("points"))
+            return cls(**data, points=points)
+        except (OSError, json.JSONDecodeError, TypeError, KeyError) as error:
+            raise ValueError(f"schedule={str(path)!r} is not a schedule file that `star calibrate` writes ({error})") from None
+
+
+def frontier(points: list[Point], kind: str = "flops") -> list[Point]:
+    """The points no other point beats: by increasing cost, each more accurate than every cheaper one."""
+    ordered = sorted((p for p in points if p.cost(kind) is not None and p.accuracy is not None), key=lambda p: (p.cost(kind), -p.accuracy))
+    best, kept = float("-inf"), []
+    for point in ordered:
+        if point.accuracy > best:
+            kept.append(point)
+            best = point.accuracy
+    return kept
+
+
+def shape_key(shape: DecoderShape, n_visual: int) -> dict:
+    """What a schedule must match to apply to a model: its decoder's shape and its visual tokens per image unit."""
+    return {**dataclasses.asdict(shape), "n_visual": n_visual}
+
+
+def shipped(method: str, key: dict) -> Schedule | None:
+    """The schedule shipped for this method on a model of this shape, if any."""
+    for path in sorted(files("star").joinpath("schedules").iterdir()):
+        if path.name.endswith(".json"):
+            schedule = Schedule.load(path)
+            if schedule.method == method and schedule.shape == key:
+                return schedule
+    return None
+
+
+def flops_ratio(shape: DecoderShape, plan: Plan, n_text: float) -> float:
+    """Decoder prefill FLOPs of one image's plan in a prompt of n_text other tokens, over the unpruned prefill's."""
+    stages = [(stage.layer, stage.keep) for stage in plan.llm_stages]
+    pruned = prefill_flops(shape, tokens_per_layer(shape.num_layers, n_text, plan.vision_keep, stages))
+    return pruned / prefill_flops(shape, [n_text + plan.n_visual] * shape.num_layers)
+
+
+def by_formula(method: str, options: dict, shape: DecoderShape, n_visual: int, n_text: float, budget: float) -> Point:
+    """The setting the FLOPs formula alone gives for `budget` (a fraction of the unpruned prefill FLOPs).
+
+    Every method: the largest keep whose plan, under the given options, costs at most the budget. STAR, whose
+    layer and stage-1 ratio are free: the paper's defaults (stage 1 drops 15%, stage 2 at half depth) with the
+    largest keep that fits; above what stage 1 alone costs, stage 1 drops less; below what stage 2 at half depth
+    costs at the paper's least budget (29/576 of the tokens), stage 2 moves earlier, to the deepest layer where
+    that budget fits. No accuracy decides any of it: a measured schedule (`star calibrate`) does better.
+    """
+    groups = _star_groups(n_visual, shape.num_layers) if method == "star" else [(range(1, n_visual + 1), lambda keep: {})]
+    for keeps, chosen in groups:
+
+        def cost(keep: int) -> float:
+            plan = build(method, **options, **chosen(keep)).plan(n_visual, keep, shape.num_layers)
+            return flops_ratio(shape, plan, n_text)
+
+        fitting = bisect.bisect_right(keeps, budget, key=cost)  # cost grows with keep within a group
+        if fitting:
+            keep = keeps[fitting - 1]
+            return Point(keep=keep, options=chosen(keep), flops=cost(keep))
+    least = {"keep": keeps[0], **chosen(keeps[0])}
+    raise ValueError(
+        f"flops={budget} is below what {method} reaches on this model: its least is {cost(keeps[0]):.3f}, at "
+        + ", ".join(f"{name}={value}" for name, value in least.items())
+    )
+
+
+def _star_groups(n_visual: int, num_layers: int) -> list[tuple[range, Callable[[int], dict]]]:
+    """STAR's settings in the order the formula prefers them: (keeps, ascending; the options for a keep)."""
+    ratio = STAR_DEFAULTS["stage1_ratio"]
+    entering = round((1 - ratio) * n_visual)
+    floor = max(1, round(STAR_FLOOR * n_visual))
+    groups = [(range(entering, n_visual + 1), lambda keep: {"stage1_ratio": round(1 - keep / n_visual, 6)})]
+    for layer in range(num_layers // 2, 0, -1):
+        keeps = range(floor if layer > 1 else 1, entering)
+        groups.append((keeps, lambda keep, layer=layer: {"layer": layer, "stage1_ratio": ratio}))
+    return groups
+
+
+def resolve_budget(
+    method: str, options: dict, keep, kind: str, budget, schedule, shape: DecoderShape, n_visual: int | None, model_name: str,
+    text_tokens: float | None = None,
+) -> tuple[Point, str]:
+    """The setting a compute budget picks for `method` on a model, and where the choice came from.
+
+    schedule: a Schedule, a path to one, or None for the one shipped for this model's shape, else the formula.
+    Every argument is checked before any compute, each error naming the argument and what is allowed.
+    """
+    if keep is not None:
+        raise ValueError(f"keep={keep!r} and {kind}={budget!r} are both given: a budget is tokens or compute, give one")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
+        raise ValueError(f"{kind}={budget!r} is not a budget: give the fraction of the unpruned model's prefill {kind} in (0, 1]")
+    if text_tokens is not None and (isinstance(text_tokens, bool) or not isinstance(text_tokens, (int, float)) or text_tokens < 0):
+        raise ValueError(f"text_tokens={text_tokens!r} is not a prompt length: give the text tokens besides the image, a number >= 0")
+    if n_visual is None:
+        raise ValueError(
+            f"{kind}= needs the same number of visual tokens in every image, and {model_name}'s images differ in size: give keep= instead"
+        )
+    key = shape_key(shape, n_visual)
+    if schedule is not None and not isinstance(schedule, Schedule):
+        schedule = Schedule.load(schedule)
+    schedule = schedule or shipped(method, key)
+    if schedule is None:
+        if kind == "time":
+            raise ValueError(f"time= needs a schedule with measured times for {method} on this model: run `star calibrate` and pass schedule=FILE")
+        _check_free(options, {"layer", "stage1_ratio"} if method == "star" else set(), kind, budget)
+        text = TEXT_TOKENS if text_tokens is None else text_tokens
+        return by_formula(method, options, shape, n_visual, text, float(budget)), f"the FLOPs formula, at {text} text tokens"
+    if schedule.method != method:
+        raise ValueError(f"schedule is for method {schedule.method!r}, not method={method!r}")
+    if schedule.shape != key:
+        changed = ", ".join(f"{k}: {schedule.shape.get(k)} there, {key.get(k)} here" for k in sorted(set(key) | set(schedule.shape)) if schedule.shape.get(k) != key.get(k))
+        raise ValueError(f"schedule ({schedule.source}) was measured on another model shape ({changed})")
+    _check_free(options, schedule.knobs, kind, budget)
+    return schedule.pick(kind, float(budget)), schedule.source
+
+
+def _check_free(options: dict, knobs: set[str], kind: str, budget: float) -> None:
+    """A budget picks `knobs`: giving one of them too is a contradiction, named."""
+    if clash := sorted(set(options) & knobs):
+        raise ValueError(
+            f"{clash[0]}={options[clash[0]]!r} and {kind}={budget!r} are both given: the budget picks {', '.join(sorted(knobs))}; "
+            f"give the options with keep=, or the budget alone"
+        )
