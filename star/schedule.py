@@ -22,8 +22,8 @@ from star.methods import Plan, build
 from star.synthetic import TEXT_TOKENS
 
 COSTS = ("flops", "time")
-# STAR's defaults in the paper (section 4.1), which the formula scales when no schedule was measured.
-STAR_DEFAULTS = {"stage1_ratio": 0.15}
+# STAR's stage-1 ratio in the paper (section 4.1), which the formula keeps when no schedule was measured.
+STAR_STAGE1_RATIO = 0.15
 # The least budget the formula lets STAR's stage 2 keep before it moves the cut earlier: the paper's smallest,
 # 29 of 576 tokens.
 STAR_FLOOR = 29 / 576
@@ -147,7 +147,7 @@ def by_formula(method: str, options: dict, shape: DecoderShape, n_visual: int, n
 
 def _star_groups(n_visual: int, num_layers: int) -> list[tuple[range, Callable[[int], dict]]]:
     """STAR's settings in the order the formula prefers them: (keeps, ascending; the options for a keep)."""
-    ratio = STAR_DEFAULTS["stage1_ratio"]
+    ratio = STAR_STAGE1_RATIO
     entering = round((1 - ratio) * n_visual)
     floor = max(1, round(STAR_FLOOR * n_visual))
     groups = [(range(entering, n_visual + 1), lambda keep: {"stage1_ratio": round(1 - keep / n_visual, 6)})]
