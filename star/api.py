@@ -10,6 +10,7 @@ from torch import nn
 
 from star import methods as registry
 from star.adapters import adapter_for
+from star.methods import Method
 from star.pruner import Pruner
 
 
@@ -26,10 +27,14 @@ def apply(model: nn.Module, method: str = "star", keep: int | float = 0.1, posit
     for "star"; see `star.methods()` and each method's file). Every argument is checked before any compute.
     Pruning happens once per prompt, at prefill; the decoder layers from a cut on cache only the kept tokens.
     """
-    chosen = registry.build(method, **options)
-    if positions is None:
-        positions = "original" if adapter_for(model).mrope else chosen.positions
+    chosen, positions = resolve(model, method, positions, **options)
     return Pruner(model, chosen, keep=keep, positions=positions)
+
+
+def resolve(model: nn.Module, method: str, positions: str | None, **options: object) -> tuple[Method, str]:
+    """The method `apply` builds from its name and options, and the position policy it takes (see `apply`)."""
+    chosen = registry.build(method, **options)
+    return chosen, positions or ("original" if adapter_for(model).mrope else chosen.positions)
 
 
 def methods() -> list[str]:
