@@ -37,17 +37,14 @@ def test_a_shipped_architecture_is_the_model_its_flops_shape_describes(name):
         assert sum(p.numel() for p in skeleton.parameters()) / 1e9 == pytest.approx(PUBLISHED[name], abs=0.01)
     image_tokens = star.apply(skeleton, method="none", keep=1.0)
     image_tokens.remove()
-    assert visual_tokens(name) == _tokens_per_image(config)
+    assert visual_tokens(name) == _tokens_per_image(skeleton)
 
 
-def _tokens_per_image(config) -> int:
-    """Visual tokens of one crop (LLaVA) or of the benchmark's image (Qwen: SYNTHETIC_PATCHES a side, merged)."""
-    from star.adapters.qwen2_vl import SYNTHETIC_PATCHES
-
-    vision = config.vision_config
-    if config.model_type.startswith("qwen"):
-        return SYNTHETIC_PATCHES**2 // vision.spatial_merge_size**2
-    return (vision.image_size // vision.patch_size) ** 2
+def _tokens_per_image(model) -> int:
+    """Visual tokens of one crop or tile (LLaVA, InternVL, Gemma 3) or of the benchmark's image (Qwen: its
+    adapter's synthetic_patches a side, merged)."""
+    adapter = star.adapters.adapter_for(model)
+    return adapter.n_visual or adapter.synthetic_patches**2 // adapter.merge_unit
 
 
 def test_the_required_architectures_ship():
