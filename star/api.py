@@ -13,6 +13,7 @@ from torch import nn
 from star import methods as registry
 from star.adapters import adapter_for
 from star.flops import DecoderShape
+from star.methods import Method
 from star.pruner import Pruner
 from star.schedule import Schedule, resolve_budget
 
@@ -44,7 +45,7 @@ def apply(
     flops (or time): a compute budget instead of keep, as a fraction of the unpruned model's decoder prefill
     FLOPs (or prefill time): the most accurate setting of `schedule` (a file `star calibrate` wrote) that costs
     no more; without one, the schedule shipped for this model's shape, else the FLOPs formula alone (star.schedule)
-    for prompts of `text_tokens` text tokens (default: the schedule's, else 79). The pruner's `method` and `keep`
+    for prompts of `text_tokens` text tokens (default 79). The pruner's `method` and `keep`
     show what was picked.
     """
     if flops is not None or time is not None:
@@ -60,10 +61,14 @@ def apply(
     elif schedule is not None or text_tokens is not None:
         given = f"schedule={str(schedule)!r}" if schedule is not None else f"text_tokens={text_tokens!r}"
         raise ValueError(f"{given} is given without a budget: add flops= or time=")
-    chosen = registry.build(method, **options)
-    if positions is None:
-        positions = "original" if adapter_for(model).mrope else chosen.positions
+    chosen, positions = resolve(model, method, positions, **options)
     return Pruner(model, chosen, keep=0.1 if keep is None else keep, positions=positions)
+
+
+def resolve(model: nn.Module, method: str, positions: str | None, **options: object) -> tuple[Method, str]:
+    """The method `apply` builds from its name and options, and the position policy it takes (see `apply`)."""
+    chosen = registry.build(method, **options)
+    return chosen, positions or ("original" if adapter_for(model).mrope else chosen.positions)
 
 
 def methods() -> list[str]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -21,6 +21,7 @@ from transformers import DynamicCache
 
 import star
 from star import compat
+from star.api import resolve
 from star.methods import DecoderView, LLMStage, Method, Plan, Selection, VisionView
 from star.methods.none import NoPruning
 from star.pruner import Pruner
@@ -29,24 +30,53 @@ _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs") 
 
 
 @dataclass(frozen=True)
-class Replay(Method):
-    """Keeps the patches a measured run kept, at the same stages, without scoring: the oracle."""
+class Recorder(Method):
+    """`method` itself, keeping every selection it makes, in the order it makes them: what the oracle replays."""
 
-    name = "oracle"
-    summary = "the kept sets of another run, replayed without scoring"
+    name = "recorder"
+    summary = "another method, its selections kept"
 
-    recorded_plan: Plan
-    kept: tuple[torch.Tensor, ...]  # per stage, [B, V] patch indices as in PruneStats.kept_patches
+    method: Method
+    made: list[Selection] = field(default_factory=list)
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
-        return self.recorded_plan
+        return self.method.plan(n_visual, keep, num_layers)
 
     def select_vision(self, view: VisionView, k: int) -> Selection:
-        return Selection(self.kept[0].reshape(-1, k) % self.recorded_plan.n_visual)
+        self.made.append(self.method.select_vision(view, k))
+        return self.made[-1]
 
     def select_llm(self, stage: LLMStage, view: DecoderView, k: int) -> Selection:
-        number = self.recorded_plan.llm_stages.index(stage) + 1
-        return Selection(torch.searchsorted(self.kept[number - 1], self.kept[number]))
+        self.made.append(self.method.select_llm(stage, view, k))
+        return self.made[-1]
+
+
+@dataclass(frozen=True)
+class Replay(Method):
+    """The oracle: the selections a recorded pruner's method made, returned one by one in that order, with no scoring.
+
+    A pruner made with a fresh Replay, on the same model and prompts, calls it exactly as the recorded pruner called
+    its method: the stand-in probe of `vision_refusal` at construction, then at prefill each unit group's vision
+    stage (units of several sizes, images of several groups) and each decoder stage, so each call gets its own.
+    """
+
+    name = "oracle"
+    summary = "the selections of a recorded run, replayed without scoring"
+
+    recorded: Recorder
+    calls: Iterator[Selection] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "calls", iter(self.recorded.made))
+
+    def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
+        return self.recorded.plan(n_visual, keep, num_layers)
+
+    def select_vision(self, view: VisionView, k: int) -> Selection:
+        return next(self.calls)
+
+    def select_llm(self, stage: LLMStage, view: DecoderView, k: int) -> Selection:
+        return next(self.calls)
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -78,21 +108,26 @@ def measure(
     device = next(model.parameters()).device
     batch = inputs["input_ids"].shape[0]
     reset_peak_memory(device)
-    with star.apply(model, method=method, keep=keep, positions=positions, **options) as pruner:
+    chosen, positions = resolve(model, method, positions, **options)
+    recorder = Recorder(chosen)
+    with Pruner(model, recorder, keep=keep, positions=positions) as pruner:
         cache = DynamicCache()
         counted = counted_flops(lambda: model(**inputs, **compat.cache_kwargs(cache)))
         tick()
         stats = pruner.stats
-        replay = Replay(recorded_plan=pruner.plan, kept=tuple(stats.kept_patches))
     unpruned = NoPruning()
-    contenders = {"prefill_s": (pruner.method, pruner.keep), "oracle_prefill_s": (replay, pruner.keep), "unpruned_prefill_s": (unpruned, 1.0)}
+    contenders = {  # what each run prunes with (a fresh oracle each run, replaying from the start), and its budget
+        "prefill_s": (lambda: chosen, keep),
+        "oracle_prefill_s": (lambda: Replay(recorder), keep),
+        "unpruned_prefill_s": (lambda: unpruned, 1.0),
+    }
     times: dict[str, list[float]] = {key: [] for key in contenders}
     for run in range(warmup + repeats):
-        for key, (chosen, budget) in contenders.items():
-            with Pruner(model, chosen, keep=budget, positions=pruner.positions) as attached:
+        for key, (make, budget) in contenders.items():
+            with Pruner(model, make(), keep=budget, positions=positions) as attached:
                 elapsed = _timed(lambda: model(**inputs, **compat.cache_kwargs(DynamicCache())))
-                if chosen is not unpruned and not all(torch.equal(a, b) for a, b in zip(attached.stats.kept_patches, replay.kept)):
-                    raise RuntimeError(f"{'the oracle' if chosen is replay else method} did not keep the measured run's tokens")
+                if key != "unpruned_prefill_s" and not all(torch.equal(a, b) for a, b in zip(attached.stats.kept_patches, stats.kept_patches)):
+                    raise RuntimeError(f"{'the oracle' if key == 'oracle_prefill_s' else method} did not keep the measured run's tokens")
             tick()
             if run >= warmup:
                 times[key].append(elapsed)

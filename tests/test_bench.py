@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import star
 from conftest import batch, prompt_ids
-from star.bench import Replay, measure
+from star.api import resolve
+from star.bench import Recorder, Replay, measure
 from star.pruner import Pruner
 
 PROMPTS = [prompt_ids(3, 6, seed=1), prompt_ids(7, 4, seed=2)]
@@ -17,15 +17,15 @@ PROMPTS = [prompt_ids(3, 6, seed=1), prompt_ids(7, 4, seed=2)]
 @pytest.mark.parametrize("method", ["star", "pdrop", "visionzip"])
 def test_oracle_replays_the_kept_tokens_and_logits(model, method):
     inputs = batch(PROMPTS)
-    with star.apply(model, method=method, keep=5) as pruner:
+    chosen, positions = resolve(model, method, None)  # the method's own positions (its authors'), replayed too
+    recorder = Recorder(chosen)
+    with Pruner(model, recorder, keep=5, positions=positions) as pruner:
         logits = model(**inputs).logits
-        replay = Replay(recorded_plan=pruner.plan, kept=tuple(pruner.stats.kept_patches))
-        positions = pruner.positions  # the method's own (its authors'), which the oracle must replay too
-    with Pruner(model, replay, keep=5, positions=positions) as oracle:
+        kept = pruner.stats.kept_patches
+    with Pruner(model, Replay(recorder), keep=5, positions=positions) as oracle:
         replayed = model(**inputs).logits
-        assert all(torch.equal(a, b) for a, b in zip(oracle.stats.kept_patches, replay.kept))
-    if method != "visionzip":  # merged tokens are not a subset of patches, so only their positions replay
-        assert torch.allclose(logits, replayed, atol=1e-5)
+        assert all(torch.equal(a, b) for a, b in zip(oracle.stats.kept_patches, kept))
+    assert torch.allclose(logits, replayed, atol=1e-5)  # merged tokens (VisionZip's) too: their states replay
 
 
 @torch.no_grad()

@@ -25,7 +25,11 @@ from star.cli import main
 from star.flops import DecoderShape, named_models, visual_tokens
 
 # Parameter counts the model cards publish (vision tower, projector and decoder together), in billions.
-PUBLISHED = {"llava-1.5-7b": 7.06, "llava-1.5-13b": 13.35, "llava-next-7b": 7.06, "qwen2.5-vl-7b": 8.29}
+PUBLISHED = {
+    "llava-1.5-7b": 7.06, "llava-1.5-13b": 13.35, "llava-next-7b": 7.06, "qwen2.5-vl-7b": 8.29, "llava-onevision-7b": 8.03,
+    "qwen3-vl-8b": 8.77, "gemma-3-4b": 4.30,
+}
+LATER_FAMILIES = ["internvl3-8b", "llava-onevision-7b", "qwen3-vl-8b", "gemma-3-4b"]
 
 
 @pytest.mark.parametrize("name", synthetic.shipped_configs())
@@ -37,21 +41,19 @@ def test_a_shipped_architecture_is_the_model_its_flops_shape_describes(name):
         assert sum(p.numel() for p in skeleton.parameters()) / 1e9 == pytest.approx(PUBLISHED[name], abs=0.01)
     image_tokens = star.apply(skeleton, method="none", keep=1.0)
     image_tokens.remove()
-    assert visual_tokens(name) == _tokens_per_image(config)
+    assert visual_tokens(name) == _tokens_per_image(skeleton)
 
 
-def _tokens_per_image(config) -> int:
-    """Visual tokens of one crop (LLaVA) or of the benchmark's image (Qwen: SYNTHETIC_PATCHES a side, merged)."""
-    from star.adapters.qwen2_vl import SYNTHETIC_PATCHES
-
-    vision = config.vision_config
-    if config.model_type.startswith("qwen"):
-        return SYNTHETIC_PATCHES**2 // vision.spatial_merge_size**2
-    return (vision.image_size // vision.patch_size) ** 2
+def _tokens_per_image(model) -> int:
+    """Visual tokens of one crop or tile (LLaVA, InternVL, Gemma 3) or of the benchmark's image (Qwen: its
+    adapter's synthetic_patches a side, merged)."""
+    adapter = star.adapters.adapter_for(model)
+    return adapter.n_visual or adapter.synthetic_patches**2 // adapter.merge_unit
 
 
 def test_the_required_architectures_ship():
-    assert {"llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "qwen2.5-vl-7b", "llava-1.5-tinyllama-1.1b"} <= set(synthetic.shipped_configs())
+    required = {"llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "qwen2.5-vl-7b", "llava-1.5-tinyllama-1.1b", *LATER_FAMILIES}
+    assert required <= set(synthetic.shipped_configs())
     assert set(synthetic.shipped_configs()) <= set(named_models())
     with pytest.raises(ValueError, match="'gpt-2'.*llava-1.5-7b"):
         synthetic.shipped_config("gpt-2")
@@ -163,6 +165,82 @@ def test_bench_reports_every_batch_size_against_unpruned_and_oracle(tmp_path, ca
         assert by[3, method]["kv_cache_bytes"] == 3 * by[1, method]["kv_cache_bytes"]
     assert by[3, "star"]["flops_vs_unpruned"] == pytest.approx(by[1, "star"]["flops_vs_unpruned"])
     assert by[1, "star"]["kv_cache_bytes"] < by[1, "none"]["kv_cache_bytes"]
+
+
+# A tiny version of a shipped architecture: every width and depth small (the vocabulary too, each special token id
+# moved to its top), the family's structure (tiling, pinpoints, merge, pooling, layer types) and its native image
+# size kept, and patches large enough that the image makes few tokens. Qwen3-VL's timing image is a number of
+# patches (64 a side), so its patches stay.
+TINY_VOCAB = 256
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, depth=2, num_attention_heads=4, num_heads=4, out_hidden_size=64)
+TINY = {
+    "internvl3-8b": {"vision_config": {"patch_size": [56, 56]}},  # 8 x 8 patches a 448 px tile: 16 tokens
+    "llava-onevision-7b": {"vision_config": {"patch_size": 96}},  # 4 x 4 patches a 384 px crop
+    "qwen3-vl-8b": {
+        "vision_config": {"deepstack_visual_indexes": [0, 1], "num_heads": 1},  # one head: 4096 patches attend
+        "text_config": {"rope_scaling": {"rope_type": "default", "mrope_interleaved": True, "mrope_section": [4, 2, 2]}},
+    },
+    "gemma-3-4b": {"vision_config": {"patch_size": 56}, "text_config": {"sliding_window_pattern": 2}, "mm_tokens_per_image": 16},
+}
+
+
+def tiny_shipped(name: str):
+    """The config of a tiny version of shipped architecture `name` (see TINY)."""
+    from transformers import AutoConfig
+
+    fields = json.loads((Path(star.__file__).parent / "configs" / f"{name}.json").read_text())["architecture"]
+    for part, tiny in (("text_config", TINY_TEXT), ("vision_config", TINY_VISION)):
+        fields[part].update({key: value for key, value in tiny.items() if key in fields[part]})
+    for key, value in TINY[name].items():
+        fields[key] = {**fields[key], **value} if isinstance(value, dict) else value
+    ids = [(part, key) for part in (fields, fields["text_config"]) for key, value in part.items()
+           if key.endswith(("token_id", "token_index")) and isinstance(value, int)]
+    special = sorted({part[key] for part, key in ids})
+    for part, key in ids:
+        part[key] = TINY_VOCAB - 1 - special.index(part[key])
+    fields["text_config"]["vocab_size"] = TINY_VOCAB
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+# Per prompt of a tiny version at keep=4: visual tokens (newlines and start/end tokens aside), then kept after
+# STAR's stage 1 (before the decoder) and after its stage 2 (decoder layer 1 of 2).
+KEPT = {
+    "internvl3-8b": (13 * 16, 13 * 14, 13 * 4),  # 12 tiles and the thumbnail, each a unit of 16 tokens
+    "llava-onevision-7b": (16 + 144, 14 + 122, 4 + 36),  # the base crop, and the 3 x 3 grid (12 x 12) keeping its share
+    "qwen3-vl-8b": (1024, 870, 4),  # one image of 64 x 64 patches, merged 2 x 2
+    "gemma-3-4b": (16, 14, 4),  # one image, 16 x 16 patches pooled 4 x 4
+}
+
+
+@pytest.mark.parametrize("name", LATER_FAMILIES)
+def test_bench_times_a_tiny_version_of_each_later_family(name, tmp_path):
+    """Each family's synthetic prompt (its native image size, TEXT_TOKENS of random text) runs the model and STAR at
+    batch 1 and 2, and every prompt keeps what the budget says: the KV cache holds exactly the kept tokens."""
+    config = tiny_shipped(name)
+    config.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", str(tmp_path / "tiny"), "--random-init", "--batch", "1,2", "--methods", "star",
+            "--keep", "4", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--out", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["batch"], r["method"]) for r in rows] == [(1, "none"), (1, "star"), (2, "none"), (2, "star")]
+    by = {(r["batch"], r["method"]): r for r in rows}
+
+    ids = synthetic.synthetic_inputs(synthetic.random_model(config, "cpu", torch.float32, "sdpa"), batch=2)["input_ids"]
+    special = {v for k, v in config.to_dict().items() if k.endswith(("token_id", "token_index")) and isinstance(v, int)}
+    text = ~torch.isin(ids, torch.tensor(sorted(special)))
+    assert text.sum(dim=1).tolist() == [synthetic.TEXT_TOKENS] * 2 and int((~text[0]).nonzero()[0]) == synthetic.TEXT_BEFORE_IMAGE
+    assert not torch.equal(ids[0], ids[1])
+    visual, stage1, final = KEPT[name]
+    assert by[1, "star"]["tokens"][-1] == 4
+    decoder = config.get_text_config()
+    per_token = 2 * decoder.num_key_value_heads * TINY_TEXT["head_dim"] * 4  # a key and a value of float32 in one layer
+    fixed = ids.shape[1] - visual
+    assert by[1, "none"]["kv_cache_bytes"] == 2 * (fixed + visual) * per_token
+    assert by[1, "star"]["kv_cache_bytes"] == ((fixed + stage1) + (fixed + final)) * per_token
+    for method in ("none", "star"):
+        assert by[2, method]["kv_cache_bytes"] == 2 * by[1, method]["kv_cache_bytes"]
 
 
 def test_the_table3_script_runs_at_a_tiny_shape(tmp_path):

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import Gemma3ForConditionalGeneration
 
 from star import compat
-from star.adapters.base import Encoded, MergedView, VisionGroup, ordinals, split_rows
+from star.adapters.base import Encoded, MergedView, VisionGroup, around_image, ordinals, split_rows
 from star.adapters.llava import LlamaDecoder, _clip_qk
 from star.decoder import llama_style_qk
 
@@ -100,6 +100,16 @@ class Gemma3Adapter(LlamaDecoder):
         image_in_row = torch.arange(images, device=device) - first[rows]
         places = image_in_row[:, None] * self.n_visual + torch.arange(self.n_visual, device=device)
         return Encoded([VisionGroup(view, rows, places)], ordinals(is_image), None)
+
+    def synthetic_inputs(self, before: torch.Tensor, after: torch.Tensor, generator: torch.Generator) -> dict:
+        """Prompts of text around one random image of the tower's size (896 px for Gemma 3), its `n_visual` tokens
+        between start- and end-of-image tokens and marked in token_type_ids, as the processor does."""
+        config = self.model.config
+        side = config.vision_config.image_size
+        pixels = torch.randn(before.shape[0], 3, side, side, generator=generator)
+        block = [config.boi_token_index] + [self.image_token_id] * self.n_visual + [config.eoi_token_index]
+        prompt = around_image(before, after, block)
+        return {**prompt, "pixel_values": pixels, "token_type_ids": (prompt["input_ids"] == self.image_token_id).long()}
 
     def pool(self, patches: torch.Tensor) -> torch.Tensor:
         """The projector's average pool: [I, side * side, D] patches to [I, N, D] tokens, row by row."""

@@ -64,6 +64,10 @@ class InternVLAdapter(LlavaAdapter):
     vision_inputs = ("pixel_values",)
     projects_cls = False  # the projector takes 2 x 2 patch blocks only
     budget_note = "tokens per 256-token tile (every tile, the thumbnail and each video frame)"
+    # The timing image: 1344 x 1792 px, which the processor cuts into its most tiles at its defaults (max_patches=12),
+    # 3 x 4 of 448 px, and the thumbnail (star/configs/internvl3-8b.json's max_crops). Its <img> and </img> are
+    # plain text to the model, ids the config does not name: the random text stands in for them.
+    synthetic_tiles = 13
 
     def __init__(self, model: InternVLForConditionalGeneration):
         config = model.config

@@ -47,6 +47,7 @@ class LlavaAdapter(LlamaDecoder):
     budget_note = "tokens per image (576 for a 336 px CLIP tower)"
     vision_inputs = ("pixel_values",)
     select_strategy = "default"  # the vision_feature_select_strategy the family's checkpoints use
+    synthetic_tiles = 1  # tower passes the processor makes of the timing image
 
     def __init__(self, model: LlavaForConditionalGeneration):
         config = model.config
@@ -113,10 +114,13 @@ class LlavaAdapter(LlamaDecoder):
         return self.model.model.multi_modal_projector(features)
 
     def synthetic_inputs(self, before: torch.Tensor, after: torch.Tensor, generator: torch.Generator) -> dict:
-        """Prompts of text [B, b] and [B, a] around one random image of the tower's size, for timing."""
-        side = self.model.config.vision_config.image_size
-        pixels = torch.randn(before.shape[0], 3, side, side, generator=generator)
-        return {**around_image(before, after, [self.image_token_id] * self.n_visual), "pixel_values": pixels}
+        """Prompts of text [B, b] and [B, a] around one random image, for timing: `synthetic_tiles` tiles of the
+        tower's size, one block of their tokens."""
+        size = self.model.config.vision_config.image_size
+        side = size[0] if isinstance(size, (list, tuple)) else size  # InternViT's is (height, width)
+        pixels = torch.randn(before.shape[0] * self.synthetic_tiles, 3, side, side, generator=generator)
+        block = [self.image_token_id] * (self.n_visual * self.synthetic_tiles)
+        return {**around_image(before, after, block), "pixel_values": pixels}
 
 
 def _clip_qk(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

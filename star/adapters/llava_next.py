@@ -119,13 +119,20 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def synthetic_inputs(self, before: torch.Tensor, after: torch.Tensor, generator: torch.Generator) -> dict:
         """Prompts of text around one random image of the largest pinpoint (672 x 672 for LLaVA-NeXT-7B: the base
-        crop and a 2 x 2 grid of tiles), its image tokens counted by the model's own packing."""
-        config = self.model.config
-        size = max(config.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
-        side = config.vision_config.image_size
-        crops = image_size_to_num_patches(size, config.image_grid_pinpoints, side)
-        batch = before.shape[0]
-        tokens = len(self.layouts([crops], torch.tensor([size]))[0])
-        pixels = torch.randn(batch, crops, 3, side, side, generator=generator)
-        block = [self.image_token_id] * tokens
-        return {**around_image(before, after, block), "pixel_values": pixels, "image_sizes": torch.tensor([size] * batch)}
+        crop and a 2 x 2 grid of tiles)."""
+        size = max(self.model.config.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
+        return anyres_inputs(self, size, before, after, generator)
+
+
+def anyres_inputs(adapter, size: list[int], before: torch.Tensor, after: torch.Tensor, generator: torch.Generator) -> dict:
+    """Prompts of text around one random image of `size` (height, width) for an any-resolution family (LLaVA-NeXT,
+    LLaVA-OneVision): its crops stacked as the processor stacks them, its image tokens counted by the model's own
+    packing (the adapter's `layouts`)."""
+    config = adapter.model.config
+    side = config.vision_config.image_size
+    crops = image_size_to_num_patches(size, config.image_grid_pinpoints, side)
+    batch = before.shape[0]
+    tokens = len(adapter.layouts([crops], torch.tensor([size]))[0])
+    pixels = torch.randn(batch, crops, 3, side, side, generator=generator)
+    block = [adapter.image_token_id] * tokens
+    return {**around_image(before, after, block), "pixel_values": pixels, "image_sizes": torch.tensor([size] * batch)}

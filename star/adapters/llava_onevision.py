@@ -19,6 +19,7 @@ VisionZip are refused.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +31,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 from star import scoring
 from star.adapters.base import FIXED, Encoded, VisionGroup, ordinals, split_rows
 from star.adapters.llava import LlavaAdapter, _clip_qk
+from star.adapters.llava_next import anyres_inputs
 from star.methods.base import VisionView
 
 
@@ -64,6 +66,12 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         )
         return packed
 
+    def layouts(self, crops: list[int], image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        """For each image, what each of its prompt tokens is: -1 for a newline, else a patch number (a mixture of
+        neighbouring ones where the model resizes the grid). The model's own packing applied to patch numbers."""
+        numbers = torch.arange(sum(crops) * self.n_visual, dtype=torch.float64).view(-1, self.n_visual, 1)
+        return [p[:, 0] for p in self.pack(list(numbers.split(crops)), image_sizes.cpu(), torch.tensor([-1.0], dtype=torch.float64))]
+
     def grid_tokens(self, per_patch: torch.Tensor, image_size: torch.Tensor) -> torch.Tensor:
         """A map over one image's tiles [tiles, P] packed onto its grid's tokens [1, N] (unpadded, resized)."""
         base = per_patch.new_zeros(1, per_patch.shape[1])  # a stand-in: packing puts the base crop first
@@ -86,8 +94,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         ]
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([p[:c] for p, c in zip(pixel_values, crops)])
-        numbers = torch.arange(sum(crops) * self.n_visual, dtype=torch.float64).view(-1, self.n_visual, 1)
-        layouts = [p[:, 0] for p in self.pack(list(numbers.split(crops)), image_sizes.cpu(), torch.tensor([-1.0], dtype=torch.float64))]
+        layouts = self.layouts(crops, image_sizes)
         is_image = input_ids == self.image_token_id
         per_row = split_rows(is_image.sum(dim=1), [len(l) for l in layouts], "crops and newlines")
         device = input_ids.device
@@ -132,3 +139,13 @@ class LlavaOnevisionAdapter(LlavaAdapter):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The units' tokens are already projected (and resized) by the model's own packing."""
         return features
+
+    def synthetic_inputs(self, before: torch.Tensor, after: torch.Tensor, generator: torch.Generator) -> dict:
+        """Prompts of text around one random square image alone in its prompt, of the largest square tile grid
+        `anyres_max_N` takes without resizing it: 3 x 3 tiles for anyres_max_9, 1152 x 1152 px, 10 crops and 81
+        newlines (star/configs/llava-onevision-7b.json's image)."""
+        config = self.model.config
+        tiles = math.isqrt(int(config.vision_aspect_ratio.removeprefix("anyres_max_")))
+        side = tiles * config.vision_config.image_size
+        inputs = anyres_inputs(self, [side, side], before, after, generator)
+        return {**inputs, "batch_num_images": torch.ones(before.shape[0], dtype=torch.long)}

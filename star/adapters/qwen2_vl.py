@@ -23,8 +23,6 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForCondition
 from star import compat
 from star.adapters.base import Decoder, Encoded, MergedView, VisionGroup, around_image, ordinals, split_rows
 
-SYNTHETIC_PATCHES = 48  # per side of the timing image: 672 px at 14 px patches, 576 merged tokens as LLaVA-1.5's
-
 
 class Qwen2VLAdapter(Decoder):
     model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
@@ -34,6 +32,7 @@ class Qwen2VLAdapter(Decoder):
     has_cls = False
     n_visual = None  # images differ in size: plans are made per image
     budget_unit = None  # an int `keep` counts tokens per image
+    synthetic_patches = 48  # per side of the timing image: 672 px at 14 px patches, 576 merged tokens as LLaVA-1.5's
 
     def __init__(self, model: Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration):
         self.model = model
@@ -113,10 +112,10 @@ class Qwen2VLAdapter(Decoder):
         return features
 
     def synthetic_inputs(self, before: torch.Tensor, after: torch.Tensor, generator: torch.Generator) -> dict:
-        """Prompts of text around one random square image of SYNTHETIC_PATCHES patches a side, between its vision
+        """Prompts of text around one random square image of `synthetic_patches` patches a side, between its vision
         start and end tokens."""
         config, vision = self.model.config, self.model.config.vision_config
-        side = SYNTHETIC_PATCHES
+        side = self.synthetic_patches
         batch = before.shape[0]
         block = [config.vision_start_token_id] + [self.image_token_id] * (side * side // self.merge_unit) + [config.vision_end_token_id]
         prompt = around_image(before, after, block)

@@ -26,6 +26,7 @@ from star.adapters.qwen2_vl import Qwen2VLAdapter
 class Qwen3VLAdapter(Qwen2VLAdapter):
     model_classes = (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration)
     budget_note = "tokens per image (each image its own size); DeepStack features go with their tokens"
+    synthetic_patches = 64  # 1024 px at 16 px patches: 1024 merged tokens, star/configs/qwen3-vl-8b.json's image
 
     def __init__(self, model: Qwen3VLForConditionalGeneration | Qwen3VLMoeForConditionalGeneration):
         super().__init__(model)
