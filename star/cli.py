@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--model", default="llava-1.5-7b", choices=flops_model.named_models(), help="a shipped decoder shape")
     sub.add_argument("--text-tokens", type=_count, default=79, help="prompt tokens besides the image (default 79, as in FasterVLM)")
     sub.add_argument("--method", type=_method_names, default="star", help="comma-separated methods (default star)")
-    sub.add_argument("--keep", type=_budgets, default="288,115,58,29", help="comma-separated visual tokens kept per image")
+    sub.add_argument("--keep", type=_list_of(_budget, "budget", "98,39,20,10"), default="288,115,58,29", help="comma-separated visual tokens kept per image")
     add_option_argument(sub)
     sub.set_defaults(run=_flops)
 
@@ -124,9 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--methods", type=_method_names, default="none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,random", help="comma-separated methods"
     )
-    sub.add_argument("--keep", type=_budgets, help="comma-separated budgets (ints, or fractions in (0, 1]; default 98,39,20,10)")
+    sub.add_argument("--keep", type=_list_of(_budget, "budget", "98,39,20,10"), help="comma-separated budgets (ints, or fractions in (0, 1]; default 98,39,20,10)")
     sub.add_argument(
-        "--flops", type=_fractions, metavar="F1,F2",
+        "--flops", type=_list_of(_fraction, "fraction", "0.2,0.3,0.5"), metavar="F1,F2",
         help="compute budgets instead of --keep: fractions of the unpruned prefill FLOPs, each picking every method's "
         "keep (and STAR's layer and stage-1 ratio) from its schedule or the FLOPs formula, as apply(flops=) does",
     )
@@ -157,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--data", type=_data, default="scenes", help="scenes, easy-vqa, or a JSONL file of {image, question, answer[, type]}")
     sub.add_argument("--split", help="split of scenes / easy-vqa (default: validation for scenes, train for easy-vqa, which has no validation split): never the split you report")
     sub.add_argument("--method", type=_method_name, default="star", help="the method to calibrate (default star)")
-    sub.add_argument("--keep", type=_budgets, default="0.5,0.2,0.1,0.05", help="comma-separated budgets to sweep (default 0.5,0.2,0.1,0.05 of the visual tokens)")
+    sub.add_argument("--keep", type=_list_of(_budget, "budget", "98,39,20,10"), default="0.5,0.2,0.1,0.05", help="comma-separated budgets to sweep (default 0.5,0.2,0.1,0.05 of the visual tokens)")
     sub.add_argument("--grid", action="append", type=_sweep, default=[], metavar="OPTION=V1,V2", help="an option to sweep (repeat for a grid); replaces the default grid")
     sub.add_argument("--limit", type=_positive, help="at most this many questions (scenes: per question type)")
     sub.add_argument("--types", help="comma-separated question types to keep; --limit then counts per type")
@@ -186,13 +186,13 @@ def _parser() -> argparse.ArgumentParser:
         help="random weights on the device, from --config's or --model's config.json: no weights are read",
     )
     sub.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"], help="attention implementation (default sdpa)")
-    sub.add_argument("--batch", type=_batches, default="1", help="comma-separated batch sizes, e.g. 1,8,32 (default 1)")
+    sub.add_argument("--batch", type=_list_of(_positive, "batch size", "1,8,32"), default="1", help="comma-separated batch sizes, e.g. 1,8,32 (default 1)")
     sub.add_argument(
         "--text-tokens", type=_positive, default=synthetic.TEXT_TOKENS,
         help=f"text tokens of each random-init prompt besides the image (default {synthetic.TEXT_TOKENS}, the paper's for LLaVA-1.5)",
     )
     sub.add_argument("--methods", type=_method_names, default="star,fastv,fastervlm,pdrop", help="comma-separated methods")
-    sub.add_argument("--keep", type=_budgets, default="98,39,20,10", help="comma-separated budgets")
+    sub.add_argument("--keep", type=_list_of(_budget, "budget", "98,39,20,10"), default="98,39,20,10", help="comma-separated budgets")
     add_option_argument(sub)
     sub.add_argument("--repeats", type=_positive, default=5)
     sub.add_argument("--warmup", type=_count, default=2)
@@ -258,13 +258,6 @@ def _budget(text: str) -> int | float:
     return value
 
 
-def _budgets(text: str) -> list[int | float]:
-    budgets = _csv(text, _budget)
-    if not budgets:
-        raise argparse.ArgumentTypeError(f"{text!r} holds no budget: give comma-separated budgets, e.g. 98,39,20,10")
-    return budgets
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -275,18 +268,16 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _fractions(text: str) -> list[float]:
-    budgets = _csv(text, _fraction)
-    if not budgets:
-        raise argparse.ArgumentTypeError(f"{text!r} holds no budget: give comma-separated fractions, e.g. 0.2,0.3,0.5")
-    return budgets
+def _list_of(parse, what: str, example: str):
+    """The argument type of a comma-separated list of `parse`'s values, at least one."""
 
+    def parse_list(text: str) -> list:
+        values = _csv(text, parse)
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r} holds no {what}: give comma-separated {what}s, e.g. {example}")
+        return values
 
-def _batches(text: str) -> list[int]:
-    sizes = _csv(text, _positive)
-    if not sizes:
-        raise argparse.ArgumentTypeError(f"{text!r} holds no batch size: give comma-separated positive ints, e.g. 1,8,32")
-    return sizes
+    return parse_list
 
 
 def _method_name(text: str) -> str:
