@@ -29,6 +29,10 @@ STAR_STAGE1_RATIO = 0.15
 STAR_FLOOR = 29 / 576
 
 
+class BudgetUnreachable(ValueError):
+    """A budget below the cheapest setting a method has on a model: a comparison at equal cost skips that pair."""
+
+
 @dataclass(frozen=True)
 class Point:
     """One setting of a method and what it cost and scored; `options` are the ones the budget picks."""
@@ -68,7 +72,7 @@ class Schedule:
         affordable = [p for p in costed if p.cost(kind) <= budget]
         if not affordable:
             least = min(p.cost(kind) for p in costed)
-            raise ValueError(f"{kind}={budget} is below every setting of this schedule ({self.source}): the cheapest costs {least:.3f}")
+            raise BudgetUnreachable(f"{kind}={budget} is below every setting of this schedule ({self.source}): the cheapest costs {least:.3f}")
         return max(affordable, key=lambda p: (p.accuracy, -p.cost(kind)))
 
     def save(self, path: Path | str) -> None:
@@ -139,7 +143,7 @@ def by_formula(method: str, options: dict, shape: DecoderShape, n_visual: int, n
             keep = keeps[fitting - 1]
             return Point(keep=keep, options=chosen(keep), flops=cost(keep))
     least = {"keep": keeps[0], **chosen(keeps[0])}
-    raise ValueError(
+    raise BudgetUnreachable(
         f"flops={budget} is below what {method} reaches on this model: its least is {cost(keeps[0]):.3f}, at "
         + ", ".join(f"{name}={value}" for name, value in least.items())
     )

@@ -91,3 +91,15 @@ def test_keep_and_flops_together_are_refused(checkpoint, tmp_path, capsys):
     assert "--keep and --flops are both given" in capsys.readouterr().err
     assert main(["run", "--model", checkpoint, "--image", str(tmp_path / "red.png"), "--question", "q", "--flops", "2"]) == 2
     assert "flops='2' is not a budget" in capsys.readouterr().err
+
+
+def test_eval_skips_a_flops_budget_a_method_cannot_reach_and_says_so(checkpoint, tmp_path, capsys):
+    import json
+
+    data = write_data(tmp_path, GOOD[:1])
+    out = tmp_path / "out"
+    assert main(["eval", "--model", checkpoint, "--data", data, "--methods", "none,pdrop,fastervlm", "--flops", "0.6",
+                 "--batch-size", "2", "--max-new-tokens", "2", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["settings"]
+    assert [r["method"] for r in rows] == ["none", "fastervlm"]  # PyramidDrop cuts at layers 1, 3, 4 of 6: 0.67 at the least
+    assert "skipped: pdrop-flops0.6: flops=0.6 is below what pdrop reaches on this model" in capsys.readouterr().err

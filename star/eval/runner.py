@@ -24,6 +24,7 @@ import star
 from star.data.vqa import exact_match, normalize_answer
 from star.eval.records import QUESTION_SUFFIX, Record, RecordError
 from star.methods.base import layer_average
+from star.schedule import BudgetUnreachable
 from star.zoo.default_model import MANIFEST
 
 
@@ -84,6 +85,9 @@ def evaluate(
 ) -> tuple[dict, list[str]]:
     """Answer every record under every setting; returns the summary and the messages of skipped records."""
     settings = list(settings)
+    # the prompt length a FLOPs budget is computed for
+    length = text_tokens(processor, records) if any(s.flops_budget is not None for s in settings) else None
+    unreachable: set[str] = set()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     runs = Path(out_dir) / "runs"
     processor.tokenizer.padding_side = "left"
@@ -93,11 +97,17 @@ def evaluate(
     bar = tqdm(total=sum(len(v) for v in todo.values()), desc="star eval", unit="q", disable=not progress or rank)
     for setting in settings:
         bar.set_postfix_str(setting.name)
+        pending = todo[setting.name]
+        try:
+            pruner = star.apply(model, method=setting.method, **setting.budget(length), **{"positions": positions, **setting.options})
+        except BudgetUnreachable as error:  # at equal FLOPs, a method that cannot get this cheap has no point here
+            skipped.append(f"{setting.name}: {error}")
+            unreachable.add(setting.name)
+            bar.update(len(pending))
+            continue
         path = runs / setting.name / f"rank{rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        pending = todo[setting.name]
-        budget = setting.budget(text_tokens(processor, records))
-        with star.apply(model, method=setting.method, **budget, **{"positions": positions, **setting.options}) as pruner:
+        with pruner:
             # what the folder answers, for a later report; a compute budget's pick with it
             picked = {"picked": {"keep": pruner.keep, "options": method_options(pruner.method)}} if setting.flops_budget is not None else {}
             (path.parent / "setting.json").write_text(json.dumps({**asdict(setting), **picked}))
@@ -113,7 +123,7 @@ def evaluate(
         skipped = _gather_messages(skipped, world)
         if rank:
             return None, skipped
-    summary = summarize(settings, runs, {r.id for r in records})
+    summary = summarize([s for s in settings if s.name not in unreachable], runs, {r.id for r in records})
     (Path(out_dir) / "results.json").write_text(json.dumps(summary, indent=2))
     return summary, skipped
 
