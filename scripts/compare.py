@@ -7,7 +7,8 @@ Writes results.json, results.md and accuracy.png into the folder, and prints res
 each run folder's setting.json (star eval writes it), so the authors' defaults and this project's earlier
 variants, evaluated by separate `star eval` calls into one folder, land in one table. A variant row is named by
 its options, and `pairs` sets it beside the default row of the same method and budget, with the figure of an
-earlier `star eval` folder (BEFORE, run before the fidelity fixes) where one is given.
+earlier `star eval` folder (BEFORE, run before the fidelity fixes) where one is given; `against_star` sets each
+STAR row beside the best other method at its keep and at no more FLOPs.
 """
 
 from __future__ import annotations
@@ -64,13 +65,37 @@ def pairs(summary: dict, before: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def against_star(summary: dict) -> str:
+    """Each STAR row beside the most accurate other method at the same keep, and at the same or lower FLOPs, with
+    whether their 95% intervals overlap (no overlap: a difference these questions can tell apart)."""
+    rows = [r for r in summary["settings"] if r["accuracy"] is not None]
+    peers = [r for r in rows if r["method"] not in ("none", "star")]
+    lines = [
+        "| STAR keep | STAR (TFLOPs) | best other at the same keep | overlap | best other at no more FLOPs | overlap |",
+        "|---|---|---|---|---|---|",
+    ]
+    for star in (r for r in rows if r["method"] == "star" and not r["options"]):
+        same_keep = max((r for r in peers if r["keep"] == star["keep"]), key=lambda r: r["accuracy"], default=None)
+        cheaper = max((r for r in peers if r["flops"] <= star["flops"]), key=lambda r: r["accuracy"], default=None)
+        cells = [f"{star['keep']}", f"{report._with_interval(star)} ({star['flops'] / 1e12:.4f})"]
+        for other in (same_keep, cheaper):
+            if other is None:
+                cells += ["none", ""]
+                continue
+            name = f"{other['method']} {report._options(other)} keep {other['keep']}".replace("  ", " ")
+            overlapping = overlap(star["interval"], other["interval"])
+            cells += [f"{name}: {report._with_interval(other)} ({other['flops'] / 1e12:.4f})", "yes" if overlapping else "**no**"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(folder: str, title: str, before: str | None = None) -> None:
     out = Path(folder)
     settings, ids, left_out = load(out)
     summary = summarize(settings, out / "runs", ids)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     earlier = json.loads(Path(before).read_text()) if before else None
-    table = report.markdown_table(summary) + "\n" + pairs(summary, earlier)
+    table = report.markdown_table(summary) + "\n" + pairs(summary, earlier) + "\n" + against_star(summary)
     if left_out:
         table += f"\nLeft out, answered part-way when the run stopped: {', '.join(left_out)}.\n"
     (out / "results.md").write_text(table)
