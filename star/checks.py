@@ -43,10 +43,10 @@ def model_config(model: str | None, argument: str = "--model"):
     is fetched), or the default model's (its shape, when it is not built yet)."""
     from transformers import AutoConfig
 
-    from star.zoo import star_home
+    from star.zoo.default_model import cache_dir
 
     if model is None:
-        built = star_home() / "default"
+        built = cache_dir(None, "default")
         return AutoConfig.from_pretrained(built) if (built / "config.json").is_file() else _default_model_config()
     path = Path(model).expanduser()
     if path.exists() and not (path / "config.json").is_file():
@@ -63,12 +63,18 @@ def model_config(model: str | None, argument: str = "--model"):
 
 
 def _default_model_config():
+    """The default model's shape before it is built: CLIP ViT-B/16 and SmolLM2-135M, so that checks and FLOPs
+    budgets (which find the shipped schedule by the decoder's shape) answer as on the built model."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     from star.zoo.default_model import IMAGE_SIZE, PATCH_SIZE
 
     vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
-    return LlavaConfig(vision_config=vision, text_config=LlamaConfig(num_hidden_layers=DEFAULT_MODEL_LAYERS), vision_feature_layer=-2)
+    text = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=DEFAULT_MODEL_LAYERS, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152,
+    )
+    return LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2)
 
 
 def model_skeleton(model: str | None, argument: str = "--model") -> nn.Module:

@@ -75,6 +75,12 @@ class Schedule:
             raise BudgetUnreachable(f"{kind}={budget} is below every setting of this schedule ({self.source}): the cheapest costs {least:.3f}")
         return max(affordable, key=lambda p: (p.accuracy, -p.cost(kind)))
 
+    def portable(self) -> Schedule:
+        """The schedule without its times: FLOPs belong to the model, times to the machine that measured them, so a
+        schedule shipped to other machines carries only the FLOPs."""
+        points = tuple(dataclasses.replace(p, time=None) for p in self.points)
+        return dataclasses.replace(self, points=points, source=self.source + "; times left out (they were this machine's)")
+
     def save(self, path: Path | str) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
 

@@ -141,11 +141,20 @@ def test_flops_on_a_family_whose_images_differ_in_size_is_refused():
 
 
 def test_the_default_models_shipped_schedule_is_found_by_its_shape():
-    from star.checks import model_skeleton
+    from transformers import AutoConfig
 
-    skeleton = model_skeleton(None)
-    key = shape_key(DecoderShape.from_config(skeleton.config.get_text_config()), 196)
+    from star.checks import _default_model_config
+    from star.zoo import build_default_model
+
+    built = AutoConfig.from_pretrained(build_default_model()).get_text_config()
+    key = shape_key(DecoderShape.from_config(built), 196)
+    assert shape_key(DecoderShape.from_config(_default_model_config().get_text_config()), 196) == key  # before the build too
     schedule = shipped("star", key)
     assert schedule is not None and schedule.method == "star" and len(frontier(list(schedule.points))) >= 3
-    assert all(0 < p.flops <= 1 and p.accuracy is not None and p.n for p in schedule.points)
+    assert all(0 < p.flops <= 1 and p.accuracy is not None and p.n and p.time is None for p in schedule.points)
     assert shipped("star", {**key, "n_visual": 195}) is None
+    from star.checks import model_skeleton
+
+    picked = schedule.pick("flops", 0.3)
+    with star.apply(model_skeleton(None), flops=0.3) as pruner:  # the shipped schedule, not the formula
+        assert (pruner.keep, pruner.method.layer, pruner.method.stage1_ratio) == (picked.keep, picked.options["layer"], picked.options["stage1_ratio"])
