@@ -7,6 +7,10 @@ Two places change, both vLLM's own multimodal interfaces (docs/serving.md):
 - the model's `embed_multimodal` runs the CLIP tower, hands the feature layer to the method's `select_vision`
   (the same method files and `VisionView` as `star.apply`), and projects only the kept patches, in order.
 The decoder, the KV cache, prefix caching and chunked prefill are vLLM's, unchanged.
+
+What every CLIP-tower class shares (LLaVA-NeXT's in `llava_next.py` too) is here as mixins: `SettingInfo` (the
+request's setting), `SettingProcessor` (the setting checked and sent with each image) and `PrunedClip` (the
+checks at the model's start, the feature layer and the method's view of it).
 """
 
 from __future__ import annotations
