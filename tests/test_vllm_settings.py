@@ -63,3 +63,15 @@ def test_overrides_name_the_pruned_architecture():
         hf_overrides("fastervlm", 98, architecture="Qwen2VLForConditionalGeneration")
     with pytest.raises(ValueError, match="option 'seed' is not accepted by method 'fastervlm'"):
         hf_overrides("fastervlm", 98, seed=1)
+
+
+def test_llava_next_overrides_and_its_budget_per_crop():
+    """LLaVA-NeXT's class, and what a crop keeps: `keep` when shown whole, its share of the patches a cut tile
+    shows, as star.apply's `unit_keep` counts (a fraction applies to each)."""
+    assert hf_overrides("fastervlm", 98, architecture="LlavaNextForConditionalGeneration")["architectures"] == [
+        "StarLlavaNextForConditionalGeneration"
+    ]
+    count = parse_setting({"method": "fastervlm", "keep": 98}, 576, 32, "here")
+    assert [count.unit_keep(n) for n in (576, 432, 288, 3)] == [98, 74, 49, 1]
+    fraction = parse_setting({"method": "star-vision", "keep": 0.25}, 576, 32, "here")
+    assert [fraction.unit_keep(n) for n in (576, 432, 2)] == [144, 108, 1]

@@ -41,10 +41,29 @@ def tiny_llava_checkpoint(directory: Path, seed: int = 0) -> str:
     return save_checkpoint(directory, model, llava_style_processor(LlavaProcessor, images, IMAGE_TOKEN))
 
 
-def overrides(method: str, keep: int | float, **options) -> dict:
+# LLaVA-NeXT: 32 px crops of the tiny CLIP tower, and a grid of up to 2 x 2 of them (tests/families.py).
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def tiny_llava_next_checkpoint(directory: Path, seed: int = 0) -> str:
+    """A random LLaVA-NeXT of the real classes (CLIP with [CLS], Llama decoder, learned newline) with its
+    any-resolution processor, saved."""
+    from transformers import LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
+
+    torch.manual_seed(seed)
+    config = LlavaNextConfig(
+        vision_config=tiny_clip(), text_config=LlamaConfig(**TINY_TEXT), image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=-2, image_grid_pinpoints=PINPOINTS,
+    )
+    model = LlavaNextForConditionalGeneration(config).eval()
+    images = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS)
+    return save_checkpoint(directory, model, llava_style_processor(LlavaNextProcessor, images, IMAGE_TOKEN))
+
+
+def overrides(method: str, keep: int | float, architecture: str = "LlavaForConditionalGeneration", **options) -> dict:
     from star.integrations.vllm import hf_overrides
 
-    return hf_overrides(method, keep, **options)
+    return hf_overrides(method, keep, architecture, **options)
 
 
 def hf_model(path: str) -> tuple:

@@ -23,6 +23,8 @@ SETTINGS = [
     {"method": "fastervlm", "keep": 7},
     {"method": "visionzip", "keep": 6},
     {"method": "random", "keep": 4, "seed": 3},
+    {"method": "vispruner", "keep": 6},
+    {"method": "divprune", "keep": 5},
     {"method": "star-vision", "keep": 0.5},
     {"method": "none", "keep": N_VISUAL},
 ]

@@ -6,13 +6,15 @@ of vLLM's own model classes.
 
 The `star` entry is the engine's default setting; a request may give its own as `mm_processor_kwargs`
 (`{"star": {...}}`, `extra_body` in the OpenAI client). A setting is the method's name, `keep` (visual tokens
-per image entering the decoder, or a fraction of the encoder's) and the method's options, as in `star.apply`.
+per image entering the decoder, per 576-token crop for LLaVA-NeXT, or a fraction of the encoder's) and the
+method's options, as in `star.apply`.
 Only vision-side methods run: vLLM keeps one token count per request in every decoder layer, so a method that
 cuts inside the decoder (STAR's stage 2, FastV, PDrop, SparseVLM) is refused with what runs instead
 (docs/serving.md says what upstream would need). The kept tokens are numbered without gaps, as
 `star.apply(..., positions="contiguous")` does.
 
-This module does not import vLLM; the model classes live in `star.integrations.vllm.llava`.
+This module does not import vLLM; the model classes live in `star.integrations.vllm.llava` (LLaVA-1.5, and what
+every CLIP-tower class shares) and `star.integrations.vllm.llava_next` (LLaVA-NeXT).
 """
 
 from __future__ import annotations
@@ -23,10 +25,17 @@ from typing import Any
 
 from star.methods import REGISTRY, Method, build
 from star.pruner import resolve_keep
+from star.pruner.budget import unit_keep
 
 # The pruned class of each vLLM architecture served, and where it lives (imported by vLLM when it loads it).
-ARCHITECTURES = {"LlavaForConditionalGeneration": "StarLlavaForConditionalGeneration"}
-MODULES = {"StarLlavaForConditionalGeneration": "star.integrations.vllm.llava:StarLlavaForConditionalGeneration"}
+ARCHITECTURES = {
+    "LlavaForConditionalGeneration": "StarLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "StarLlavaNextForConditionalGeneration",
+}
+MODULES = {
+    "StarLlavaForConditionalGeneration": "star.integrations.vllm.llava:StarLlavaForConditionalGeneration",
+    "StarLlavaNextForConditionalGeneration": "star.integrations.vllm.llava_next:StarLlavaNextForConditionalGeneration",
+}
 # Families of the Hugging Face path that the plugin does not serve yet, and why.
 _MROPE = (
     "vLLM computes a request's M-RoPE positions from its image grid when the request "
@@ -36,8 +45,6 @@ _MROPE = (
 NOT_SERVED = {
     "Qwen2VLForConditionalGeneration": _MROPE,
     "Qwen2_5_VLForConditionalGeneration": _MROPE,
-    "LlavaNextForConditionalGeneration": "not built yet: its per-crop budgets, unpadded tiles and newline tokens need "
-    "their own placeholder count and selection in vLLM's LLaVA-NeXT processor",
 }
 
 
@@ -65,16 +72,29 @@ def hf_overrides(method: str, keep: int | float, architecture: str = "LlavaForCo
 
 @dataclass(frozen=True)
 class Setting:
-    """One pruning setting as the plugin runs it: the method, and the visual tokens per image it keeps."""
+    """One pruning setting as the plugin runs it: the method, and the visual tokens per image (per crop for
+    LLaVA-NeXT) it keeps."""
 
     method: Method
     keep: int
     n_visual: int
     text: str  # the setting as canonical JSON: it travels with each image from the front end to the model
+    given: int | float  # `keep` as the setting gives it (a count per n_visual tokens, or a fraction)
+    num_layers: int
 
     @property
     def prunes(self) -> bool:
         return self.keep < self.n_visual
+
+    def unit_keep(self, n: int) -> int:
+        """The tokens kept of a unit that shows n of its n_visual patches (a LLaVA-NeXT tile that unpadding cuts),
+        as `star.apply` counts them (`star.pruner.budget.unit_keep`): the method's plan for that unit."""
+        if n == self.n_visual:
+            return self.keep
+        plan = self.method.plan(n, unit_keep(self.given, n, self.n_visual), self.num_layers)
+        if plan.llm_stages:
+            raise ValueError(_refusal(self.method, self.given, plan.llm_stages[0].layer))
+        return plan.vision_keep
 
 
 def parse_setting(raw: object, n_visual: int, num_layers: int, where: str) -> Setting:
@@ -88,7 +108,7 @@ def parse_setting(raw: object, n_visual: int, num_layers: int, where: str) -> Se
         raise ValueError(f"{where}: {error}") from None
     if plan.llm_stages:
         raise ValueError(f"{where}: {_refusal(method, raw['keep'], plan.llm_stages[0].layer)}")
-    return Setting(method, plan.vision_keep, n_visual, json.dumps(raw, sort_keys=True))
+    return Setting(method, plan.vision_keep, n_visual, json.dumps(raw, sort_keys=True), raw["keep"], num_layers)
 
 
 def check_method(raw: object) -> Method:

@@ -7,6 +7,10 @@ Two places change, both vLLM's own multimodal interfaces (docs/serving.md):
 - the model's `embed_multimodal` runs the CLIP tower, hands the feature layer to the method's `select_vision`
   (the same method files and `VisionView` as `star.apply`), and projects only the kept patches, in order.
 The decoder, the KV cache, prefix caching and chunked prefill are vLLM's, unchanged.
+
+What every CLIP-tower class shares (LLaVA-NeXT's in `llava_next.py` too) is here as mixins: `SettingInfo` (the
+request's setting), `SettingProcessor` (the setting checked and sent with each image) and `PrunedClip` (the
+checks at the model's start, the feature layer and the method's view of it).
 """
 
 from __future__ import annotations
@@ -37,9 +41,16 @@ from star.integrations.vllm import Setting, parse_setting
 from star.methods import Selection, VisionView
 
 FIELD = "star_setting"
+# transformers 5 saves the CLIP tower without its `vision_model.` level (star/compat.py), as the default model's
+# checkpoint is; vLLM 0.32's LLaVA classes expect it, so such keys get it back before vLLM's own mapping.
+CLIP_LEVEL = WeightsMapper(
+    orig_to_new_regex={re.compile(r"^(?:model\.)?vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."}
+)
 
 
-class StarLlavaProcessingInfo(LlavaProcessingInfo):
+class SettingInfo:
+    """Processing-info mixin: the request's setting."""
+
     def setting(self, mm_kwargs: Mapping[str, object]) -> Setting:
         """The request's setting (`mm_processor_kwargs["star"]`), else the engine's (`hf_overrides["star"]`)."""
         config = self.get_hf_config()
@@ -48,7 +59,9 @@ class StarLlavaProcessingInfo(LlavaProcessingInfo):
         return engine_setting(config)
 
 
-class StarLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+class SettingProcessor:
+    """Multimodal-processor mixin: the setting checked and sent with each image as its `star_setting` field."""
+
     def _apply_hf_processor_main(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]) -> BatchFeature:
         setting = self.info.setting(hf_kwargs)
         processed = super()._apply_hf_processor_main(mm_items, {k: v for k, v in hf_kwargs.items() if k != "star"})
@@ -60,28 +73,19 @@ class StarLlavaMultiModalProcessor(LlavaMultiModalProcessor):
     def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
         return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs), FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True)}
 
-    def _get_prompt_updates(
-        self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs: MultiModalKwargsItems
-    ) -> Sequence[PromptUpdate]:
-        if mm_items.get_all_counts().get("image") and not isinstance(mm_items["image"], ImageProcessorItems):
+    def _images(self, mm_items: MultiModalDataItems) -> ImageProcessorItems | None:
+        """The request's images, or None; images given as embeddings are refused."""
+        if not mm_items.get_all_counts().get("image"):
+            return None
+        if not isinstance(mm_items["image"], ImageProcessorItems):
             raise ValueError("images given as embeddings cannot be pruned: send the images themselves")
-        setting = self.info.setting(hf_processor_mm_kwargs)
-        token = self.info.get_hf_config().image_token_index
-        return [PromptReplacement(modality="image", target=[token], replacement=[token] * setting.keep)]
+        return mm_items["image"]
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    StarLlavaMultiModalProcessor, info=StarLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
-)
-class StarLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """vLLM's LLaVA whose images enter the decoder pruned. `star_kept` holds, after each encoder call, the kept
-    patch indices of each image it encoded (for tests and inspection, like `Pruner.stats`)."""
-
-    # transformers 5 saves the CLIP tower without its `vision_model.` level (star/compat.py), as the default
-    # model's checkpoint is; vLLM 0.32's LLaVA expects it, so such keys get it back before vLLM's own mapping.
-    hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
-        orig_to_new_regex={re.compile(r"^(?:model\.)?vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."}
-    )
+class PrunedClip:
+    """Model mixin for a vLLM LLaVA-style class with a CLIP tower: the checks at its start, the settings of an
+    encoder call, the feature layer and the method's view of it. `star_kept` holds, after each encoder call, the
+    kept patches of each image it encoded (for tests and inspection, like `Pruner.stats`)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         config = vllm_config.model_config.hf_config
@@ -95,35 +99,18 @@ class StarLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
         self.star_kept: list[torch.Tensor] = []
 
-    def embed_multimodal(self, **kwargs: object):
+    def _pixel_input(self, kwargs: dict) -> tuple[dict | None, list[str]]:
+        """The encoder call's parsed image input (None: no image) and each image's setting as its JSON text."""
         settings = kwargs.pop(FIELD, None)
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
-            return []
+            return None, []
         if image_input["type"] != "pixel_values" or settings is None:
             raise ValueError(f"{image_input['type']} reached the pruned model without its {FIELD}: it cannot be pruned")
-        texts = [bytes(row.tolist()).decode() for row in settings]
-        feature, layer_input = self._feature_layer(image_input["pixel_values"])
-        embeds: list[torch.Tensor | None] = [None] * len(texts)
-        kept: list[torch.Tensor | None] = [None] * len(texts)
-        for text in dict.fromkeys(texts):  # the images of one encoder call, grouped by setting
-            setting = parse_setting(json.loads(text), n_visual(self.config), num_layers(self.config), FIELD)
-            rows = torch.tensor([i for i, t in enumerate(texts) if t == text], device=feature.device)
-            view = VisionView(
-                features=feature[rows, 1:], n_prefix=1, qk=partial(_clip_qk, self.feature_layer, layer_input[rows]),
-                prefix_features=feature[rows, 0],
-            )
-            n = view.features.shape[1]
-            if setting.prunes:
-                selection = setting.method.select_vision(view, setting.keep)
-            else:
-                selection = Selection(torch.arange(n, device=feature.device).expand(len(rows), n))
-            states = selection.states if selection.states is not None else gather_seq(view.features, selection.index)
-            projected = self.multi_modal_projector(states)
-            for unit, row in enumerate(rows.tolist()):
-                embeds[row], kept[row] = projected[unit], selection.index[unit].cpu()
-        self.star_kept = kept
-        return embeds
+        return image_input, [bytes(row.tolist()).decode() for row in settings]
+
+    def _setting(self, text: str) -> Setting:
+        return parse_setting(json.loads(text), n_visual(self.config), num_layers(self.config), FIELD)
 
     @property
     def feature_layer(self) -> nn.Module:
@@ -137,6 +124,66 @@ class StarLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         for layer in vision.encoder.layers[:-1]:
             hidden = layer(hidden)
         return self.feature_layer(hidden), hidden
+
+    def _view(self, feature: torch.Tensor, layer_input: torch.Tensor) -> VisionView:
+        """The method's view of whole crops (images) [I, 1 + N, D], as `star.apply`'s: no instruction, which the
+        encoder step does not see (CDPruner then weighs every token alike)."""
+        return VisionView(
+            features=feature[:, 1:], n_prefix=1, qk=partial(_clip_qk, self.feature_layer, layer_input),
+            prefix_features=feature[:, 0], project=self.multi_modal_projector,
+        )
+
+    @staticmethod
+    def _select(setting: Setting, view: VisionView, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept patches [I, keep] of a view's units (an index into its features) and their features to
+        project (the patches', or a method's merged states)."""
+        n = view.features.shape[1]
+        if keep < n:
+            selection = setting.method.select_vision(view, keep)
+        else:
+            selection = Selection(torch.arange(n, device=view.features.device).expand(view.features.shape[0], n))
+        states = selection.states if selection.states is not None else gather_seq(view.features, selection.index)
+        return selection.index, states
+
+
+class StarLlavaProcessingInfo(SettingInfo, LlavaProcessingInfo):
+    pass
+
+
+class StarLlavaMultiModalProcessor(SettingProcessor, LlavaMultiModalProcessor):
+    def _get_prompt_updates(
+        self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs: MultiModalKwargsItems
+    ) -> Sequence[PromptUpdate]:
+        self._images(mm_items)
+        setting = self.info.setting(hf_processor_mm_kwargs)
+        token = self.info.get_hf_config().image_token_index
+        return [PromptReplacement(modality="image", target=[token], replacement=[token] * setting.keep)]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    StarLlavaMultiModalProcessor, info=StarLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
+class StarLlavaForConditionalGeneration(PrunedClip, LlavaForConditionalGeneration):
+    """vLLM's LLaVA whose images enter the decoder pruned. `star_kept[i]`: image i's kept patch indices."""
+
+    hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | CLIP_LEVEL
+
+    def embed_multimodal(self, **kwargs: object):
+        image_input, texts = self._pixel_input(kwargs)
+        if image_input is None:
+            return []
+        feature, layer_input = self._feature_layer(image_input["pixel_values"])
+        embeds: list[torch.Tensor | None] = [None] * len(texts)
+        kept: list[torch.Tensor | None] = [None] * len(texts)
+        for text in dict.fromkeys(texts):  # the images of one encoder call, grouped by setting
+            setting = self._setting(text)
+            rows = torch.tensor([i for i, t in enumerate(texts) if t == text], device=feature.device)
+            index, states = self._select(setting, self._view(feature[rows], layer_input[rows]), setting.keep)
+            projected = self.multi_modal_projector(states)
+            for unit, row in enumerate(rows.tolist()):
+                embeds[row], kept[row] = projected[unit], index[unit].cpu()
+        self.star_kept = kept
+        return embeds
 
 
 def engine_setting(config) -> Setting:
@@ -153,9 +200,10 @@ def engine_setting(config) -> Setting:
         )
     raw = getattr(config, "star", None)
     if raw is None:
+        name = (getattr(config, "architectures", None) or ["StarLlavaForConditionalGeneration"])[0]
         raise ValueError(
-            "hf_overrides has no 'star' setting: StarLlavaForConditionalGeneration needs one, e.g. "
-            '--hf-overrides \'{"architectures": ["StarLlavaForConditionalGeneration"], "star": {"method": "fastervlm", "keep": 98}}\''
+            f"hf_overrides has no 'star' setting: {name} needs one, e.g. "
+            f'--hf-overrides \'{{"architectures": ["{name}"], "star": {{"method": "fastervlm", "keep": 98}}}}\''
         )
     return parse_setting(raw, n_visual(config), num_layers(config), "hf_overrides['star']")
 
