@@ -11,7 +11,7 @@ from star.integrations.vllm import hf_overrides, parse_setting, vision_methods
 
 
 def test_vision_side_methods_are_those_without_a_decoder_stage():
-    assert vision_methods() == ["fastervlm", "visionzip", "vispruner", "divprune", "cdpruner", "random", "star-vision"]
+    assert vision_methods() == ["fastervlm", "visionzip", "vispruner", "divprune", "random", "star-vision"]
 
 
 @pytest.mark.parametrize(
@@ -36,10 +36,11 @@ def test_a_setting_keeps_what_the_method_plans(raw, keep):
     [
         ({"method": "star", "keep": 39}, "here: method='star' at keep=39 prunes inside the decoder (a cut before layer 15)"),
         ({"method": "star", "keep": 39}, "method 'star-vision' runs STAR's vision stage at the same final budget"),
-        ({"method": "fastv", "keep": 39}, "vision-side methods run instead: fastervlm, visionzip, vispruner, divprune, cdpruner, random, star-vision"),
+        ({"method": "fastv", "keep": 39}, "vision-side methods run instead: fastervlm, visionzip, vispruner, divprune, random, star-vision"),
         ({"method": "pdrop", "keep": 39}, "prunes inside the decoder"),
         ({"method": "sparsevlm", "keep": 39}, "prunes inside the decoder"),
         ({"method": "dart", "keep": 39}, "prunes inside the decoder"),
+        ({"method": "cdpruner", "keep": 39}, "method='cdpruner' weighs the visual tokens by the prompt's instruction, and vLLM's encoder step never sees"),
         ({"method": "fastervlm", "keep": 197}, "here: keep=197 is outside [1, 196]"),
         ({"method": "fastervlm", "keep": 0}, "keep=0 is outside [1, 196]"),
         ({"method": "visionzip", "keep": 20, "contextual_ratio": 1.5}, "contextual_ratio=1.5 is not a ratio in [0, 1)"),

@@ -156,6 +156,9 @@ class Method:
     # "contiguous" where the authors renumber the kept tokens without gaps, "original" where they keep them.
     source: ClassVar[str] = "this project"
     positions: ClassVar[str] = "original"
+    # Whether the vision stage reads the prompt's instruction (VisionView.instruction): a serving engine whose
+    # encoder step never sees the prompt cannot run such a method as it is (star.integrations.vllm refuses it).
+    reads_instruction: ClassVar[bool] = False
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         raise NotImplementedError

@@ -45,6 +45,7 @@ class CDPruner(Method):
     summary = "the most diverse tokens given the instruction (greedy DPP MAP, relevance-weighted cosine kernel), before the decoder"
     source = "Theia-4869/CDPruner @ 9541616"
     positions = "contiguous"
+    reads_instruction = True
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         return Plan(n_visual=n_visual, vision_keep=keep)

@@ -119,6 +119,12 @@ def check_method(raw: object) -> Method:
     name = raw["method"]
     if not isinstance(name, str) or name not in REGISTRY:
         raise ValueError(f"method={name!r} is unknown: vision-side methods are {', '.join(vision_methods())}")
+    if REGISTRY[name].reads_instruction:
+        raise ValueError(
+            f"method={name!r} weighs the visual tokens by the prompt's instruction, and vLLM's encoder step never sees the "
+            f"prompt (it runs on the image alone, its output cached for any question), so it would run as another method; "
+            f"vision-side methods that run here are {', '.join(vision_methods())}"
+        )
     return build(name, **options)
 
 
@@ -127,7 +133,7 @@ def vision_methods() -> list[str]:
     their plans for LLaVA-1.5's sizes (576 tokens, 58 kept, 32 layers; a plan's stages depend on the options)."""
     return [
         name for name, cls in REGISTRY.items()
-        if name != "none" and not cls().plan(576, 58, 32).llm_stages
+        if name != "none" and not cls().plan(576, 58, 32).llm_stages and not cls.reads_instruction
     ]
 
 
