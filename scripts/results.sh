@@ -7,11 +7,12 @@
 #   scripts/results.sh bench    # prefill and decode time against the unpruned model and the oracle
 #   scripts/results.sh compare  # COMPARE_METHODS at 98/39/20/10 tokens, authors' defaults and earlier variants
 #   scripts/results.sh calibrate  # STAR's schedule on the scenes validation split, shipped in star/schedules/
+#   scripts/results.sh budgets  # COMPARE_METHODS at 0.2/0.3/0.4/0.5/0.7 of the unpruned FLOPs (STAR: its schedule)
 #   scripts/results.sh scale    # STAR's time against its FLOPs at 135M (default model) and 1.1B (random weights)
 #
 # Sizes are environment variables (per question type): MODEL_N (200 scene questions), EASY_N (100 easy-VQA
 # colour and shape questions), SWEEP_N (25), TABLE_N (25), BENCH_REPEATS (9), SCALE_REPEATS (3),
-# SCALE_REPEATS_1B (2), CALIBRATE_N (10 per type: the shipped schedule's n), COMPARE_ROUNDS ("2 5 15 50") and COMPARE_EASY_ROUNDS ("5 25 50"): per-type limits, run in
+# SCALE_REPEATS_1B (2), CALIBRATE_N (10 per type: the shipped schedule's n), BUDGET_N (50 per type), COMPARE_ROUNDS ("2 5 15 50") and COMPARE_EASY_ROUNDS ("5 25 50"): per-type limits, run in
 # turn so every setting grows together, scenes first; 50 is the target: 200 scene and 100 easy-VQA questions per
 # setting. Every run resumes where it
 # stopped: star eval appends answers as they come (and refuses a folder that other weights answered).
@@ -82,6 +83,13 @@ case "${1:-}" in
     $STAR calibrate --data scenes --split validation --limit "${CALIBRATE_N:-10}" --out $OUT/calibrate/star.json
     # the shipped copy keeps the FLOPs, not this shared machine's times (Schedule.portable)
     ${PYTHON:-.venv/bin/python} -c "from star.schedule import Schedule; Schedule.load('$OUT/calibrate/star.json').portable().save('star/schedules/default-model-star.json')"
+    ;;
+  budgets)
+    for data in scenes easy-vqa; do
+      types=$([ $data = easy-vqa ] && echo "--types color,shape" || true)
+      $STAR eval --data $data --split test $types --limit "${BUDGET_N:-50}" --methods "$COMPARE_METHODS" \
+        --flops 0.2,0.3,0.4,0.5,0.7 --out $OUT/budgets-$data
+    done
     ;;
   scale)
     # float32 (on this CPU bfloat16 matrix products run slower than float32 ones) and one thread per process (on a
