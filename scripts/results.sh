@@ -29,7 +29,7 @@ VARIANTS=(
   "fastervlm positions=original"
   "visionzip positions=original merge=mean order=spatial"
   "pdrop positions=original"
-  "sparsevlm positions=original schedule=geometric"
+  "sparsevlm positions=original counts=geometric"
   "vispruner positions=original"
   "divprune positions=original"
   "cdpruner positions=original"

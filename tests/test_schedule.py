@@ -158,3 +158,15 @@ def test_the_default_models_shipped_schedule_is_found_by_its_shape():
     picked = schedule.pick("flops", 0.3)
     with star.apply(model_skeleton(None), flops=0.3) as pruner:  # the shipped schedule, not the formula
         assert (pruner.keep, pruner.method.layer, pruner.method.stage1_ratio) == (picked.keep, picked.options["layer"], picked.options["stage1_ratio"])
+
+
+def test_no_method_option_shares_a_name_with_an_apply_argument():
+    """A method option named like one of apply's own arguments could never be given (apply would take it)."""
+    import dataclasses
+    import inspect
+
+    from star.methods import REGISTRY
+
+    own = {name for name, p in inspect.signature(star.apply).parameters.items() if p.kind is not p.VAR_KEYWORD}
+    shadowed = {(name, f.name) for name, cls in REGISTRY.items() for f in dataclasses.fields(cls) if f.name in own}
+    assert not shadowed

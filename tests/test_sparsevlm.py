@@ -17,7 +17,7 @@ PROMPTS = [prompt_ids(3, 6, seed=1), prompt_ids(7, 4, seed=2), prompt_ids(1, 9, 
 @pytest.mark.parametrize(
     "options", [
         {}, {"layers": (1, 3)}, {"recycle_ratio": 0.0}, {"recycle_ratio": 1.0, "cluster_size": 2},
-        {"schedule": "geometric"}, {"budget": "average"},
+        {"counts": "geometric"}, {"budget": "average"},
     ]
 )
 @pytest.mark.parametrize("keep", [1, 2, 5, 9, 15])
@@ -97,7 +97,7 @@ def test_default_layers_scale_with_depth_and_bad_options_fail():
         ({"layers": (1, 2)}, "increase by at least 2"),
         ({"layers": (1, 5)}, "5 is not a layer whose output can be pruned"),
         ({"budget": "mean"}, "budget='mean' is unknown"),
-        ({"schedule": "geometric", "budget": "average"}, "only schedule='official'"),
+        ({"counts": "geometric", "budget": "average"}, "only counts='official'"),
         ({"recycle_ratio": 1.5}, "recycle_ratio"),
         ({"cluster_size": 0}, "cluster_size"),
     ]:

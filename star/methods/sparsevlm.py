@@ -9,7 +9,7 @@ Defaults follow the official code, Gumpest/SparseVLMs @ 26a5f48, its default ver
   S = softmax over the text tokens of (visual states @ text states^T), a text token's score is its mean over
   the visual tokens, and the raters are the tokens scoring above the mean.
 - Ranking: the layer's attention from the raters to each visual token, mean over heads and raters.
-- Budgets (`schedule="official"`): the code keeps fixed counts per stage, listed for 576 tokens by the setting's
+- Budgets (`counts="official"`): the code keeps fixed counts per stage, listed for 576 tokens by the setting's
   name, which is a layer average: 64 -> 66, 30, 17 (`score.py`; also 96, 128, 192). Other budgets interpolate
   those lists linearly as fractions of the encoder's tokens, between the four settings and 0 or all tokens: by the
   final count (`budget="final"`, `keep` counts the tokens after the last stage, merged ones included) or by the
@@ -30,7 +30,7 @@ Deliberate differences:
 - Any batch size (the code handles one prompt): every row chooses its raters, ranks and recycles on its own; the
   code's "keep at least one deleted token" (`min(count, n - 1)`) is kept.
 - Scores in float32, recomputed for the rater rows (the code builds every layer's eager map in fp16).
-This project's earlier variant is `schedule="geometric"` with positions="original" (budgets shrinking by one
+This project's earlier variant is `counts="geometric"` with positions="original" (budgets shrinking by one
 ratio to `keep`); its cut before each layer (instead of after it) is not kept as an option.
 """
 
@@ -66,7 +66,7 @@ class SparseVLM(Method):
     recycle_ratio: float = field(default=0.3, metadata={"help": "share of the deleted tokens recycled into merged ones, in [0, 1]"})
     cluster_size: int = field(default=10, metadata={"help": "recycled tokens per merged token"})
     budget: str = field(default="final", metadata={"help": "what keep counts: 'final' (after the last stage) or 'average' (the code's setting names, layer averages)"})
-    schedule: str = field(default="official", metadata={"help": "stage budgets: 'official' (the code's lists) or 'geometric' (one ratio down to keep)"})
+    counts: str = field(default="official", metadata={"help": "tokens kept per stage: 'official' (the code's lists) or 'geometric' (one ratio down to keep)"})
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         layers = self.layers or default_layers(num_layers)
@@ -85,12 +85,12 @@ class SparseVLM(Method):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"cluster_size={size!r} must be a positive integer (recycled tokens per merged token)")
         check_choice("budget", self.budget, ("final", "average"))
-        check_choice("schedule", self.schedule, ("official", "geometric"))
-        if self.schedule == "geometric" and self.budget == "average":
-            raise ValueError("budget='average' reads keep as the code's setting names, which only schedule='official' has")
+        check_choice("counts", self.counts, ("official", "geometric"))
+        if self.counts == "geometric" and self.budget == "average":
+            raise ValueError("budget='average' reads keep as the code's setting names, which only counts='official' has")
         if keep == n_visual:
             return Plan(n_visual=n_visual, vision_keep=n_visual)
-        if self.schedule == "geometric":
+        if self.counts == "geometric":
             return staged_plan(n_visual, geometric_counts(n_visual, keep, len(layers)), layers, after=True)
         return staged_plan(n_visual, self.official_counts(n_visual, keep, len(layers)), layers, after=True)
 
