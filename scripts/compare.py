@@ -8,7 +8,9 @@ each run folder's setting.json (star eval writes it), so the authors' defaults a
 variants, evaluated by separate `star eval` calls into one folder, land in one table. A variant row is named by
 its options, and `pairs` sets it beside the default row of the same method and budget, with the figure of an
 earlier `star eval` folder (BEFORE, run before the fidelity fixes) where one is given; `against_star` sets each
-STAR row beside the best other method at its keep and at no more FLOPs.
+STAR row beside the best other method at its keep and at no more FLOPs. Both give the paired difference of the
+two settings on the questions they both answered, with its 95% interval: a difference whose interval excludes 0
+is one these questions tell apart, even where the two accuracy intervals overlap.
 """
 
 from __future__ import annotations
@@ -19,15 +21,19 @@ from pathlib import Path
 
 from star.eval import report
 from star.eval.runner import Setting, _answered, summarize
+from star.eval.stats import paired_difference
 
 
-def load(folder: Path) -> tuple[list[Setting], set[str], list[str]]:
-    """The settings answered in `folder`, the record ids every one of them answered, and the names of the settings
-    left out because a run stopped part-way through them (fewer answers than the median setting)."""
-    found = []
+def load(folder: Path) -> tuple[list[Setting], set[str], list[str], dict[str, dict[str, bool]]]:
+    """The settings answered in `folder`, the record ids every one of them answered, the names of the settings
+    left out because a run stopped part-way through them (fewer answers than the median setting), and each
+    setting's answers (record id: correct) by setting name."""
+    found, answers = [], {}
     for path in sorted((folder / "runs").glob("*/setting.json")):
         data = json.loads(path.read_text())
-        found.append((Setting(data["method"], data["keep"], data.get("options", {})), set(_answered(path.parent))))
+        setting = Setting(data["method"], data["keep"], data.get("options", {}))
+        answers[setting.name] = {key: row["correct"] for key, row in _answered(path.parent).items()}
+        found.append((setting, set(answers[setting.name])))
     counts = sorted(len(ids) for _, ids in found)
     median = counts[len(counts) // 2] if counts else 0
     settings = [s for s, ids in found if len(ids) >= median and ids]
@@ -35,22 +41,32 @@ def load(folder: Path) -> tuple[list[Setting], set[str], list[str]]:
     common = set.intersection(*(ids for s, ids in found if s in settings)) if settings else set()
     order = {"none": 0, "star": 1, "random": 99}
     settings.sort(key=lambda s: (order.get(s.method, 2), s.method, bool(s.options), sorted(s.options.items()), -s.keep))
-    return settings, common, left_out
+    return settings, common, left_out, answers
 
 
 def overlap(a: list[float], b: list[float]) -> bool:
     return a[0] <= b[1] and b[0] <= a[1]
 
 
-def pairs(summary: dict, before: dict | None) -> str:
+def difference(answers: dict[str, dict[str, bool]], first: dict, second: dict) -> str:
+    """`first` minus `second` in points on the questions both answered, paired, with its 95% interval; bold
+    where the interval excludes 0."""
+    a, b = (answers[Setting(r["method"], r["keep"], r["options"]).name] for r in (first, second))
+    shared = sorted(set(a) & set(b))
+    value, (low, high) = paired_difference([a[k] for k in shared], [b[k] for k in shared])
+    text = f"{100 * value:+.1f} ({100 * low:+.1f} to {100 * high:+.1f})"
+    return f"**{text}**" if low > 0 or high < 0 else text
+
+
+def pairs(summary: dict, answers: dict[str, dict[str, bool]], before: dict | None) -> str:
     """Each peer's authors' defaults beside this project's earlier variant (run here, on the same questions) and
     the earlier folder's figure for the same method and budget (other questions, its own n), per budget."""
     rows = summary["settings"]
     variants = {(r["method"], r["keep"]): r for r in rows if r["options"]}
     earlier = {(r["method"], r["keep"]): r for r in (before or {}).get("settings", []) if not r.get("options")}
     lines = [
-        "| method | keep | authors' defaults | earlier variant, same questions | overlap | before the fidelity fixes (earlier run, n) |",
-        "|---|---|---|---|---|---|",
+        "| method | keep | authors' defaults | variant, same questions | overlap | variant - defaults, paired | before the fidelity fixes (earlier run, n) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         variant = variants.get((r["method"], r["keep"]))
@@ -60,19 +76,21 @@ def pairs(summary: dict, before: dict | None) -> str:
         old_text = "" if old is None else f"{100 * old['accuracy']:.1f} (n={old['n']})"
         lines.append(
             f"| {r['method']} | {r['keep']} | {report._with_interval(r)} | {report._with_interval(variant)} "
-            f"({report._options(variant)}) | {'yes' if overlap(r['interval'], variant['interval']) else '**no**'} | {old_text} |"
+            f"({report._options(variant)}) | {'yes' if overlap(r['interval'], variant['interval']) else '**no**'} "
+            f"| {difference(answers, variant, r)} | {old_text} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def against_star(summary: dict) -> str:
+def against_star(summary: dict, answers: dict[str, dict[str, bool]]) -> str:
     """Each STAR row beside the most accurate other method at the same keep, and at the same or lower FLOPs, with
-    whether their 95% intervals overlap (no overlap: a difference these questions can tell apart)."""
+    whether their 95% intervals overlap and STAR's paired difference from it."""
     rows = [r for r in summary["settings"] if r["accuracy"] is not None]
     peers = [r for r in rows if r["method"] not in ("none", "star")]
     lines = [
-        "| STAR keep | STAR (TFLOPs) | best other at the same keep | overlap | best other at no more FLOPs | overlap |",
-        "|---|---|---|---|---|---|",
+        "| STAR keep | STAR (TFLOPs) | best other at the same keep | overlap | STAR - it, paired "
+        "| best other at no more FLOPs | overlap | STAR - it, paired |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for star in (r for r in rows if r["method"] == "star" and not r["options"]):
         same_keep = max((r for r in peers if r["keep"] == star["keep"]), key=lambda r: r["accuracy"], default=None)
@@ -80,22 +98,23 @@ def against_star(summary: dict) -> str:
         cells = [f"{star['keep']}", f"{report._with_interval(star)} ({star['flops'] / 1e12:.4f})"]
         for other in (same_keep, cheaper):
             if other is None:
-                cells += ["none", ""]
+                cells += ["none", "", ""]
                 continue
             name = f"{other['method']} {report._options(other)} keep {other['keep']}".replace("  ", " ")
             overlapping = overlap(star["interval"], other["interval"])
-            cells += [f"{name}: {report._with_interval(other)} ({other['flops'] / 1e12:.4f})", "yes" if overlapping else "**no**"]
+            cells += [f"{name}: {report._with_interval(other)} ({other['flops'] / 1e12:.4f})", "yes" if overlapping else "**no**",
+                      difference(answers, star, other)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(folder: str, title: str, before: str | None = None) -> None:
     out = Path(folder)
-    settings, ids, left_out = load(out)
+    settings, ids, left_out, answers = load(out)
     summary = summarize(settings, out / "runs", ids)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     earlier = json.loads(Path(before).read_text()) if before else None
-    table = report.markdown_table(summary) + "\n" + pairs(summary, earlier) + "\n" + against_star(summary)
+    table = report.markdown_table(summary) + "\n" + pairs(summary, answers, earlier) + "\n" + against_star(summary, answers)
     if left_out:
         table += f"\nLeft out, answered part-way when the run stopped: {', '.join(left_out)}.\n"
     (out / "results.md").write_text(table)

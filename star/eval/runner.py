@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 import star
 from star.data.vqa import exact_match, normalize_answer
 from star.eval.records import QUESTION_SUFFIX, Record, RecordError
+from star.eval.stats import wilson_interval
 from star.methods.base import layer_average
 from star.schedule import BudgetUnreachable
 from star.zoo.default_model import MANIFEST
@@ -275,14 +276,3 @@ def summarize(settings: list[Setting], runs: Path, ids: set[str]) -> dict:
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.959964) -> list[float] | None:
-    """The 95% Wilson score interval of an accuracy of `correct` out of `n` (None when n = 0): unlike the normal
-    approximation it stays inside [0, 1] and is honest at small n and at accuracies near 0 or 1."""
-    if n == 0:
-        return None
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
