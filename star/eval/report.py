@@ -45,16 +45,27 @@ def markdown_table(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path, title: str = "") -> None:
-    """Accuracy against prefill FLOPs (left) and against remaining visual tokens (right), a line per method, with
-    the 95% interval of each accuracy as an error bar."""
+    """Accuracy against prefill FLOPs (left) and against remaining visual tokens (right), a line per method and
+    options, with the 95% interval of each accuracy as an error bar. A method keeps one colour; its variants
+    (options) are dashed with hollow markers, STAR is black, thickest and on top, the unpruned model grey, and
+    the legend sits below the panels so that twenty lines stay readable."""
     rows = [r for r in summary["settings"] if r["accuracy"] is not None]
-    fig, (by_flops, by_tokens) = plt.subplots(1, 2, figsize=(11, 4.2))
+    peers = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in ("none", "star")]
+    palette = plt.get_cmap("tab10" if len(peers) <= 10 else "tab20")
+    colours = {"none": "grey", "star": "black"} | {m: palette(i % palette.N) for i, m in enumerate(peers)}
+    fig, (by_flops, by_tokens) = plt.subplots(1, 2, figsize=(12, 4.6))
     for line in dict.fromkeys(_label(r) for r in rows):  # a line per method and options, across budgets
         mine = sorted((r for r in rows if _label(r) == line), key=lambda r: r["flops"])
-        style = {"marker": "o", "label": line, "linestyle": "none" if line == "none" else "-"}
+        colour = colours[mine[0]["method"]]
+        variant, star = bool(mine[0]["options"]), mine[0]["method"] == "star"
+        style = {
+            "label": line, "color": colour, "marker": "*" if star else "o", "markersize": 9 if star else 5,
+            "markerfacecolor": "white" if variant else colour, "linewidth": 2.4 if star else 1.2,
+            "linestyle": "none" if line == "none" else "--" if variant else "-", "zorder": 3 if star else 2,
+        }
         accuracy = [100 * r["accuracy"] for r in mine]
         errors = [[a - 100 * r["interval"][0] for a, r in zip(accuracy, mine)], [100 * r["interval"][1] - a for a, r in zip(accuracy, mine)]]
-        bars = {"yerr": errors, "capsize": 2, "elinewidth": 0.8}
+        bars = {"yerr": errors, "capsize": 2, "elinewidth": 0.7, "ecolor": colour}
         by_flops.errorbar([r["flops"] / 1e12 for r in mine], accuracy, **bars, **style)
         by_tokens.errorbar([r["tokens"][-1] for r in mine], accuracy, **bars, **style)
     by_flops.set_xlabel("decoder prefill TFLOPs per prompt")
@@ -63,10 +74,12 @@ def plot(summary: dict, path: Path, title: str = "") -> None:
     for axis in (by_flops, by_tokens):
         axis.set_ylabel("accuracy (%)")
         axis.grid(alpha=0.3)
-    by_tokens.legend(fontsize=8)
+    handles, labels = by_flops.get_legend_handles_labels()
+    columns = min(4, max(1, len(labels)))
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
     n = max((r["n"] for r in rows), default=0)
-    fig.suptitle(f"{title} (n = {n} questions per setting)".strip())
-    fig.tight_layout()
+    fig.suptitle(f"{title} (n = {n} questions per setting; bars: 95% intervals)".strip())
+    fig.tight_layout(rect=(0, 0.035 * (-(-len(labels) // columns) + 1), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
