@@ -3,7 +3,8 @@ questions all of them answered (so every row has the same n), with 95% Wilson in
 
     python scripts/compare.py docs/results/compare-scenes "scenes (test)" [BEFORE/results.json]
 
-Writes results.json, results.md and accuracy.png into the folder, and prints results.md. Settings come from
+Writes results.json, results.md (a grid of methods by budget first, then every setting in full) and
+accuracy.png into the folder, and prints results.md. Settings come from
 each run folder's setting.json (star eval writes it), so the authors' defaults and this project's earlier
 variants, evaluated by separate `star eval` calls into one folder, land in one table. A variant row is named by
 its options, and `pairs` sets it beside the default row of the same method and budget, with the figure of an
@@ -48,6 +49,23 @@ def overlap(a: list[float], b: list[float]) -> bool:
     return a[0] <= b[1] and b[0] <= a[1]
 
 
+def grid(summary: dict) -> str:
+    """Every method and variant as a row, every budget as a column: accuracy (95% interval) and TFLOPs, the
+    table to read first."""
+    rows = [r for r in summary["settings"] if r["accuracy"] is not None]
+    keeps = sorted({r["keep"] for r in rows if r["method"] != "none"}, reverse=True)
+    lines = ["| method | options | " + " | ".join(f"keep {k}" for k in keeps) + " |", "|---|---|" + "---|" * len(keeps)]
+    for label in dict.fromkeys(report._label(r) for r in rows):
+        mine = {r["keep"]: r for r in rows if report._label(r) == label}
+        first = next(iter(mine.values()))
+        if first["method"] == "none":
+            cells = [f"{report._with_interval(first)} [{first['flops'] / 1e12:.4f}]"] * len(keeps)
+        else:
+            cells = [f"{report._with_interval(mine[k])} [{mine[k]['flops'] / 1e12:.4f}]" if k in mine else "" for k in keeps]
+        lines.append(f"| {first['method']} | {report._options(first)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nAccuracy in % (95% Wilson interval) [decoder prefill TFLOPs per prompt]; `none` is unpruned, repeated.\n"
+
+
 def difference(answers: dict[str, dict[str, bool]], first: dict, second: dict) -> str:
     """`first` minus `second` in points on the questions both answered, paired, with its 95% interval; bold
     where the interval excludes 0."""
@@ -79,6 +97,21 @@ def pairs(summary: dict, answers: dict[str, dict[str, bool]], before: dict | Non
             f"({report._options(variant)}) | {'yes' if overlap(r['interval'], variant['interval']) else '**no**'} "
             f"| {difference(answers, variant, r)} | {old_text} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def star_against_each(summary: dict, answers: dict[str, dict[str, bool]]) -> str:
+    """STAR minus every other setting at the same keep, paired on the same questions, in points with the 95%
+    interval; bold where the interval excludes 0 (STAR better if positive)."""
+    rows = [r for r in summary["settings"] if r["accuracy"] is not None]
+    star = {r["keep"]: r for r in rows if r["method"] == "star" and not r["options"]}
+    keeps = sorted(star, reverse=True)
+    lines = ["| STAR minus | options | " + " | ".join(f"keep {k}" for k in keeps) + " |", "|---|---|" + "---|" * len(keeps)]
+    for label in dict.fromkeys(report._label(r) for r in rows if r["method"] not in ("none", "star")):
+        mine = {r["keep"]: r for r in rows if report._label(r) == label}
+        first = next(iter(mine.values()))
+        cells = [difference(answers, star[k], mine[k]) if k in mine else "" for k in keeps]
+        lines.append(f"| {first['method']} | {report._options(first)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -114,7 +147,7 @@ def main(folder: str, title: str, before: str | None = None) -> None:
     summary = summarize(settings, out / "runs", ids)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     earlier = json.loads(Path(before).read_text()) if before else None
-    table = report.markdown_table(summary) + "\n" + pairs(summary, answers, earlier) + "\n" + against_star(summary, answers)
+    table = grid(summary) + "\n" + report.markdown_table(summary) + "\n" + pairs(summary, answers, earlier) + "\n" + star_against_each(summary, answers) + "\n" + against_star(summary, answers)
     if left_out:
         table += f"\nLeft out, answered part-way when the run stopped: {', '.join(left_out)}.\n"
     (out / "results.md").write_text(table)
