@@ -14,7 +14,7 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> list[float] | None:
     p = correct / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    return [max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))]  # rounding must not exclude p
 
 
 def paired_difference(first: list[bool], second: list[bool], z: float = Z95) -> tuple[float, list[float]]:
