@@ -32,7 +32,7 @@ def load(folder: Path) -> tuple[list[Setting], set[str], list[str], dict[str, di
     found, answers = [], {}
     for path in sorted((folder / "runs").glob("*/setting.json")):
         data = json.loads(path.read_text())
-        setting = Setting(data["method"], data["keep"], data.get("options", {}))
+        setting = Setting(data["method"], data["keep"], data.get("options", {}), data.get("flops_budget"))
         answers[setting.name] = {key: row["correct"] for key, row in _answered(path.parent).items()}
         found.append((setting, set(answers[setting.name])))
     counts = sorted(len(ids) for _, ids in found)
@@ -41,7 +41,8 @@ def load(folder: Path) -> tuple[list[Setting], set[str], list[str], dict[str, di
     left_out = [s.name for s, ids in found if len(ids) < median or not ids]
     common = set.intersection(*(ids for s, ids in found if s in settings)) if settings else set()
     order = {"none": 0, "star": 1, "random": 99}
-    settings.sort(key=lambda s: (order.get(s.method, 2), s.method, bool(s.options), sorted(s.options.items()), -s.keep))
+    settings.sort(key=lambda s: (order.get(s.method, 2), s.method, bool(s.options), sorted(s.options.items()),
+                                 -(s.keep if s.flops_budget is None else s.flops_budget)))
     return settings, common, left_out, answers
 
 
@@ -49,27 +50,45 @@ def overlap(a: list[float], b: list[float]) -> bool:
     return a[0] <= b[1] and b[0] <= a[1]
 
 
+def budget(row: dict) -> int | float:
+    """What a row's column is: its FLOPs budget where it has one (`star eval --flops`), else its keep."""
+    return row["keep"] if row.get("flops_budget") is None else row["flops_budget"]
+
+
+def budget_name(value: int | float, rows: list[dict]) -> str:
+    return f"flops {value}" if any(r.get("flops_budget") is not None for r in rows) else f"keep {value}"
+
+
+def name(row: dict) -> str:
+    return Setting(row["method"], row["keep"], row["options"], row.get("flops_budget")).name
+
+
 def grid(summary: dict) -> str:
     """Every method and variant as a row, every budget as a column: accuracy (95% interval) and TFLOPs, the
     table to read first."""
     rows = [r for r in summary["settings"] if r["accuracy"] is not None]
-    keeps = sorted({r["keep"] for r in rows if r["method"] != "none"}, reverse=True)
-    lines = ["| method | options | " + " | ".join(f"keep {k}" for k in keeps) + " |", "|---|---|" + "---|" * len(keeps)]
+    keeps = sorted({budget(r) for r in rows if r["method"] != "none"}, reverse=True)
+    lines = ["| method | options | " + " | ".join(budget_name(k, rows) for k in keeps) + " |", "|---|---|" + "---|" * len(keeps)]
     for label in dict.fromkeys(report._label(r) for r in rows):
-        mine = {r["keep"]: r for r in rows if report._label(r) == label}
+        mine = {budget(r): r for r in rows if report._label(r) == label}
         first = next(iter(mine.values()))
         if first["method"] == "none":
-            cells = [f"{report._with_interval(first)} [{first['flops'] / 1e12:.4f}]"] * len(keeps)
-        else:
-            cells = [f"{report._with_interval(mine[k])} [{mine[k]['flops'] / 1e12:.4f}]" if k in mine else "" for k in keeps]
+            mine = dict.fromkeys(keeps, first)
+        cells = [f"{report._with_interval(mine[k])} [{cost(mine[k])}]" if k in mine else "" for k in keeps]
         lines.append(f"| {first['method']} | {report._options(first)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nAccuracy in % (95% Wilson interval) [decoder prefill TFLOPs per prompt]; `none` is unpruned, repeated.\n"
+    note = "decoder prefill TFLOPs per prompt" + ("; the keep a FLOPs budget picked" if keeps and isinstance(keeps[0], float) else "")
+    return "\n".join(lines) + f"\n\nAccuracy in % (95% Wilson interval) [{note}]; `none` is unpruned, repeated.\n"
+
+
+def cost(row: dict) -> str:
+    picked = (row.get("picked") or {}).get("keep")
+    return f"{row['flops'] / 1e12:.4f}" + ("" if picked is None else f"; keep {picked}")
 
 
 def difference(answers: dict[str, dict[str, bool]], first: dict, second: dict) -> str:
     """`first` minus `second` in points on the questions both answered, paired, with its 95% interval; bold
     where the interval excludes 0."""
-    a, b = (answers[Setting(r["method"], r["keep"], r["options"]).name] for r in (first, second))
+    a, b = (answers[name(r)] for r in (first, second))
     shared = sorted(set(a) & set(b))
     value, (low, high) = paired_difference([a[k] for k in shared], [b[k] for k in shared])
     text = f"{100 * value:+.1f} ({100 * low:+.1f} to {100 * high:+.1f})"
@@ -80,20 +99,20 @@ def pairs(summary: dict, answers: dict[str, dict[str, bool]], before: dict | Non
     """Each peer's authors' defaults beside this project's earlier variant (run here, on the same questions) and
     the earlier folder's figure for the same method and budget (other questions, its own n), per budget."""
     rows = summary["settings"]
-    variants = {(r["method"], r["keep"]): r for r in rows if r["options"]}
-    earlier = {(r["method"], r["keep"]): r for r in (before or {}).get("settings", []) if not r.get("options")}
+    variants = {(r["method"], budget(r)): r for r in rows if r["options"]}
+    earlier = {(r["method"], budget(r)): r for r in (before or {}).get("settings", []) if not r.get("options")}
     lines = [
         "| method | keep | authors' defaults | variant, same questions | overlap | variant - defaults, paired | before the fidelity fixes (earlier run, n) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        variant = variants.get((r["method"], r["keep"]))
+        variant = variants.get((r["method"], budget(r)))
         if r["options"] or variant is None or r["interval"] is None or variant["interval"] is None:
             continue
-        old = earlier.get((r["method"], r["keep"]))
+        old = earlier.get((r["method"], budget(r)))
         old_text = "" if old is None else f"{100 * old['accuracy']:.1f} (n={old['n']})"
         lines.append(
-            f"| {r['method']} | {r['keep']} | {report._with_interval(r)} | {report._with_interval(variant)} "
+            f"| {r['method']} | {budget(r)} | {report._with_interval(r)} | {report._with_interval(variant)} "
             f"({report._options(variant)}) | {'yes' if overlap(r['interval'], variant['interval']) else '**no**'} "
             f"| {difference(answers, variant, r)} | {old_text} |"
         )
@@ -101,14 +120,14 @@ def pairs(summary: dict, answers: dict[str, dict[str, bool]], before: dict | Non
 
 
 def star_against_each(summary: dict, answers: dict[str, dict[str, bool]]) -> str:
-    """STAR minus every other setting at the same keep, paired on the same questions, in points with the 95%
+    """STAR minus every other setting at the same budget (keep or FLOPs), paired on the same questions, in points with the 95%
     interval; bold where the interval excludes 0 (STAR better if positive)."""
     rows = [r for r in summary["settings"] if r["accuracy"] is not None]
-    star = {r["keep"]: r for r in rows if r["method"] == "star" and not r["options"]}
+    star = {budget(r): r for r in rows if r["method"] == "star" and not r["options"]}
     keeps = sorted(star, reverse=True)
-    lines = ["| STAR minus | options | " + " | ".join(f"keep {k}" for k in keeps) + " |", "|---|---|" + "---|" * len(keeps)]
+    lines = ["| STAR minus | options | " + " | ".join(budget_name(k, rows) for k in keeps) + " |", "|---|---|" + "---|" * len(keeps)]
     for label in dict.fromkeys(report._label(r) for r in rows if r["method"] not in ("none", "star")):
-        mine = {r["keep"]: r for r in rows if report._label(r) == label}
+        mine = {budget(r): r for r in rows if report._label(r) == label}
         first = next(iter(mine.values()))
         cells = [difference(answers, star[k], mine[k]) if k in mine else "" for k in keeps]
         lines.append(f"| {first['method']} | {report._options(first)} | " + " | ".join(cells) + " |")
@@ -116,26 +135,26 @@ def star_against_each(summary: dict, answers: dict[str, dict[str, bool]]) -> str
 
 
 def against_star(summary: dict, answers: dict[str, dict[str, bool]]) -> str:
-    """Each STAR row beside the most accurate other method at the same keep, and at the same or lower FLOPs, with
+    """Each STAR row beside the most accurate other method at the same budget, and at the same or lower FLOPs, with
     whether their 95% intervals overlap and STAR's paired difference from it."""
     rows = [r for r in summary["settings"] if r["accuracy"] is not None]
     peers = [r for r in rows if r["method"] not in ("none", "star")]
     lines = [
-        "| STAR keep | STAR (TFLOPs) | best other at the same keep | overlap | STAR - it, paired "
+        "| STAR budget | STAR (TFLOPs) | best other at the same budget | overlap | STAR - it, paired "
         "| best other at no more FLOPs | overlap | STAR - it, paired |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for star in (r for r in rows if r["method"] == "star" and not r["options"]):
-        same_keep = max((r for r in peers if r["keep"] == star["keep"]), key=lambda r: r["accuracy"], default=None)
+        same_keep = max((r for r in peers if budget(r) == budget(star)), key=lambda r: r["accuracy"], default=None)
         cheaper = max((r for r in peers if r["flops"] <= star["flops"]), key=lambda r: r["accuracy"], default=None)
-        cells = [f"{star['keep']}", f"{report._with_interval(star)} ({star['flops'] / 1e12:.4f})"]
+        cells = [f"{budget(star)}", f"{report._with_interval(star)} ({cost(star)})"]
         for other in (same_keep, cheaper):
             if other is None:
                 cells += ["none", "", ""]
                 continue
-            name = f"{other['method']} {report._options(other)} keep {other['keep']}".replace("  ", " ")
+            label = f"{other['method']} {report._options(other)} {budget_name(budget(other), rows)}".replace("  ", " ")
             overlapping = overlap(star["interval"], other["interval"])
-            cells += [f"{name}: {report._with_interval(other)} ({other['flops'] / 1e12:.4f})", "yes" if overlapping else "**no**",
+            cells += [f"{label}: {report._with_interval(other)} ({cost(other)})", "yes" if overlapping else "**no**",
                       difference(answers, star, other)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

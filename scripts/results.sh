@@ -89,6 +89,7 @@ case "${1:-}" in
       types=$([ $data = easy-vqa ] && echo "--types color,shape" || true)
       $STAR eval --data $data --split test $types --limit "${BUDGET_N:-50}" --methods "$COMPARE_METHODS" \
         --flops 0.2,0.3,0.4,0.5,0.7 --out $OUT/budgets-$data
+      ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/budgets-$data "$data (test), at FLOPs budgets"
     done
     ;;
   scale)
