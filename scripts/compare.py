@@ -116,7 +116,7 @@ def pairs(summary: dict, answers: dict[str, dict[str, bool]], before: dict | Non
             f"({report._options(variant)}) | {'yes' if overlap(r['interval'], variant['interval']) else '**no**'} "
             f"| {difference(answers, variant, r)} | {old_text} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def star_against_each(summary: dict, answers: dict[str, dict[str, bool]]) -> str:
