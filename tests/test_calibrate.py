@@ -103,3 +103,25 @@ def test_eval_skips_a_flops_budget_a_method_cannot_reach_and_says_so(checkpoint,
     rows = json.loads((out / "results.json").read_text())["settings"]
     assert [r["method"] for r in rows] == ["none", "fastervlm"]  # PyramidDrop cuts at layers 1, 3, 4 of 6: 0.67 at the least
     assert "skipped: pdrop-flops0.6: flops=0.6 is below what pdrop reaches on this model" in capsys.readouterr().err
+
+
+def test_eval_refuses_to_resume_a_flops_budget_under_another_pick(checkpoint, tmp_path, capsys):
+    """Other records, other prompt lengths: the same budget can pick another keep, and the answers of two keeps
+    must not share one setting's folder."""
+    import json
+
+    (tmp_path / "short").mkdir(), (tmp_path / "long").mkdir()
+    short, long = write_data(tmp_path / "short", GOOD[:1]), write_data(tmp_path / "long", GOOD[:1])
+    record = json.loads(open(long).readline())
+    record["question"] = " ".join(["what colour is the shape in the middle of this picture, and its border?"] * 2)
+    open(long, "w").write(json.dumps(record) + "\n")
+    out = tmp_path / "out"
+    args = ["--methods", "fastervlm", "--flops", "0.9", "--batch-size", "2", "--max-new-tokens", "2", "--out", str(out)]
+    assert main(["eval", "--model", checkpoint, "--data", short, *args]) == 0
+    picked = json.loads((out / "runs" / "fastervlm-flops0.9" / "setting.json").read_text())["picked"]
+    answers = (out / "runs" / "fastervlm-flops0.9" / "rank0.jsonl").read_text()
+    assert main(["eval", "--model", checkpoint, "--data", long, *args]) == 2
+    error = capsys.readouterr().err
+    assert f"answered flops=0.9 with keep={picked['keep']}" in error and "choose a new --out, or delete that folder" in error
+    assert (out / "runs" / "fastervlm-flops0.9" / "rank0.jsonl").read_text() == answers  # nothing was added
+    assert main(["eval", "--model", checkpoint, "--data", short, *args]) == 0  # the same records resume

@@ -94,6 +94,7 @@ def evaluate(
     processor.tokenizer.padding_side = "left"
     skipped: list[str] = []
     mine = records[rank::world]
+    _check_picks(model, settings, runs, length, positions)
     todo = {s.name: [r for r in mine if r.id not in _answered(runs / s.name)] for s in settings}
     bar = tqdm(total=sum(len(v) for v in todo.values()), desc="star eval", unit="q", disable=not progress or rank)
     for setting in settings:
@@ -110,7 +111,7 @@ def evaluate(
         path.parent.mkdir(parents=True, exist_ok=True)
         with pruner:
             # what the folder answers, for a later report; a compute budget's pick with it
-            picked = {"picked": {"keep": pruner.keep, "options": method_options(pruner.method)}} if setting.flops_budget is not None else {}
+            picked = {"picked": _pick(pruner, length)} if setting.flops_budget is not None else {}
             (path.parent / "setting.json").write_text(json.dumps({**asdict(setting), **picked}))
             for start in range(0, len(pending), batch_size):
                 chunk = _readable(pending[start : start + batch_size], skipped)
@@ -127,6 +128,34 @@ def evaluate(
     summary = summarize([s for s in settings if s.name not in unreachable], runs, {r.id for r in records})
     (Path(out_dir) / "results.json").write_text(json.dumps(summary, indent=2))
     return summary, skipped
+
+
+def _pick(pruner, text_tokens: float) -> dict:
+    """What a FLOPs budget picked, as setting.json records it (JSON's lists for tuples, so that a reread compares)."""
+    return json.loads(json.dumps({"keep": pruner.keep, "options": method_options(pruner.method), "text_tokens": round(text_tokens, 2)}))
+
+
+def _check_picks(model, settings: list[Setting], runs: Path, length: float | None, positions: str | None) -> None:
+    """Refuse, before any compute, to add answers to a FLOPs-budget setting that answered under another pick: the
+    pick depends on the prompts' mean length (other records) and on the schedule, and one setting's answers must
+    come from one keep and one set of options."""
+    for setting in settings:
+        recorded = runs / setting.name / "setting.json"
+        if setting.flops_budget is None or not recorded.is_file() or not _answered(recorded.parent):
+            continue
+        before = json.loads(recorded.read_text()).get("picked") or {}
+        try:
+            with star.apply(model, method=setting.method, **setting.budget(length), **{"positions": positions, **setting.options}) as pruner:
+                now = _pick(pruner, length)
+        except BudgetUnreachable:
+            continue
+        if (before.get("keep"), before.get("options")) != (now["keep"], now["options"]):
+            was = f"{before.get('text_tokens', 'an unrecorded number of')} text tokens"
+            raise ValueError(
+                f"{recorded.parent} answered flops={setting.flops_budget} with keep={before.get('keep')} and "
+                f"options {before.get('options')} (prompts of {was}); these records pick keep={now['keep']} and options "
+                f"{now['options']} (prompts of {now['text_tokens']} text tokens): choose a new --out, or delete that folder"
+            )
 
 
 def _gather_messages(messages: list[str], world: int) -> list[str]:
