@@ -27,8 +27,9 @@ from star.eval.stats import paired_difference
 
 def load(folder: Path) -> tuple[list[Setting], set[str], list[str], dict[str, dict[str, bool]]]:
     """The settings answered in `folder`, the record ids every one of them answered, the names of the settings
-    left out because a run stopped part-way through them (fewer answers than the median setting), and each
-    setting's answers (record id: correct) by setting name."""
+    left out because a run stopped early in them (fewer than half the median setting's answers; the rest are
+    compared on the questions all of them answered, so a round stopped part-way costs n, not settings), and
+    each setting's answers (record id: correct) by setting name."""
     found, answers = [], {}
     for path in sorted((folder / "runs").glob("*/setting.json")):
         data = json.loads(path.read_text())
@@ -37,8 +38,8 @@ def load(folder: Path) -> tuple[list[Setting], set[str], list[str], dict[str, di
         found.append((setting, set(answers[setting.name])))
     counts = sorted(len(ids) for _, ids in found)
     median = counts[len(counts) // 2] if counts else 0
-    settings = [s for s, ids in found if len(ids) >= median and ids]
-    left_out = [s.name for s, ids in found if len(ids) < median or not ids]
+    settings = [s for s, ids in found if 2 * len(ids) >= median and ids]
+    left_out = [s.name for s, ids in found if 2 * len(ids) < median or not ids]
     common = set.intersection(*(ids for s, ids in found if s in settings)) if settings else set()
     order = {"none": 0, "star": 1, "random": 99}
     settings.sort(key=lambda s: (order.get(s.method, 2), s.method, bool(s.options), sorted(s.options.items()),
