@@ -4,9 +4,9 @@ questions all of them answered (so every row has the same n), with 95% Wilson in
     python scripts/compare.py docs/results/compare-scenes "scenes (test)" [BEFORE/results.json]
 
 Writes results.json, results.md (a grid of methods by budget first, then every setting in full) and
-accuracy.png into the folder, and prints results.md. Settings come from
-each run folder's setting.json (star eval writes it), so the authors' defaults and this project's earlier
-variants, evaluated by separate `star eval` calls into one folder, land in one table. A variant row is named by
+accuracy.png into the folder, and prints results.md. Settings come from each run folder's setting.json (star
+eval writes it), so the authors' defaults and this project's earlier variants, evaluated by separate `star eval`
+calls into one folder, land in one table. A variant row is named by
 its options, and `pairs` sets it beside the default row of the same method and budget, with the figure of an
 earlier `star eval` folder (BEFORE, run before the fidelity fixes) where one is given; `against_star` sets each
 STAR row beside the best other method at its keep and at no more FLOPs. Both give the paired difference of the
@@ -121,8 +121,8 @@ def pairs(summary: dict, answers: dict[str, dict[str, bool]], before: dict | Non
 
 
 def star_against_each(summary: dict, answers: dict[str, dict[str, bool]]) -> str:
-    """STAR minus every other setting at the same budget (keep or FLOPs), paired on the same questions, in points with the 95%
-    interval; bold where the interval excludes 0 (STAR better if positive)."""
+    """STAR minus every other setting at the same budget (keep or FLOPs), paired on the same questions, in points
+    with the 95% interval; bold where the interval excludes 0 (STAR better if positive)."""
     rows = [r for r in summary["settings"] if r["accuracy"] is not None]
     star = {budget(r): r for r in rows if r["method"] == "star" and not r["options"]}
     keeps = sorted(star, reverse=True)
@@ -167,9 +167,11 @@ def main(folder: str, title: str, before: str | None = None) -> None:
     summary = summarize(settings, out / "runs", ids)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     earlier = json.loads(Path(before).read_text()) if before else None
-    table = grid(summary) + "\n" + report.markdown_table(summary) + "\n" + pairs(summary, answers, earlier) + "\n" + star_against_each(summary, answers) + "\n" + against_star(summary, answers)
+    parts = [grid(summary), report.markdown_table(summary), pairs(summary, answers, earlier),
+             star_against_each(summary, answers), against_star(summary, answers)]
+    table = "\n".join(part for part in parts if part)
     if left_out:
-        table += f"\nLeft out, answered part-way when the run stopped: {', '.join(left_out)}.\n"
+        table += f"\nLeft out, answered only in part when the run stopped: {', '.join(left_out)}.\n"
     (out / "results.md").write_text(table)
     report.plot(summary, out / "accuracy.png", title=title)
     print(table)

@@ -41,7 +41,7 @@ def folder(tmp_path):
 def test_compare_pairs_settings_on_the_questions_all_answered(folder, capsys):
     compare.main(str(folder), "test")
     text = (folder / "results.md").read_text()
-    assert "Left out, answered part-way when the run stopped: fastv-20" in text
+    assert "Left out, answered only in part when the run stopped: fastv-20" in text
     summary = json.loads((folder / "results.json").read_text())
     assert {r["name"] for r in summary["settings"]} == {"none-1.0", "star-20", "pdrop-20", "pdrop-20-positionsoriginal"}
     assert all(r["n"] == 40 for r in summary["settings"])  # star's 5 extra answers are not counted
