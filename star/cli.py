@@ -147,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
         "calibrate",
         help="measure a method's accuracy-versus-compute frontier on your data, for apply(..., flops=)",
         description="Sweeps a method's budget (--keep) and options (--grid; for star by default stage1_ratio=0,0.3,0.5 "
-        "and layer at an eighth, a quarter and half of the decoder's depth) on validation data, as star eval "
+        "and layer at a sixteenth, an eighth, a quarter and half of the decoder's depth) on validation data, as star eval "
         "answers it (resumable: answers go to OUT's folder OUT-runs/), and writes OUT, a schedule of every "
         "setting's accuracy, FLOPs and prefill time (fractions of the unpruned model's, in the same run), and "
         "OUT's picture (.png) with the frontier. star.apply(model, flops=0.3, schedule=OUT) then picks the most "

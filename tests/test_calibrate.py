@@ -65,7 +65,7 @@ def test_bad_calibrate_arguments_fail_before_the_model_loads(checkpoint, tmp_pat
 
 
 def test_default_grid_sweeps_stars_ratio_and_layer():
-    assert default_grid("star", 30) == {"stage1_ratio": [0, 0.3, 0.5], "layer": [3, 7, 15]}
+    assert default_grid("star", 30) == {"stage1_ratio": [0, 0.3, 0.5], "layer": [1, 3, 7, 15]}
     assert default_grid("fastv", 30) == {}
 
 
