@@ -94,10 +94,10 @@ case "${1:-}" in
     ;;
   scale)
     # float32 (on this CPU bfloat16 matrix products run slower than float32 ones) and one thread per process (on a
-    # shared 2-core machine two threads spin against each other's load); batch 1.
+    # shared 2-core machine two threads spin against each other's load); batches of 1 and 8 at 135M, 1 at 1.1B.
     mkdir -p $OUT/scale
     export OMP_NUM_THREADS=${SCALE_THREADS:-1}
-    $STAR bench --methods star --keep 98,20 --batch 1 --repeats "${SCALE_REPEATS:-3}" --warmup 1 --new-tokens 4 \
+    $STAR bench --methods star --keep 98,20 --batch 1,8 --repeats "${SCALE_REPEATS:-3}" --warmup 1 --new-tokens 4 \
       --out $OUT/scale/default-135m.json | tee $OUT/scale/default-135m.md
     $STAR bench --config llava-1.5-tinyllama-1.1b --random-init --methods star --keep 58 --batch 1 \
       --repeats "${SCALE_REPEATS_1B:-2}" --warmup 0 --new-tokens 2 --out $OUT/scale/tinyllama-1.1b.json | tee $OUT/scale/tinyllama-1.1b.md

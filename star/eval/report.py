@@ -51,8 +51,9 @@ def plot(summary: dict, path: Path, title: str = "") -> None:
     the legend sits below the panels so that twenty lines stay readable."""
     rows = [r for r in summary["settings"] if r["accuracy"] is not None]
     peers = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in ("none", "star")]
-    palette = plt.get_cmap("tab10" if len(peers) <= 10 else "tab20")
-    colours = {"none": "grey", "star": "black"} | {m: palette(i % palette.N) for i, m in enumerate(peers)}
+    # the palette's greys go: grey is the unpruned model's
+    palette = [c for c in plt.get_cmap("tab10" if len(peers) <= 9 else "tab20").colors if len(set(c)) > 1]
+    colours = {"none": "grey", "star": "black"} | {m: palette[i % len(palette)] for i, m in enumerate(peers)}
     fig, (by_flops, by_tokens) = plt.subplots(1, 2, figsize=(12, 4.6))
     for line in dict.fromkeys(_label(r) for r in rows):  # a line per method and options, across budgets
         mine = sorted((r for r in rows if _label(r) == line), key=lambda r: r["flops"])
