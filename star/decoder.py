@@ -24,6 +24,7 @@ class Frame:
     patches: [B, V_f] which visual token each one is: its place among the image tokens of its prompt
     (image m's patch j is m * n_visual + j for LLaVA-1.5), -1 where `visual` is.
     position_ids: [B, S_f] or [3, B, S_f] (M-RoPE) rotary positions of the prompt tokens in this frame.
+    counts: [B] the visual tokens of each row, on the host, so that the next cut's sizes need no read back.
     """
 
     start_layer: int
@@ -32,10 +33,32 @@ class Frame:
     visual: torch.Tensor
     patches: torch.Tensor
     position_ids: torch.Tensor
+    counts: list[int]
 
     @property
     def length(self) -> int:
         return self.keep_cols.shape[1]
+
+
+def on_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A host list as a long tensor on `device` without waiting for the device: an ordinary copy to a GPU
+    synchronises its stream, a copy from pinned memory is queued behind the work already there."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def keep_in_order(keys: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's kept entries in ascending order, left-padded to `width`: keys [B, N] hold a column to keep
+    (>= 0) or -1. Returns (the sorted keys, -1 at padding, [B, width]; where each came from in `keys`).
+
+    A stable sort of a fixed size: equal columns keep their order in `keys`, and nothing is read back from the
+    device (boolean indexing and `nonzero` would have to learn each row's count first). `width` is at most N,
+    and at least each row's count of kept entries.
+    """
+    order = torch.sort(keys, dim=1, stable=True).indices[:, keys.shape[1] - width :]
+    return keys.gather(1, order), order
 
 
 def gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:

@@ -23,8 +23,9 @@ def attention_probs(
     Returns [B, H, R, T].
     """
     heads, kv_heads = q.shape[1], k.shape[1]
-    if heads != kv_heads:
-        k = k.repeat_interleave(heads // kv_heads, dim=1)
+    if heads != kv_heads:  # each key head serves heads // kv_heads query heads in a row
+        batch, _, length, dim = k.shape
+        k = k[:, :, None].expand(batch, kv_heads, heads // kv_heads, length, dim).reshape(batch, heads, length, dim)
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
     allowed = torch.ones(logits.shape[0], 1, logits.shape[2], logits.shape[3], dtype=torch.bool, device=q.device)
     if key_mask is not None:
@@ -53,6 +54,18 @@ def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order[..., :k].sort(dim=-1).values
 
 
+def flagged_in_order(flags: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k True entries of each row of flags [..., N], ascending: [..., k]. The count is known on
+    the host, so unlike `nonzero` or boolean indexing nothing is read back from the device."""
+    return torch.sort((~flags).long(), dim=-1, stable=True).indices[..., :k]
+
+
+def complement_in_order(index: torch.Tensor, n: int) -> torch.Tensor:
+    """The indices in [0, n) that distinct indices [..., k] leave out, ascending: [..., n - k]."""
+    taken = torch.zeros(*index.shape[:-1], n, dtype=torch.bool, device=index.device).scatter(-1, index, True)
+    return flagged_in_order(~taken, n - index.shape[-1])
+
+
 def merge_by_similarity(
     tokens: torch.Tensor, keys: torch.Tensor, num_targets: int, formula: str = "target_plus_mean"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,12 +81,11 @@ def merge_by_similarity(
         return torch.zeros(0, dtype=torch.long, device=tokens.device), tokens[:0]
     step = max(1, n // num_targets)
     targets = torch.arange(0, n, step, device=tokens.device)[:num_targets]
-    is_target = torch.zeros(n, dtype=torch.bool, device=tokens.device)
-    is_target[targets] = True
+    others = complement_in_order(targets, n)
     normed = torch.nn.functional.normalize(keys.float(), dim=-1)
-    similarity = normed[~is_target] @ normed[targets].T
+    similarity = normed[others] @ normed[targets].T
     assignment = similarity.argmax(dim=-1)
-    sums = torch.zeros(num_targets, tokens.shape[1], device=tokens.device).index_add_(0, assignment, tokens[~is_target].float())
+    sums = torch.zeros(num_targets, tokens.shape[1], device=tokens.device).index_add_(0, assignment, tokens[others].float())
     counts = torch.zeros(num_targets, device=tokens.device).index_add_(0, assignment, torch.ones_like(assignment, dtype=torch.float))
     target = tokens[targets].float()
     if formula == "target_plus_mean":

@@ -23,6 +23,7 @@ from transformers import (
 
 from conftest import left_pad, tiny_clip
 from star import compat
+from star.adapters.base import read_layout
 
 IMAGE_TOKEN = 120
 VISION_START, VISION_END, VIDEO_TOKEN = 122, 123, 121
@@ -286,3 +287,9 @@ def assert_batch_equals_each_alone(model, inputs: dict, method: str, keep, alone
             assert pruner.stats.totals[0] == batch_stats.totals[row]
             for mine, theirs in zip(kept_of(pruner.stats, 0), kept_of(batch_stats, row)):
                 assert torch.equal(mine, theirs)
+
+
+def layout_of(pruner, inputs: dict):
+    """The `Layout` the pruner reads at prefill, for calling an adapter's `encode_prompts` directly."""
+    ids = inputs["input_ids"]
+    return read_layout(ids, inputs.get("attention_mask", torch.ones_like(ids)), pruner.adapter.image_token_id)

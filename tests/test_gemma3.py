@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import star
-from families import GEMMA_TOKENS, IMAGE_TOKEN, assert_batch_equals_each_alone, gemma_inputs, kept_of, tiny_gemma3
+from families import GEMMA_TOKENS, IMAGE_TOKEN, assert_batch_equals_each_alone, gemma_inputs, kept_of, tiny_gemma3, layout_of
 from conftest import left_pad
 from star import compat
 from star.scoring import top_k_in_order
@@ -198,7 +198,7 @@ def test_vision_scores_equal_eager_attention_summed_over_each_pooled_block():
     per_patch = weights.mean(dim=(1, 2)).view(2, 4, 4, 4, 4)  # [image, token row, row in block, token col, col in block]
     expected = per_patch.sum(dim=(2, 4)).flatten(1)
     with star.apply(sdpa, method="star", keep=2) as pruner:
-        encoded = pruner.adapter.encode_prompts(inputs, inputs["input_ids"])
+        encoded = pruner.adapter.encode_prompts(inputs, inputs["input_ids"], layout_of(pruner, inputs))
     assert torch.allclose(encoded.groups[0].view.received(), expected, atol=1e-6)
     with star.apply(sdpa, method="star", keep=5, stage1_ratio=0.5) as pruner:
         sdpa(**inputs)

@@ -8,7 +8,7 @@ import torch
 
 import star
 import star.adapters.internvl as internvl_adapter
-from families import IMAGE_TOKEN, assert_batch_equals_each_alone, forward_kept, greedy_by_recompute, kept_of
+from families import IMAGE_TOKEN, assert_batch_equals_each_alone, forward_kept, greedy_by_recompute, kept_of, layout_of
 from star.checks import check_setting, model_skeleton
 from star.scoring import top_k_in_order
 from tiled_families import TILE, internvl_inputs, prompt_embeds, rows_alone, tiny_internvl
@@ -126,7 +126,7 @@ def test_vision_scores_equal_eager_attention_summed_per_merged_token(method, mon
     received = _blocks_by_hand(probs.mean(dim=(1, 2))[:, 1:])  # mean over heads and every row, [CLS] dropped
     cls_row = _blocks_by_hand(probs[:, :, 0, 1:].mean(dim=1))
     with star.apply(sdpa, method=method, keep=4) as pruner:
-        view = pruner.adapter.encode_prompts(inputs, inputs["input_ids"]).groups[0].view
+        view = pruner.adapter.encode_prompts(inputs, inputs["input_ids"], layout_of(pruner, inputs)).groups[0].view
         sdpa(**inputs)
         kept = pruner.stats.kept_patches[0]
     assert torch.allclose(view.received(), received, atol=1e-6)

@@ -7,6 +7,7 @@ import torch
 
 import star
 from families import (
+    layout_of,
     CROP,
     IMAGE_TOKEN,
     assert_batch_equals_each_alone,
@@ -149,7 +150,7 @@ def test_vision_scores_of_whole_and_partial_crops_equal_eager_attention():
     pixels = inputs["pixel_values"][0, :3]  # WIDE: base crop and two tiles
     probs = eager.model.vision_tower(pixels, output_attentions=True).attentions[1]  # output is layer -2
     with star.apply(sdpa, method="star", keep=4) as pruner:
-        encoded = pruner.adapter.encode_prompts(inputs, inputs["input_ids"])
+        encoded = pruner.adapter.encode_prompts(inputs, inputs["input_ids"], layout_of(pruner, inputs))
     assert [g.view.features.shape[:2] for g in encoded.groups] == [(1, 16), (1, 8), (1, 8)]
     for crop, group in enumerate(encoded.groups):
         shown = torch.arange(16) if crop == 0 else group.view.columns[1:] - 1

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import star
-from families import IMAGE_TOKEN, assert_batch_equals_each_alone, forward_kept, greedy_by_recompute, kept_of
+from families import IMAGE_TOKEN, assert_batch_equals_each_alone, forward_kept, greedy_by_recompute, kept_of, layout_of
 from star.checks import check_setting, model_skeleton
 from star.scoring import top_k_in_order
 from tiled_families import CROP, onevision_inputs, prompt_embeds, rows_alone, tiny_onevision
@@ -129,7 +129,7 @@ def test_vision_scores_of_base_crops_and_grids_equal_eager_attention():
     probs = eager.model.vision_tower(pixels, output_attentions=True).attentions[-1]  # the feature layer is the last
     received = probs.mean(dim=(1, 2))  # [8 crops, 16 patches]
     with star.apply(sdpa, method="star", keep=4) as pruner:
-        encoded = pruner.adapter.encode_prompts(inputs, inputs["input_ids"])
+        encoded = pruner.adapter.encode_prompts(inputs, inputs["input_ids"], layout_of(pruner, inputs))
         sdpa(**inputs)
         kept = pruner.stats.kept_patches[0]
     bases, wide_grid, square_grid = (g.view.received() for g in encoded.groups)

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 import star
 from families import (
+    layout_of,
     IMAGE_TOKEN,
     assert_batch_equals_each_alone,
     forward_kept,
@@ -165,7 +166,7 @@ def test_vision_scores_equal_eager_attention_summed_per_merged_token(version, mo
     visual = eager.model.visual
     window = _window_order([SMALL, LARGE], merged_per_window=2) if version == "2.5" else torch.arange(22)
     with star.apply(sdpa, method="star", keep=2) as pruner:
-        encoded = pruner.adapter.encode_prompts(inputs, inputs["input_ids"])
+        encoded = pruner.adapter.encode_prompts(inputs, inputs["input_ids"], layout_of(pruner, inputs))
     start = 0
     for image, (group, probs) in enumerate(zip(encoded.groups, weights)):
         per_patch = probs.mean(dim=(1, 2))[0]  # in the layer's (window) order

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import star
-from families import IMAGE_TOKEN, assert_batch_equals_each_alone, kept_of, qwen_inputs, select_rows, tiny_qwen3
+from families import IMAGE_TOKEN, assert_batch_equals_each_alone, kept_of, qwen_inputs, select_rows, tiny_qwen3, layout_of
 from star import compat
 from star.scoring import top_k_in_order
 
@@ -193,7 +193,7 @@ def test_vision_scores_equal_eager_attention_of_the_last_block_summed_per_merged
     monkeypatch.setattr(family, "eager_attention_forward", recording)
     tower_outputs(eager, inputs["pixel_values"], inputs["image_grid_thw"])
     with star.apply(sdpa, method="star", keep=2) as pruner:
-        encoded = pruner.adapter.encode_prompts(inputs, inputs["input_ids"])
+        encoded = pruner.adapter.encode_prompts(inputs, inputs["input_ids"], layout_of(pruner, inputs))
     assert len(recorded) == 2 and len(encoded.groups) == 2
     for group, probs in zip(encoded.groups, recorded):
         expected = probs.mean(dim=(1, 2))[0].view(-1, 4).sum(dim=-1)  # Qwen3-VL's tower keeps the natural order

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from star import scoring
+from star.decoder import on_device
 from star.methods.base import Method, VisionView
 
 QUERY_CHUNK = 1024  # query rows scored at once: a large image's full attention matrix never exists at once
@@ -47,14 +48,14 @@ class VisionGroup:
     """Units of one size, scored together in one view.
 
     view: the units' feature layer, features [I, N, D] (I units of N candidate tokens each).
-    rows: [I] the prompt each unit belongs to.
+    rows: the prompt each unit belongs to, on the host (one per unit).
     ordinals: [I, N] each candidate's place among the image tokens of its prompt (in prompt order).
     residuals: [I, N, E, D] what the decoder adds onto each candidate's hidden state after each of its first E
     layers (Qwen3-VL's DeepStack features), or None where the family adds nothing.
     """
 
     view: VisionView
-    rows: torch.Tensor
+    rows: list[int]
     ordinals: torch.Tensor
     residuals: torch.Tensor | None = None
 
@@ -120,17 +121,16 @@ class Decoder:
         """The decoder's final norm, the one the LM head reads through."""
         return self.decoder.norm(hidden)
 
-    def instruction(self, input_ids: torch.Tensor, is_image: torch.Tensor, rows: torch.Tensor) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-        """For the units of prompts `rows` [I], computes the decoder input embeddings of their prompts' tokens
+    def instruction(self, input_ids: torch.Tensor, rows: list[int], layout: Layout) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        """For the units of prompts `rows`, computes the decoder input embeddings of their prompts' tokens
         after the last image token, [I, T, D], right-aligned as left padding leaves them, and their mask [I, T]."""
 
         def embeddings() -> tuple[torch.Tensor, torch.Tensor]:
-            length = input_ids.shape[1]
-            positions = torch.arange(length, device=input_ids.device)
-            last_image = torch.where(is_image, positions, -1).amax(dim=1)[rows]
-            width = int((length - 1 - last_image).max())
-            own = positions[length - width :][None, :] > last_image[:, None]
-            return self.embed(input_ids[rows, length - width :]), own
+            own = [layout.n_text[row] for row in rows]
+            width = max(own)
+            device = input_ids.device
+            ids = input_ids[on_device(rows, device), input_ids.shape[1] - width :]
+            return self.embed(ids), torch.arange(width, device=device) >= width - on_device(own, device)[:, None]
 
         return embeddings
 
@@ -158,30 +158,64 @@ def vision_refusal(adapter: type[Decoder], method: Method) -> str | None:
     return None
 
 
-def split_rows(image_tokens: torch.Tensor, per_image: list[int], what: str) -> list[int]:
+@dataclass(frozen=True)
+class Layout:
+    """Where a batch's image tokens lie, on the host: the one read back from the device of a pruned prefill.
+
+    Every size after it (how many images each prompt holds, the entry frame's width, each stage's) follows from
+    these counts and the budget, so nothing later in the prefill waits for the device.
+    image_tokens: [B] image tokens (placeholders) in each prompt. n_text: [B] prompt tokens after each prompt's
+    last image token (a prompt without images: all its tokens but the first); `n_text_device` is the same on
+    the device.
+    """
+
+    image_tokens: list[int]
+    n_text: list[int]
+    n_text_device: torch.Tensor
+
+
+def read_layout(input_ids: torch.Tensor, mask: torch.Tensor, image_token_id: int) -> Layout:
+    """The batch's `Layout`, and a refusal of right padding, in one read back from the device."""
+    is_image = input_ids == image_token_id
+    length = input_ids.shape[1]
+    last = torch.where(is_image, torch.arange(length, device=input_ids.device), -1).amax(dim=1)
+    n_text = torch.where(last >= 0, length - 1 - last, mask.sum(dim=1) - 1)
+    right_padded = (mask[:, 1:] < mask[:, :-1]).any(dim=1)
+    image_tokens, texts, right = torch.stack([is_image.sum(dim=1), n_text, right_padded.long()]).tolist()
+    if any(right):
+        raise ValueError("attention_mask pads on the right: prompts must be left-padded (padding_side='left')")
+    return Layout(image_tokens, texts, n_text)
+
+
+def split_rows(image_tokens: list[int], per_image: list[int], what: str) -> list[int]:
     """Assign images to prompts in order: prompt r takes images until their tokens match its image tokens.
 
-    image_tokens: [B] image tokens in each prompt; per_image: tokens each image fills. Returns the number of
-    images of each prompt, or a ValueError that says what does not match.
+    image_tokens: image tokens in each prompt (`Layout.image_tokens`); per_image: tokens each image fills.
+    Returns the number of images of each prompt, or a ValueError that says what does not match.
     """
     counts, image = [], 0
-    for row, need in enumerate(image_tokens.tolist()):
+    for row, need in enumerate(image_tokens):
         have, start = 0, image
         while have < need and image < len(per_image):
             have += per_image[image]
             image += 1
         if have != need:
             raise ValueError(
-                f"input_ids holds {image_tokens.tolist()} image tokens per prompt but the {len(per_image)} image(s) "
+                f"input_ids holds {image_tokens} image tokens per prompt but the {len(per_image)} image(s) "
                 f"({what}) fill {per_image} tokens each: prompt {row} does not match its images"
             )
         counts.append(image - start)
     if image != len(per_image):
         raise ValueError(
-            f"input_ids holds {image_tokens.tolist()} image tokens per prompt, fewer than the {len(per_image)} "
+            f"input_ids holds {image_tokens} image tokens per prompt, fewer than the {len(per_image)} "
             f"image(s) of {per_image} tokens each ({what}) need"
         )
     return counts
+
+
+def rows_of(per_row: list[int]) -> list[int]:
+    """The prompt of each image, in order, from the images of each prompt."""
+    return [row for row, count in enumerate(per_row) for _ in range(count)]
 
 
 def ordinals(is_image: torch.Tensor) -> torch.Tensor:

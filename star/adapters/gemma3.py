@@ -25,9 +25,9 @@ from torch import nn
 from transformers import Gemma3ForConditionalGeneration
 
 from star import compat
-from star.adapters.base import Encoded, MergedView, VisionGroup, around_image, ordinals, split_rows
+from star.adapters.base import Encoded, Layout, MergedView, VisionGroup, around_image, ordinals, rows_of, split_rows
 from star.adapters.llava import LlamaDecoder, _clip_qk
-from star.decoder import llama_style_qk
+from star.decoder import llama_style_qk, on_device
 
 
 class Gemma3Adapter(LlamaDecoder):
@@ -77,29 +77,25 @@ class Gemma3Adapter(LlamaDecoder):
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return compat.gemma_rotary(self.decoder, hidden, position_ids, layer_type)
 
-    def encode_prompts(self, inputs: dict, input_ids: torch.Tensor) -> Encoded:
+    def encode_prompts(self, inputs: dict, input_ids: torch.Tensor, layout: Layout) -> Encoded:
         """The images of a batch of prompts, each one unit of `n_visual` pooled tokens in one block."""
         pixel_values = inputs["pixel_values"]
-        is_image = input_ids == self.image_token_id
-        images = pixel_values.shape[0]
-        per_row = split_rows(is_image.sum(dim=1), [self.n_visual] * images, f"{self.n_visual} tokens each")
+        per_row = split_rows(layout.image_tokens, [self.n_visual] * pixel_values.shape[0], f"{self.n_visual} tokens each")
+        rows = rows_of(per_row)
         dtype = next(self.vision_tower.parameters()).dtype
         out = self.vision_tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
         device = input_ids.device
-        counts = torch.tensor(per_row, device=device)
-        rows = torch.repeat_interleave(torch.arange(len(per_row), device=device), counts)
         view = MergedView(
             features=self.pool(out.last_hidden_state),
             n_prefix=0,
             qk=partial(_clip_qk, self.score_layer, out.hidden_states[-2]),
             token_of=self.token_of.to(device),
             project=self.project,
-            instruction=self.instruction(input_ids, is_image, rows),
+            instruction=self.instruction(input_ids, rows, layout),
         )
-        first = torch.cumsum(counts, dim=0) - counts
-        image_in_row = torch.arange(images, device=device) - first[rows]
+        image_in_row = on_device([image for count in per_row for image in range(count)], device)
         places = image_in_row[:, None] * self.n_visual + torch.arange(self.n_visual, device=device)
-        return Encoded([VisionGroup(view, rows, places)], ordinals(is_image), None)
+        return Encoded([VisionGroup(view, rows, places)], ordinals(input_ids == self.image_token_id), None)
 
     def synthetic_inputs(self, before: torch.Tensor, after: torch.Tensor, generator: torch.Generator) -> dict:
         """Prompts of text around one random image of the tower's size (896 px for Gemma 3), its `n_visual` tokens

@@ -13,8 +13,8 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from star import compat
-from star.adapters.base import Decoder, Encoded, VisionGroup, around_image, ordinals, split_rows
-from star.decoder import llama_style_qk
+from star.adapters.base import Decoder, Encoded, Layout, VisionGroup, around_image, ordinals, rows_of, split_rows
+from star.decoder import llama_style_qk, on_device
 from star.methods.base import VisionView
 
 
@@ -94,21 +94,16 @@ class LlavaAdapter(LlamaDecoder):
             instruction=instruction,
         )
 
-    def encode_prompts(self, inputs: dict, input_ids: torch.Tensor) -> Encoded:
+    def encode_prompts(self, inputs: dict, input_ids: torch.Tensor, layout: Layout) -> Encoded:
         """The images of a batch of prompts, each one unit of `n_visual` tokens in one block."""
         pixel_values = inputs["pixel_values"]
-        is_image = input_ids == self.image_token_id
-        images = pixel_values.shape[0]
-        per_row = split_rows(is_image.sum(dim=1), [self.n_visual] * images, f"{self.n_visual} tokens each")
+        per_row = split_rows(layout.image_tokens, [self.n_visual] * pixel_values.shape[0], f"{self.n_visual} tokens each")
+        rows = rows_of(per_row)
         device = input_ids.device
-        counts = torch.tensor(per_row, device=device)
-        rows = torch.repeat_interleave(torch.arange(len(per_row), device=device), counts)
-        first = torch.cumsum(counts, dim=0) - counts
-        image_in_row = torch.arange(images, device=device) - first[rows]
+        image_in_row = on_device([image for count in per_row for image in range(count)], device)
         places = image_in_row[:, None] * self.n_visual + torch.arange(self.n_visual, device=device)
-        view = self.encode(pixel_values, self.instruction(input_ids, is_image, rows))
-        group = VisionGroup(view, rows, places)
-        return Encoded([group], ordinals(is_image), None)
+        view = self.encode(pixel_values, self.instruction(input_ids, rows, layout))
+        return Encoded([VisionGroup(view, rows, places)], ordinals(input_ids == self.image_token_id), None)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)

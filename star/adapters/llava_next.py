@@ -19,7 +19,8 @@ from transformers import LlavaNextForConditionalGeneration
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from star import scoring
-from star.adapters.base import FIXED, Encoded, VisionGroup, around_image, ordinals, split_rows
+from star.adapters.base import FIXED, Encoded, Layout, VisionGroup, around_image, ordinals, split_rows
+from star.decoder import on_device
 from star.adapters.llava import LlavaAdapter, _clip_qk
 from star.methods.base import VisionView
 
@@ -56,12 +57,14 @@ class LlavaNextAdapter(LlavaAdapter):
         packed, _ = self.model.model.pack_image_features(numbers, image_sizes.cpu(), "default", image_newline=newline)
         return [p[:, 0].long() for p in packed]
 
-    def encode_prompts(self, inputs: dict, input_ids: torch.Tensor) -> Encoded:
+    def encode_prompts(self, inputs: dict, input_ids: torch.Tensor, layout: Layout) -> Encoded:
         """The crops of a batch of prompts, each one unit; crops the prompt shows in full are scored together."""
         pixel_values, image_sizes = inputs["pixel_values"], inputs.get("image_sizes")
         if image_sizes is None:
             raise ValueError("image_sizes is None: LLaVA-NeXT needs each image's size to lay out its crops")
         config = self.model.config
+        # Each image's crops and their unpadded packing depend on its size: the family's own read back from the
+        # device (docs/results.md, "Host syncs per prefill").
         crops = [
             image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
             for size in image_sizes
@@ -70,51 +73,52 @@ class LlavaNextAdapter(LlavaAdapter):
             pixel_values = torch.cat([p[:c] for p, c in zip(pixel_values, crops)])
         layouts = self.layouts(crops, image_sizes)
         is_image = input_ids == self.image_token_id
-        per_row = split_rows(is_image.sum(dim=1), [len(l) for l in layouts], "crops and newlines")
+        per_row = split_rows(layout.image_tokens, [len(l) for l in layouts], "crops and newlines")
         device = input_ids.device
         n = self.n_visual
 
         # Each crop's patches: their places among the row's image tokens (-1 where unpadding cut them).
         place_of, rows = [], []
-        is_newline = torch.zeros(input_ids.shape[0], int(is_image.sum(dim=1).max()) + 1, dtype=torch.bool)
+        is_newline = torch.zeros(input_ids.shape[0], max(layout.image_tokens) + 1, dtype=torch.bool)
         image = 0
         for row, count in enumerate(per_row):
             offset = 0
-            for layout, c in zip(layouts[image : image + count], crops[image : image + count]):
-                shown = layout >= 0
+            for packing, c in zip(layouts[image : image + count], crops[image : image + count]):
+                shown = packing >= 0
                 places = torch.full((c * n,), -1, dtype=torch.long)
-                places[layout[shown]] = shown.nonzero()[:, 0] + offset
+                places[packing[shown]] = shown.nonzero()[:, 0] + offset
                 place_of.append(places.view(c, n))
                 rows.extend([row] * c)
-                is_newline[row, offset : offset + len(layout)] = ~shown
-                offset += len(layout)
+                is_newline[row, offset : offset + len(packing)] = ~shown
+                offset += len(packing)
             image += count
         slots = ordinals(is_image)
         newline = is_newline.to(device).gather(1, slots.clamp_min(0)) & (slots >= 0)
         slots = slots.masked_fill(newline, FIXED)
 
         feature, layer_input = self.feature_layer_io(pixel_values)
-        place_of = torch.cat(place_of).to(device)
-        rows = torch.tensor(rows, device=device)
-        whole = (place_of >= 0).all(dim=1)
-        partial_crops = ((place_of >= 0).any(dim=1) & ~whole).nonzero()[:, 0].tolist()  # a crop shown not at all is no unit
+        place_of = torch.cat(place_of)  # on the host, where the crops' shapes are decided
+        whole = (place_of >= 0).all(dim=1).nonzero()[:, 0].tolist()
+        partial_crops = ((place_of >= 0).any(dim=1) & ~(place_of >= 0).all(dim=1)).nonzero()[:, 0].tolist()  # a crop shown not at all is no unit
         groups = []
-        if bool(whole.any()):
-            index = whole.nonzero()[:, 0]
-            view = self.clip_view(feature[index], layer_input[index], self.instruction(input_ids, is_image, rows[index]))
-            groups.append(VisionGroup(view, rows[index], place_of[index]))
+        if whole:
+            index = on_device(whole, device)
+            whole_rows = [rows[crop] for crop in whole]
+            view = self.clip_view(feature[index], layer_input[index], self.instruction(input_ids, whole_rows, layout))
+            groups.append(VisionGroup(view, whole_rows, place_of[whole].to(device)))
         for crop in partial_crops:
-            shown = (place_of[crop] >= 0).nonzero()[:, 0]
+            shown_host = (place_of[crop] >= 0).nonzero()[:, 0]
+            shown = shown_host.to(device)
             view = PartialCropView(
                 features=feature[crop : crop + 1, 1 + shown],
                 n_prefix=1,
                 qk=partial(_clip_qk, self.feature_layer, layer_input[crop : crop + 1]),
                 prefix_features=feature[crop : crop + 1, 0],
                 project=self.project,
-                instruction=self.instruction(input_ids, is_image, rows[crop : crop + 1]),
+                instruction=self.instruction(input_ids, [rows[crop]], layout),
                 columns=torch.cat([shown.new_zeros(1), 1 + shown]),
             )
-            groups.append(VisionGroup(view, rows[crop : crop + 1], place_of[crop : crop + 1, shown]))
+            groups.append(VisionGroup(view, [rows[crop]], place_of[crop : crop + 1, shown_host].to(device)))
         return Encoded(groups, slots, self.newline)
 
     def synthetic_inputs(self, before: torch.Tensor, after: torch.Tensor, generator: torch.Generator) -> dict:

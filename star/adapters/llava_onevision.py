@@ -29,7 +29,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
 from star import scoring
-from star.adapters.base import FIXED, Encoded, VisionGroup, ordinals, split_rows
+from star.adapters.base import FIXED, Encoded, Layout, VisionGroup, ordinals, split_rows
 from star.adapters.llava import LlavaAdapter, _clip_qk
 from star.adapters.llava_next import anyres_inputs
 from star.methods.base import VisionView
@@ -78,7 +78,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         packed = self.pack([torch.cat([base, per_patch])[..., None]], image_size[None], None)[0]
         return packed[self.n_visual :, 0][None]
 
-    def encode_prompts(self, inputs: dict, input_ids: torch.Tensor) -> Encoded:
+    def encode_prompts(self, inputs: dict, input_ids: torch.Tensor, layout: Layout) -> Encoded:
         """Base crops (scored together) and tile grids (one unit each) of a batch of prompts."""
         if inputs.get("pixel_values_videos") is not None:
             raise ValueError("pixel_values_videos came with images: video tokens are not pruned, pass images alone")
@@ -96,20 +96,20 @@ class LlavaOnevisionAdapter(LlavaAdapter):
             pixel_values = torch.cat([p[:c] for p, c in zip(pixel_values, crops)])
         layouts = self.layouts(crops, image_sizes)
         is_image = input_ids == self.image_token_id
-        per_row = split_rows(is_image.sum(dim=1), [len(l) for l in layouts], "crops and newlines")
+        per_row = split_rows(layout.image_tokens, [len(l) for l in layouts], "crops and newlines")
         device = input_ids.device
 
         feature, layer_input = self.feature_layer_io(pixel_values)
         tokens = self.pack(list(self.model.model.multi_modal_projector(feature).split(crops)), image_sizes, None)
         first_crop = torch.tensor([0, *crops[:-1]]).cumsum(0).tolist()
-        is_newline = torch.zeros(input_ids.shape[0], int(is_image.sum(dim=1).max()) + 1, dtype=torch.bool)
+        is_newline = torch.zeros(input_ids.shape[0], max(layout.image_tokens) + 1, dtype=torch.bool)
         base_rows, base_places, groups, image = [], [], [], 0
         for row, count in enumerate(per_row):
             offset = 0
             for _ in range(count):
-                layout, c = layouts[image], crops[image]
-                shown = (layout >= 0).nonzero()[:, 0].to(device) + offset
-                is_newline[row, offset : offset + len(layout)] = layout < 0
+                packing, c = layouts[image], crops[image]
+                shown = (packing >= 0).nonzero()[:, 0].to(device) + offset
+                is_newline[row, offset : offset + len(packing)] = packing < 0
                 base_rows.append(row)
                 base_places.append(shown[: self.n_visual])
                 if c > 1:
@@ -119,19 +119,19 @@ class LlavaOnevisionAdapter(LlavaAdapter):
                         n_prefix=0,
                         qk=partial(_clip_qk, self.feature_layer, layer_input[tiles]),
                         to_tokens=partial(self.grid_tokens, image_size=image_sizes[image]),
-                        instruction=self.instruction(input_ids, is_image, torch.tensor([row], device=device)),
+                        instruction=self.instruction(input_ids, [row], layout),
                     )
-                    groups.append(VisionGroup(view, torch.tensor([row], device=device), shown[None, self.n_visual :]))
-                offset += len(layout)
+                    groups.append(VisionGroup(view, [row], shown[None, self.n_visual :]))
+                offset += len(packing)
                 image += 1
         bases = torch.tensor(first_crop, device=device)
         base_view = VisionView(
             features=torch.stack([t[: self.n_visual] for t in tokens]),
             n_prefix=0,
             qk=partial(_clip_qk, self.feature_layer, layer_input[bases]),
-            instruction=self.instruction(input_ids, is_image, torch.tensor(base_rows, device=device)),
+            instruction=self.instruction(input_ids, base_rows, layout),
         )
-        groups.insert(0, VisionGroup(base_view, torch.tensor(base_rows, device=device), torch.stack(base_places)))
+        groups.insert(0, VisionGroup(base_view, base_rows, torch.stack(base_places)))
         slots = ordinals(is_image)
         newline = is_newline.to(device).gather(1, slots.clamp_min(0)) & (slots >= 0)
         return Encoded(groups, slots.masked_fill(newline, FIXED), self.newline)

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from star import compat
-from star.adapters.base import Decoder, Encoded, MergedView, VisionGroup, around_image, ordinals, split_rows
+from star.adapters.base import Decoder, Encoded, Layout, MergedView, VisionGroup, around_image, ordinals, split_rows
 
 
 class Qwen2VLAdapter(Decoder):
@@ -57,16 +57,18 @@ class Qwen2VLAdapter(Decoder):
         delta = rope.amax(dim=(0, 2)) + 1 - rope.shape[-1]
         return (cache_position[None, None, :] + delta[None, :, None]).expand(3, -1, -1)
 
-    def encode_prompts(self, inputs: dict, input_ids: torch.Tensor) -> Encoded:
+    def encode_prompts(self, inputs: dict, input_ids: torch.Tensor, layout: Layout) -> Encoded:
         """The images of a batch of prompts, each one unit of its own size."""
         if inputs.get("pixel_values_videos") is not None:
             raise ValueError("pixel_values_videos came with images: video tokens are not pruned, pass images alone")
         grid = inputs.get("image_grid_thw")
         if grid is None:
             raise ValueError("image_grid_thw is None: Qwen2-VL needs each image's patch grid")
+        # Images of different sizes: their token counts, and the tower's bounds below, are this family's own
+        # reads back from the device (docs/results.md, "Host syncs per prefill").
         sizes = (grid.prod(dim=-1) // self.merge_unit).tolist()
         is_image = input_ids == self.image_token_id
-        per_row = split_rows(is_image.sum(dim=1), sizes, "t * h * w / merge_size**2 tokens each")
+        per_row = split_rows(layout.image_tokens, sizes, "t * h * w / merge_size**2 tokens each")
 
         layer: dict[str, object] = {}
 
@@ -92,12 +94,12 @@ class Qwen2VLAdapter(Decoder):
                     features=tokens[None, token_start : token_start + n],
                     n_prefix=0,
                     qk=qk,
-                    instruction=self.instruction(input_ids, is_image, torch.tensor([row], device=device)),
+                    instruction=self.instruction(input_ids, [row], layout),
                     token_of=(order[token_start : token_start + n] - token_start).repeat_interleave(self.merge_unit),
                 )
                 places = torch.arange(place, place + n, device=device)[None]
                 extra = None if residuals is None else residuals[None, token_start : token_start + n]
-                groups.append(VisionGroup(view, torch.tensor([row], device=device), places, extra))
+                groups.append(VisionGroup(view, [row], places, extra))
                 token_start += n
                 place += n
                 image += 1

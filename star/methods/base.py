@@ -111,6 +111,7 @@ class DecoderView:
 
     visual: [B, V] sequence indices of the visual tokens still present (V equal in every row).
     n_text: [B] prompt tokens after the last visual token; left padding puts them at the end of each row.
+    text_counts: the same counts on the host, so that the text rows' shape needs no read back.
     key_mask: [B, S] False for padding.
     attention: that layer's attention probabilities for query rows [B, R] against all S keys, causal,
     [B, H, R, S] in float32.
@@ -123,6 +124,7 @@ class DecoderView:
     hidden: torch.Tensor
     visual: torch.Tensor
     n_text: torch.Tensor
+    text_counts: list[int]
     key_mask: torch.Tensor
     attention: Callable[[torch.Tensor], torch.Tensor]
     keys: Callable[[], torch.Tensor]
@@ -131,7 +133,7 @@ class DecoderView:
 
     def text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The text rows as an index [B, R] over the last R positions, with the mask of each row's own."""
-        s, r = self.hidden.shape[1], int(self.n_text.max())
+        s, r = self.hidden.shape[1], max(self.text_counts)
         offsets = torch.arange(r, device=self.visual.device)
         rows = (s - r + offsets).expand(self.visual.shape[0], r)
         return rows, offsets[None, :] >= (r - self.n_text)[:, None]

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from star.methods.base import Method, Plan, Selection, VisionView
+from star.scoring import flagged_in_order
 
 
 @dataclass(frozen=True)
@@ -85,4 +86,4 @@ def dpp_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
         residual = kernel[rows, pick] - torch.einsum("tu,tun->un", factors[:step, rows, pick], factors[:step])
         factors[step] = torch.where(root > 0, residual / root, torch.zeros_like(residual))
         gains = gains - factors[step] ** 2
-    return taken.nonzero()[:, 1].view(units, k)
+    return flagged_in_order(taken, k)

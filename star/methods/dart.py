@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from star.methods.base import DecoderView, LLMStage, Method, Plan, Selection, check_layer
-from star.scoring import top_k_in_order
+from star.scoring import flagged_in_order, top_k_in_order
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,11 @@ class Dart(Method):
     def select_llm(self, stage: LLMStage, view: DecoderView, k: int) -> Selection:
         key_norm = view.keys().float().abs().sum(dim=(1, 3))
         states = torch.nn.functional.normalize(view.normed_states().float(), dim=-1)
-        rows, own = view.text_rows()
+        rows = view.text_rows()[0]
+        width = rows.shape[1]
         chosen = []
-        for b in range(view.visual.shape[0]):
-            text = rows[b][own[b]]
+        for b, n_text in enumerate(view.text_counts):
+            text = rows[b, width - n_text :]
             chosen.append(
                 least_duplicated(states[b], key_norm[b], view.visual[b], text, k, self.pivot_image_tokens, self.pivot_text_tokens)
             )
@@ -76,16 +77,19 @@ def least_duplicated(
 ) -> torch.Tensor:
     """DART's choice for one prompt: [k] ascending places among `visual`.
 
-    states: [S, D] unit-normed states, key_norm: [S], visual: [V] and text: [T] sequence indices.
+    states: [S, D] unit-normed states, key_norm: [S], visual: [V] and text: [T] sequence indices. Every count
+    is known on the host: each pivot takes its share of the tokens still free, or what is left.
     """
     n = visual.shape[0]
     image = top_k_in_order(key_norm[visual], min(image_pivots, k, n))
     pivots = torch.cat([visual[image], text[top_k_in_order(key_norm[text], min(text_pivots, len(text)))]]).sort().values
+    similarity = states[visual] @ states[pivots].T
     free = torch.ones(n, dtype=torch.bool, device=visual.device)
     free[image] = False
+    left = n - len(image)
     share, extra = divmod(k - len(image), len(pivots))
-    for turn, pivot in enumerate(pivots.tolist()):
-        count = min(share + (turn < extra), int(free.sum()))
-        similarity = (states[visual] @ states[pivot]).masked_fill(~free, float("inf"))
-        free[torch.sort(similarity, stable=True).indices[:count]] = False
-    return (~free).nonzero()[:, 0]
+    for turn in range(len(pivots)):
+        count = min(share + (turn < extra), left)
+        free[torch.sort(similarity[:, turn].masked_fill(~free, float("inf")), stable=True).indices[:count]] = False
+        left -= count
+    return flagged_in_order(~free, n - left)

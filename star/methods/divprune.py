@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from star.methods.base import Method, Plan, Selection, VisionView
+from star.scoring import flagged_in_order
 
 
 @dataclass(frozen=True)
@@ -55,4 +56,4 @@ def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
         taken[images, pick] = True
         to_kept = distance[images, pick]
         nearest = (to_kept if step == 0 else torch.minimum(nearest, to_kept)).masked_fill(taken, float("-inf"))
-    return taken.nonzero()[:, 1].view(x.shape[0], k)
+    return flagged_in_order(taken, k)

@@ -145,9 +145,7 @@ class SparseVLM(Method):
         indices, states = [], []
         for row in range(view.visual.shape[0]):
             kept = scoring.top_k_in_order(scores[row], n_kept)
-            dropped = torch.ones(n, dtype=torch.bool, device=kept.device)
-            dropped[kept] = False
-            deleted = dropped.nonzero()[:, 0]
+            deleted = scoring.complement_in_order(kept, n)
             slots, merged = recycle(visual[row, deleted], scores[row, deleted], self.recycled(len(deleted)), k - n_kept)
             index = torch.cat([kept, deleted[slots]])
             state = torch.cat([visual[row, kept], merged.to(visual.dtype)])

@@ -67,9 +67,7 @@ class VisionZip(Method):
         for image in range(view.features.shape[0]):
             features = view.features[image]
             dominant = scoring.top_k_in_order(cls_scores[image], dominant_patches)
-            rest = torch.ones(n, dtype=torch.bool, device=features.device)
-            rest[dominant] = False
-            rest_index = rest.nonzero().squeeze(1)
+            rest_index = scoring.complement_in_order(dominant, n)
             targets, merged = scoring.merge_by_similarity(features[rest_index], keys[image, rest_index], contextual, MERGES[self.merge])
             cls = view.prefix_features[image, None]
             if self.order == "official":

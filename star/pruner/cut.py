@@ -14,9 +14,9 @@ import torch
 
 from star import compat
 from star.adapters import Adapter
-from star.decoder import Frame, contiguous_positions, gather_positions, gather_rotary, gather_seq, slice_mask
+from star.decoder import Frame, contiguous_positions, gather_positions, gather_rotary, gather_seq, keep_in_order, slice_mask
 from star.methods import DecoderView, LLMStage, Method, Selection
-from star.pruner.entry import Prompt
+from star.pruner.entry import Prompt, ragged_rows
 from star.scoring import attention_probs
 
 
@@ -33,46 +33,38 @@ def cut(
     frame = prompt.frames[-1]
     selections = select(adapter, method, stage, prompt, *scored, budgets, hidden)
     batch, length = hidden.shape[:2]
+    kept_counts = [s.index.shape[1] for s in selections for _ in range(s.index.shape[0])]
     if len(selections) == 1:
-        index = selections[0].index
-        states = None if selections[0].states is None else list(selections[0].states)
+        index, states = selections[0].index, selections[0].states
     else:
         index = pad_rows([s.index[0] for s in selections])
-        states = None if selections[0].states is None else [s.states[0] for s in selections]
+        states = None if selections[0].states is None else pad_rows([s.states[0] for s in selections], 0)
 
-    # Each row keeps its other tokens (text, fixed image tokens, padding) and its kept visual tokens;
-    # rows that end up shorter are left-padded with a masked column of their own.
-    rows = []
-    for row in range(batch):
-        chosen = index[row][index[row] >= 0]
-        visual = frame.visual[row][frame.visual[row] >= 0]
-        others = torch.ones(length, dtype=torch.bool, device=hidden.device)
-        others[visual] = False
-        rows.append((others.nonzero()[:, 0], visual[chosen]))
-    width = max(len(o) + len(v) for o, v in rows)
-    keep, kept_visual = [], []
-    for row, (others, visual) in enumerate(rows):
-        cols = torch.cat([others, visual]).sort().values
-        if len(cols) < width:
-            pad = (frame.mask[row] == 0).nonzero()[0, 0]
-            cols = torch.cat([pad.expand(width - len(cols)), cols])
-        keep.append(cols)
-        kept_visual.append(torch.isin(cols, visual).nonzero()[:, 0])
-    keep = torch.stack(keep)
-    visual = pad_rows(kept_visual)
+    # Each row keeps its other tokens (text, fixed image tokens, padding) and its kept visual tokens, in order;
+    # rows that end up shorter are left-padded with column 0, masked in every row that has padding.
+    kept = frame.visual.gather(1, index.clamp_min(0)).masked_fill(index < 0, -1)
+    is_visual = torch.zeros(batch, length + 1, dtype=torch.bool, device=hidden.device)
+    is_visual = is_visual.scatter(1, frame.visual.masked_fill(frame.visual < 0, length), True)[:, :length]
+    columns = torch.arange(length, device=hidden.device).expand(batch, length).masked_fill(is_visual, -1)
+    width = length + max(k - n for k, n in zip(kept_counts, frame.counts))
+    keep, source = keep_in_order(torch.cat([columns, kept], dim=1), width)
+    real = keep >= 0
+    added = (~real).sum(dim=1)
+    keep = keep.clamp_min(0)
+    from_visual = (source >= length) & real
+    visual = ragged_rows(from_visual, index.shape[1])
     patches = gather_seq(frame.patches, index.clamp_min(0)).masked_fill(index < 0, -1)
     hidden = gather_seq(hidden, keep)
     if states is not None:
-        for row, merged in enumerate(states):
-            hidden[row, kept_visual[row]] = merged.to(hidden.dtype)
+        merged = gather_seq(states, (source - length).clamp_min(0)).to(hidden.dtype)
+        hidden = torch.where(from_visual[..., None], merged, hidden)
 
     if positions == "original":
         frame_positions = gather_positions(frame.position_ids, keep)
     else:  # the padding slots this cut added to a shorter row do not count as tokens before its real ones
-        added = torch.tensor([width - len(o) - len(v) for o, v in rows], device=hidden.device)
         frame_positions = contiguous_positions(frame.position_ids, keep) - added[:, None]
     prompt.frames.append(
-        Frame(stage.layer, frame.keep_cols.gather(1, keep), frame.mask.gather(1, keep), visual, patches, frame_positions)
+        Frame(stage.layer, frame.keep_cols.gather(1, keep), frame.mask.gather(1, keep), visual, patches, frame_positions, kept_counts)
     )
     if prompt.residuals is not None:
         prompt.residuals = gather_seq(prompt.residuals, index.clamp_min(0))
@@ -110,19 +102,16 @@ def select(
     score_layer = adapter.layers[stage.score_layer]
     score_rotary = compat.layer_rotary(kwargs, adapter.layer_type(stage.score_layer))
     batch = hidden.shape[0]
-    counts = (frame.visual >= 0).sum(dim=1)
-    if len(set(budgets)) == 1 and bool((counts == counts[0]).all()):
-        groups = [None]
-    else:
-        groups = list(range(batch))
+    counts, n_text = frame.counts, prompt.layout.n_text
+    groups = [None] if len(set(budgets)) == 1 and len(set(counts)) == 1 else list(range(batch))
     selections = []
     for row in groups:
         h, pe, key_mask, cut_h = hidden, score_rotary, frame.mask.bool(), cut_hidden
-        visual, n_text, positions = frame.visual, prompt.n_text, frame.position_ids
+        visual, text, text_counts, positions = frame.visual, prompt.layout.n_text_device, n_text, frame.position_ids
         if row is not None:
-            h, key_mask, n_text, cut_h = h[row : row + 1], key_mask[row : row + 1], n_text[row : row + 1], cut_h[row : row + 1]
+            h, key_mask, text, cut_h = h[row : row + 1], key_mask[row : row + 1], text[row : row + 1], cut_h[row : row + 1]
             pe = tuple(_batch_row(x, row, x.dim() - 3) for x in pe)
-            visual = visual[row : row + 1, : int(counts[row])]
+            visual, text_counts = visual[row : row + 1, : counts[row]], n_text[row : row + 1]
             positions = _batch_row(positions, row, positions.dim() - 2)
 
         def attention(rows: torch.Tensor, h=h, pe=pe, key_mask=key_mask) -> torch.Tensor:
@@ -135,15 +124,15 @@ def select(
             alone = adapter.rotary_alone(h, positions, key_mask, adapter.layer_type(stage.score_layer))
             return adapter.decoder_qk(score_layer, h, alone, torch.zeros_like(h[:, :1, 0], dtype=torch.long))[1]
 
-        view = DecoderView(h, visual, n_text, key_mask, attention, keys, cut_h, partial(adapter.norm, cut_h))
+        view = DecoderView(h, visual, text, text_counts, key_mask, attention, keys, cut_h, partial(adapter.norm, cut_h))
         selections.append(method.select_llm(stage, view, budgets[0 if row is None else row]))
     return selections
 
 
-def pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
-    """1-D index tensors stacked into [B, max], shorter rows ending with -1."""
+def pad_rows(rows: list[torch.Tensor], fill: float = -1) -> torch.Tensor:
+    """Per-row tensors stacked into [B, max, ...], shorter rows ending with `fill`."""
     width = max(len(r) for r in rows)
-    return torch.stack([torch.cat([r, r.new_full((width - len(r),), -1)]) for r in rows])
+    return torch.stack([torch.cat([r, r.new_full((width - len(r), *r.shape[1:]), fill)]) for r in rows])
 
 
 def _batch_row(x: torch.Tensor, row: int, dim: int) -> torch.Tensor:

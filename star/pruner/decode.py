@@ -24,6 +24,7 @@ class Step:
     position_ids: torch.Tensor
     cache_position: torch.Tensor
     padding: torch.Tensor | None  # the 2-D mask in the entry frame: the prompt's tokens there, then the new ones
+    end: int  # one past the last new token's place in the entry frame, on the host
 
 
 def step_inputs(adapter: Adapter, prompt: Prompt, positions: str, kwargs: dict, past: int) -> tuple[dict, Step]:
@@ -45,7 +46,7 @@ def step_inputs(adapter: Adapter, prompt: Prompt, positions: str, kwargs: dict, 
         full = prompt.full_length
         entry = mask[:, :full].gather(1, prompt.entry_keep) * prompt.entry_real
         mask = torch.cat([entry, mask[:, full:]], dim=1)
-    step = Step(position_ids, cache_position, mask)
+    step = Step(position_ids, cache_position, mask, past + new)
     inputs = {**kwargs, "attention_mask": mask, "position_ids": position_ids}
     return compat.with_cache_position(inputs, cache_position), step
 
@@ -61,7 +62,7 @@ def layer_inputs(
     mask = kwargs["attention_mask"]
     if mask is not None:
         batch, entry = frame.keep_cols.shape[0], prompt.frames[0].length
-        new = torch.arange(entry, int(step.cache_position.max()) + 1, device=mask.device).expand(batch, -1)
+        new = torch.arange(entry, step.end, device=mask.device).expand(batch, -1)
         mask = decode_mask(mask, step.padding, torch.cat([frame.keep_cols, new], dim=1), step.cache_position)
     override = compat.with_cache_position({"attention_mask": mask}, step.cache_position - shift)
     if positions == "contiguous":  # each row moves back by the tokens this frame dropped from its own

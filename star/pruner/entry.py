@@ -13,8 +13,8 @@ import torch
 
 from star import compat
 from star.adapters import Adapter
-from star.adapters.base import FIXED, TEXT
-from star.decoder import Frame, contiguous_positions, gather_positions, gather_seq
+from star.adapters.base import FIXED, TEXT, Layout, read_layout
+from star.decoder import Frame, contiguous_positions, gather_positions, gather_seq, keep_in_order, on_device
 from star.methods import Selection
 from star.pruner.budget import Budget
 
@@ -29,7 +29,7 @@ class Prompt:
     entry_pads: torch.Tensor  # [B] how many of those each row has
     positions: torch.Tensor  # rotary positions of the full prompt, [B, S] or [3, B, S]
     frames: list[Frame]
-    n_text: torch.Tensor
+    layout: Layout
     budgets: list[list[int]]  # per decoder stage, the visual tokens each prompt keeps
     tokens: list[int]
     totals: list[list[int]]
@@ -37,7 +37,11 @@ class Prompt:
 
 
 def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tuple[Prompt, dict]:
-    """Run stage 1 on the prompts' images and return the prompt's state and the decoder's entry inputs."""
+    """Run stage 1 on the prompts' images and return the prompt's state and the decoder's entry inputs.
+
+    After the one read of the batch's `Layout`, every size is known on the host and every index is computed on
+    the device: a GPU runs the prefill without waiting for the host.
+    """
     input_ids = kwargs.get("input_ids")
     if input_ids is None:
         raise ValueError("input_ids is None: pruning needs the prompt's token ids to find its image tokens")
@@ -52,94 +56,98 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
             f"attention_mask came as {form} at prefill: the pruner needs the 2-D padding mask [batch, tokens] to "
             "build its shorter frames"
         )
-    if bool((mask[:, 1:] < mask[:, :-1]).any()):
-        raise ValueError("attention_mask pads on the right: prompts must be left-padded (padding_side='left')")
-    encoded = adapter.encode_prompts(kwargs, input_ids)
+    layout = read_layout(input_ids, mask, adapter.image_token_id)
+    encoded = adapter.encode_prompts(kwargs, input_ids, layout)
     full_positions = adapter.prompt_positions(kwargs, input_ids, mask)
 
-    # Stage 1, unit by unit: the kept tokens' places among each prompt's image tokens, and their embeddings.
-    slots = encoded.slots
-    kept_places: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-    kept_embeds: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-    kept_residuals: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-    totals = torch.zeros(batch, 2 + len(stages), dtype=torch.long)
+    # Stage 1, unit by unit: each unit's kept tokens, their places among its prompt's image tokens, and the
+    # slots they take in their prompt's row of kept visual tokens (units in order, each in the method's order).
+    totals = [[0] * (2 + len(stages)) for _ in range(batch)]
+    filled = [0] * batch  # kept visual tokens of each prompt
+    candidates = [0] * batch  # and the image tokens stage 1 chose them from
+    kept_units = []
     tokens = None
     for group in encoded.groups:
         units, n = group.view.features.shape[:2]
         plan = budget.unit_plan(n)
         schedule = budget.schedule(plan)
         tokens = tokens or (budget.schedule(budget.plan) if adapter.n_visual else schedule)
-        totals.index_add_(0, group.rows.cpu(), torch.tensor(schedule).expand(units, -1).contiguous())
         if plan.vision_keep < n:
             selection = budget.method.select_vision(group.view, plan.vision_keep)
         else:
             selection = Selection(torch.arange(n, device=device).expand(units, n))
         features = selection.states if selection.states is not None else gather_seq(group.view.features, selection.index)
-        projected = adapter.project(features)
-        kept = group.ordinals.gather(1, selection.index)
+        kept = selection.index.shape[1]
+        starts = []
+        for row in group.rows:
+            totals[row] = [total + count for total, count in zip(totals[row], schedule)]
+            starts.append(filled[row])
+            filled[row] += kept
+            candidates[row] += n
         # A merged token keeps the residuals of the place it takes.
         residuals = None if group.residuals is None else gather_seq(group.residuals, selection.index)
-        for unit, row in enumerate(group.rows.tolist()):
-            kept_places[row].append(kept[unit])
-            kept_embeds[row].append(projected[unit])
-            if residuals is not None:
-                kept_residuals[row].append(residuals[unit])
+        places = group.ordinals.gather(1, selection.index)
+        kept_units.append((group.rows, starts, places, adapter.project(features), residuals))
 
-    totals_list = totals.tolist()
-    budgets = [[row[2 + s] for row in totals_list] for s in range(len(stages))]
-    uneven = any(len({row[j] for row in totals_list}) > 1 for j in range(1, totals.shape[1]))
+    # Every prompt's kept visual tokens as rows of `width_v` slots (-1 / zeros where a row has fewer): their
+    # columns in the full prompt, their embeddings, and their residuals.
+    width_v = max(filled)
+    image_cols = ragged_rows(encoded.slots != TEXT, max(layout.image_tokens))
+    visual_cols = torch.full((batch * width_v,), -1, dtype=torch.long, device=device)
+    visual_embeds = visual_residuals = None
+    for rows, starts, places, projected, residuals in kept_units:
+        kept = places.shape[1]
+        slot = (on_device([row * width_v + start for row, start in zip(rows, starts)], device)[:, None] + torch.arange(kept, device=device)).flatten()
+        row_index = on_device(rows, device)[:, None].expand(-1, kept)
+        visual_cols.index_copy_(0, slot, image_cols[row_index, places].flatten())
+        if visual_embeds is None:
+            visual_embeds = projected.new_zeros(batch * width_v, projected.shape[-1])
+        visual_embeds.index_copy_(0, slot, projected.flatten(0, 1))
+        if residuals is not None:
+            if visual_residuals is None:
+                visual_residuals = residuals.new_zeros(batch * width_v, *residuals.shape[2:])
+            visual_residuals.index_copy_(0, slot, residuals.flatten(0, 1))
+    visual_cols = visual_cols.view(batch, width_v)
 
-    # Entry frame: each prompt's text and fixed image tokens, and its kept visual tokens at their places (a
-    # merged token may share its place with another; the stable sort keeps the method's order). Shorter
-    # rows are left-padded; one spare padding slot per row when a later cut is uneven, so every row has a
-    # masked column for that cut's own padding to point at.
-    image_cols = ragged_rows(slots != TEXT)
-    columns, visual_embeds, visual_residuals = [], [], []
-    for row in range(batch):
-        places = torch.cat(kept_places[row]) if kept_places[row] else slots.new_zeros(0)
-        others = (slots[row] < 0).nonzero()[:, 0]  # TEXT and FIXED
-        cols = torch.cat([others, image_cols[row, places]])
-        order = torch.sort(cols, stable=True).indices
-        columns.append(cols[order])
-        visual_order = order[order >= len(others)] - len(others)
-        visual_embeds.append(torch.cat(kept_embeds[row])[visual_order] if kept_embeds[row] else None)
-        if kept_residuals[row]:
-            visual_residuals.append(torch.cat(kept_residuals[row])[visual_order])
+    # Entry frame: each prompt's text and fixed image tokens and its kept visual tokens, in prompt order (a
+    # merged token may share its place with another; the stable sort keeps the method's order). Shorter rows
+    # are left-padded; one spare padding slot per row when a later cut is uneven, so every row has a masked
+    # column for that cut's own padding to point at.
+    uneven = any(len({row[j] for row in totals}) > 1 for j in range(1, 2 + len(stages)))
     spare = 1 if uneven and stages else 0
-    width = max(len(c) for c in columns) + spare
-    entry_keep = torch.stack([torch.cat([c.new_zeros(width - len(c)), c]) for c in columns])
-    lengths = torch.tensor([len(c) for c in columns], device=device)
-    entry_real = torch.arange(width, device=device) >= width - lengths[:, None]
-    entry_slots = slots.gather(1, entry_keep)
-    entry_visual = (entry_slots >= 0) & entry_real
+    width = length - min(c - f for c, f in zip(candidates, filled)) + spare
+    columns = torch.arange(length, device=device).expand(batch, length).masked_fill(encoded.slots >= 0, -1)
+    keys = torch.cat([columns, visual_cols, columns.new_full((batch, spare), -1)], dim=1)
+    entry_cols, source = keep_in_order(keys, width)
+    entry_real = entry_cols >= 0
+    entry_keep = entry_cols.clamp_min(0)
+    from_visual = (source >= length) & (source < length + width_v) & entry_real
+    visual_slot = (source - length).clamp(0, max(width_v - 1, 0))
     embeds = adapter.embed(input_ids.gather(1, entry_keep))
-    for row, row_embeds in enumerate(visual_embeds):
-        if row_embeds is not None:
-            embeds[row, entry_visual[row]] = row_embeds.to(embeds.dtype)
+    if width_v:
+        embeds = torch.where(from_visual[..., None], gather_seq(visual_embeds.view(batch, width_v, -1), visual_slot).to(embeds.dtype), embeds)
+    entry_slots = encoded.slots.gather(1, entry_keep)
     if encoded.fixed is not None:
         embeds = torch.where((entry_slots == FIXED)[..., None], encoded.fixed.to(embeds.dtype), embeds)
 
-    pads = width - lengths
+    pads = (~entry_real).sum(dim=1)
     if positions == "original":
         entry_positions = gather_positions(full_positions, entry_keep)
     else:  # the padding slots added here do not count as tokens before the real ones
         entry_positions = contiguous_positions(full_positions, entry_keep) - pads[:, None]
-    entry_length = entry_keep.shape[1]
     entry_mask = mask.gather(1, entry_keep) * entry_real
-    visual = ragged_rows(entry_visual)
+    visual = ragged_rows(from_visual, width_v)
     patches = entry_slots.gather(1, visual.clamp_min(0)).masked_fill(visual < 0, -1)
-    image_like = (entry_visual | (entry_slots == FIXED)).long()
-    last_image = (image_like * torch.arange(entry_length, device=device)).amax(dim=1)
-    entry_cols = torch.arange(entry_length, device=device).expand(batch, entry_length)
-    frame = Frame(0, entry_cols, entry_mask, visual, patches, entry_positions)
+    entry_cols = torch.arange(width, device=device).expand(batch, width)
+    frame = Frame(0, entry_cols, entry_mask, visual, patches, entry_positions, filled)
     residuals = None
-    if visual_residuals:  # aligned with the frame's visual tokens, shorter rows padded with zeros
-        residuals = embeds.new_zeros(batch, visual.shape[1], *visual_residuals[0].shape[1:])
-        for row, row_residuals in enumerate(visual_residuals):
-            residuals[row, : len(row_residuals)] = row_residuals.to(embeds.dtype)
+    if visual_residuals is not None:  # aligned with the frame's visual tokens, shorter rows padded with zeros
+        residuals = gather_seq(visual_residuals.view(batch, width_v, *visual_residuals.shape[1:]), visual_slot.gather(1, visual.clamp_min(0)))
+        residuals = residuals * (visual >= 0).view(batch, width_v, *[1] * (residuals.dim() - 2)).to(residuals.dtype)
+    budgets = [[row[2 + s] for row in totals] for s in range(len(stages))]
     prompt = Prompt(
-        length, entry_keep, entry_real, pads, full_positions, [frame], entry_length - 1 - last_image, budgets,
-        tokens or [0] * totals.shape[1], totals_list, residuals,
+        length, entry_keep, entry_real, pads, full_positions, [frame], layout, budgets,
+        tokens or [0] * (2 + len(stages)), totals, residuals,
     )
     # Per-token inputs the model reads besides the ids (Gemma 3's token types), at the kept tokens; 0 at the
     # padding slots added here.
@@ -153,12 +161,12 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
         "attention_mask": entry_mask,
         "position_ids": entry_positions,
     }
-    return prompt, compat.with_cache_position(entry, torch.arange(entry_length, device=device))
+    return prompt, compat.with_cache_position(entry, torch.arange(width, device=device))
 
 
-def ragged_rows(flags: torch.Tensor) -> torch.Tensor:
-    """Indices of each row's True columns, in order, [B, V_max]; shorter rows end with -1."""
+def ragged_rows(flags: torch.Tensor, width: int) -> torch.Tensor:
+    """Indices of each row's True columns, in order, [B, width]; rows with fewer end with -1. `width` is at
+    least every row's count, known on the host."""
     counts = flags.sum(dim=1, keepdim=True)
-    width = int(counts.max()) if flags.shape[0] else 0
     order = torch.sort((~flags).long(), dim=1, stable=True).indices[:, :width]
     return order.masked_fill(torch.arange(width, device=flags.device) >= counts, -1)

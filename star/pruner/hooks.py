@@ -199,7 +199,7 @@ class Pruner:
             self._prompt = None
             return (), kwargs
         inputs, step = decode.step_inputs(self.adapter, self._prompt, self.positions, kwargs, past)
-        self._check_window(int(step.cache_position.max()) + 1)
+        self._check_window(step.end)
         self._call = _Call(step=step)
         return (), inputs
 

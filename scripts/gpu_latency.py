@@ -1,0 +1,158 @@
+"""Latency at batch 1 and 8 on one GPU: prefill, a 16-token request, and the host syncs of one prefill.
+
+    python scripts/gpu_latency.py --out docs/results/gpu            # LLaVA-1.5-7B's architecture, random weights
+    python scripts/gpu_latency.py --model DIR --device cpu --keeps 8,4,2 --peer-keep 4 ...   # a tiny config.json
+
+Each setting runs eager and compiled (`torch.compile(model.forward)`; "reduce-overhead", CUDA graphs, where the
+device is a GPU). Times are medians of `--repeats` runs after `--warmup`, synchronised with the device, each
+setting's runs alternating with the unpruned model's so that both see the same machine; `vs unpruned` is the
+median of the per-run ratios. Syncs are counted by torch.profiler over one prefill: on a GPU the CUDA runtime's
+synchronisations (cudaStreamSynchronize, cudaDeviceSynchronize, cudaEventSynchronize), on a CPU the operators
+that read a tensor back (tests/test_host_syncs.py). A setting that fails is reported in its row and the run goes
+on; rows already measured are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import star
+from star import synthetic
+
+CUDA_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+CPU_SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::repeat_interleave")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", default="llava-1.5-7b", help="a shipped architecture (star/configs/)")
+    source.add_argument("--model", type=Path, help="a folder with a config.json, instead of --config")
+    parser.add_argument("--keeps", default="288,58,29", help="STAR's budgets (visual tokens per image)")
+    parser.add_argument("--peer-keep", type=int, default=58, help="FasterVLM's and FastV's budget")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens of the timed request")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--modes", default="eager,compiled", help="eager and/or compiled")
+    parser.add_argument("--out", type=Path, default=Path("docs/results/gpu"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.model:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(args.model)
+    else:
+        config = synthetic.shipped_config(args.config)
+    model = synthetic.random_model(config, args.device, getattr(torch, args.dtype), "sdpa")
+    settings = [("none", 1.0), *(("star", int(k)) for k in args.keeps.split(",")), ("fastervlm", args.peer_keep), ("fastv", args.peer_keep)]
+    # Each setting's prefill has its own shapes: compiled, each is its own graph, beyond dynamo's default limit of 8.
+    torch._dynamo.config.recompile_limit = 64
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    eager_forward = model.forward
+    for mode in args.modes.split(","):
+        if mode == "compiled":
+            model.forward = torch.compile(eager_forward, mode="reduce-overhead" if device.type == "cuda" else None)
+        for batch in map(int, args.batch.split(",")):
+            inputs = synthetic.synthetic_inputs(model, batch)
+            for method, keep in settings:
+                row = {"mode": mode, "batch": batch, "method": method, "keep": keep}
+                try:
+                    row.update(measure(model, inputs, method, keep, args, device))
+                except Exception as error:  # noqa: BLE001 - a failed setting is reported in its row, the run goes on
+                    row["error"] = f"{type(error).__name__}: {error}"
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                (args.out / "latency.json").write_text(json.dumps(rows, indent=2))
+        model.forward = eager_forward
+    table = markdown(rows, args)
+    (args.out / "latency.md").write_text(table)
+    print(table)
+
+
+@torch.no_grad()
+def measure(model, inputs: dict, method: str, keep: int, args, device: torch.device) -> dict:
+    """Median prefill and request times of one setting against the unpruned model's, and one prefill's syncs."""
+    options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+
+    def timed(fn) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        return time.perf_counter() - start
+
+    def run(pruned: bool) -> tuple[float, float]:
+        with star.apply(model, method=method if pruned else "none", keep=keep if pruned else 1.0):
+            return timed(lambda: model(**inputs)), timed(lambda: model.generate(**inputs, **options))
+
+    prefill, request, ratio, request_ratio = [], [], [], []
+    for repeat in range(args.warmup + args.repeats):
+        mine, base = run(True), run(False)
+        if repeat >= args.warmup:
+            prefill.append(mine[0])
+            request.append(mine[1])
+            ratio.append(mine[0] / base[0])
+            request_ratio.append(mine[1] / base[1])
+    with star.apply(model, method=method, keep=keep) as pruner:
+        syncs = count_syncs(lambda: model(**inputs), device)
+        tokens = pruner.stats.tokens
+    return {
+        "tokens": tokens,
+        "prefill_ms": 1e3 * statistics.median(prefill),
+        "prefill_vs_unpruned": statistics.median(ratio),
+        "request_ms": 1e3 * statistics.median(request),
+        "request_vs_unpruned": statistics.median(request_ratio),
+        "syncs_per_prefill": syncs,
+    }
+
+
+def count_syncs(fn, device: torch.device) -> int:
+    """Host syncs of one call: the CUDA runtime's synchronisations on a GPU, read-back operators on a CPU."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    names = CUDA_SYNCS if device.type == "cuda" else CPU_SYNCS
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    return sum(1 for event in prof.events() if event.name in names)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def markdown(rows: list[dict], args) -> str:
+    lines = [
+        f"`python scripts/gpu_latency.py --{'model' if args.model else 'config'} {args.model or args.config} "
+        f"--device {args.device} --dtype {args.dtype}` "
+        f"({torch.cuda.get_device_name() if args.device == 'cuda' else args.device}, torch {torch.__version__}; "
+        f"median of {args.repeats} after {args.warmup} warm-up; {synthetic.NOTICE})",
+        "",
+        "| mode | batch | method | keep | tokens | prefill ms | vs unpruned | request ms | vs unpruned | syncs / prefill |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['mode']} | {row['batch']} | {row['method']} | {row['keep']} | failed: {row['error'][:120]} | | | | | |")
+            continue
+        lines.append(
+            f"| {row['mode']} | {row['batch']} | {row['method']} | {row['keep']} | {' / '.join(map(str, row['tokens']))} | "
+            f"{row['prefill_ms']:.1f} | {row['prefill_vs_unpruned']:.3f} | {row['request_ms']:.1f} | "
+            f"{row['request_vs_unpruned']:.3f} | {row['syncs_per_prefill']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
