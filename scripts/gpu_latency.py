@@ -3,10 +3,9 @@
     python scripts/gpu_latency.py --out docs/results/gpu            # LLaVA-1.5-7B's architecture, random weights
     python scripts/gpu_latency.py --model DIR --device cpu --keeps 8,4,2 --peer-keep 4 ...   # a tiny config.json
 
-Each setting runs eager and compiled (`torch.compile(model.forward)`; "reduce-overhead", CUDA graphs, where the
-device is a GPU). Times are medians of `--repeats` runs after `--warmup`, synchronised with the device, each
-setting's runs alternating with the unpruned model's so that both see the same machine; `vs unpruned` is the
-median of the per-run ratios. Syncs are counted by torch.profiler over one prefill: on a GPU the CUDA runtime's
+Each setting runs eager and compiled (`torch.compile(model.forward)` after the pruner is applied; "reduce-overhead",
+CUDA graphs, where the device is a GPU). Times are medians of `--repeats` runs after `--warmup` (which also
+compiles), synchronised with the device; `vs unpruned` divides by the unpruned row of the same mode and batch. Syncs are counted by torch.profiler over one prefill: on a GPU the CUDA runtime's
 synchronisations (cudaStreamSynchronize, cudaDeviceSynchronize, cudaEventSynchronize), on a CPU the operators
 that read a tensor back (tests/test_host_syncs.py). A setting that fails is reported in its row and the run goes
 on; rows already measured are kept.
@@ -55,66 +54,71 @@ def main() -> None:
         config = synthetic.shipped_config(args.config)
     model = synthetic.random_model(config, args.device, getattr(torch, args.dtype), "sdpa")
     settings = [("none", 1.0), *(("star", int(k)) for k in args.keeps.split(",")), ("fastervlm", args.peer_keep), ("fastv", args.peer_keep)]
-    # Each setting's prefill has its own shapes: compiled, each is its own graph, beyond dynamo's default limit of 8.
+    # Compiled, a generate() meets a shape per decode step: more graphs than dynamo's default limit of 8.
     torch._dynamo.config.recompile_limit = 64
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    eager_forward = model.forward
     for mode in args.modes.split(","):
-        if mode == "compiled":
-            model.forward = torch.compile(eager_forward, mode="reduce-overhead" if device.type == "cuda" else None)
         for batch in map(int, args.batch.split(",")):
             inputs = synthetic.synthetic_inputs(model, batch)
             for method, keep in settings:
                 row = {"mode": mode, "batch": batch, "method": method, "keep": keep}
                 try:
-                    row.update(measure(model, inputs, method, keep, args, device))
+                    row.update(measure(model, inputs, method, keep, args, device, compiled=mode == "compiled"))
                 except Exception as error:  # noqa: BLE001 - a failed setting is reported in its row, the run goes on
                     row["error"] = f"{type(error).__name__}: {error}"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                (args.out / "latency.json").write_text(json.dumps(rows, indent=2))
-        model.forward = eager_forward
-    table = markdown(rows, args)
+                (args.out / "latency.json").write_text(json.dumps(with_ratios(rows), indent=2))
+    table = markdown(with_ratios(rows), args)
     (args.out / "latency.md").write_text(table)
     print(table)
 
 
 @torch.no_grad()
-def measure(model, inputs: dict, method: str, keep: int, args, device: torch.device) -> dict:
-    """Median prefill and request times of one setting against the unpruned model's, and one prefill's syncs."""
+def measure(model, inputs: dict, method: str, keep, args, device: torch.device, compiled: bool) -> dict:
+    """Median prefill and request times of one setting, and the syncs of one prefill.
+
+    Compiled, the forward is compiled anew with this setting's pruner applied (a compiled graph keeps the
+    hooks it was traced with), and the warm-up runs compile every shape the timed runs meet.
+    """
     options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-
-    def timed(fn) -> float:
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        return time.perf_counter() - start
-
-    def run(pruned: bool) -> tuple[float, float]:
-        with star.apply(model, method=method if pruned else "none", keep=keep if pruned else 1.0):
-            return timed(lambda: model(**inputs)), timed(lambda: model.generate(**inputs, **options))
-
-    prefill, request, ratio, request_ratio = [], [], [], []
-    for repeat in range(args.warmup + args.repeats):
-        mine, base = run(True), run(False)
-        if repeat >= args.warmup:
-            prefill.append(mine[0])
-            request.append(mine[1])
-            ratio.append(mine[0] / base[0])
-            request_ratio.append(mine[1] / base[1])
     with star.apply(model, method=method, keep=keep) as pruner:
-        syncs = count_syncs(lambda: model(**inputs), device)
-        tokens = pruner.stats.tokens
-    return {
-        "tokens": tokens,
-        "prefill_ms": 1e3 * statistics.median(prefill),
-        "prefill_vs_unpruned": statistics.median(ratio),
-        "request_ms": 1e3 * statistics.median(request),
-        "request_vs_unpruned": statistics.median(request_ratio),
-        "syncs_per_prefill": syncs,
-    }
+        if compiled:
+            torch._dynamo.reset()
+            model.forward = torch.compile(model.forward, mode="reduce-overhead" if device.type == "cuda" else None)
+        try:
+            prefill, request = [], []
+            for repeat in range(args.warmup + args.repeats):
+                times = timed(lambda: model(**inputs), device), timed(lambda: model.generate(**inputs, **options), device)
+                if repeat >= args.warmup:
+                    prefill.append(times[0])
+                    request.append(times[1])
+            syncs = count_syncs(lambda: model(**inputs), device)
+            tokens = pruner.stats.tokens
+        finally:
+            vars(model).pop("forward", None)
+    return {"tokens": tokens, "prefill_ms": 1e3 * statistics.median(prefill), "request_ms": 1e3 * statistics.median(request),
+            "syncs_per_prefill": syncs}
+
+
+def timed(fn, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Each row's prefill and request times over the unpruned row of its mode and batch size."""
+    base = {(row["mode"], row["batch"]): row for row in rows if row["method"] == "none" and "error" not in row}
+    for row in rows:
+        reference = base.get((row["mode"], row["batch"]))
+        if reference is not None and "error" not in row:
+            row["prefill_vs_unpruned"] = row["prefill_ms"] / reference["prefill_ms"]
+            row["request_vs_unpruned"] = row["request_ms"] / reference["request_ms"]
+    return rows
 
 
 def count_syncs(fn, device: torch.device) -> int:
@@ -148,8 +152,8 @@ def markdown(rows: list[dict], args) -> str:
             continue
         lines.append(
             f"| {row['mode']} | {row['batch']} | {row['method']} | {row['keep']} | {' / '.join(map(str, row['tokens']))} | "
-            f"{row['prefill_ms']:.1f} | {row['prefill_vs_unpruned']:.3f} | {row['request_ms']:.1f} | "
-            f"{row['request_vs_unpruned']:.3f} | {row['syncs_per_prefill']} |"
+            f"{row['prefill_ms']:.1f} | {row.get('prefill_vs_unpruned', float('nan')):.3f} | {row['request_ms']:.1f} | "
+            f"{row.get('request_vs_unpruned', float('nan')):.3f} | {row['syncs_per_prefill']} |"
         )
     return "\n".join(lines) + "\n"
 

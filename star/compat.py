@@ -28,6 +28,17 @@ def cache_of(kwargs: dict):
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
+def static_cache_length(cache, kwargs: dict, dropped: int) -> int:
+    """Tokens a StaticCache holds, read back from the device (one sync). 5.x counts them in `cumulative_length`.
+    4.57 counts the non-zero keys of row 0, too few where row 0 is left-padded with a zero embedding, so there the
+    caller's `cache_position` says where the new tokens go, in the full prompt's places: less the `dropped`
+    tokens the pruner's entry frame lacks."""
+    cache_position = kwargs.get("cache_position")
+    if V5 or cache_position is None:
+        return int(cache.get_seq_length())
+    return int(cache_position[0]) - dropped
+
+
 def with_cache_position(kwargs: dict, cache_position: torch.Tensor) -> dict:
     """4.57's models and layers place new keys in the cache by `cache_position`; 5.x has no such argument
     (its caches append), so there it is not passed at all."""

@@ -96,6 +96,24 @@ def slice_mask(mask: torch.Tensor | None, rows: torch.Tensor | None, cols: torch
     return gather_seq(mask, cols, dim=3)
 
 
+def padding_of(mask: torch.Tensor) -> torch.Tensor:
+    """The 2-D mask [B, K] (1 where a key may be seen) of a 4-D mask [B, 1, Q, K] (bool, or additive float) that
+    generate() makes for a StaticCache: its last query row sees every key that is no padding up to itself."""
+    last = mask[:, 0, -1]
+    return (last if last.dtype == torch.bool else last == 0).long()
+
+
+def unseen_slots(mask: torch.Tensor | None, slots: int | None) -> torch.Tensor | None:
+    """A 4-D mask [B, 1, Q, K] widened to a StaticCache's `slots` key slots, the added ones seen by no query: the
+    cache of a shorter frame has as many slots as the entry frame's, and uses only its first K."""
+    if mask is None or slots is None or mask.dim() != 4:
+        return mask
+    extra = slots - mask.shape[-1]
+    if mask.dtype == torch.bool:
+        return torch.nn.functional.pad(mask, (0, extra), value=False)
+    return torch.nn.functional.pad(mask, (0, extra), value=torch.finfo(mask.dtype).min)
+
+
 def decode_mask(like: torch.Tensor, padding: torch.Tensor | None, cols: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """A decode step's mask for a frame's cache, in the form of the model's own mask `like` (2-D, or 4-D bool or
     additive float): query i, at entry-frame position query[i], sees the key at entry-frame column cols[b, j] if

@@ -14,7 +14,7 @@ import torch
 
 from star import compat
 from star.adapters import Adapter
-from star.decoder import Frame, contiguous_positions, gather_positions, gather_rotary, gather_seq, keep_in_order, slice_mask
+from star.decoder import Frame, contiguous_positions, gather_positions, gather_rotary, gather_seq, keep_in_order, slice_mask, unseen_slots
 from star.methods import DecoderView, LLMStage, Method, Selection
 from star.pruner.entry import Prompt, ragged_rows
 from star.scoring import attention_probs
@@ -71,11 +71,14 @@ def cut(
     return hidden
 
 
-def frame_inputs(adapter: Adapter, frame: Frame, positions: str, hidden: torch.Tensor, kwargs: dict, layer_type: str | None) -> dict:
+def frame_inputs(
+    adapter: Adapter, frame: Frame, positions: str, hidden: torch.Tensor, kwargs: dict, layer_type: str | None, slots: int | None,
+) -> dict:
     """What changes in a layer's prefill inputs, made for the entry frame, in `frame`: the mask, every rotary
-    table and the positions, gathered at the tokens the frame keeps (contiguous positions: tables made anew)."""
+    table and the positions, gathered at the tokens the frame keeps (contiguous positions: tables made anew).
+    slots: a StaticCache's slots, which the mask's key columns span."""
     keep = frame.keep_cols
-    override = {"attention_mask": slice_mask(kwargs["attention_mask"], keep, keep)}
+    override = {"attention_mask": unseen_slots(slice_mask(kwargs["attention_mask"], keep, keep), slots)}
     for name, kind in compat.rotary_tables(kwargs).items():
         if positions == "original":
             cos, sin = kwargs[name]

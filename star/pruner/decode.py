@@ -13,7 +13,7 @@ import torch
 
 from star import compat
 from star.adapters import Adapter
-from star.decoder import Frame, decode_mask
+from star.decoder import Frame, decode_mask, unseen_slots
 from star.pruner.entry import Prompt
 
 
@@ -42,11 +42,22 @@ def step_inputs(adapter: Adapter, prompt: Prompt, positions: str, kwargs: dict, 
     if positions == "contiguous":
         position_ids = position_ids - dropped - prompt.entry_pads[:, None]
     mask = kwargs.get("attention_mask")
-    if mask is not None:
+    if prompt.slots is not None:
+        # A StaticCache: generate() makes the 4-D mask from the cache's own count, the entry frame's, so its columns
+        # mix two frames. Every slot of the entry frame's cache instead: the prompt's own tokens as the prefill saw
+        # them, then every new token (generate() never masks one), up to the step's own.
+        padding = prompt.frames[0].mask
+        padding = torch.cat([padding, padding.new_ones(padding.shape[0], prompt.slots - padding.shape[1])], dim=1)
+        slots = torch.arange(prompt.slots, device=padding.device).expand(padding.shape[0], -1)
+        like = mask if mask is not None and mask.dim() == 4 else padding.new_ones(1, 1, 1, 1, dtype=torch.bool)
+        mask = decode_mask(like, padding, slots, cache_position)
+    elif mask is not None:
         full = prompt.full_length
         entry = mask[:, :full].gather(1, prompt.entry_keep) * prompt.entry_real
-        mask = torch.cat([entry, mask[:, full:]], dim=1)
-    step = Step(position_ids, cache_position, mask, past + new)
+        mask = padding = torch.cat([entry, mask[:, full:]], dim=1)
+    else:
+        padding = None
+    step = Step(position_ids, cache_position, padding, past + new)
     inputs = {**kwargs, "attention_mask": mask, "position_ids": position_ids}
     return compat.with_cache_position(inputs, cache_position), step
 
@@ -64,6 +75,7 @@ def layer_inputs(
         batch, entry = frame.keep_cols.shape[0], prompt.frames[0].length
         new = torch.arange(entry, step.end, device=mask.device).expand(batch, -1)
         mask = decode_mask(mask, step.padding, torch.cat([frame.keep_cols, new], dim=1), step.cache_position)
+        mask = unseen_slots(mask, prompt.slots)
     override = compat.with_cache_position({"attention_mask": mask}, step.cache_position - shift)
     if positions == "contiguous":  # each row moves back by the tokens this frame dropped from its own
         dropped = prompt.frames[0].mask.sum(dim=1) - frame.mask.sum(dim=1)

@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import StaticCache
 
 from star import compat
 from star.adapters import Adapter
 from star.adapters.base import FIXED, TEXT, Layout, read_layout
-from star.decoder import Frame, contiguous_positions, gather_positions, gather_seq, keep_in_order, on_device
+from star.decoder import Frame, contiguous_positions, gather_positions, gather_seq, keep_in_order, on_device, padding_of
 from star.methods import Selection
 from star.pruner.budget import Budget
 
@@ -34,6 +35,7 @@ class Prompt:
     tokens: list[int]
     totals: list[list[int]]
     residuals: torch.Tensor | None = None  # [B, V, E, D] DeepStack features of the last frame's visual tokens
+    slots: int | None = None  # a StaticCache's slots per layer (every frame's cache has as many), or None
 
 
 def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tuple[Prompt, dict]:
@@ -50,6 +52,10 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
     stages = budget.plan.llm_stages
     mask = kwargs.get("attention_mask")
     mask = torch.ones_like(input_ids) if mask is None else mask
+    cache = compat.cache_of(kwargs)
+    slots = cache.layers[0].max_cache_len if isinstance(cache, StaticCache) else None
+    if slots is not None and isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        mask = padding_of(mask)[:, :length]  # 4.57's generate() makes a StaticCache's 4-D mask before the forward
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         form = f"a tensor of {mask.dim()} dims" if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(
@@ -147,7 +153,7 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
     budgets = [[row[2 + s] for row in totals] for s in range(len(stages))]
     prompt = Prompt(
         length, entry_keep, entry_real, pads, full_positions, [frame], layout, budgets,
-        tokens or [0] * (2 + len(stages)), totals, residuals,
+        tokens or [0] * (2 + len(stages)), totals, residuals, slots,
     )
     # Per-token inputs the model reads besides the ids (Gemma 3's token types), at the kept tokens; 0 at the
     # padding slots added here.

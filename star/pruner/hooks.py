@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from star import compat
 from star import flops as flops_model
@@ -67,6 +67,7 @@ class _Call:
     """State of one forward call as it passes through the decoder layers."""
 
     step: decode.Step | None  # None at prefill
+    layers: int = 0  # hooked decoder layers that ran
     frame: int = 0  # the frame the layers run in now: 0 (the entry frame) until the first stage's layer
     overrides: dict[str | None, dict[str, Any]] = field(default_factory=dict)  # that frame's inputs, per layer type
     saved: dict[int, tuple[torch.Tensor, dict[str, Any]]] = field(default_factory=dict)
@@ -113,8 +114,10 @@ class Pruner:
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward),
         ]
+        self._hooked_layers = 0
         if self.plan.llm_stages:
             first = min(s.score_layer for s in self.plan.llm_stages)
+            self._hooked_layers = num_layers - first
             for index in range(first, num_layers):
                 hook = partial(self._before_layer, index)
                 self._handles.append(self.adapter.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
@@ -179,7 +182,21 @@ class Pruner:
             bound = self._signature.bind_partial(*args, **kwargs).arguments
             kwargs = {**bound.pop("kwargs", {}), **bound}
         cache = compat.cache_of(kwargs)
-        past = cache.get_seq_length() if cache is not None else 0
+        if cache is not None and not isinstance(cache, (DynamicCache, StaticCache)):
+            raise ValueError(f"a cache of type {type(cache).__name__} is not supported: use DynamicCache or StaticCache")
+        if isinstance(cache, StaticCache) and self.adapter.window is not None and self.plan.llm_stages:
+            raise ValueError(
+                "a StaticCache on a decoder with sliding-window layers is not supported while a decoder stage prunes: "
+                "its window layers keep the last tokens in place of all; use DynamicCache"
+            )
+        # A StaticCache counts its tokens on the device: reading the count waits for it, once per call (generate()
+        # itself reads once per step to stop); a DynamicCache counts on the host.
+        if isinstance(cache, StaticCache):
+            prompt = None if kwargs.get("pixel_values") is not None else self._prompt
+            dropped = 0 if prompt is None else prompt.full_length - prompt.frames[0].length
+            past = compat.static_cache_length(cache, kwargs, dropped)
+        else:
+            past = 0 if cache is None else cache.get_seq_length()
         self._call = None
         if kwargs.get("pixel_values") is not None:
             if past:
@@ -187,8 +204,6 @@ class Pruner:
                     "pixel_values came with a non-empty cache: pruning happens once per prompt, at "
                     "prefill; start a new cache for a new image"
                 )
-            if cache is not None and not isinstance(cache, DynamicCache):
-                raise ValueError(f"a cache of type {type(cache).__name__} is not supported: use DynamicCache")
             self._prompt, inputs = enter(self.adapter, self.budget, self.positions, kwargs)
             self._check_window(self._prompt.frames[0].length)
             self._call = _Call(step=None)
@@ -244,8 +259,17 @@ class Pruner:
             )
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """A call's frame state ends with the call, so layers run on their own afterwards are left alone."""
-        self._call = None
+        """A call's frame state ends with the call, so layers run on their own afterwards are left alone.
+
+        Every hooked layer must have run this call's hook: a forward compiled while another pruner (or none) was
+        applied keeps the hooks it was traced with, and its decoder stages would silently not prune."""
+        call, self._call = self._call, None
+        if call is not None and call.layers != self._hooked_layers:
+            raise RuntimeError(
+                f"{call.layers} of the {self._hooked_layers} decoder layers this pruner prunes in ran its hooks: the "
+                "model's forward was compiled with other hooks (compile after star.apply(), and again after remove() "
+                "and a new apply(), with torch._dynamo.reset() between)"
+            )
 
     # -- the decoder layers -----------------------------------------------------------------------------
 
@@ -253,6 +277,7 @@ class Pruner:
         call = self._call
         if call is None:
             return None
+        call.layers += 1
         hidden = args[0]
         current = self._frame_inputs(index, hidden, kwargs)
         if index in self._early_scores:
@@ -280,7 +305,7 @@ class Pruner:
         layer_type = self.adapter.layer_type(index)
         if layer_type not in call.overrides:
             if call.step is None:
-                override = frame_inputs(self.adapter, frame, self.positions, hidden, kwargs, layer_type)
+                override = frame_inputs(self.adapter, frame, self.positions, hidden, kwargs, layer_type, self._prompt.slots)
             else:
                 override = decode.layer_inputs(self.adapter, self._prompt, frame, self.positions, hidden, kwargs, call.step, layer_type)
             call.overrides[layer_type] = override
