@@ -4,14 +4,15 @@ questions all of them answered (so every row has the same n), with 95% Wilson in
     python scripts/compare.py docs/results/compare-scenes "scenes (test)" [BEFORE/results.json]
 
 Writes results.json, results.md (a grid of methods by budget first, then every setting in full) and
-accuracy.png into the folder, and prints results.md. Settings come from each run folder's setting.json (star
-eval writes it), so the authors' defaults and this project's earlier variants, evaluated by separate `star eval`
-calls into one folder, land in one table. A variant row is named by
-its options, and `pairs` sets it beside the default row of the same method and budget, with the figure of an
-earlier `star eval` folder (BEFORE, run before the fidelity fixes) where one is given; `against_star` sets each
-STAR row beside the best other method at its keep and at no more FLOPs. Both give the paired difference of the
-two settings on the questions they both answered, with its 95% interval: a difference whose interval excludes 0
-is one these questions tell apart, even where the two accuracy intervals overlap.
+accuracy.png into the folder, and prints results.md. Settings come from each setting's setting.json (star
+eval writes it, and packs it with the answers into answers.jsonl.gz), so the authors' defaults and this
+project's earlier variants, evaluated by separate `star eval` calls into one folder, land in one table. A
+variant row is named by its options, and `pairs` sets it beside the default row of the same method and
+budget, with the figure of an earlier `star eval` folder (BEFORE, run before the fidelity fixes) where one
+is given; `against_star` sets each STAR row beside the best other method at its keep and at no more FLOPs.
+Both give the paired difference of the two settings on the questions they both answered, with its 95%
+interval: a difference whose interval excludes 0 is one these questions tell apart, even where the two
+accuracy intervals overlap.
 """
 
 from __future__ import annotations
@@ -21,20 +22,20 @@ import sys
 from pathlib import Path
 
 from star.eval import report
-from star.eval.runner import Setting, _answered, summarize
+from star.eval.answers import Answers, read
+from star.eval.runner import Setting, summarize
 from star.eval.stats import paired_difference
 
 
-def load(folder: Path) -> tuple[list[Setting], set[str], list[str], dict[str, dict[str, bool]]]:
-    """The settings answered in `folder`, the record ids every one of them answered, the names of the settings
+def load(done: Answers) -> tuple[list[Setting], set[str], list[str], dict[str, dict[str, bool]]]:
+    """The settings a folder answered (`done`), the record ids every one of them answered, the names of the settings
     left out because a run stopped early in them (fewer than half the median setting's answers; the rest are
     compared on the questions all of them answered, so a round stopped part-way costs n, not settings), and
     each setting's answers (record id: correct) by setting name."""
     found, answers = [], {}
-    for path in sorted((folder / "runs").glob("*/setting.json")):
-        data = json.loads(path.read_text())
+    for run, data in sorted(done.definitions.items()):
         setting = Setting(data["method"], data["keep"], data.get("options", {}), data.get("flops_budget"))
-        answers[setting.name] = {key: row["correct"] for key, row in _answered(path.parent).items()}
+        answers[setting.name] = {key: row["correct"] for key, row in done.rows.get(run, {}).items()}
         found.append((setting, set(answers[setting.name])))
     counts = sorted(len(ids) for _, ids in found)
     median = counts[len(counts) // 2] if counts else 0
@@ -163,8 +164,9 @@ def against_star(summary: dict, answers: dict[str, dict[str, bool]]) -> str:
 
 def main(folder: str, title: str, before: str | None = None) -> None:
     out = Path(folder)
-    settings, ids, left_out, answers = load(out)
-    summary = summarize(settings, out / "runs", ids)
+    done = read(out)
+    settings, ids, left_out, answers = load(done)
+    summary = summarize(settings, done, ids)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     earlier = json.loads(Path(before).read_text()) if before else None
     parts = [grid(summary), report.markdown_table(summary), pairs(summary, answers, earlier),

@@ -15,7 +15,8 @@
 # SCALE_REPEATS_1B (2), CALIBRATE_N (10 per type: the shipped schedule's n), BUDGET_N (50 per type), COMPARE_ROUNDS ("2 5 15 50") and COMPARE_EASY_ROUNDS ("5 25 50"): per-type limits, run in
 # turn so every setting grows together, scenes first; 50 is the target: 200 scene and 100 easy-VQA questions per
 # setting. Every run resumes where it
-# stopped: star eval appends answers as they come (and refuses a folder that other weights answered).
+# stopped: star eval appends answers to OUT/runs/ as they come, packs them into OUT/answers.jsonl.gz when it finishes
+# (the committed evidence beside each table), and refuses a folder that other weights answered.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAR=${STAR:-.venv/bin/star}
@@ -87,9 +88,10 @@ case "${1:-}" in
   budgets)
     for data in scenes easy-vqa; do
       types=$([ $data = easy-vqa ] && echo "--types color,shape" || true)
+      title=$([ $data = easy-vqa ] && echo easy-VQA || echo $data)
       $STAR eval --data $data --split test $types --limit "${BUDGET_N:-50}" --methods "$COMPARE_METHODS" \
         --flops 0.2,0.3,0.4,0.5,0.7 --out $OUT/budgets-$data
-      ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/budgets-$data "$data (test), at FLOPs budgets"
+      ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/budgets-$data "$title (test), at FLOPs budgets"
     done
     ;;
   scale)

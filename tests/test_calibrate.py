@@ -9,6 +9,7 @@ from test_eval import GOOD, write_data
 import star
 from star.calibrate import default_grid, runs_folder
 from star.cli import main
+from star.eval import answers
 from star.flops import DecoderShape
 from star.methods import build
 from star.schedule import Schedule, flops_ratio
@@ -41,9 +42,9 @@ def test_calibrate_writes_a_schedule_whose_costs_are_the_formulas(checkpoint, tm
         plan = build("star", **point.options).plan(N_VISUAL, point.keep, shape.num_layers)
         assert point.flops == pytest.approx(flops_ratio(shape, plan, schedule.text_tokens), rel=1e-9)
         assert point.n == 1 and point.time > 0 and point.interval[0] <= point.accuracy <= point.interval[1]
-    answered = {p.name: p.read_text() for p in runs_folder(out).rglob("rank0.jsonl")}
+    answered = (runs_folder(out) / answers.PACK).read_bytes()
     assert run(checkpoint, data, out) == 0  # a rerun resumes: nothing is answered twice
-    assert {p.name: p.read_text() for p in runs_folder(out).rglob("rank0.jsonl")} == answered
+    assert (runs_folder(out) / answers.PACK).read_bytes() == answered
     with star.apply(model, flops=1.0, schedule=out) as pruner:
         best = schedule.pick("flops", 1.0)
         assert pruner.keep == best.keep
@@ -118,10 +119,10 @@ def test_eval_refuses_to_resume_a_flops_budget_under_another_pick(checkpoint, tm
     out = tmp_path / "out"
     args = ["--methods", "fastervlm", "--flops", "0.9", "--batch-size", "2", "--max-new-tokens", "2", "--out", str(out)]
     assert main(["eval", "--model", checkpoint, "--data", short, *args]) == 0
-    picked = json.loads((out / "runs" / "fastervlm-flops0.9" / "setting.json").read_text())["picked"]
-    answers = (out / "runs" / "fastervlm-flops0.9" / "rank0.jsonl").read_text()
+    picked = answers.read(out).definitions["fastervlm-flops0.9"]["picked"]
+    packed = (out / answers.PACK).read_bytes()
     assert main(["eval", "--model", checkpoint, "--data", long, *args]) == 2
     error = capsys.readouterr().err
-    assert f"answered flops=0.9 with keep={picked['keep']}" in error and "choose a new --out, or delete that folder" in error
-    assert (out / "runs" / "fastervlm-flops0.9" / "rank0.jsonl").read_text() == answers  # nothing was added
+    assert f"answered flops=0.9 with keep={picked['keep']}" in error and f"choose a new --out, or delete {out}" in error
+    assert (out / answers.PACK).read_bytes() == packed and not (out / "runs").exists()  # nothing was added
     assert main(["eval", "--model", checkpoint, "--data", short, *args]) == 0  # the same records resume

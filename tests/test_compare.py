@@ -1,13 +1,16 @@
 """scripts/compare.py on a folder written by hand: settings that answered different numbers of questions are
 compared on the questions all of them answered, variants pair with their defaults, and STAR's paired difference
-from each other setting is the one stats.paired_difference gives on exactly those questions."""
+from each other setting is the one stats.paired_difference gives on exactly those questions; a packed folder gives
+the table its loose files give."""
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from star.eval import answers
 from star.eval.stats import paired_difference
 
 SPEC = importlib.util.spec_from_file_location("compare", Path(__file__).resolve().parents[1] / "scripts" / "compare.py")
@@ -65,3 +68,13 @@ def test_compare_reads_a_flops_budget_folder(tmp_path):
     assert "[0.0150; keep 20]" in text and "[0.0150; keep 30]" in text
     assert "| fastv |  | **+40.0" in text  # STAR minus FastV at the same budget, outside the interval
     assert "authors' defaults | variant" not in text  # no variants, no table of them
+
+
+def test_compare_gives_the_same_table_from_a_packed_folder(folder, tmp_path_factory):
+    packed = shutil.copytree(folder, tmp_path_factory.mktemp("packed") / "folder")
+    answers.pack(packed)
+    assert not (packed / "runs").exists()
+    compare.main(str(folder), "test")
+    compare.main(str(packed), "test")
+    for name in ("results.md", "results.json", "accuracy.png"):
+        assert (packed / name).read_bytes() == (folder / name).read_bytes(), name

@@ -15,6 +15,7 @@ import pytest
 import transformers
 
 from star.data.scenes import scene_records
+from star.eval import answers
 from star.eval.records import Record
 from star.eval.runner import Setting, evaluate
 
@@ -37,11 +38,8 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
     summary, skipped = evaluate(model, processor, records, settings, out, progress=False)
     assert not skipped and [row["n"] for row in summary["settings"]] == [60, 60]
-    answers = {
-        run.name: {row["id"]: row["prediction"] for f in run.glob("*.jsonl") for row in map(json.loads, f.open())}
-        for run in (out / "runs").iterdir()
-    }
-    return {row["method"]: row for row in summary["settings"]}, answers
+    predictions = {name: {key: row["prediction"] for key, row in rows.items()} for name, rows in answers.read(out).rows.items()}
+    return {row["method"]: row for row in summary["settings"]}, predictions
 
 
 def test_every_transformers_line_gives_the_committed_answers(results):

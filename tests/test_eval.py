@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from PIL import Image
 
 from conftest import tiny_checkpoint
 from star.cli import main
+from star.eval import answers, runner
 from star.eval.records import read_jsonl
 
 
@@ -52,20 +54,52 @@ def test_eval_writes_table_plot_and_per_type_results(checkpoint, tmp_path):
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
 
 
-def test_interrupted_eval_resumes_and_loses_nothing(checkpoint, tmp_path):
+def test_interrupted_eval_resumes_and_loses_nothing(checkpoint, tmp_path, monkeypatch):
     data = write_data(tmp_path, GOOD)
     run_eval(checkpoint, data, tmp_path / "full")
+    monkeypatch.setattr(answers, "pack", lambda out_dir: None)  # stopped before the end: its answers are loose
     run_eval(checkpoint, data, tmp_path / "cut")
+    monkeypatch.undo()
     runs = tmp_path / "cut" / "runs"
     kept_line = (runs / "star-4" / "rank0.jsonl").read_text().splitlines()[0]
     (runs / "star-4" / "rank0.jsonl").write_text(kept_line + "\n" + '{"id": "torn')
     (runs / "none-1.0" / "rank0.jsonl").unlink()
     run_eval(checkpoint, data, tmp_path / "cut")
-    assert (runs / "star-4" / "rank0.jsonl").read_text().splitlines()[0] == kept_line
+    kept = json.loads(kept_line)
+    assert answers.read(tmp_path / "cut").rows["star-4"][kept["id"]] == kept and not runs.exists()
     full = json.loads((tmp_path / "full" / "results.json").read_text())["settings"]
     resumed = json.loads((tmp_path / "cut" / "results.json").read_text())["settings"]
     for a, b in zip(full, resumed):
         assert (a["name"], a["n"], a["accuracy"], a["per_type"]) == (b["name"], b["n"], b["accuracy"], b["per_type"])
+
+
+def test_a_packed_folder_resumes_with_more_questions_and_answers_none_again(checkpoint, tmp_path, monkeypatch):
+    data = write_data(tmp_path, GOOD)
+    out = tmp_path / "out"
+    assert run_eval(checkpoint, data, out, "--limit", "2") == 0
+    assert (out / answers.PACK).is_file() and not (out / "runs").exists()
+    before = answers.read(out).rows
+    asked, answer_batch = [], runner.answer_batch
+    monkeypatch.setattr(runner, "answer_batch", lambda model, processor, records, *rest: asked.append([r.id for r in records]) or answer_batch(model, processor, records, *rest))
+    assert run_eval(checkpoint, data, out) == 0
+    assert asked == [["line3"], ["line3"]]  # the third question, once per setting
+    after = answers.read(out).rows
+    assert {name: sorted(rows) for name, rows in after.items()} == {name: ["line1", "line2", "line3"] for name in ("none-1.0", "star-4")}
+    assert all(after[name][key] == row for name in before for key, row in before[name].items())  # prefill_s too: not recomputed
+    assert not (out / "runs").exists()
+    assert [row["n"] for row in json.loads((out / "results.json").read_text())["settings"]] == [3, 3]
+
+
+def test_an_unreadable_answers_file_is_an_error_naming_it(checkpoint, tmp_path, capsys):
+    data = write_data(tmp_path, GOOD)
+    out = tmp_path / "out"
+    assert run_eval(checkpoint, data, out) == 0
+    packed = (out / answers.PACK).read_bytes()
+    for broken in (packed[: len(packed) // 2], b"version https://git-lfs.github.com/spec/v1\n", gzip.compress(b"{not json\n")):
+        (out / answers.PACK).write_bytes(broken)
+        assert run_eval(checkpoint, data, out) == 2
+        assert f"{out / answers.PACK} is not a readable answers file" in capsys.readouterr().err
+        assert (out / answers.PACK).read_bytes() == broken and not (out / "runs").exists()  # nothing answered again
 
 
 def test_resuming_with_other_weights_or_answer_length_is_refused(tmp_path, capsys):
@@ -73,7 +107,7 @@ def test_resuming_with_other_weights_or_answer_length_is_refused(tmp_path, capsy
     out = tmp_path / "out"
     checkpoint = tiny_checkpoint(tmp_path / "model")
     assert run_eval(checkpoint, data, out) == 0
-    answers = (out / "runs" / "star-4" / "rank0.jsonl").read_text()
+    packed = (out / answers.PACK).read_bytes()
     tiny_checkpoint(tmp_path / "model", seed=1)  # retrained in place: same path, same file sizes
     assert run_eval(checkpoint, data, out) == 2
     assert "--out" in (err := capsys.readouterr().err) and "files: {" in err
@@ -81,7 +115,7 @@ def test_resuming_with_other_weights_or_answer_length_is_refused(tmp_path, capsy
     assert "model: " in capsys.readouterr().err
     assert run_eval(checkpoint, data, out, "--max-new-tokens", "3") == 2
     assert "max_new_tokens: 2 there, 3 now" in capsys.readouterr().err
-    assert (out / "runs" / "star-4" / "rank0.jsonl").read_text() == answers
+    assert (out / answers.PACK).read_bytes() == packed and not (out / "runs").exists()
 
 
 def test_a_smaller_limit_summarizes_only_its_records(checkpoint, tmp_path):
@@ -140,15 +174,13 @@ def test_two_processes_give_the_results_of_one(checkpoint, tmp_path):
                "--data", data, "--methods", "none,star", "--keep", "4", "--batch-size", "2", "--max-new-tokens", "2",
                "--out", str(tmp_path / "two")]
     subprocess.run(command, check=True, capture_output=True, timeout=300)
-    assert sorted(p.name for p in (tmp_path / "two" / "runs" / "star-4").glob("rank*")) == ["rank0.jsonl", "rank1.jsonl"]
+    lines = answers.decode((tmp_path / "two" / answers.PACK).read_bytes(), answers.PACK)
+    assert {line["rank"] for line in lines if line["setting"] == "star-4" and "row" in line} == {0, 1}
     one = json.loads((tmp_path / "one" / "results.json").read_text())["settings"]
     two = json.loads((tmp_path / "two" / "results.json").read_text())["settings"]
     for a, b in zip(one, two, strict=True):
         assert (a["name"], a["n"], a["accuracy"], a["per_type"], a["tokens"]) == (b["name"], b["n"], b["accuracy"], b["per_type"], b["tokens"])
-        predictions = [
-            {row["id"]: row["prediction"] for f in (tmp_path / run / "runs" / a["name"]).glob("rank*.jsonl") for row in map(json.loads, f.read_text().splitlines())}
-            for run in ("one", "two")
-        ]
+        predictions = [{key: row["prediction"] for key, row in answers.read(tmp_path / run).rows[a["name"]].items()} for run in ("one", "two")]
         assert predictions[0] == predictions[1] and len(predictions[0]) == 4
 
 

@@ -22,6 +22,7 @@ pytest.importorskip("lmms_eval", reason=LMMS_MISSING)
 from conftest import llava_style_processor, save_checkpoint, tiny_checkpoint, tiny_tokenizer  # noqa: E402
 from families import CROP  # noqa: E402
 from star.cli import main as star_main  # noqa: E402
+from star.eval import answers  # noqa: E402
 from star.data.scenes import scene_records  # noqa: E402
 from star.integrations import lmms_eval as backend  # noqa: E402
 
@@ -67,7 +68,7 @@ def test_lmms_eval_scores_like_star_eval(checkpoint, data, tmp_path, monkeypatch
 
     assert star_main(["eval", "--model", path, "--data", str(data), "--methods", "star", "--keep", str(keep),
                       "--batch-size", str(BATCH), "--max-new-tokens", "8", "--out", str(tmp_path / "star")]) == 0
-    ours = {json.loads(line)["id"]: json.loads(line) for line in (tmp_path / "star" / "runs" / f"star-{keep}" / "rank0.jsonl").read_text().splitlines()}
+    ours = answers.read(tmp_path / "star").rows[f"star-{keep}"]
     summary = json.loads((tmp_path / "star" / "results.json").read_text())["settings"][0]
 
     backend.write_task(data, tmp_path / "task", TASK, max_new_tokens=8)

@@ -2,9 +2,10 @@
 
 Each setting (method, keep) appends one line per answered record to `runs/<setting>/rank<r>.jsonl` as soon
 as its batch is done, so an interrupted run loses at most one batch and resumes where it stopped, with any
-number of processes: the records already answered are read from every rank's file. Under `torchrun` or
+number of processes: the records already answered are read from every rank's file and from the folder's
+answers.jsonl.gz, into which a finished run packs them (star.eval.answers). Under `torchrun` or
 `accelerate launch` (which set RANK and WORLD_SIZE), process r answers records r, r + N, ...; rank 0
-waits for the others and writes the summary.
+waits for the others, packs their answers and writes the summary.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 import star
 from star.data.vqa import exact_match, normalize_answer
+from star.eval import answers
 from star.eval.records import QUESTION_SUFFIX, Record, RecordError
 from star.eval.stats import wilson_interval
 from star.methods.base import layer_average
@@ -94,8 +96,9 @@ def evaluate(
     processor.tokenizer.padding_side = "left"
     skipped: list[str] = []
     mine = records[rank::world]
-    _check_picks(model, settings, runs, length, positions)
-    todo = {s.name: [r for r in mine if r.id not in _answered(runs / s.name)] for s in settings}
+    done = answers.read(out_dir)
+    _check_picks(model, settings, done, out_dir, length, positions)
+    todo = {s.name: [r for r in mine if r.id not in done.rows.get(s.name, {})] for s in settings}
     bar = tqdm(total=sum(len(v) for v in todo.values()), desc="star eval", unit="q", disable=not progress or rank)
     for setting in settings:
         bar.set_postfix_str(setting.name)
@@ -116,16 +119,17 @@ def evaluate(
             for start in range(0, len(pending), batch_size):
                 chunk = _readable(pending[start : start + batch_size], skipped)
                 if chunk:
-                    answers, prefill_s = answer_batch(model, processor, chunk, max_new_tokens)
+                    predictions, prefill_s = answer_batch(model, processor, chunk, max_new_tokens)
                     stats = pruner.stats
-                    _append(path, [_row(record, answer, stats, prefill_s / len(chunk)) for record, answer in zip(chunk, answers)])
+                    _append(path, [_row(record, answer, stats, prefill_s / len(chunk)) for record, answer in zip(chunk, predictions)])
                 bar.update(len(pending[start : start + batch_size]))
     bar.close()
     if world > 1:
         skipped = _gather_messages(skipped, world)
         if rank:
             return None, skipped
-    summary = summarize([s for s in settings if s.name not in unreachable], runs, {r.id for r in records})
+    answers.pack(out_dir)
+    summary = summarize([s for s in settings if s.name not in unreachable], answers.read(out_dir), {r.id for r in records})
     (Path(out_dir) / "results.json").write_text(json.dumps(summary, indent=2))
     return summary, skipped
 
@@ -135,15 +139,14 @@ def _pick(pruner, text_tokens: float) -> dict:
     return json.loads(json.dumps({"keep": pruner.keep, "options": method_options(pruner.method), "text_tokens": round(text_tokens, 2)}))
 
 
-def _check_picks(model, settings: list[Setting], runs: Path, length: float | None, positions: str | None) -> None:
+def _check_picks(model, settings: list[Setting], done: answers.Answers, out_dir: Path, length: float | None, positions: str | None) -> None:
     """Refuse, before any compute, to add answers to a FLOPs-budget setting that answered under another pick: the
     pick depends on the prompts' mean length (other records) and on the schedule, and one setting's answers must
     come from one keep and one set of options."""
     for setting in settings:
-        recorded = runs / setting.name / "setting.json"
-        if setting.flops_budget is None or not recorded.is_file() or not _answered(recorded.parent):
+        if setting.flops_budget is None or setting.name not in done.definitions or not done.rows.get(setting.name):
             continue
-        before = json.loads(recorded.read_text()).get("picked") or {}
+        before = done.definitions[setting.name].get("picked") or {}
         try:
             with star.apply(model, method=setting.method, **setting.budget(length), **{"positions": positions, **setting.options}) as pruner:
                 now = _pick(pruner, length)
@@ -152,9 +155,9 @@ def _check_picks(model, settings: list[Setting], runs: Path, length: float | Non
         if (before.get("keep"), before.get("options")) != (now["keep"], now["options"]):
             was = f"{before.get('text_tokens', 'an unrecorded number of')} text tokens"
             raise ValueError(
-                f"{recorded.parent} answered flops={setting.flops_budget} with keep={before.get('keep')} and "
+                f"{setting.name} in {out_dir} answered flops={setting.flops_budget} with keep={before.get('keep')} and "
                 f"options {before.get('options')} (prompts of {was}); these records pick keep={now['keep']} and options "
-                f"{now['options']} (prompts of {now['text_tokens']} text tokens): choose a new --out, or delete that folder"
+                f"{now['options']} (prompts of {now['text_tokens']} text tokens): choose a new --out, or delete {out_dir}"
             )
 
 
@@ -214,19 +217,6 @@ def _readable(records: list[Record], skipped: list[str]) -> list[Record]:
     return readable
 
 
-def _answered(folder: Path) -> dict[str, dict]:
-    """The rows already written for a setting, by any process, keyed by record id (a torn line is ignored)."""
-    rows = {}
-    for path in sorted(folder.glob("rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-                rows[row["id"]] = row
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return rows
-
-
 def check_identity(out_dir: Path, identity: dict, write: bool = True) -> None:
     """Refuse to add answers to OUT when its run.json records another model, dtype or answer length: a resumed
     run must not mix the answers of two models in one table. The first run writes run.json."""
@@ -258,12 +248,12 @@ def model_identity(path: str | Path) -> dict:
     return {"model": str(folder.resolve()), "files": files}
 
 
-def summarize(settings: list[Setting], runs: Path, ids: set[str]) -> dict:
+def summarize(settings: list[Setting], done: answers.Answers, ids: set[str]) -> dict:
     """Accuracy per type and overall, retention against `none`, mean tokens, FLOPs and prefill time, over the
     records `ids` (an OUT folder may hold answers to more, from an earlier run with a larger --limit)."""
     rows = []
     for setting in settings:
-        answered = {k: v for k, v in _answered(runs / setting.name).items() if k in ids}
+        answered = {k: v for k, v in done.rows.get(setting.name, {}).items() if k in ids}
         by_type: dict[str, list[bool]] = defaultdict(list)
         truths: dict[str, Counter] = defaultdict(Counter)
         for row in answered.values():
@@ -272,8 +262,7 @@ def summarize(settings: list[Setting], runs: Path, ids: set[str]) -> dict:
         n = len(answered)
         values = [answered[key] for key in sorted(answered)]
         correct = sum(r["correct"] for r in values)
-        recorded = runs / setting.name / "setting.json"
-        picked = json.loads(recorded.read_text()).get("picked") if recorded.is_file() else None
+        picked = done.definitions.get(setting.name, {}).get("picked")
         rows.append(
             {
                 **asdict(setting),
