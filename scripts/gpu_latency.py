@@ -24,9 +24,9 @@ from torch.profiler import ProfilerActivity, profile
 
 import star
 from star import synthetic
+from star.bench import host_reads
 
 CUDA_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
-CPU_SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::repeat_interleave")
 
 
 def main() -> None:
@@ -122,13 +122,13 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 
 
 def count_syncs(fn, device: torch.device) -> int:
-    """Host syncs of one call: the CUDA runtime's synchronisations on a GPU, read-back operators on a CPU."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    names = CUDA_SYNCS if device.type == "cuda" else CPU_SYNCS
-    with profile(activities=activities) as prof:
+    """Host syncs of one call: the CUDA runtime's synchronisations on a GPU, reads back to the host on a CPU."""
+    if device.type != "cuda":
+        return sum(host_reads(fn).values())
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         synchronize(device)
-    return sum(1 for event in prof.events() if event.name in names)
+    return sum(1 for event in prof.events() if event.name in CUDA_SYNCS)
 
 
 def synchronize(device: torch.device) -> None:

@@ -8,6 +8,7 @@ way: each prompt keeps its own tokens, and throughput counts all B.
 
 from __future__ import annotations
 
+import collections
 import re
 import statistics
 import time
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache
 
@@ -27,6 +30,17 @@ from star.methods.none import NoPruning
 from star.pruner import Pruner
 
 _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")  # Linux: the process's memory figures
+# Operators that read a tensor back to the host, or learn a data-dependent size from the device: on a GPU each one
+# waits for every kernel queued before it.
+READ_BACK_OPS = (
+    "aten::_local_scalar_dense",  # .item(), int(t), bool(t), float(t)
+    "aten::nonzero",  # also boolean-mask indexing
+    "aten::masked_select",
+    "aten::repeat_interleave",  # with counts in a tensor and no output_size
+    "aten::unique",
+    "aten::_unique2",
+    "aten::unique_consecutive",
+)
 
 
 @dataclass(frozen=True)
@@ -192,6 +206,30 @@ def peak_memory_bytes(device: torch.device) -> int | None:
         return torch.cuda.max_memory_allocated(device)
     found = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text()) if _STATUS.is_file() else None
     return int(found.group(1)) * 1024 if found else None
+
+
+class _ToList(TorchFunctionMode):
+    """Counts `.tolist()`, which reads a tensor back without dispatching an operator the profiler would list."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.tolist:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads(fn: Callable[[], object]) -> collections.Counter:
+    """The reads back to the host that fn makes, by operator (and "tolist"), on any device: what would each wait
+    for the device on a GPU. (On a GPU the CUDA runtime's own synchronisations count them too.)"""
+    with profile(activities=[ProfilerActivity.CPU]) as prof, _ToList() as tolist:
+        fn()
+    reads = collections.Counter(event.name for event in prof.events() if event.name in READ_BACK_OPS)
+    if tolist.calls:
+        reads["tolist"] = tolist.calls
+    return reads
 
 
 def counted_flops(fn: Callable[[], object]) -> float:

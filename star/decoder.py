@@ -25,6 +25,8 @@ class Frame:
     (image m's patch j is m * n_visual + j for LLaVA-1.5), -1 where `visual` is.
     position_ids: [B, S_f] or [3, B, S_f] (M-RoPE) rotary positions of the prompt tokens in this frame.
     counts: [B] the visual tokens of each row, on the host, so that the next cut's sizes need no read back.
+    padded: whether the pruner left-padded a row of this frame or an earlier one (known on the host: a model that
+    sees no padding in its own mask makes none, and the pruner must).
     """
 
     start_layer: int
@@ -34,6 +36,7 @@ class Frame:
     patches: torch.Tensor
     position_ids: torch.Tensor
     counts: list[int]
+    padded: bool
 
     @property
     def length(self) -> int:
@@ -103,6 +106,25 @@ def padding_of(mask: torch.Tensor) -> torch.Tensor:
     return (last if last.dtype == torch.bool else last == 0).long()
 
 
+def frame_padding_mask(like: torch.Tensor | None, frame_mask: torch.Tensor, flash: bool) -> torch.Tensor:
+    """A prefill mask for a frame whose rows the pruner padded, where the model made none (`like` None: no padding
+    in the entry frame) or a 2-D one: the frame's 2-D mask for FlashAttention, else a causal 4-D bool mask that
+    also hides the padding (SDPA and eager take it)."""
+    if flash or (like is not None and like.dim() == 2):
+        return frame_mask
+    length = frame_mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=frame_mask.device).tril()
+    return causal[None, None] & frame_mask.bool()[:, None, None, :]
+
+
+def hide_keys(mask: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """A 4-D mask [B, 1, Q, K] (bool, or additive float) with the keys where seen [B, K] is 0 hidden from every query."""
+    hidden = ~seen.bool()[:, None, None, :]
+    if mask.dtype == torch.bool:
+        return mask & ~hidden
+    return mask.masked_fill(hidden, torch.finfo(mask.dtype).min)
+
+
 def unseen_slots(mask: torch.Tensor | None, slots: int | None) -> torch.Tensor | None:
     """A 4-D mask [B, 1, Q, K] widened to a StaticCache's `slots` key slots, the added ones seen by no query: the
     cache of a shorter frame has as many slots as the entry frame's, and uses only its first K."""
@@ -114,14 +136,14 @@ def unseen_slots(mask: torch.Tensor | None, slots: int | None) -> torch.Tensor |
     return torch.nn.functional.pad(mask, (0, extra), value=torch.finfo(mask.dtype).min)
 
 
-def decode_mask(like: torch.Tensor, padding: torch.Tensor | None, cols: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+def decode_mask(like: torch.Tensor, seen: torch.Tensor, cols: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """A decode step's mask for a frame's cache, in the form of the model's own mask `like` (2-D, or 4-D bool or
     additive float): query i, at entry-frame position query[i], sees the key at entry-frame column cols[b, j] if
-    that column is no padding and not after it. Built from the step's 2-D mask `padding` [B, S] (None: no
-    padding), not cut from `like`: where layers of a type size their masks by a cache that a cut shortened
-    (Gemma 3's first global layer), `like` lacks the columns."""
+    seen[b, j] (no padding) and that column is not after it. Built from the frame's own mask, not cut from `like`:
+    where layers of a type size their masks by a cache that a cut shortened (Gemma 3's first global layer), `like`
+    lacks the columns."""
     batch = cols.shape[0]
-    seen = torch.ones_like(cols, dtype=torch.bool) if padding is None else gather_seq(padding.bool(), cols)
+    seen = seen.bool()
     if like.dim() == 2:
         return seen.to(like.dtype)
     allowed = seen[:, None, None, :] & (cols[:, None, None, :] <= query.view(1, 1, -1, 1))

@@ -2,52 +2,23 @@
 
 On a GPU every read back (`.item()`, `.tolist()`, `nonzero`, boolean-mask indexing, `repeat_interleave` with
 counts in a tensor, `if tensor`) drains the queue, and the kernels pruning saves are paid back in idle time.
-On the CPU the same reads show as the operators below in torch.profiler, and `.tolist()`, which dispatches
-no operator, is counted where it is called. docs/results.md ("Host syncs per prefill") has every method's count.
+On the CPU the same reads show as operators in torch.profiler, and `.tolist()`, which dispatches no operator,
+is counted where it is called (`star.bench.host_reads`). docs/results.md ("Host syncs per prefill") has every method's count.
 """
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import star
 from conftest import batch, prompt_ids, tiny_llava
+from star.bench import host_reads
 
-# Operators that read a tensor back to the host, or must learn a data-dependent size from the device.
-SYNC_OPS = (
-    "aten::_local_scalar_dense",  # .item(), int(t), bool(t), float(t)
-    "aten::nonzero",  # also boolean-mask indexing
-    "aten::masked_select",
-    "aten::repeat_interleave",  # with counts in a tensor and no output_size
-    "aten::unique",
-    "aten::_unique2",
-    "aten::unique_consecutive",
-)
 METHODS = [m for m in star.methods() if m != "none"]
 
 
-def host_reads(call, monkeypatch) -> collections.Counter:
-    """The reads back to the host that `call()` makes, by operator (and `tolist`)."""
-    calls = collections.Counter()
-    tolist = torch.Tensor.tolist
-
-    def counted(self):
-        calls["tolist"] += 1
-        return tolist(self)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(torch.Tensor, "tolist", counted)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            call()
-    calls.update(event.name for event in prof.events() if event.name in SYNC_OPS)
-    return calls
-
-
-def test_the_counter_sees_every_kind_of_read(monkeypatch):
+def test_the_counter_sees_every_kind_of_read():
     """The count is not vacuous: each way of reading back is seen."""
     x = torch.tensor([1, 0, 2])
 
@@ -59,7 +30,7 @@ def test_the_counter_sees_every_kind_of_read(monkeypatch):
         x.nonzero()
         torch.repeat_interleave(x)
 
-    calls = host_reads(reads, monkeypatch)
+    calls = host_reads(reads)
     assert calls["aten::_local_scalar_dense"] >= 2  # repeat_interleave learns its size with one more
     assert calls["tolist"] == 1
     assert calls["aten::nonzero"] == 2
@@ -74,29 +45,29 @@ def model():
 @pytest.mark.parametrize("prompts", [1, 3], ids=["batch1", "batch3"])
 @pytest.mark.parametrize("method", METHODS)
 @torch.no_grad()
-def test_a_pruned_prefill_reads_back_once(model, method, prompts, monkeypatch):
+def test_a_pruned_prefill_reads_back_once(model, method, prompts):
     """Every method, at a batch of one and of three prompts of different lengths (rows padded, uneven cuts for
     the decoder stages): the pruned prefill makes at most one read more than the unpruned one, the layout."""
     inputs = batch([prompt_ids(5, 7, 0), prompt_ids(2, 11, 1), prompt_ids(9, 3, 2)][:prompts])
     model(**inputs)
-    unpruned = host_reads(lambda: model(**inputs), monkeypatch)
+    unpruned = host_reads(lambda: model(**inputs))
     with star.apply(model, method=method, keep=4):
         model(**inputs)
-        pruned = host_reads(lambda: model(**inputs), monkeypatch)
+        pruned = host_reads(lambda: model(**inputs))
     assert sum(pruned.values()) <= sum(unpruned.values()) + 1, (pruned, unpruned)
     assert pruned["tolist"] == 1 and pruned["aten::nonzero"] == 0, pruned
 
 
 @pytest.mark.parametrize("method", ["star", "fastervlm", "fastv"])
 @torch.no_grad()
-def test_pruned_decode_steps_read_back_nothing_more(model, method, monkeypatch):
+def test_pruned_decode_steps_read_back_nothing_more(model, method):
     """A whole generate(): the decode steps of a pruned prompt map their inputs into the shorter frames without
     reading anything back, so the pruned request makes at most the prefill's one read more."""
     inputs = batch([prompt_ids(5, 7, 0), prompt_ids(2, 11, 1)])
     options = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
     model.generate(**inputs, **options)
-    unpruned = host_reads(lambda: model.generate(**inputs, **options), monkeypatch)
+    unpruned = host_reads(lambda: model.generate(**inputs, **options))
     with star.apply(model, method=method, keep=4):
         model.generate(**inputs, **options)
-        pruned = host_reads(lambda: model.generate(**inputs, **options), monkeypatch)
+        pruned = host_reads(lambda: model.generate(**inputs, **options))
     assert sum(pruned.values()) <= sum(unpruned.values()) + 1, (pruned, unpruned)

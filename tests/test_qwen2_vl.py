@@ -210,3 +210,14 @@ def test_bad_inputs_are_named(model):
             model(**mismatch)
     with star.apply(model, method="star", keep=7), torch.no_grad(), pytest.raises(ValueError, match="keep=7"):
         model(**inputs)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+def test_rows_of_one_length_that_keep_different_counts_equal_each_alone(model, method):
+    """No padding in the prompts, so the model makes no mask; a cut keeps more tokens of the row with two images
+    and pads the other: that padding is still hidden, at prefill and at every decode step."""
+    grids = [[(4, 8)], [(4, 4), (4, 4)]]
+    inputs = qwen_inputs(grids, [(3, 6), (2, 5)], seed=3)
+    assert bool(inputs["attention_mask"].all())
+    assert_batch_equals_each_alone(model, inputs, method, 2, lambda row: select_rows(inputs, [row], [1, 2], _patches(inputs)))

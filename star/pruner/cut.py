@@ -14,7 +14,10 @@ import torch
 
 from star import compat
 from star.adapters import Adapter
-from star.decoder import Frame, contiguous_positions, gather_positions, gather_rotary, gather_seq, keep_in_order, slice_mask, unseen_slots
+from star.decoder import (
+    Frame, contiguous_positions, frame_padding_mask, gather_positions, gather_rotary, gather_seq, hide_keys, keep_in_order,
+    slice_mask, unseen_slots,
+)
 from star.methods import DecoderView, LLMStage, Method, Selection
 from star.pruner.entry import Prompt, ragged_rows
 from star.scoring import attention_probs
@@ -41,12 +44,13 @@ def cut(
         states = None if selections[0].states is None else pad_rows([s.states[0] for s in selections], 0)
 
     # Each row keeps its other tokens (text, fixed image tokens, padding) and its kept visual tokens, in order;
-    # rows that end up shorter are left-padded with column 0, masked in every row that has padding.
+    # rows that end up shorter are left-padded, masked.
     kept = frame.visual.gather(1, index.clamp_min(0)).masked_fill(index < 0, -1)
     is_visual = torch.zeros(batch, length + 1, dtype=torch.bool, device=hidden.device)
     is_visual = is_visual.scatter(1, frame.visual.masked_fill(frame.visual < 0, length), True)[:, :length]
     columns = torch.arange(length, device=hidden.device).expand(batch, length).masked_fill(is_visual, -1)
-    width = length + max(k - n for k, n in zip(kept_counts, frame.counts))
+    added_per_row = [k - n for k, n in zip(kept_counts, frame.counts)]
+    width = length + max(added_per_row)
     keep, source = keep_in_order(torch.cat([columns, kept], dim=1), width)
     real = keep >= 0
     added = (~real).sum(dim=1)
@@ -64,7 +68,8 @@ def cut(
     else:  # the padding slots this cut added to a shorter row do not count as tokens before its real ones
         frame_positions = contiguous_positions(frame.position_ids, keep) - added[:, None]
     prompt.frames.append(
-        Frame(stage.layer, frame.keep_cols.gather(1, keep), frame.mask.gather(1, keep), visual, patches, frame_positions, kept_counts)
+        Frame(stage.layer, frame.keep_cols.gather(1, keep), frame.mask.gather(1, keep) * real, visual, patches, frame_positions, kept_counts,
+              frame.padded or max(added_per_row) > min(added_per_row))
     )
     if prompt.residuals is not None:
         prompt.residuals = gather_seq(prompt.residuals, index.clamp_min(0))
@@ -72,13 +77,20 @@ def cut(
 
 
 def frame_inputs(
-    adapter: Adapter, frame: Frame, positions: str, hidden: torch.Tensor, kwargs: dict, layer_type: str | None, slots: int | None,
+    adapter: Adapter, frame: Frame, positions: str, hidden: torch.Tensor, kwargs: dict, layer_type: str | None,
+    slots: int | None, flash: bool,
 ) -> dict:
     """What changes in a layer's prefill inputs, made for the entry frame, in `frame`: the mask, every rotary
     table and the positions, gathered at the tokens the frame keeps (contiguous positions: tables made anew).
-    slots: a StaticCache's slots, which the mask's key columns span."""
+    The padding a cut added is hidden from every query. slots: a StaticCache's slots, which the mask's key columns
+    span; flash: the attention takes a 2-D padding mask (FlashAttention)."""
     keep = frame.keep_cols
-    override = {"attention_mask": unseen_slots(slice_mask(kwargs["attention_mask"], keep, keep), slots)}
+    mask = kwargs["attention_mask"]
+    if mask is not None and mask.dim() == 4:
+        mask = hide_keys(slice_mask(mask, keep, keep), frame.mask)
+    elif mask is not None or frame.padded:
+        mask = frame_padding_mask(mask, frame.mask, flash)
+    override = {"attention_mask": unseen_slots(mask, slots)}
     for name, kind in compat.rotary_tables(kwargs).items():
         if positions == "original":
             cos, sin = kwargs[name]

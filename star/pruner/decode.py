@@ -64,17 +64,22 @@ def step_inputs(adapter: Adapter, prompt: Prompt, positions: str, kwargs: dict, 
 
 def layer_inputs(
     adapter: Adapter, prompt: Prompt, frame: Frame, positions: str, hidden: torch.Tensor, kwargs: dict, step: Step,
-    layer_type: str | None,
+    layer_type: str | None, flash: bool,
 ) -> dict:
     """What changes in the inputs of a layer that runs in `frame`, whose cache holds only the frame's prompt
     tokens: the mask's key columns (of those tokens and the new ones), the cache positions, and for contiguous
-    positions the positions and rotary tables."""
+    positions the positions and rotary tables. Where the model made no mask (no padding in the entry frame) but
+    the pruner padded this frame, one is made (flash: FlashAttention's 2-D form)."""
     shift = prompt.frames[0].length - frame.length
     mask = kwargs["attention_mask"]
+    if mask is None and frame.padded:
+        mask = frame.mask if flash else frame.mask.new_ones(1, 1, 1, 1, dtype=torch.bool)
     if mask is not None:
         batch, entry = frame.keep_cols.shape[0], prompt.frames[0].length
         new = torch.arange(entry, step.end, device=mask.device).expand(batch, -1)
-        mask = decode_mask(mask, step.padding, torch.cat([frame.keep_cols, new], dim=1), step.cache_position)
+        padding = step.padding if step.padding is not None else frame.mask.new_ones(batch, step.end)
+        seen = torch.cat([frame.mask, padding[:, entry : step.end]], dim=1)
+        mask = decode_mask(mask, seen, torch.cat([frame.keep_cols, new], dim=1), step.cache_position)
         mask = unseen_slots(mask, prompt.slots)
     override = compat.with_cache_position({"attention_mask": mask}, step.cache_position - shift)
     if positions == "contiguous":  # each row moves back by the tokens this frame dropped from its own

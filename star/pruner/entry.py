@@ -117,13 +117,10 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
 
     # Entry frame: each prompt's text and fixed image tokens and its kept visual tokens, in prompt order (a
     # merged token may share its place with another; the stable sort keeps the method's order). Shorter rows
-    # are left-padded; one spare padding slot per row when a later cut is uneven, so every row has a masked
-    # column for that cut's own padding to point at.
-    uneven = any(len({row[j] for row in totals}) > 1 for j in range(1, 2 + len(stages)))
-    spare = 1 if uneven and stages else 0
-    width = length - min(c - f for c, f in zip(candidates, filled)) + spare
+    # are left-padded, masked.
+    width = length - min(c - f for c, f in zip(candidates, filled))
     columns = torch.arange(length, device=device).expand(batch, length).masked_fill(encoded.slots >= 0, -1)
-    keys = torch.cat([columns, visual_cols, columns.new_full((batch, spare), -1)], dim=1)
+    keys = torch.cat([columns, visual_cols], dim=1)
     entry_cols, source = keep_in_order(keys, width)
     entry_real = entry_cols >= 0
     entry_keep = entry_cols.clamp_min(0)
@@ -145,7 +142,8 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
     visual = ragged_rows(from_visual, width_v)
     patches = entry_slots.gather(1, visual.clamp_min(0)).masked_fill(visual < 0, -1)
     entry_cols = torch.arange(width, device=device).expand(batch, width)
-    frame = Frame(0, entry_cols, entry_mask, visual, patches, entry_positions, filled)
+    dropped = [c - f for c, f in zip(candidates, filled)]
+    frame = Frame(0, entry_cols, entry_mask, visual, patches, entry_positions, filled, max(dropped) > min(dropped))
     residuals = None
     if visual_residuals is not None:  # aligned with the frame's visual tokens, shorter rows padded with zeros
         residuals = gather_seq(visual_residuals.view(batch, width_v, *visual_residuals.shape[1:]), visual_slot.gather(1, visual.clamp_min(0)))

@@ -95,6 +95,7 @@ class Pruner:
         if getattr(model, "_star_pruner", None) is not None:
             raise ValueError("this model is already pruned: call remove() on its pruner before applying another")
         self.model = model
+        self._flash = implementation == "flash_attention_2"  # takes a 2-D padding mask where the others take 4-D
         self.method = method
         self.positions = positions
         num_layers = len(self.adapter.layers)
@@ -305,9 +306,9 @@ class Pruner:
         layer_type = self.adapter.layer_type(index)
         if layer_type not in call.overrides:
             if call.step is None:
-                override = frame_inputs(self.adapter, frame, self.positions, hidden, kwargs, layer_type, self._prompt.slots)
+                override = frame_inputs(self.adapter, frame, self.positions, hidden, kwargs, layer_type, self._prompt.slots, self._flash)
             else:
-                override = decode.layer_inputs(self.adapter, self._prompt, frame, self.positions, hidden, kwargs, call.step, layer_type)
+                override = decode.layer_inputs(self.adapter, self._prompt, frame, self.positions, hidden, kwargs, call.step, layer_type, self._flash)
             call.overrides[layer_type] = override
         return {**kwargs, **call.overrides[layer_type]}
 
