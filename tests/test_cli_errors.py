@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import LlamaConfig
+from transformers import AutoModelForImageTextToText, LlamaConfig
 
-import star.cli
 import star.eval.runner
 import star.synthetic
 import star.zoo
@@ -57,7 +56,7 @@ def no_model(monkeypatch, tmp_path):
     def refuse(*args, **kwargs):
         raise AssertionError("a bad argument reached the model")
 
-    monkeypatch.setattr(star.cli, "_load", refuse)
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", refuse)
     monkeypatch.setattr(star.synthetic, "random_model", refuse)
     monkeypatch.setattr(star.zoo, "build_default_model", refuse)
     monkeypatch.setattr(star.eval.runner, "evaluate", refuse)
