@@ -7,12 +7,12 @@ import argparse
 import dataclasses
 import sys
 
-from star.cli import bench, calibrate, demo, flops, methods, model, run
+from star.cli import bench, calibrate, demo, flops, methods, model, run, serve
 from star.cli import eval as evaluate  # `eval` is a builtin
 from star.integrations import add_lmms_eval_command
 from star.methods import REGISTRY
 
-COMMANDS = [methods, flops, model, run, evaluate, calibrate, bench, demo]
+COMMANDS = [methods, flops, model, run, evaluate, calibrate, bench, demo, serve]
 
 
 def main(argv: list[str] | None = None) -> int:
