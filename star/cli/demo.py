@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> None:
             f"{1 - stats.flops / full_flops:.0%} | {full_s * 1e3:.0f} > {pruned_s * 1e3:.0f} |"
         )
         save_viz(processor, record, stats, args.out / f"{record.id}.png", f"{label(setting)}: {record.question} -> {pruned}")
+    print(f"prefill ms: unpruned > pruned, each the median of {REPEATS} forward passes after an untimed one, on this machine "
+          "as loaded now; star bench measures speed (batches, decode, memory, the oracle)")
     print(f"wrote the kept-token pictures to {args.out}/")
 
 
