@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 from pathlib import Path
 
 from star import compat
@@ -18,11 +19,18 @@ from star.pruner import POSITION_POLICIES
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """Wraps the description as usual, but keeps the indented lines of the examples as written."""
+    """Wraps the description without breaking an option or a path at its hyphens, and keeps the indented lines of
+    the examples as written."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return "\n".join(indent + line if line.startswith(" ") else super(HelpFormatter, self)._fill_text(line, width, indent)
-                         for line in text.splitlines())
+        lines = []
+        for line in text.splitlines():
+            if line.startswith(" "):  # an example
+                lines.append(indent + line)
+            else:
+                lines.append(textwrap.fill(" ".join(line.split()), width, initial_indent=indent, subsequent_indent=indent,
+                                           break_on_hyphens=False))
+        return "\n".join(lines)
 
 
 def command(commands: argparse._SubParsersAction, name: str, help: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
@@ -207,30 +215,30 @@ def keeps_or_flops(keeps: list | None, flops: list | None, default: list) -> tup
     return (keeps or ([] if flops else default)), (flops or [])
 
 
-def check(args: argparse.Namespace, settings: list) -> None:
+def check(args: argparse.Namespace, chosen: list) -> None:
     """The device, the model and every setting, checked on the model's skeleton before any load or download."""
     from star import checks
     from star.schedule import BudgetUnreachable
 
     checks.check_device(args.device)
     skeleton = checks.model_skeleton(args.model)
-    for setting in settings:
+    for setting in chosen:
         try:
             checks.check_setting(skeleton, setting.method, setting.keep, setting.options, args.positions, setting.flops_budget)
         except BudgetUnreachable:  # whether it is depends on the data's prompt length: star eval skips and says so
             pass
 
 
-def split(data: str, split: str | None) -> str:
+def split(data: str, given: str | None) -> str:
     """--split checked against --data: the built-in sets have their own splits, a JSONL file has none."""
     from star.data import easyvqa, scenes
 
     allowed = {"scenes": list(scenes.SPLITS), "easy-vqa": list(easyvqa.SPLITS)}.get(data)
-    if allowed is None and split is not None:
-        raise ValueError(f"--split {split!r} is given with --data {data!r}: a JSONL file has no splits, only scenes and easy-vqa do")
-    if allowed is not None and split is not None and split not in allowed:
-        raise ValueError(f"--split {split!r} is not a split of {data}: allowed are {', '.join(allowed)}")
-    return split or "test"
+    if allowed is None and given is not None:
+        raise ValueError(f"--split {given!r} is given with --data {data!r}: a JSONL file has no splits, only scenes and easy-vqa do")
+    if allowed is not None and given is not None and given not in allowed:
+        raise ValueError(f"--split {given!r} is not a split of {data}: allowed are {', '.join(allowed)}")
+    return given or "test"
 
 
 def label(setting) -> str:

@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 
 from star.cli.args import add_option_argument, budget, command, method_name, model_path, positive, settings
+from star.integrations.vllm import vision_methods
 
 MISSING = (
     'vLLM is not installed in this environment: pip install "star-vlm[vllm]" (a GPU machine), or on a CPU machine '
@@ -38,7 +39,7 @@ def add(commands: argparse._SubParsersAction) -> None:
         help="serve a pruned model with vLLM's OpenAI-compatible server",
         description="Starts vLLM's OpenAI-compatible server on --model (default: the project's default model) with "
         "--method and --keep (and --option) as the engine's pruning setting, and prints the URL once it answers. "
-        "vLLM serves vision-side methods only (star-vision, fastervlm, visionzip, random, vispruner, divprune, none); "
+        f"vLLM serves vision-side methods only ({', '.join(vision_methods())}, none); "
         "the setting is checked against the model before vLLM starts. Every other argument goes to vLLM unchanged "
         "(e.g. --max-model-len 4096, --dtype float32, or --trust-request-mm-kwargs to let each request choose its "
         "own setting). Without a GPU, vLLM's KV cache gets 1 GiB unless VLLM_CPU_KVCACHE_SPACE (GiB), "
