@@ -1,7 +1,7 @@
 """README's CPU serving command, as the README writes it: `star serve` starts vLLM's OpenAI server with the plugin on
 the default model and prints its URL; one chat request with an image, sent as plain HTTP the way any OpenAI client
-sends it, gets the Hugging Face path's answer from a prompt pruned to the README's budget; stopping `star serve`
-stops vLLM.
+sends it, gets the Hugging Face path's answer from a prompt pruned to the README's budget; Ctrl-C
+stops star serve and vLLM.
 
 The server gets none of `make test-vllm`'s VLLM_CPU_KVCACHE_SPACE: on a CPU, star serve's own settings must start it.
 """
@@ -96,10 +96,11 @@ def test_the_readme_command_serves_the_pruned_model(served):
     assert reply["usage"]["prompt_tokens"] == unpruned - (N_VISUAL - keep)
 
 
-def test_stopping_star_serve_stops_vllm(served):
-    """SIGTERM to star serve alone (as a service manager sends it): the server and its engine processes end too."""
+def test_ctrl_c_stops_star_serve_and_vllm(served):
+    """Ctrl-C in the terminal (SIGINT to the whole foreground group): star serve waits for vLLM to shut down and
+    ends without a traceback of its own, and no process of the group is left."""
     _, _, process, log = served
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGINT)
     process.wait(timeout=120)
     deadline = time.monotonic() + 60
     while True:
@@ -110,3 +111,4 @@ def test_stopping_star_serve_stops_vllm(served):
         if time.monotonic() > deadline:
             pytest.fail(f"vLLM's processes outlived star serve by 60 s:\n{log.read_text()[-2000:]}")
         time.sleep(1)
+    assert "star/cli" not in log.read_text(), log.read_text()[-3000:]

@@ -86,9 +86,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"star serve: ready at {url} (OpenAI API; model {name!r}); Ctrl-C stops it", flush=True)
                 break
             time.sleep(1)
+        code = server.wait()
     except KeyboardInterrupt:  # the server has the Ctrl-C too, and shuts down
-        pass
-    code = server.wait()
+        code = server.wait()
     return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
 
 
