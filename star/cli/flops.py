@@ -1,0 +1,55 @@
+"""`star flops`: the paper's prefill-FLOPs formula for a shipped model shape, per method and budget; no weights."""
+
+from __future__ import annotations
+
+import argparse
+
+from star import flops as flops_model
+from star.cli.args import add_option_argument, budget, command, count, list_of, method_names, settings
+from star.methods import build
+from star.pruner import resolve_keep
+
+
+def add(commands: argparse._SubParsersAction) -> None:
+    sub = command(
+        commands, "flops",
+        help="theoretical prefill FLOPs of a pruning schedule (the paper's Table 3 columns)",
+        description="Decoder prefill FLOPs by the paper's formula (section 4.3) for a shipped model shape, for "
+        "each method and budget, with the ratio to the unpruned model. Shapes ship with the package: no hub.",
+        examples=["star flops --model llava-1.5-7b --text-tokens 79 --method star,fastervlm --keep 288,115,58,29",
+                  "star flops --model gemma-3-4b --method star,fastv --keep 64,32 --option layer=8"],
+    )
+    sub.add_argument("--model", default="llava-1.5-7b", choices=flops_model.named_models(), help="a shipped decoder shape")
+    sub.add_argument("--text-tokens", type=count, default=79, help="prompt tokens besides the image (default 79, as in FasterVLM)")
+    sub.add_argument("--method", type=method_names, default="star", help="comma-separated methods (default star)")
+    sub.add_argument("--keep", type=list_of(budget, "budget", "98,39,20,10"), default="288,115,58,29", help="comma-separated visual tokens kept per image")
+    add_option_argument(sub)
+    sub.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    shape = flops_model.DecoderShape.named(args.model)
+    per_crop = flops_model.visual_tokens(args.model)
+    crops = flops_model.crops_per_image(args.model)
+    fixed = args.text_tokens + flops_model.fixed_image_tokens(args.model)
+    baseline = flops_model.prefill_flops(shape, [fixed + crops * per_crop] * shape.num_layers)
+    refused = flops_model.refused_methods(args.model)
+    for method in args.method:
+        if method in refused:
+            raise ValueError(f"--method {method!r} cannot prune {args.model}: {refused[method]}")
+    rows = []
+    for setting in settings(args.method, args.keep, args.option):
+        keep = resolve_keep(setting.keep, per_crop)
+        options = {k: v for k, v in setting.options.items() if k != "positions"}  # positions change no FLOPs
+        plan = build(setting.method, **options).plan(per_crop, keep, shape.num_layers)
+        stages = [(s.layer, crops * s.keep) for s in plan.llm_stages]
+        lengths = flops_model.tokens_per_layer(shape.num_layers, fixed, crops * plan.vision_keep, stages)
+        total = flops_model.prefill_flops(shape, lengths)
+        tokens = " / ".join(str(t) for t in plan.tokens)
+        average = plan.layer_average(shape.num_layers)
+        rows.append(f"| {setting.method} | {keep} | {tokens} | {average:.1f} | {total / 1e12:.3f} | {total / baseline:.3f} |")
+    unit = f"{crops} crops of {per_crop}" if crops > 1 else f"{per_crop}"
+    print(f"{args.model}: {shape.num_layers} layers, {unit} visual + {fixed} other tokens; unpruned {baseline / 1e12:.3f} TFLOPs per image")
+    print("| method | keep | visual tokens per stage" + (" (per crop)" if crops > 1 else "") + " | layer average | TFLOPs | ratio to unpruned |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
