@@ -258,3 +258,22 @@ def test_the_table3_script_runs_at_a_tiny_shape(tmp_path):
     ]
     table = (tmp_path / "out/table3.md").read_text()
     assert "| 576 | none | 8.99 |" in table and "| 2 | star | 4 |" in table and "Random weights" in table
+
+
+def test_the_gpu_latency_script_runs_at_a_tiny_shape(tmp_path):
+    """scripts/gpu_latency.sh on the CPU with a tiny config (eager; compiled costs minutes of compilation here):
+    every setting's row, its ratio to the unpruned row, its syncs, the table."""
+    tiny_llava().config.save_pretrained(tmp_path / "tiny")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(root)}
+    args = ["--model", str(tmp_path / "tiny"), "--device", "cpu", "--dtype", "float32", "--keeps", "8,4", "--peer-keep", "4",
+            "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--batch", "1,2", "--modes", "eager", "--out", str(tmp_path / "out")]
+    done = subprocess.run(["bash", str(root / "scripts/gpu_latency.sh"), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "out/latency.json").read_text())
+    assert [(r["batch"], r["method"], r["keep"]) for r in rows] == [
+        (b, m, k) for b in (1, 2) for m, k in [("none", 1.0), ("star", 8), ("star", 4), ("fastervlm", 4), ("fastv", 4)]
+    ]
+    assert all("error" not in r and r["syncs_per_prefill"] <= 3 and r["prefill_vs_unpruned"] > 0 for r in rows), rows
+    assert [r["tokens"] for r in rows[:5]] == [[16, 16], [16, 14, 8], [16, 14, 4], [16, 4], [16, 16, 4]]
+    assert "| eager | 2 | star | 4 | 16 / 14 / 4 |" in (tmp_path / "out/latency.md").read_text()

@@ -78,19 +78,19 @@ def cut(
 
 def frame_inputs(
     adapter: Adapter, frame: Frame, positions: str, hidden: torch.Tensor, kwargs: dict, layer_type: str | None,
-    slots: int | None, flash: bool,
+    cache_slots: int | None, flash: bool,
 ) -> dict:
     """What changes in a layer's prefill inputs, made for the entry frame, in `frame`: the mask, every rotary
     table and the positions, gathered at the tokens the frame keeps (contiguous positions: tables made anew).
-    The padding a cut added is hidden from every query. slots: a StaticCache's slots, which the mask's key columns
-    span; flash: the attention takes a 2-D padding mask (FlashAttention)."""
+    The padding a cut added is hidden from every query. cache_slots: a StaticCache's slots, which the mask's key
+    columns span; flash: the attention takes a 2-D padding mask (FlashAttention)."""
     keep = frame.keep_cols
     mask = kwargs["attention_mask"]
     if mask is not None and mask.dim() == 4:
         mask = hide_keys(slice_mask(mask, keep, keep), frame.mask)
     elif mask is not None or frame.padded:
         mask = frame_padding_mask(mask, frame.mask, flash)
-    override = {"attention_mask": unseen_slots(mask, slots)}
+    override = {"attention_mask": unseen_slots(mask, cache_slots)}
     for name, kind in compat.rotary_tables(kwargs).items():
         if positions == "original":
             cos, sin = kwargs[name]

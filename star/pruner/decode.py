@@ -42,13 +42,13 @@ def step_inputs(adapter: Adapter, prompt: Prompt, positions: str, kwargs: dict, 
     if positions == "contiguous":
         position_ids = position_ids - dropped - prompt.entry_pads[:, None]
     mask = kwargs.get("attention_mask")
-    if prompt.slots is not None:
+    if prompt.cache_slots is not None:
         # A StaticCache: generate() makes the 4-D mask from the cache's own count, the entry frame's, so its columns
         # mix two frames. Every slot of the entry frame's cache instead: the prompt's own tokens as the prefill saw
         # them, then every new token (generate() never masks one), up to the step's own.
         padding = prompt.frames[0].mask
-        padding = torch.cat([padding, padding.new_ones(padding.shape[0], prompt.slots - padding.shape[1])], dim=1)
-        slots = torch.arange(prompt.slots, device=padding.device).expand(padding.shape[0], -1)
+        padding = torch.cat([padding, padding.new_ones(padding.shape[0], prompt.cache_slots - padding.shape[1])], dim=1)
+        slots = torch.arange(prompt.cache_slots, device=padding.device).expand(padding.shape[0], -1)
         like = mask if mask is not None and mask.dim() == 4 else padding.new_ones(1, 1, 1, 1, dtype=torch.bool)
         mask = decode_mask(like, padding, slots, cache_position)
     elif mask is not None:
@@ -80,7 +80,7 @@ def layer_inputs(
         padding = step.padding if step.padding is not None else frame.mask.new_ones(batch, step.end)
         seen = torch.cat([frame.mask, padding[:, entry : step.end]], dim=1)
         mask = decode_mask(mask, seen, torch.cat([frame.keep_cols, new], dim=1), step.cache_position)
-        mask = unseen_slots(mask, prompt.slots)
+        mask = unseen_slots(mask, prompt.cache_slots)
     override = compat.with_cache_position({"attention_mask": mask}, step.cache_position - shift)
     if positions == "contiguous":  # each row moves back by the tokens this frame dropped from its own
         dropped = prompt.frames[0].mask.sum(dim=1) - frame.mask.sum(dim=1)

@@ -35,7 +35,7 @@ class Prompt:
     tokens: list[int]
     totals: list[list[int]]
     residuals: torch.Tensor | None = None  # [B, V, E, D] DeepStack features of the last frame's visual tokens
-    slots: int | None = None  # a StaticCache's slots per layer (every frame's cache has as many), or None
+    cache_slots: int | None = None  # a StaticCache's slots per layer (every frame's cache has as many), or None
 
 
 def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tuple[Prompt, dict]:
@@ -53,8 +53,8 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
     mask = kwargs.get("attention_mask")
     mask = torch.ones_like(input_ids) if mask is None else mask
     cache = compat.cache_of(kwargs)
-    slots = cache.layers[0].max_cache_len if isinstance(cache, StaticCache) else None
-    if slots is not None and isinstance(mask, torch.Tensor) and mask.dim() == 4:
+    cache_slots = cache.layers[0].max_cache_len if isinstance(cache, StaticCache) else None
+    if cache_slots is not None and isinstance(mask, torch.Tensor) and mask.dim() == 4:
         mask = padding_of(mask)[:, :length]  # 4.57's generate() makes a StaticCache's 4-D mask before the forward
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         form = f"a tensor of {mask.dim()} dims" if isinstance(mask, torch.Tensor) else type(mask).__name__
@@ -118,14 +118,15 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
     # Entry frame: each prompt's text and fixed image tokens and its kept visual tokens, in prompt order (a
     # merged token may share its place with another; the stable sort keeps the method's order). Shorter rows
     # are left-padded, masked.
-    width = length - min(c - f for c, f in zip(candidates, filled))
+    dropped = [c - f for c, f in zip(candidates, filled)]
+    width = length - min(dropped)
     columns = torch.arange(length, device=device).expand(batch, length).masked_fill(encoded.slots >= 0, -1)
     keys = torch.cat([columns, visual_cols], dim=1)
-    entry_cols, source = keep_in_order(keys, width)
-    entry_real = entry_cols >= 0
-    entry_keep = entry_cols.clamp_min(0)
-    from_visual = (source >= length) & (source < length + width_v) & entry_real
-    visual_slot = (source - length).clamp(0, max(width_v - 1, 0))
+    kept_cols, source = keep_in_order(keys, width)
+    entry_real = kept_cols >= 0
+    entry_keep = kept_cols.clamp_min(0)
+    from_visual = (source >= length) & entry_real
+    visual_slot = (source - length).clamp_min(0)
     embeds = adapter.embed(input_ids.gather(1, entry_keep))
     if width_v:
         embeds = torch.where(from_visual[..., None], gather_seq(visual_embeds.view(batch, width_v, -1), visual_slot).to(embeds.dtype), embeds)
@@ -142,7 +143,6 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
     visual = ragged_rows(from_visual, width_v)
     patches = entry_slots.gather(1, visual.clamp_min(0)).masked_fill(visual < 0, -1)
     entry_cols = torch.arange(width, device=device).expand(batch, width)
-    dropped = [c - f for c, f in zip(candidates, filled)]
     frame = Frame(0, entry_cols, entry_mask, visual, patches, entry_positions, filled, max(dropped) > min(dropped))
     residuals = None
     if visual_residuals is not None:  # aligned with the frame's visual tokens, shorter rows padded with zeros
@@ -151,7 +151,7 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
     budgets = [[row[2 + s] for row in totals] for s in range(len(stages))]
     prompt = Prompt(
         length, entry_keep, entry_real, pads, full_positions, [frame], layout, budgets,
-        tokens or [0] * (2 + len(stages)), totals, residuals, slots,
+        tokens or [0] * (2 + len(stages)), totals, residuals, cache_slots,
     )
     # Per-token inputs the model reads besides the ids (Gemma 3's token types), at the kept tokens; 0 at the
     # padding slots added here.

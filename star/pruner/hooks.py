@@ -185,11 +185,6 @@ class Pruner:
         cache = compat.cache_of(kwargs)
         if cache is not None and not isinstance(cache, (DynamicCache, StaticCache)):
             raise ValueError(f"a cache of type {type(cache).__name__} is not supported: use DynamicCache or StaticCache")
-        if isinstance(cache, StaticCache) and self.adapter.window is not None and self.plan.llm_stages:
-            raise ValueError(
-                "a StaticCache on a decoder with sliding-window layers is not supported while a decoder stage prunes: "
-                "its window layers keep the last tokens in place of all; use DynamicCache"
-            )
         # A StaticCache counts its tokens on the device: reading the count waits for it, once per call (generate()
         # itself reads once per step to stop); a DynamicCache counts on the host.
         if isinstance(cache, StaticCache):
@@ -204,6 +199,11 @@ class Pruner:
                 raise ValueError(
                     "pixel_values came with a non-empty cache: pruning happens once per prompt, at "
                     "prefill; start a new cache for a new image"
+                )
+            if isinstance(cache, StaticCache) and self.adapter.window is not None and self.plan.llm_stages:
+                raise ValueError(
+                    "a StaticCache on a decoder with sliding-window layers is not supported while a decoder stage "
+                    "prunes: its window layers keep the last tokens in place of all; use DynamicCache"
                 )
             self._prompt, inputs = enter(self.adapter, self.budget, self.positions, kwargs)
             self._check_window(self._prompt.frames[0].length)
@@ -306,7 +306,7 @@ class Pruner:
         layer_type = self.adapter.layer_type(index)
         if layer_type not in call.overrides:
             if call.step is None:
-                override = frame_inputs(self.adapter, frame, self.positions, hidden, kwargs, layer_type, self._prompt.slots, self._flash)
+                override = frame_inputs(self.adapter, frame, self.positions, hidden, kwargs, layer_type, self._prompt.cache_slots, self._flash)
             else:
                 override = decode.layer_inputs(self.adapter, self._prompt, frame, self.positions, hidden, kwargs, call.step, layer_type, self._flash)
             call.overrides[layer_type] = override
