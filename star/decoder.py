@@ -43,10 +43,11 @@ class Frame:
         return self.keep_cols.shape[1]
 
 
-def on_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """A host list as a long tensor on `device` without waiting for the device: an ordinary copy to a GPU
-    synchronises its stream, a copy from pinned memory is queued behind the work already there."""
-    host = torch.tensor(values, dtype=torch.long)
+def on_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host integers (a list, or a tensor on the CPU) as a long tensor on `device` without waiting for the device:
+    an ordinary copy to a GPU synchronises its stream, a copy from pinned memory is queued behind the work already
+    there."""
+    host = torch.as_tensor(values, dtype=torch.long)
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)

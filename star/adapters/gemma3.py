@@ -89,7 +89,7 @@ class Gemma3Adapter(LlamaDecoder):
             features=self.pool(out.last_hidden_state),
             n_prefix=0,
             qk=partial(_clip_qk, self.score_layer, out.hidden_states[-2]),
-            token_of=self.token_of.to(device),
+            token_of=on_device(self.token_of, device),
             project=self.project,
             instruction=self.instruction(input_ids, rows, layout),
         )
