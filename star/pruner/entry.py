@@ -7,8 +7,7 @@ kept in a `Prompt` for the decoder's cuts and the decode steps of the same promp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -42,16 +41,12 @@ class Prompt:
     residuals: torch.Tensor | None = None  # [B, V, E, D] DeepStack features of the last frame's visual tokens
     slots: int | None = None  # a StaticCache's slots per layer (every frame's cache has as many), or None
     picks: list[Point] | None = None  # each prompt's setting, where a budget picked it per prompt
+    stage_at: dict[int, int] = field(init=False)  # the stage that cuts at each of its layers
+    early_scores: set[int] = field(init=False)  # the layers a stage scores at before its own layer
 
-    @cached_property
-    def stage_at(self) -> dict[int, int]:
-        """The stage that cuts at each of its layers."""
-        return {stage.layer: i for i, stage in enumerate(self.stages)}
-
-    @cached_property
-    def early_scores(self) -> set[int]:
-        """The layers a stage scores at before its own layer."""
-        return {s.score_layer for s in self.stages if s.score_layer != s.layer}
+    def __post_init__(self):
+        self.stage_at = {stage.layer: i for i, stage in enumerate(self.stages)}
+        self.early_scores = {s.score_layer for s in self.stages if s.score_layer != s.layer}
 
 
 def enter(
