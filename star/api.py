@@ -15,7 +15,7 @@ from star.adapters import adapter_for
 from star.flops import DecoderShape
 from star.methods import Method
 from star.pruner import Pruner
-from star.schedule import Schedule, resolve_budget
+from star.schedule import PromptBudget, Schedule, prompt_budget, resolve_budget
 
 
 def apply(
@@ -44,10 +44,13 @@ def apply(
 
     flops (or time): a compute budget instead of keep, as a fraction of the unpruned model's decoder prefill
     FLOPs (or prefill time): the most accurate setting of `schedule` (a file `star calibrate` wrote) that costs
-    no more; without one, the schedule shipped for this model's shape, else the FLOPs formula alone (star.schedule)
-    for prompts of `text_tokens` text tokens (default 79). The pruner's `method` and `keep`
-    show what was picked.
+    no more; without one, the schedule shipped for this model's shape, else the FLOPs formula alone (star.schedule).
+    flops= is picked per prompt, at prefill, for its own text tokens and images (`pruner.stats.picks`), on
+    families whose images are units of one size (LLaVA-1.5, Gemma 3); elsewhere, for time=, or with
+    `text_tokens` given, once, for prompts of `text_tokens` text tokens (default 79). The pruner's `method` and
+    `keep` show the pick for a prompt of 79 text tokens.
     """
+    per_prompt: PromptBudget | None = None
     if flops is not None or time is not None:
         if flops is not None and time is not None:
             raise ValueError(f"flops={flops!r} and time={time!r} are both given: give one budget")
@@ -56,13 +59,17 @@ def apply(
         shape = DecoderShape.from_config(model.config.get_text_config())
         name = type(model).__name__
         units = adapter.budget_unit or adapter.n_visual
-        point, _ = resolve_budget(method, options, keep, kind, budget, schedule, shape, units, name, text_tokens)
+        if kind == "flops" and text_tokens is None and adapter.whole_units:
+            per_prompt = prompt_budget(method, options, keep, budget, schedule, shape, units, name)
+            point = per_prompt.nominal()
+        else:
+            point, _ = resolve_budget(method, options, keep, kind, budget, schedule, shape, units, name, text_tokens)
         keep, options = point.keep, {**options, **point.options}
     elif schedule is not None or text_tokens is not None:
         given = f"schedule={str(schedule)!r}" if schedule is not None else f"text_tokens={text_tokens!r}"
         raise ValueError(f"{given} is given without a budget: add flops= or time=")
     chosen, positions = resolve(model, method, positions, **options)
-    return Pruner(model, chosen, keep=0.1 if keep is None else keep, positions=positions)
+    return Pruner(model, chosen, keep=0.1 if keep is None else keep, positions=positions, per_prompt=per_prompt)
 
 
 def resolve(model: nn.Module, method: str, positions: str | None, **options: object) -> tuple[Method, str]:

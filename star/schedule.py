@@ -27,6 +27,10 @@ STAR_STAGE1_RATIO = 0.15
 # The least budget the formula lets STAR's stage 2 keep before it moves the cut earlier: the paper's smallest,
 # 29 of 576 tokens.
 STAR_FLOOR = 29 / 576
+# The stage-1 ratios the formula raises STAR's to, in order, where even stage 2 at layer 1 keeping one token costs
+# more than the budget (a short prompt spends most of its FLOPs on the tokens entering the decoder); `star
+# calibrate`'s grid measures the same ones.
+STAR_RAISED_RATIOS = (0.3, 0.5)
 
 
 class BudgetUnreachable(ValueError):
@@ -121,28 +125,30 @@ def shipped(method: str, key: dict) -> Schedule | None:
     return None
 
 
-def flops_ratio(shape: DecoderShape, plan: Plan, n_text: float) -> float:
-    """Decoder prefill FLOPs of one image's plan in a prompt of n_text other tokens, over the unpruned prefill's."""
-    stages = [(stage.layer, stage.keep) for stage in plan.llm_stages]
-    pruned = prefill_flops(shape, tokens_per_layer(shape.num_layers, n_text, plan.vision_keep, stages))
-    return pruned / prefill_flops(shape, [n_text + plan.n_visual] * shape.num_layers)
+def flops_ratio(shape: DecoderShape, plan: Plan, n_text: float, images: int = 1) -> float:
+    """Decoder prefill FLOPs of a prompt of n_text other tokens and `images` images pruned by one image's plan,
+    over the unpruned prefill's."""
+    stages = [(stage.layer, images * stage.keep) for stage in plan.llm_stages]
+    pruned = prefill_flops(shape, tokens_per_layer(shape.num_layers, n_text, images * plan.vision_keep, stages))
+    return pruned / prefill_flops(shape, [n_text + images * plan.n_visual] * shape.num_layers)
 
 
-def by_formula(method: str, options: dict, shape: DecoderShape, n_visual: int, n_text: float, budget: float) -> Point:
+def by_formula(method: str, options: dict, shape: DecoderShape, n_visual: int, n_text: float, budget: float, images: int = 1) -> Point:
     """The setting the FLOPs formula alone gives for `budget` (a fraction of the unpruned prefill FLOPs).
 
     Every method: the largest keep whose plan, under the given options, costs at most the budget. STAR, whose
     layer and stage-1 ratio are free: the paper's defaults (stage 1 drops 15%, stage 2 at half depth) with the
     largest keep that fits; above what stage 1 alone costs, stage 1 drops less; below what stage 2 at half depth
     costs at the paper's least budget (29/576 of the tokens), stage 2 moves earlier, to the deepest layer where
-    that budget fits. No accuracy decides any of it: a measured schedule (`star calibrate`) does better.
+    that budget fits; below stage 2 at layer 1 keeping one token, stage 1 drops more (STAR_RAISED_RATIOS). No
+    accuracy decides any of it: a measured schedule (`star calibrate`) does better.
     """
     groups = _star_groups(n_visual, shape.num_layers) if method == "star" else [(range(1, n_visual + 1), lambda keep: {})]
     for keeps, chosen in groups:
 
         def cost(keep: int) -> float:
             plan = build(method, **options, **chosen(keep)).plan(n_visual, keep, shape.num_layers)
-            return flops_ratio(shape, plan, n_text)
+            return flops_ratio(shape, plan, n_text, images)
 
         fitting = bisect.bisect_right(keeps, budget, key=cost)  # cost grows with keep within a group
         if fitting:
@@ -157,25 +163,109 @@ def by_formula(method: str, options: dict, shape: DecoderShape, n_visual: int, n
 
 def _star_groups(n_visual: int, num_layers: int) -> list[tuple[range, Callable[[int], dict]]]:
     """STAR's settings in the order the formula prefers them: (keeps, ascending; the options for a keep)."""
-    ratio = STAR_STAGE1_RATIO
-    entering = round((1 - ratio) * n_visual)
+    entering = round((1 - STAR_STAGE1_RATIO) * n_visual)
     floor = max(1, round(STAR_FLOOR * n_visual))
     groups = [(range(entering, n_visual + 1), lambda keep: {"stage1_ratio": round(1 - keep / n_visual, 6)})]
-    for layer in range(num_layers // 2, 0, -1):
-        keeps = range(floor if layer > 1 else 1, entering)
-        groups.append((keeps, lambda keep, layer=layer: {"layer": layer, "stage1_ratio": ratio}))
+    for ratio in (STAR_STAGE1_RATIO, *STAR_RAISED_RATIOS):
+        entering = round((1 - ratio) * n_visual)
+        for layer in range(num_layers // 2, 0, -1):
+            keeps = range(floor if layer > 1 else 1, entering)
+            groups.append((keeps, lambda keep, layer=layer, ratio=ratio: {"layer": layer, "stage1_ratio": ratio}))
     return groups
+
+
+@dataclass(frozen=True)
+class PromptBudget:
+    """A FLOPs budget resolved per prompt, at prefill: each prompt gets the setting for its own text tokens and
+    images, so its prefill costs at most `fraction` of its own unpruned prefill. (A setting picked once for one
+    prompt length overshoots on longer prompts and refuses budgets that shorter ones reach.)
+
+    schedule: the measured settings to pick from, each re-costed for the prompt; None: the formula (`by_formula`).
+    """
+
+    method: str
+    options: dict
+    fraction: float
+    shape: DecoderShape
+    n_visual: int
+    schedule: Schedule | None
+
+    def pick(self, n_text: int, images: int = 1) -> Point:
+        """The setting for a prompt of n_text text tokens and `images` images of n_visual tokens each."""
+        if self.schedule is None:
+            return by_formula(self.method, self.options, self.shape, self.n_visual, n_text, self.fraction, images)
+        points = tuple(dataclasses.replace(p, flops=flops_ratio(self.shape, self.plan(p), n_text, images)) for p in self.schedule.points)
+        return dataclasses.replace(self.schedule, points=points).pick("flops", self.fraction)
+
+    def nominal(self) -> Point:
+        """The pick `pruner.keep` and `pruner.method` show: the schedule's at the costs it measured, or the formula's
+        for a prompt of TEXT_TOKENS text tokens; where that cannot reach the budget, a prompt without text's (a
+        budget no prompt reaches is refused here)."""
+        try:
+            return self.pick(TEXT_TOKENS) if self.schedule is None else self.schedule.pick("flops", self.fraction)
+        except BudgetUnreachable:
+            return self.pick(0)
+
+    def plan(self, point: Point) -> Plan:
+        return build(self.method, **self.options, **point.options).plan(self.n_visual, point.keep, self.shape.num_layers)
+
+    def first_layer(self) -> int | None:
+        """The first decoder layer any prompt's pick scores at (the pruner hooks the layers from there on)."""
+        if self.schedule is not None:
+            points = self.schedule.points
+        else:  # a pick's stages only move earlier as its keep falls; STAR's reach layer 1
+            points = (Point(keep=1, options={"layer": 1} if self.method == "star" else {}, flops=0.0),)
+        return min((s.score_layer for p in points for s in self.plan(p).llm_stages), default=None)
+
+
+def pick_per_prompt(budget: PromptBudget, real_tokens: list[int], image_tokens: list[int]) -> list[Point]:
+    """Each prompt's setting from its lengths (its text tokens are its real tokens but its image tokens), or a
+    BudgetUnreachable naming the first prompt that no setting fits and its lengths."""
+    picks = []
+    for row, (real, image) in enumerate(zip(real_tokens, image_tokens)):
+        n_text, images = real - image, image // budget.n_visual
+        try:
+            picks.append(budget.pick(n_text, images))
+        except BudgetUnreachable as error:
+            raise BudgetUnreachable(
+                f"prompt {row} of the batch ({n_text} text tokens, {images} image(s) of {budget.n_visual} visual tokens): {error}"
+            ) from None
+    return picks
 
 
 def resolve_budget(
     method: str, options: dict, keep, kind: str, budget, schedule, shape: DecoderShape, n_visual: int | None, model_name: str,
     text_tokens: float | None = None,
 ) -> tuple[Point, str]:
-    """The setting a compute budget picks for `method` on a model, and where the choice came from.
+    """The setting a compute budget picks for `method` on a model, once, and where the choice came from.
 
-    schedule: a Schedule, a path to one, or None for the one shipped for this model's shape, else the formula.
+    schedule: a Schedule, a path to one, or None for the one shipped for this model's shape, else the formula,
+    for prompts of `text_tokens` text tokens (default TEXT_TOKENS). `prompt_budget` picks per prompt instead.
     Every argument is checked before any compute, each error naming the argument and what is allowed.
     """
+    schedule = _checked(method, options, keep, kind, budget, schedule, shape, n_visual, model_name, text_tokens)
+    if schedule is None:
+        text = TEXT_TOKENS if text_tokens is None else text_tokens
+        return by_formula(method, options, shape, n_visual, text, float(budget)), f"the FLOPs formula, at {text} text tokens"
+    return schedule.pick(kind, float(budget)), schedule.source
+
+
+def prompt_budget(
+    method: str, options: dict, keep, budget, schedule, shape: DecoderShape, n_visual: int | None, model_name: str,
+) -> PromptBudget:
+    """A FLOPs budget to pick per prompt at prefill (see `PromptBudget`), its arguments checked as `resolve_budget`
+    checks them, and refused here where no prompt reaches it."""
+    checked = _checked(method, options, keep, "flops", budget, schedule, shape, n_visual, model_name)
+    resolved = PromptBudget(method, options, float(budget), shape, n_visual, checked)
+    resolved.nominal()
+    return resolved
+
+
+def _checked(
+    method: str, options: dict, keep, kind: str, budget, schedule, shape: DecoderShape, n_visual: int | None, model_name: str,
+    text_tokens: float | None = None,
+) -> Schedule | None:
+    """The schedule a budget picks from (None: the formula), once every argument is checked."""
     if keep is not None:
         raise ValueError(f"keep={keep!r} and {kind}={budget!r} are both given: a budget is tokens or compute, give one")
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
@@ -194,15 +284,14 @@ def resolve_budget(
         if kind == "time":
             raise ValueError(f"time= needs a schedule with measured times for {method} on this model: run `star calibrate` and pass schedule=FILE")
         _check_free(options, {"layer", "stage1_ratio"} if method == "star" else set(), kind, budget)
-        text = TEXT_TOKENS if text_tokens is None else text_tokens
-        return by_formula(method, options, shape, n_visual, text, float(budget)), f"the FLOPs formula, at {text} text tokens"
+        return None
     if schedule.method != method:
         raise ValueError(f"schedule is for method {schedule.method!r}, not method={method!r}")
     if schedule.shape != key:
         changed = ", ".join(f"{k}: {schedule.shape.get(k)} there, {key.get(k)} here" for k in sorted(set(key) | set(schedule.shape)) if schedule.shape.get(k) != key.get(k))
         raise ValueError(f"schedule ({schedule.source}) was measured on another model shape ({changed})")
     _check_free(options, schedule.knobs, kind, budget)
-    return schedule.pick(kind, float(budget)), schedule.source
+    return schedule
 
 
 def _check_free(options: dict, knobs: set[str], kind: str, budget: float) -> None:

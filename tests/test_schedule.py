@@ -70,7 +70,9 @@ def test_formula_for_star_scales_the_papers_defaults():
     assert low.keep >= floor and low.keep == brute_force_keep("star", 0.3, 79, layer=layer)
     deeper = build("star", layer=layer + 1).plan(576, floor, 32)
     assert flops_ratio(SHAPE, deeper, 79) > 0.3  # one layer deeper, the paper's least budget no longer fits
-    with pytest.raises(ValueError, match=r"flops=0.1 is below what star reaches on this model: its least is 0.143"):
+    raised = by_formula("star", {}, SHAPE, 576, 79, 0.14)  # below stage 2 at layer 1 keeping 1 token (0.143)
+    assert raised.options == {"layer": 1, "stage1_ratio": 0.3} and raised.flops <= 0.14
+    with pytest.raises(ValueError, match=r"flops=0.1 is below what star reaches on this model: its least is 0.133, at keep=1, layer=1, stage1_ratio=0.5"):
         by_formula("star", {}, SHAPE, 576, 79, 0.1)
 
 

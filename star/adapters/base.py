@@ -90,6 +90,9 @@ class Decoder:
     token_inputs: tuple[str, ...] = ()
     # A sliding window some decoder layers attend within, or None (see `Gemma3Adapter`).
     window: int | None = None
+    # Every image token is a visual token of a whole unit of n_visual: a prompt's units and text tokens follow from
+    # its counts in the `Layout`, so a FLOPs budget is picked per prompt (star.schedule.PromptBudget).
+    whole_units = False
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -166,12 +169,13 @@ class Layout:
     these counts and the budget, so nothing later in the prefill waits for the device.
     image_tokens: [B] image tokens (placeholders) in each prompt. n_text: [B] prompt tokens after each prompt's
     last image token (a prompt without images: all its tokens but the first); `n_text_device` is the same on
-    the device.
+    the device. real_tokens: [B] each prompt's tokens but its padding.
     """
 
     image_tokens: list[int]
     n_text: list[int]
     n_text_device: torch.Tensor
+    real_tokens: list[int]
 
 
 def read_layout(input_ids: torch.Tensor, mask: torch.Tensor, image_token_id: int) -> Layout:
@@ -181,10 +185,11 @@ def read_layout(input_ids: torch.Tensor, mask: torch.Tensor, image_token_id: int
     last = torch.where(is_image, torch.arange(length, device=input_ids.device), -1).amax(dim=1)
     n_text = torch.where(last >= 0, length - 1 - last, mask.sum(dim=1) - 1)
     right_padded = (mask[:, 1:] < mask[:, :-1]).any(dim=1)
-    image_tokens, texts, right = torch.stack([is_image.sum(dim=1), n_text, right_padded.long()]).tolist()
+    counts = torch.stack([is_image.sum(dim=1), n_text, right_padded.long(), mask.sum(dim=1).long()]).tolist()
+    image_tokens, texts, right, real = counts
     if any(right):
         raise ValueError("attention_mask pads on the right: prompts must be left-padded (padding_side='left')")
-    return Layout(image_tokens, texts, n_text)
+    return Layout(image_tokens, texts, n_text, real)
 
 
 def split_rows(image_tokens: list[int], per_image: list[int], what: str) -> list[int]:

@@ -31,6 +31,7 @@ from star.decoder import llama_style_qk, on_device
 
 
 class Gemma3Adapter(LlamaDecoder):
+    whole_units = True
     model_classes = (Gemma3ForConditionalGeneration,)
     budget_note = "tokens per image or pan-and-scan crop (256); decoder stages within the 1024-token sliding window"
     vision_inputs = ("pixel_values",)

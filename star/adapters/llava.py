@@ -43,6 +43,7 @@ class LlamaDecoder(Decoder):
 
 
 class LlavaAdapter(LlamaDecoder):
+    whole_units = True
     model_classes = (LlavaForConditionalGeneration,)
     budget_note = "tokens per image (576 for a 336 px CLIP tower)"
     vision_inputs = ("pixel_values",)

@@ -41,6 +41,7 @@ class PartialCropView(VisionView):
 class LlavaNextAdapter(LlavaAdapter):
     model_classes = (LlavaNextForConditionalGeneration,)
     budget_note = "tokens per 576-token crop (base image and tiles); newline tokens always stay"
+    whole_units = False  # crops shown in part, and newline tokens
     vision_inputs = ("pixel_values", "image_sizes")
 
     def __init__(self, model: LlavaNextForConditionalGeneration):

@@ -54,6 +54,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
     select_strategy = "full"
     has_cls = projects_cls = False
     budget_note = "tokens per 729-token crop (the tile grid keeps its share); newline tokens always stay"
+    whole_units = False  # a tile grid kept in its share, and newline tokens
 
     def __init__(self, model: LlavaOnevisionForConditionalGeneration):
         super().__init__(model)

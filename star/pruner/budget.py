@@ -68,13 +68,26 @@ class Budget:
             self._plans[n] = plan
         return self._plans[n]
 
-    def schedule(self, plan: Plan) -> list[int]:
-        """A unit's visual tokens [from the encoder, entering the decoder, after each of the nominal stages]."""
+    def schedule(self, plan: Plan, stages: tuple[LLMStage, ...]) -> list[int]:
+        """A unit's visual tokens [from the encoder, entering the decoder, after each of `stages`] (the batch's
+        stages: a unit keeps all its tokens at a stage its plan does not cut at)."""
         counts = [plan.n_visual, plan.vision_keep]
         own = {s.layer: s.keep for s in plan.llm_stages}
-        for stage in self.plan.llm_stages:
+        for stage in stages:
             counts.append(own.get(stage.layer, counts[-1]))
         return counts
+
+
+def batch_stages(budgets: list[Budget]) -> tuple[LLMStage, ...]:
+    """The decoder stages of a batch whose prompts have their own budgets: every layer one of them cuts at."""
+    stages = {}
+    for budget in budgets:
+        for stage in budget.plan.llm_stages:
+            if stages.setdefault(stage.layer, stage).score_layer != stage.score_layer:
+                raise ValueError(f"the prompts of this batch score their cut at layer {stage.layer} at different layers")
+    ordered = tuple(stages[layer] for layer in sorted(stages))
+    check_stages(ordered)
+    return ordered
 
 
 def check_stages(stages: tuple[LLMStage, ...]) -> None:

@@ -18,30 +18,34 @@ from star.decoder import (
     Frame, contiguous_positions, frame_padding_mask, gather_positions, gather_rotary, gather_seq, hide_keys, keep_in_order,
     slice_mask, unseen_slots,
 )
-from star.methods import DecoderView, LLMStage, Method, Selection
+from star.methods import DecoderView, LLMStage, Selection
 from star.pruner.entry import Prompt, ragged_rows
 from star.scoring import attention_probs
 
 
 def cut(
-    adapter: Adapter, method: Method, stage: LLMStage, prompt: Prompt, budgets: list[int], positions: str,
+    adapter: Adapter, stage: LLMStage, prompt: Prompt, budgets: list[int | None], positions: str,
     hidden: torch.Tensor, scored: tuple[torch.Tensor, dict],
 ) -> torch.Tensor:
     """The stage layer's hidden states in the new frame, which is appended to `prompt.frames` (with the kept
     tokens' residuals, where the family has them).
 
     hidden: the stage layer's input; scored: the input and inputs of the stage's score layer (the same layer,
-    or an earlier one), in the last frame. budgets: the visual tokens each prompt keeps.
+    or an earlier one), in the last frame. budgets: the visual tokens each prompt keeps (None: all it has, a
+    prompt whose own setting does not cut here).
     """
     frame = prompt.frames[-1]
-    selections = select(adapter, method, stage, prompt, *scored, budgets, hidden)
+    selections = select(adapter, stage, prompt, *scored, budgets, hidden)
     batch, length = hidden.shape[:2]
     kept_counts = [s.index.shape[1] for s in selections for _ in range(s.index.shape[0])]
     if len(selections) == 1:
         index, states = selections[0].index, selections[0].states
     else:
         index = pad_rows([s.index[0] for s in selections])
-        states = None if selections[0].states is None else pad_rows([s.states[0] for s in selections], 0)
+        states = None
+        if any(s.states is not None for s in selections):  # a merging method's rows, and rows kept whole as they are
+            own = [hidden[row : row + 1].gather(1, frame.visual[row : row + 1, : frame.counts[row], None].expand(-1, -1, hidden.shape[-1])) for row in range(batch)]
+            states = pad_rows([(s.states if s.states is not None else own[row])[0] for row, s in enumerate(selections)], 0)
 
     # Each row keeps its other tokens (text, fixed image tokens, padding) and its kept visual tokens, in order;
     # rows that end up shorter are left-padded, masked.
@@ -105,22 +109,27 @@ def frame_inputs(
 
 
 def select(
-    adapter: Adapter, method: Method, stage: LLMStage, prompt: Prompt, hidden: torch.Tensor, kwargs: dict,
-    budgets: list[int], cut_hidden: torch.Tensor,
+    adapter: Adapter, stage: LLMStage, prompt: Prompt, hidden: torch.Tensor, kwargs: dict,
+    budgets: list[int | None], cut_hidden: torch.Tensor,
 ) -> list[Selection]:
-    """The method's decoder-stage selection over the last frame's visual tokens: one per group of rows.
+    """Each prompt's method's decoder-stage selection over the last frame's visual tokens: one per group of rows.
 
     hidden, kwargs: the score layer's inputs; cut_hidden: the stage layer's (the same frame). Rows that hold
-    and keep the same numbers of visual tokens are scored together; otherwise row by row.
+    and keep the same numbers of visual tokens, under the same method, are scored together; otherwise row by
+    row. A row whose budget is None keeps its tokens as they are.
     """
     frame = prompt.frames[-1]
     score_layer = adapter.layers[stage.score_layer]
     score_rotary = compat.layer_rotary(kwargs, adapter.layer_type(stage.score_layer))
     batch = hidden.shape[0]
-    counts, n_text = frame.counts, prompt.layout.n_text
-    groups = [None] if len(set(budgets)) == 1 and len(set(counts)) == 1 else list(range(batch))
+    counts, n_text, methods = frame.counts, prompt.layout.n_text, prompt.methods
+    uniform = len(set(budgets)) == 1 and len(set(counts)) == 1 and all(m == methods[0] for m in methods)
+    groups = [None] if uniform and budgets[0] is not None else list(range(batch))
     selections = []
     for row in groups:
+        if row is not None and budgets[row] is None:
+            selections.append(Selection(torch.arange(counts[row], device=hidden.device)[None]))
+            continue
         h, pe, key_mask, cut_h = hidden, score_rotary, frame.mask.bool(), cut_hidden
         visual, text, text_counts, positions = frame.visual, prompt.layout.n_text_device, n_text, frame.position_ids
         if row is not None:
@@ -140,7 +149,7 @@ def select(
             return adapter.decoder_qk(score_layer, h, alone, torch.zeros_like(h[:, :1, 0], dtype=torch.long))[1]
 
         view = DecoderView(h, visual, text, text_counts, key_mask, attention, keys, cut_h, partial(adapter.norm, cut_h))
-        selections.append(method.select_llm(stage, view, budgets[0 if row is None else row]))
+        selections.append(methods[0 if row is None else row].select_llm(stage, view, budgets[0 if row is None else row]))
     return selections
 
 

@@ -7,7 +7,8 @@ kept in a `Prompt` for the decoder's cuts and the decode steps of the same promp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from transformers import StaticCache
@@ -16,8 +17,9 @@ from star import compat
 from star.adapters import Adapter
 from star.adapters.base import FIXED, TEXT, Layout, read_layout
 from star.decoder import Frame, contiguous_positions, gather_positions, gather_seq, keep_in_order, on_device, padding_of
-from star.methods import Selection
-from star.pruner.budget import Budget
+from star.methods import LLMStage, Method, Selection
+from star.pruner.budget import Budget, batch_stages
+from star.schedule import Point
 
 
 @dataclass
@@ -31,16 +33,28 @@ class Prompt:
     positions: torch.Tensor  # rotary positions of the full prompt, [B, S] or [3, B, S]
     frames: list[Frame]
     layout: Layout
-    budgets: list[list[int]]  # per decoder stage, the visual tokens each prompt keeps
+    stages: tuple[LLMStage, ...]  # the batch's decoder stages: every layer one of its prompts cuts at
+    methods: list[Method]  # each prompt's method (its options are its own where a budget picks them per prompt)
+    budgets: list[list[int | None]]  # per decoder stage, the visual tokens each prompt keeps; None: it does not cut there
     tokens: list[int]
     totals: list[list[int]]
     residuals: torch.Tensor | None = None  # [B, V, E, D] DeepStack features of the last frame's visual tokens
     cache_slots: int | None = None  # a StaticCache's slots per layer (every frame's cache has as many), or None
+    picks: list[Point] | None = None  # each prompt's setting, where a budget picked it per prompt
+    stage_at: dict[int, int] = field(init=False)  # the stage that cuts at each of its layers
+    early_scores: set[int] = field(init=False)  # the layers a stage scores at before its own layer
+
+    def __post_init__(self):
+        self.stage_at = {stage.layer: i for i, stage in enumerate(self.stages)}
+        self.early_scores = {s.score_layer for s in self.stages if s.score_layer != s.layer}
 
 
-def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tuple[Prompt, dict]:
+def enter(
+    adapter: Adapter, budgets_of: Callable[[Layout], tuple[list[Budget], list[Point] | None]], positions: str, kwargs: dict,
+) -> tuple[Prompt, dict]:
     """Run stage 1 on the prompts' images and return the prompt's state and the decoder's entry inputs.
 
+    budgets_of: each prompt's budget from the batch's layout (and the settings picked per prompt, if any).
     After the one read of the batch's `Layout`, every size is known on the host and every index is computed on
     the device: a GPU runs the prefill without waiting for the host.
     """
@@ -49,7 +63,6 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
         raise ValueError("input_ids is None: pruning needs the prompt's token ids to find its image tokens")
     batch, length = input_ids.shape
     device = input_ids.device
-    stages = budget.plan.llm_stages
     mask = kwargs.get("attention_mask")
     mask = torch.ones_like(input_ids) if mask is None else mask
     cache = compat.cache_of(kwargs)
@@ -63,6 +76,8 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
             "build its shorter frames"
         )
     layout = read_layout(input_ids, mask, adapter.image_token_id)
+    budgets, picks = budgets_of(layout)
+    stages = batch_stages(budgets) if len(set(map(id, budgets))) > 1 else budgets[0].plan.llm_stages
     encoded = adapter.encode_prompts(kwargs, input_ids, layout)
     full_positions = adapter.prompt_positions(kwargs, input_ids, mask)
 
@@ -75,25 +90,34 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
     tokens = None
     for group in encoded.groups:
         units, n = group.view.features.shape[:2]
-        plan = budget.unit_plan(n)
-        schedule = budget.schedule(plan)
-        tokens = tokens or (budget.schedule(budget.plan) if adapter.n_visual else schedule)
-        if plan.vision_keep < n:
-            selection = budget.method.select_vision(group.view, plan.vision_keep)
-        else:
-            selection = Selection(torch.arange(n, device=device).expand(units, n))
-        features = selection.states if selection.states is not None else gather_seq(group.view.features, selection.index)
-        kept = selection.index.shape[1]
-        starts = []
-        for row in group.rows:
-            totals[row] = [total + count for total, count in zip(totals[row], schedule)]
-            starts.append(filled[row])
-            filled[row] += kept
-            candidates[row] += n
-        # A merged token keeps the residuals of the place it takes.
-        residuals = None if group.residuals is None else gather_seq(group.residuals, selection.index)
-        places = group.ordinals.gather(1, selection.index)
-        kept_units.append((group.rows, starts, places, adapter.project(features), residuals))
+        # Units of prompts with different budgets are scored together and kept apart.
+        for budget in {id(budgets[row]): budgets[row] for row in group.rows}.values():
+            plan = budget.unit_plan(n)
+            schedule = budget.schedule(plan, stages)
+            tokens = tokens or (budgets[0].schedule(budgets[0].plan, stages) if adapter.n_visual else schedule)
+            if plan.vision_keep < n:
+                selection = budget.method.select_vision(group.view, plan.vision_keep)
+            else:
+                selection = Selection(torch.arange(n, device=device).expand(units, n))
+            features = selection.states if selection.states is not None else gather_seq(group.view.features, selection.index)
+            index, ordinals, group_residuals, rows = selection.index, group.ordinals, group.residuals, group.rows
+            mine = [unit for unit, row in enumerate(group.rows) if budgets[row] is budget]
+            if len(mine) < units:
+                pick = on_device(mine, device)
+                index, ordinals, features = index[pick], ordinals[pick], features[pick]
+                group_residuals = None if group_residuals is None else group_residuals[pick]
+                rows = [group.rows[unit] for unit in mine]
+            kept = index.shape[1]
+            starts = []
+            for row in rows:
+                totals[row] = [total + count for total, count in zip(totals[row], schedule)]
+                starts.append(filled[row])
+                filled[row] += kept
+                candidates[row] += n
+            # A merged token keeps the residuals of the place it takes.
+            residuals = None if group_residuals is None else gather_seq(group_residuals, index)
+            places = ordinals.gather(1, index)
+            kept_units.append((rows, starts, places, adapter.project(features), residuals))
 
     # Every prompt's kept visual tokens as rows of `width_v` slots (-1 / zeros where a row has fewer): their
     # columns in the full prompt, their embeddings, and their residuals.
@@ -148,10 +172,11 @@ def enter(adapter: Adapter, budget: Budget, positions: str, kwargs: dict) -> tup
     if visual_residuals is not None:  # aligned with the frame's visual tokens, shorter rows padded with zeros
         residuals = gather_seq(visual_residuals.view(batch, width_v, *visual_residuals.shape[1:]), visual_slot.gather(1, visual.clamp_min(0)))
         residuals = residuals * (visual >= 0).view(batch, width_v, *[1] * (residuals.dim() - 2)).to(residuals.dtype)
-    budgets = [[row[2 + s] for row in totals] for s in range(len(stages))]
+    cuts = [{s.layer for s in budget.plan.llm_stages} for budget in budgets]
+    stage_budgets = [[row[2 + s] if stage.layer in cuts[r] else None for r, row in enumerate(totals)] for s, stage in enumerate(stages)]
     prompt = Prompt(
-        length, entry_keep, entry_real, pads, full_positions, [frame], layout, budgets,
-        tokens or [0] * (2 + len(stages)), totals, residuals, cache_slots,
+        length, entry_keep, entry_real, pads, full_positions, [frame], layout, stages, [b.method for b in budgets],
+        stage_budgets, tokens or [0] * (2 + len(stages)), totals, residuals, cache_slots, picks,
     )
     # Per-token inputs the model reads besides the ids (Gemma 3's token types), at the kept tokens; 0 at the
     # padding slots added here.

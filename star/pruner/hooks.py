@@ -25,13 +25,15 @@ from transformers import DynamicCache, StaticCache
 
 from star import compat
 from star import flops as flops_model
+from star import methods as registry
 from star.adapters import adapter_for
-from star.adapters.base import vision_refusal
+from star.adapters.base import Layout, vision_refusal
 from star.methods import Method
 from star.pruner import decode
 from star.pruner.budget import Budget
 from star.pruner.cut import cut, frame_inputs
 from star.pruner.entry import Prompt, enter
+from star.schedule import Point, PromptBudget, pick_per_prompt
 
 POSITION_POLICIES = ("original", "contiguous")
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
@@ -43,14 +45,15 @@ class PruneStats:
 
     tokens: visual tokens per image after each stage: [from the encoder, entering the decoder, after each
     decoder stage]. For LLaVA-NeXT, per 576-token crop (the budget's unit); for families whose images differ
-    in size (Qwen2-VL), those of the batch's first image. totals: the same counts per prompt, all its images
-    (and crops) together, [B][stages]. kept_patches: for each of those stages after the encoder, [B, V] the
+    in size (Qwen2-VL), and under a budget picked per prompt, those of the batch's first image. totals: the same
+    counts per prompt, all its images (and crops) together, [B][stages]. kept_patches: for each of those stages after the encoder, [B, V] the
     visual tokens still present in each prompt, by their place among the prompt's image tokens (image m's
     patch j is m * n_visual + j for LLaVA-1.5; LLaVA-NeXT's newline tokens take places but are never listed);
     where prompts keep different numbers, shorter rows end with -1. A merged token counts as its
     representative's place. layers: the decoder layer where each decoder stage cut. sequence_lengths: the
     tokens each decoder layer processed (per prompt, padding included). flops: the decoder's prefill FLOPs for
-    the whole batch, by the paper's formula over those lengths.
+    the whole batch, by the paper's formula over those lengths. picks: each prompt's setting (keep, options and
+    its FLOPs as a fraction of its own unpruned prefill's), where a FLOPs budget picked it per prompt; else None.
     """
 
     tokens: list[int]
@@ -60,6 +63,7 @@ class PruneStats:
     batch_size: int
     flops: float
     totals: list[list[int]]
+    picks: list[Point] | None = None
 
 
 @dataclass
@@ -76,7 +80,11 @@ class _Call:
 class Pruner:
     """Prunes the visual tokens of one loaded model; `remove()` leaves the model exactly as it was."""
 
-    def __init__(self, model: nn.Module, method: Method, keep: int | float, positions: str = "original"):
+    def __init__(
+        self, model: nn.Module, method: Method, keep: int | float, positions: str = "original", per_prompt: PromptBudget | None = None,
+    ):
+        """per_prompt: a FLOPs budget each prompt's setting is picked from at prefill; `method` and `keep` are then
+        the nominal pick (see `PromptBudget.nominal`)."""
         self.adapter = adapter_for(model)
         if positions not in POSITION_POLICIES:
             raise ValueError(f"positions={positions!r} is unknown: allowed are {', '.join(POSITION_POLICIES)}")
@@ -104,9 +112,9 @@ class Pruner:
         self.budget = Budget(method, keep, self.adapter.n_visual, self.adapter.budget_unit, num_layers)
         self.keep = self.budget.keep
         self.plan = self.budget.plan
+        self.per_prompt = per_prompt
+        self._budgets: dict[tuple, Budget] = {}  # per setting a budget picked per prompt, with its plans per unit size
         self._check_encoder(type(model).__name__)
-        self._stage_at = {stage.layer: i for i, stage in enumerate(self.plan.llm_stages)}
-        self._early_scores = {s.score_layer for s in self.plan.llm_stages if s.score_layer != s.layer}
         self._shape = flops_model.DecoderShape.from_config(model.config.get_text_config())
         self._signature = inspect.signature(model.forward)
         self._prompt: Prompt | None = None
@@ -116,8 +124,10 @@ class Pruner:
             model.register_forward_hook(self._after_forward),
         ]
         self._hooked_layers = 0
-        if self.plan.llm_stages:
-            first = min(s.score_layer for s in self.plan.llm_stages)
+        # Every layer a stage may score or cut at is hooked: with a budget per prompt, any its picks reach.
+        firsts = [s.score_layer for s in self.plan.llm_stages] + ([per_prompt.first_layer()] if per_prompt else [])
+        if firsts := [layer for layer in firsts if layer is not None]:
+            first = min(firsts)
             self._hooked_layers = num_layers - first
             for index in range(first, num_layers):
                 hook = partial(self._before_layer, index)
@@ -165,12 +175,13 @@ class Pruner:
             batch_size=batch,
             flops=batch * flops_model.prefill_flops(self._shape, lengths),
             totals=[row[:done] for row in prompt.totals],
+            picks=prompt.picks,
         )
 
     def _check_encoder(self, model_name: str) -> None:
         """Refuse, before any compute, a vision stage this family cannot run (a [CLS] token its tower lacks,
         or one its decoder never receives)."""
-        if self.plan.vision_keep >= self.plan.n_visual:
+        if self.plan.vision_keep >= self.plan.n_visual and self.per_prompt is None:
             return
         reason = vision_refusal(type(self.adapter), self.method)
         if reason:
@@ -200,12 +211,12 @@ class Pruner:
                     "pixel_values came with a non-empty cache: pruning happens once per prompt, at "
                     "prefill; start a new cache for a new image"
                 )
-            if isinstance(cache, StaticCache) and self.adapter.window is not None and self.plan.llm_stages:
+            if isinstance(cache, StaticCache) and self.adapter.window is not None and self._hooked_layers:
                 raise ValueError(
                     "a StaticCache on a decoder with sliding-window layers is not supported while a decoder stage "
                     "prunes: its window layers keep the last tokens in place of all; use DynamicCache"
                 )
-            self._prompt, inputs = enter(self.adapter, self.budget, self.positions, kwargs)
+            self._prompt, inputs = enter(self.adapter, self._budgets_of, self.positions, kwargs)
             self._check_window(self._prompt.frames[0].length)
             self._call = _Call(step=None)
             return (), inputs
@@ -219,13 +230,28 @@ class Pruner:
         self._call = _Call(step=step)
         return (), inputs
 
+    def _budgets_of(self, layout: Layout) -> tuple[list[Budget], list[Point] | None]:
+        """Each prompt's budget: the one given at apply, or the setting its budget picks for its own lengths."""
+        if self.per_prompt is None:
+            return [self.budget] * len(layout.image_tokens), None
+        picks = pick_per_prompt(self.per_prompt, layout.real_tokens, layout.image_tokens)
+        return [self._budget_of(point) for point in picks], picks
+
+    def _budget_of(self, point: Point) -> Budget:
+        """The budget of a setting picked per prompt, made once (it keeps its plans per unit size)."""
+        key = (point.keep, tuple(sorted(point.options.items())))
+        if key not in self._budgets:
+            method = registry.build(self.per_prompt.method, **self.per_prompt.options, **point.options)
+            self._budgets[key] = Budget(method, point.keep, self.adapter.n_visual, self.adapter.budget_unit, len(self.adapter.layers))
+        return self._budgets[key]
+
     def _check_window(self, length: int) -> None:
         """Refuse a sequence (in the entry frame) that outgrows the decoder's sliding window while a decoder
         stage prunes it: within the window a sliding layer attends to all a global one does, so a cut's frame
         is exact; beyond it the window would span dropped tokens, and the sliding caches keep only its last
         tokens, which the pruned frames cannot be mapped onto."""
         window = self.adapter.window
-        if window is not None and self.plan.llm_stages and length > window:
+        if window is not None and self._hooked_layers and length > window:
             raise ValueError(
                 f"the sequence reaches {length} tokens after stage 1, beyond the decoder's sliding_window={window}: "
                 f"method {self.method.name!r} prunes inside the decoder, which is defined within the window only; "
@@ -281,15 +307,15 @@ class Pruner:
         call.layers += 1
         hidden = args[0]
         current = self._frame_inputs(index, hidden, kwargs)
-        if index in self._early_scores:
+        prompt = self._prompt
+        if index in prompt.early_scores:
             call.saved[index] = (hidden, current)
-        stage_number = self._stage_at.get(index)
+        stage_number = prompt.stage_at.get(index)
         if stage_number is not None:
             if call.step is None:
-                stage = self.plan.llm_stages[stage_number]
+                stage = prompt.stages[stage_number]
                 scored = call.saved.get(stage.score_layer, (hidden, current))
-                budgets = self._prompt.budgets[stage_number]
-                hidden = cut(self.adapter, self.method, stage, self._prompt, budgets, self.positions, hidden, scored)
+                hidden = cut(self.adapter, stage, prompt, prompt.budgets[stage_number], self.positions, hidden, scored)
             call.frame, call.overrides = stage_number + 1, {}
             current = self._frame_inputs(index, hidden, kwargs)
         if current is kwargs:
