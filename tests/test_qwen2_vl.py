@@ -213,10 +213,11 @@ def test_bad_inputs_are_named(model):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "star", "star-vision"])
 def test_rows_of_one_length_that_keep_different_counts_equal_each_alone(model, method):
-    """No padding in the prompts, so the model makes no mask; a cut keeps more tokens of the row with two images
-    and pads the other: that padding is still hidden, at prefill and at every decode step."""
+    """No padding in the prompts, so the model makes no mask (and generate() passes none at decode); stage 1 or a
+    cut keeps more tokens of the row with two images and pads the other: that padding is still hidden, at prefill
+    and at every decode step."""
     grids = [[(4, 8)], [(4, 4), (4, 4)]]
     inputs = qwen_inputs(grids, [(3, 6), (2, 5)], seed=3)
     assert bool(inputs["attention_mask"].all())

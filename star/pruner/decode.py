@@ -55,6 +55,9 @@ def step_inputs(adapter: Adapter, prompt: Prompt, positions: str, kwargs: dict, 
         full = prompt.full_length
         entry = mask[:, :full].gather(1, prompt.entry_keep) * prompt.entry_real
         mask = padding = torch.cat([entry, mask[:, full:]], dim=1)
+    elif prompt.frames[0].padded:  # no padding of the caller's, but the entry frame has the pruner's
+        entry = prompt.frames[0].mask
+        mask = padding = torch.cat([entry, entry.new_ones(entry.shape[0], past + new - entry.shape[1])], dim=1)
     else:
         padding = None
     step = Step(position_ids, cache_position, padding, past + new)
