@@ -71,10 +71,9 @@ def cut(
         frame_positions = gather_positions(frame.position_ids, keep)
     else:  # the padding slots this cut added to a shorter row do not count as tokens before its real ones
         frame_positions = contiguous_positions(frame.position_ids, keep) - added[:, None]
-    prompt.frames.append(
-        Frame(stage.layer, frame.keep_cols.gather(1, keep), frame.mask.gather(1, keep) * real, visual, patches, frame_positions, kept_counts,
-              frame.padded or max(added_per_row) > min(added_per_row))
-    )
+    padded = frame.padded or max(added_per_row) > min(added_per_row)
+    mask = frame.mask.gather(1, keep) * real
+    prompt.frames.append(Frame(stage.layer, frame.keep_cols.gather(1, keep), mask, visual, patches, frame_positions, kept_counts, padded))
     if prompt.residuals is not None:
         prompt.residuals = gather_seq(prompt.residuals, index.clamp_min(0))
     return hidden
