@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,11 +96,12 @@ def measure(model, inputs: dict, method: str, keep, args, device: torch.device, 
                     prefill.append(times[0])
                     request.append(times[1])
             syncs = count_syncs(lambda: model(**inputs), device)
+            flagged = sync_warnings(lambda: model(**inputs)) if device.type == "cuda" else None
             tokens = pruner.stats.tokens
         finally:
             vars(model).pop("forward", None)
     return {"tokens": tokens, "prefill_ms": 1e3 * statistics.median(prefill), "request_ms": 1e3 * statistics.median(request),
-            "syncs_per_prefill": syncs}
+            "syncs_per_prefill": syncs, "sync_debug_warnings": flagged}
 
 
 def timed(fn, device: torch.device) -> float:
@@ -131,6 +133,19 @@ def count_syncs(fn, device: torch.device) -> int:
     return sum(1 for event in prof.events() if event.name in CUDA_SYNCS)
 
 
+def sync_warnings(fn) -> int:
+    """The synchronising calls CUDA's sync debug mode flags in one call (the stronger form of the profiler's count:
+    it names each, in the warnings)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(warning.message) for warning in caught)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -143,17 +158,18 @@ def markdown(rows: list[dict], args) -> str:
         f"({torch.cuda.get_device_name() if args.device == 'cuda' else args.device}, torch {torch.__version__}; "
         f"median of {args.repeats} after {args.warmup} warm-up; {synthetic.NOTICE})",
         "",
-        "| mode | batch | method | keep | tokens | prefill ms | vs unpruned | request ms | vs unpruned | syncs / prefill |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| mode | batch | method | keep | tokens | prefill ms | vs unpruned | request ms | vs unpruned | syncs / prefill "
+        "| sync-debug warnings (GPU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['mode']} | {row['batch']} | {row['method']} | {row['keep']} | failed: {row['error'][:120]} | | | | | |")
+            lines.append(f"| {row['mode']} | {row['batch']} | {row['method']} | {row['keep']} | failed: {row['error'][:120]} | | | | | | |")
             continue
         lines.append(
             f"| {row['mode']} | {row['batch']} | {row['method']} | {row['keep']} | {' / '.join(map(str, row['tokens']))} | "
             f"{row['prefill_ms']:.1f} | {row.get('prefill_vs_unpruned', float('nan')):.3f} | {row['request_ms']:.1f} | "
-            f"{row.get('request_vs_unpruned', float('nan')):.3f} | {row['syncs_per_prefill']} |"
+            f"{row.get('request_vs_unpruned', float('nan')):.3f} | {row['syncs_per_prefill']} | {'' if row['sync_debug_warnings'] is None else row['sync_debug_warnings']} |"
         )
     return "\n".join(lines) + "\n"
 
