@@ -189,9 +189,16 @@ class PromptBudget:
     shape: DecoderShape
     n_visual: int
     schedule: Schedule | None
+    picked: dict[tuple[int, int], Point] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def pick(self, n_text: int, images: int = 1) -> Point:
-        """The setting for a prompt of n_text text tokens and `images` images of n_visual tokens each."""
+        """The setting for a prompt of n_text text tokens and `images` images of n_visual tokens each, searched once
+        per lengths: every prefill asks for each of its prompts', and the formula's search costs milliseconds."""
+        if (n_text, images) not in self.picked:
+            self.picked[n_text, images] = self._search(n_text, images)
+        return self.picked[n_text, images]
+
+    def _search(self, n_text: int, images: int) -> Point:
         if self.schedule is None:
             return by_formula(self.method, self.options, self.shape, self.n_visual, n_text, self.fraction, images)
         points = tuple(dataclasses.replace(p, flops=flops_ratio(self.shape, self.plan(p), n_text, images)) for p in self.schedule.points)
