@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from star.scoring import flagged_in_order
+
 
 @dataclass
 class Frame:
@@ -53,16 +55,29 @@ def on_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.T
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def keep_in_order(keys: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's kept entries in ascending order, left-padded to `width`: keys [B, N] hold a column to keep
-    (>= 0) or -1. Returns (the sorted keys, -1 at padding, [B, width]; where each came from in `keys`).
+def keep_in_order(others: torch.Tensor, visual: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
+    """A new frame's columns: each row's other tokens [B, L] (their columns, -1 where dropped) and its kept visual
+    tokens [B, V] (their columns, -1 where a row has fewer), merged in ascending order and left-padded to `width`.
 
-    A stable sort of a fixed size: equal columns keep their order in `keys`, and nothing is read back from the
-    device (boolean indexing and `nonzero` would have to learn each row's count first). `width` is at most N,
-    and at least each row's count of kept entries.
+    Returns, each [B, width]: the columns (0 at padding), whether each is real (not padding), whether it is a
+    visual token, and the visual token's place in `visual` (0 elsewhere). A stable sort of a fixed size: equal
+    columns keep their order (others, then `visual` in its own order), and nothing is read back from the device
+    (boolean indexing and `nonzero` would have to learn each row's count first). `width` is at least each row's
+    count of kept entries.
     """
+    keys = torch.cat([others, visual], dim=1)
     order = torch.sort(keys, dim=1, stable=True).indices[:, keys.shape[1] - width :]
-    return keys.gather(1, order), order
+    columns = keys.gather(1, order)
+    real = columns >= 0
+    length = others.shape[1]
+    return columns.clamp_min(0), real, (order >= length) & real, (order - length).clamp_min(0)
+
+
+def ragged_rows(flags: torch.Tensor, width: int) -> torch.Tensor:
+    """Indices of each row's True columns, in order, [B, width]; rows with fewer end with -1. `width` is at
+    least every row's count, known on the host."""
+    counts = flags.sum(dim=1, keepdim=True)
+    return flagged_in_order(flags, width).masked_fill(torch.arange(width, device=flags.device) >= counts, -1)
 
 
 def gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -107,15 +122,11 @@ def padding_of(mask: torch.Tensor) -> torch.Tensor:
     return (last if last.dtype == torch.bool else last == 0).long()
 
 
-def frame_padding_mask(like: torch.Tensor | None, frame_mask: torch.Tensor, flash: bool) -> torch.Tensor:
-    """A prefill mask for a frame whose rows the pruner padded, where the model made none (`like` None: no padding
-    in the entry frame) or a 2-D one: the frame's 2-D mask for FlashAttention, else a causal 4-D bool mask that
-    also hides the padding (SDPA and eager take it)."""
-    if flash or (like is not None and like.dim() == 2):
-        return frame_mask
-    length = frame_mask.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=frame_mask.device).tril()
-    return causal[None, None] & frame_mask.bool()[:, None, None, :]
+def mask_like(flash: bool, mask: torch.Tensor) -> torch.Tensor:
+    """A stand-in for the model's own mask where it made none (no padding in the entry frame), giving
+    `causal_frame_mask` the form the attention takes: FlashAttention's 2-D padding mask (`mask` itself), else a
+    4-D bool mask (SDPA, eager)."""
+    return mask if flash else mask.new_ones(1, 1, 1, 1, dtype=torch.bool)
 
 
 def hide_keys(mask: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
@@ -137,12 +148,12 @@ def unseen_slots(mask: torch.Tensor | None, slots: int | None) -> torch.Tensor |
     return torch.nn.functional.pad(mask, (0, extra), value=torch.finfo(mask.dtype).min)
 
 
-def decode_mask(like: torch.Tensor, seen: torch.Tensor, cols: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """A decode step's mask for a frame's cache, in the form of the model's own mask `like` (2-D, or 4-D bool or
-    additive float): query i, at entry-frame position query[i], sees the key at entry-frame column cols[b, j] if
-    seen[b, j] (no padding) and that column is not after it. Built from the frame's own mask, not cut from `like`:
-    where layers of a type size their masks by a cache that a cut shortened (Gemma 3's first global layer), `like`
-    lacks the columns."""
+def causal_frame_mask(like: torch.Tensor, seen: torch.Tensor, cols: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """A mask over a frame's keys, in the form of the model's own mask `like` (2-D, or 4-D bool or additive float):
+    query i, at entry-frame position query[i], sees the key at entry-frame column cols[b, j] if seen[b, j] (no
+    padding) and that column is not after it. Built from the frame's own mask, not cut from `like`: where layers
+    of a type size their masks by a cache that a cut shortened (Gemma 3's first global layer), `like` lacks the
+    columns."""
     batch = cols.shape[0]
     seen = seen.bool()
     if like.dim() == 2:

@@ -15,11 +15,11 @@ import torch
 from star import compat
 from star.adapters import Adapter
 from star.decoder import (
-    Frame, contiguous_positions, frame_padding_mask, gather_positions, gather_rotary, gather_seq, hide_keys, keep_in_order,
-    slice_mask, unseen_slots,
+    Frame, causal_frame_mask, contiguous_positions, gather_positions, gather_rotary, gather_seq, hide_keys, keep_in_order,
+    mask_like, ragged_rows, slice_mask, unseen_slots,
 )
 from star.methods import DecoderView, LLMStage, Selection
-from star.pruner.entry import Prompt, ragged_rows
+from star.pruner.entry import Prompt
 from star.scoring import attention_probs
 
 
@@ -55,16 +55,13 @@ def cut(
     columns = torch.arange(length, device=hidden.device).expand(batch, length).masked_fill(is_visual, -1)
     added_per_row = [k - n for k, n in zip(kept_counts, frame.counts)]
     width = length + max(added_per_row)
-    keep, source = keep_in_order(torch.cat([columns, kept], dim=1), width)
-    real = keep >= 0
+    keep, real, from_visual, slot = keep_in_order(columns, kept, width)
     added = (~real).sum(dim=1)
-    keep = keep.clamp_min(0)
-    from_visual = (source >= length) & real
     visual = ragged_rows(from_visual, index.shape[1])
     patches = gather_seq(frame.patches, index.clamp_min(0)).masked_fill(index < 0, -1)
     hidden = gather_seq(hidden, keep)
     if states is not None:
-        merged = gather_seq(states, (source - length).clamp_min(0)).to(hidden.dtype)
+        merged = gather_seq(states, slot).to(hidden.dtype)
         hidden = torch.where(from_visual[..., None], merged, hidden)
 
     if positions == "original":
@@ -91,8 +88,10 @@ def frame_inputs(
     mask = kwargs["attention_mask"]
     if mask is not None and mask.dim() == 4:
         mask = hide_keys(slice_mask(mask, keep, keep), frame.mask)
-    elif mask is not None or frame.padded:
-        mask = frame_padding_mask(mask, frame.mask, flash)
+    elif mask is not None or frame.padded:  # FlashAttention's 2-D mask, or none where the entry frame has no padding
+        places = torch.arange(frame.length, device=keep.device)
+        like = mask if mask is not None else mask_like(flash, frame.mask)
+        mask = causal_frame_mask(like, frame.mask, places.expand_as(keep), places)
     override = {"attention_mask": unseen_slots(mask, cache_slots)}
     for name, kind in compat.rotary_tables(kwargs).items():
         if positions == "original":

@@ -13,7 +13,7 @@ import torch
 
 from star import compat
 from star.adapters import Adapter
-from star.decoder import Frame, decode_mask, unseen_slots
+from star.decoder import Frame, causal_frame_mask, mask_like, unseen_slots
 from star.pruner.entry import Prompt
 
 
@@ -50,7 +50,7 @@ def step_inputs(adapter: Adapter, prompt: Prompt, positions: str, kwargs: dict, 
         padding = torch.cat([padding, padding.new_ones(padding.shape[0], prompt.cache_slots - padding.shape[1])], dim=1)
         slots = torch.arange(prompt.cache_slots, device=padding.device).expand(padding.shape[0], -1)
         like = mask if mask is not None and mask.dim() == 4 else padding.new_ones(1, 1, 1, 1, dtype=torch.bool)
-        mask = decode_mask(like, padding, slots, cache_position)
+        mask = causal_frame_mask(like, padding, slots, cache_position)
     elif mask is not None:
         full = prompt.full_length
         entry = mask[:, :full].gather(1, prompt.entry_keep) * prompt.entry_real
@@ -76,13 +76,13 @@ def layer_inputs(
     shift = prompt.frames[0].length - frame.length
     mask = kwargs["attention_mask"]
     if mask is None and frame.padded:
-        mask = frame.mask if flash else frame.mask.new_ones(1, 1, 1, 1, dtype=torch.bool)
+        mask = mask_like(flash, frame.mask)
     if mask is not None:
         batch, entry = frame.keep_cols.shape[0], prompt.frames[0].length
         new = torch.arange(entry, step.end, device=mask.device).expand(batch, -1)
         padding = step.padding if step.padding is not None else frame.mask.new_ones(batch, step.end)
         seen = torch.cat([frame.mask, padding[:, entry : step.end]], dim=1)
-        mask = decode_mask(mask, seen, torch.cat([frame.keep_cols, new], dim=1), step.cache_position)
+        mask = causal_frame_mask(mask, seen, torch.cat([frame.keep_cols, new], dim=1), step.cache_position)
         mask = unseen_slots(mask, prompt.cache_slots)
     override = compat.with_cache_position({"attention_mask": mask}, step.cache_position - shift)
     if positions == "contiguous":  # each row moves back by the tokens this frame dropped from its own

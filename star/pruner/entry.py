@@ -16,7 +16,9 @@ from transformers import StaticCache
 from star import compat
 from star.adapters import Adapter
 from star.adapters.base import FIXED, TEXT, Layout, read_layout
-from star.decoder import Frame, contiguous_positions, gather_positions, gather_seq, keep_in_order, on_device, padding_of
+from star.decoder import (
+    Frame, contiguous_positions, gather_positions, gather_seq, keep_in_order, on_device, padding_of, ragged_rows,
+)
 from star.methods import LLMStage, Method, Selection
 from star.pruner.budget import Budget, batch_stages
 from star.schedule import Point
@@ -145,12 +147,7 @@ def enter(
     dropped = [c - f for c, f in zip(candidates, filled)]
     width = length - min(dropped)
     columns = torch.arange(length, device=device).expand(batch, length).masked_fill(encoded.slots >= 0, -1)
-    keys = torch.cat([columns, visual_cols], dim=1)
-    kept_cols, source = keep_in_order(keys, width)
-    entry_real = kept_cols >= 0
-    entry_keep = kept_cols.clamp_min(0)
-    from_visual = (source >= length) & entry_real
-    visual_slot = (source - length).clamp_min(0)
+    entry_keep, entry_real, from_visual, visual_slot = keep_in_order(columns, visual_cols, width)
     embeds = adapter.embed(input_ids.gather(1, entry_keep))
     if width_v:
         embeds = torch.where(from_visual[..., None], gather_seq(visual_embeds.view(batch, width_v, -1), visual_slot).to(embeds.dtype), embeds)
@@ -192,10 +189,3 @@ def enter(
     }
     return prompt, compat.with_cache_position(entry, torch.arange(width, device=device))
 
-
-def ragged_rows(flags: torch.Tensor, width: int) -> torch.Tensor:
-    """Indices of each row's True columns, in order, [B, width]; rows with fewer end with -1. `width` is at
-    least every row's count, known on the host."""
-    counts = flags.sum(dim=1, keepdim=True)
-    order = torch.sort((~flags).long(), dim=1, stable=True).indices[:, :width]
-    return order.masked_fill(torch.arange(width, device=flags.device) >= counts, -1)
