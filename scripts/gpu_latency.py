@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from tqdm.auto import tqdm
 
 import star
 from star import synthetic
@@ -59,18 +60,23 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for mode in args.modes.split(","):
-        for batch in map(int, args.batch.split(",")):
+    modes, batches = args.modes.split(","), [int(b) for b in args.batch.split(",")]
+    bar = tqdm(total=len(modes) * len(batches) * len(settings), desc="gpu_latency", unit="setting")
+    for mode in modes:
+        for batch in batches:
             inputs = synthetic.synthetic_inputs(model, batch)
             for method, keep in settings:
+                bar.set_postfix_str(f"{mode}, batch {batch}, {method} {keep}")
                 row = {"mode": mode, "batch": batch, "method": method, "keep": keep}
                 try:
                     row.update(measure(model, inputs, method, keep, args, device, compiled=mode == "compiled"))
                 except Exception as error:  # noqa: BLE001 - a failed setting is reported in its row, the run goes on
                     row["error"] = f"{type(error).__name__}: {error}"
                 rows.append(row)
-                print(json.dumps(row), flush=True)
+                bar.write(json.dumps(row))
+                bar.update()
                 (args.out / "latency.json").write_text(json.dumps(with_ratios(rows), indent=2))
+    bar.close()
     table = markdown(with_ratios(rows), args)
     (args.out / "latency.md").write_text(table)
     print(table)
