@@ -6,12 +6,12 @@ of vLLM's own model classes.
 
 The `star` entry is the engine's default setting; a request may give its own as `mm_processor_kwargs`
 (`{"star": {...}}`, `extra_body` in the OpenAI client). A setting is the method's name, `keep` (visual tokens
-per image entering the decoder, per 576-token crop for LLaVA-NeXT, or a fraction of the encoder's) and the
-method's options, as in `star.apply`.
-Only vision-side methods run: vLLM keeps one token count per request in every decoder layer, so a method that
-cuts inside the decoder (STAR's stage 2, FastV, PDrop, SparseVLM) is refused with what runs instead
-(docs/serving.md says what upstream would need). The kept tokens are numbered without gaps, as
-`star.apply(..., positions="contiguous")` does.
+per image, per 576-token crop for LLaVA-NeXT, or a fraction of the encoder's) and the method's options, as in
+`star.apply`.
+A vision-side setting runs per request. A setting with one cut inside the decoder (STAR's stage 2, FastV, DART)
+is an engine's own, on LLaVA-1.5: its layers from the cut on are a KV-cache group of their own
+(`star.integrations.vllm.cut`), and `engine_args` gives the engine options it needs. The kept tokens are numbered
+without gaps, as `star.apply(..., positions="contiguous")` does.
 
 This module does not import vLLM; the model classes live in `star.integrations.vllm.llava` (LLaVA-1.5, and what
 every CLIP-tower class shares) and `star.integrations.vllm.llava_next` (LLaVA-NeXT).
@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from star.methods import REGISTRY, Method, build
+from star.methods import REGISTRY, LLMStage, Method, build
 from star.pruner import resolve_keep
 from star.pruner.budget import unit_keep
 
@@ -49,12 +49,38 @@ NOT_SERVED = {
 
 
 def register() -> None:
-    """The entry point vLLM calls in each of its processes: register the pruned classes (imported lazily)."""
+    """The entry point vLLM calls in each of its processes: register the pruned classes (imported lazily) and the
+    KV-cache layout of the layers after a decoder cut."""
     from vllm import ModelRegistry
+
+    from star.integrations.vllm.cut import register_kv_cache_spec
 
     for name, target in MODULES.items():
         if name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(name, target)
+    register_kv_cache_spec()
+
+
+# The engine options a decoder cut needs (docs/serving.md, "The decoder cut"): the scheduler that tells the cut
+# layers' KV-cache manager what each request drops, each prompt prefilled whole, no prefix caching (the layers
+# after the cut cache what the question chose), and eager execution (the cut's sizes are known only at run time).
+CUT_ENGINE = {
+    "scheduler_cls": "star.integrations.vllm.cut.CutScheduler",
+    "enable_chunked_prefill": False,
+    "enable_prefix_caching": False,
+    "enforce_eager": True,
+}
+
+
+def engine_args(method: str, keep: int | float, architecture: str = "LlavaForConditionalGeneration", **options: Any) -> dict:
+    """The keyword arguments of `vllm.LLM` for a pruned engine: `hf_overrides`, and for a setting that cuts
+    inside the decoder the options that cut needs (`CUT_ENGINE`).
+
+        LLM(model, **star.integrations.vllm.engine_args("star", 39))
+    """
+    overrides = hf_overrides(method, keep, architecture, **options)
+    may_cut = bool(build(method, **options).plan(576, 1, 32).llm_stages)  # whether the method cuts at small budgets
+    return {"hf_overrides": overrides, **(CUT_ENGINE if may_cut and architecture == "LlavaForConditionalGeneration" else {})}
 
 
 def hf_overrides(method: str, keep: int | float, architecture: str = "LlavaForConditionalGeneration", **options: Any) -> dict:
@@ -81,6 +107,7 @@ class Setting:
     text: str  # the setting as canonical JSON: it travels with each image from the front end to the model
     given: int | float  # `keep` as the setting gives it (a count per n_visual tokens, or a fraction)
     num_layers: int
+    cut: LLMStage | None = None  # the decoder cut, where the setting has one: `cut.keep` per image after it
 
     @property
     def prunes(self) -> bool:
@@ -97,18 +124,27 @@ class Setting:
         return plan.vision_keep
 
 
-def parse_setting(raw: object, n_visual: int, num_layers: int, where: str) -> Setting:
+def parse_setting(raw: object, n_visual: int, num_layers: int, where: str, cuts: bool = False) -> Setting:
     """A setting from its dict (`{"method": ..., "keep": ..., options}`), or a ValueError that names `where` it came
-    from, the value and what is allowed. Decoder-stage methods are refused here, with what runs instead."""
+    from, the value and what is allowed. A decoder cut is refused unless `cuts` (an engine's setting on LLaVA-1.5),
+    with what runs instead; more than one cut is always refused."""
     try:
         method = check_method(raw)
         keep = resolve_keep(raw["keep"], n_visual)
         plan = method.plan(n_visual, keep, num_layers)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
-    if plan.llm_stages:
+    if plan.llm_stages and not cuts:
         raise ValueError(f"{where}: {_refusal(method, raw['keep'], plan.llm_stages[0].layer)}")
-    return Setting(method, plan.vision_keep, n_visual, json.dumps(raw, sort_keys=True), raw["keep"], num_layers)
+    if len(plan.llm_stages) > 1:
+        layers = [s.layer for s in plan.llm_stages]
+        raise ValueError(
+            f"{where}: method={method.name!r} at keep={raw['keep']!r} cuts before {len(layers)} decoder layers {layers}; "
+            "the plugin serves one cut (its layers after the cut are one KV-cache group with one drop count per "
+            f"request); a one-cut setting runs, such as method={method.name!r} with one layer (its option 'layers')"
+        )
+    cut = plan.llm_stages[0] if plan.llm_stages else None
+    return Setting(method, plan.vision_keep, n_visual, json.dumps(raw, sort_keys=True), raw["keep"], num_layers, cut)
 
 
 def check_method(raw: object) -> Method:
@@ -145,7 +181,7 @@ def _refusal(method: Method, keep: object, layer: int) -> str:
         else f"vision-side methods run instead: {', '.join(vision_methods())}"
     )
     return (
-        f"method={method.name!r} at keep={keep!r} prunes inside the decoder (a cut before layer {layer}), which vLLM "
-        "cannot serve: its engine gives a request one token count in every layer and one KV-cache length, so a "
-        f"cut would need a second KV-cache group (docs/serving.md); {instead}"
+        f"method={method.name!r} at keep={keep!r} prunes inside the decoder (a cut before layer {layer}), which the "
+        "plugin serves as an engine's own setting on LLaVA-1.5 only (`star serve --method ...`, or "
+        f"`LLM(model, **star.integrations.vllm.engine_args(...))`), not per request or on LLaVA-NeXT; {instead}"
     )

@@ -38,6 +38,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from star.decoder import gather_seq
 from star.integrations.vllm import Setting, parse_setting
+from star.integrations.vllm.cut import CutDecoder, check_engine, use_cut_attention
 from star.methods import Selection, VisionView
 
 FIELD = "star_setting"
@@ -54,9 +55,19 @@ class SettingInfo:
     def setting(self, mm_kwargs: Mapping[str, object]) -> Setting:
         """The request's setting (`mm_processor_kwargs["star"]`), else the engine's (`hf_overrides["star"]`)."""
         config = self.get_hf_config()
-        if "star" in mm_kwargs:
-            return parse_setting(mm_kwargs["star"], n_visual(config), num_layers(config), "mm_processor_kwargs['star']")
-        return engine_setting(config)
+        engine = engine_setting(config)
+        if "star" not in mm_kwargs:
+            return engine
+        where = "mm_processor_kwargs['star']"
+        if engine.cut is not None:
+            if parse_setting(mm_kwargs["star"], n_visual(config), num_layers(config), where, cuts=True).text == engine.text:
+                return engine
+            raise ValueError(
+                f"{where}={mm_kwargs['star']!r}: this engine cuts inside the decoder with its own setting {engine.text}, "
+                "which every request with an image runs (the decoder's forward sees no request's setting); serve another "
+                "setting from an engine of its own"
+            )
+        return parse_setting(mm_kwargs["star"], n_visual(config), num_layers(config), where)
 
 
 class SettingProcessor:
@@ -89,7 +100,9 @@ class PrunedClip:
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         config = vllm_config.model_config.hf_config
-        engine_setting(config)  # a bad or decoder-stage setting stops the engine here, before any weight loads
+        setting = engine_setting(config)  # a bad setting stops the engine here, before any weight loads
+        if setting.cut is not None:
+            check_engine(vllm_config, setting)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         feature = self.feature_layer.self_attn
         if feature.num_heads_per_partition != feature.num_heads:
@@ -110,7 +123,7 @@ class PrunedClip:
         return image_input, [bytes(row.tolist()).decode() for row in settings]
 
     def _setting(self, text: str) -> Setting:
-        return parse_setting(json.loads(text), n_visual(self.config), num_layers(self.config), FIELD)
+        return parse_setting(json.loads(text), n_visual(self.config), num_layers(self.config), FIELD, cuts=self.config.model_type == "llava")
 
     @property
     def feature_layer(self) -> nn.Module:
@@ -164,9 +177,34 @@ class StarLlavaMultiModalProcessor(SettingProcessor, LlavaMultiModalProcessor):
     StarLlavaMultiModalProcessor, info=StarLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
 class StarLlavaForConditionalGeneration(PrunedClip, LlavaForConditionalGeneration):
-    """vLLM's LLaVA whose images enter the decoder pruned. `star_kept[i]`: image i's kept patch indices."""
+    """vLLM's LLaVA whose images enter the decoder pruned, and where the engine's setting cuts inside the decoder,
+    are cut there (`star.integrations.vllm.cut`). `star_kept[i]`: image i's kept patch indices (its vision stage)."""
 
     hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | CLIP_LEVEL
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        setting = engine_setting(self.config)
+        self.decoder_cut = None
+        self.visual_rows: torch.Tensor | None = None  # the step's image rows, from embed_input_ids to forward
+        if setting.cut is not None:
+            model = self.language_model.model
+            for layer in model.layers[setting.cut.layer :]:
+                use_cut_attention(layer.self_attn, vllm_config)
+            self.decoder_cut = CutDecoder(model, setting)
+
+    def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings=None, *, is_multimodal: torch.Tensor | None = None, **kwargs):
+        if self.decoder_cut is not None:
+            self.visual_rows = is_multimodal
+        return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        if self.decoder_cut is None:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        visual, self.visual_rows = self.visual_rows, None
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_input_ids(input_ids)
+        return self.decoder_cut.forward(positions, inputs_embeds, visual)
 
     def embed_multimodal(self, **kwargs: object):
         image_input, texts = self._pixel_input(kwargs)
@@ -205,7 +243,7 @@ def engine_setting(config) -> Setting:
             f"hf_overrides has no 'star' setting: {name} needs one, e.g. "
             f'--hf-overrides \'{{"architectures": ["{name}"], "star": {{"method": "fastervlm", "keep": 98}}}}\''
         )
-    return parse_setting(raw, n_visual(config), num_layers(config), "hf_overrides['star']")
+    return parse_setting(raw, n_visual(config), num_layers(config), "hf_overrides['star']", cuts=config.model_type == "llava")
 
 
 def n_visual(config) -> int:

@@ -1,0 +1,385 @@
+"""One decoder cut inside vLLM (STAR's stage 2, FastV's, DART's) on LLaVA-1.5, with the KV cache of the layers
+after the cut holding only the kept tokens.
+
+vLLM gives a request one token count: its positions, and the KV cache of the layers before the cut, run over the
+prompt as the vision stage left it (S tokens). The layers from the cut on (K..L-1) are a KV-cache group of their
+own (`CutSpec`, registered with vLLM's `KVCacheSpecRegistry`), whose slots follow vLLM's positions like every
+group's, and which `CutDecoder` reads and writes itself. For a request whose prompt the cut shortens by D tokens:
+
+    slot 0          a header: its key NaN, its value D (a layer has no other memory of a request at decode)
+    slots 1..D-1    nothing: the blocks wholly inside are freed once the prompt is computed (`CutManager`)
+    slots D..S-1    the kept prompt tokens in order, at positions D..S-1: the gap-free numbering moved up by D,
+                    so every query-key distance, all RoPE sees, is that of `star.apply(..., positions="contiguous")`
+    slots S..       the generated tokens, at vLLM's own positions
+
+Requests without an image keep their prompt whole (no header). `CutScheduler` tells the managers what each
+request drops (images x (stage-1 count - keep)), as it follows from the engine's setting before anything runs.
+What the engine must not do with such a request: split its prompt into chunks (the cut needs every text row),
+share cached prefixes (the layers after the cut hold what the question chose), or recompute it after a preemption
+(its answer would join the scoring rows): `CUT_ENGINE` turns off the first two, and a cut request the scheduler
+preempts ends with an error instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.attention import Attention
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+from vllm.utils.math_utils import cdiv
+from vllm.v1.kv_cache_interface import AttentionSpec
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+from vllm.v1.request import RequestStatus
+
+from star.decoder import gather_seq
+from star.integrations.vllm import CUT_ENGINE, Setting
+from star.methods import DecoderView, Selection
+from star.scoring import attention_probs, flagged_in_order
+
+HEADER_BASE = 256  # D is stored as two digits below 256: exact in float32, float16 and bfloat16 alike
+
+
+@dataclass(frozen=True, kw_only=True)
+class CutSpec(AttentionSpec):
+    """The KV cache of the layers from the cut on: full attention whose requests drop tokens at the cut. Not a
+    `FullAttentionSpec`, which vLLM would put in one group with the layers before the cut."""
+
+    def max_memory_usage_bytes(self, vllm_config: VllmConfig) -> int:
+        return cdiv(vllm_config.model_config.max_model_len, self.block_size) * self.page_size_bytes
+
+
+class CutManager(FullAttentionManager):
+    """Frees, once a request's prompt is computed, the blocks wholly inside the slots its cut emptied (1..D-1;
+    block 0 keeps the header). `dropped` (request id -> D) is filled by `CutScheduler`."""
+
+    def __init__(self, kv_cache_spec: CutSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.dropped: dict[str, int] = {}
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None) -> None:
+        dropped = self.dropped.get(request_id, 0)
+        if dropped and num_prompt_tokens is not None and processed_computed_tokens >= num_prompt_tokens:
+            self._remove_blocks_in_range(request_id, 1, dropped // self.block_size)
+
+
+def register_kv_cache_spec() -> None:
+    """Make `CutSpec` a group of its own with its own manager (called in every vLLM process by the plugin)."""
+    KVCacheSpecRegistry.register(CutSpec, CutManager)
+
+
+class CutScheduler(Scheduler):
+    """vLLM's scheduler, telling the cut group's managers what each request drops, and ending with an error a cut
+    request it preempts (recomputing it would score its own answer as part of the question)."""
+
+    def __init__(self, vllm_config: VllmConfig, *args, **kwargs) -> None:
+        super().__init__(vllm_config, *args, **kwargs)
+        from star.integrations.vllm.llava import engine_setting
+
+        setting = engine_setting(vllm_config.model_config.hf_config)
+        self.dropped_per_image = setting.keep - setting.cut.keep if setting.cut else 0
+        self.cut_managers = [m for m in self.kv_cache_manager.coordinator.single_type_managers if isinstance(m, CutManager)]
+        self.preempted_cuts: set[str] = set()
+
+    def add_request(self, request) -> None:
+        super().add_request(request)
+        images = sum(1 for feature in request.mm_features or () if feature.modality == "image")
+        for manager in self.cut_managers:
+            manager.dropped[request.request_id] = images * self.dropped_per_image
+
+    def _preempt_request(self, request, timestamp: float, drop_stale_output: bool = False) -> None:
+        super()._preempt_request(request, timestamp, drop_stale_output)
+        if self.cut_managers and self.cut_managers[0].dropped.get(request.request_id):
+            self.preempted_cuts.add(request.request_id)
+
+    def update_from_output(self, scheduler_output, model_runner_output) -> dict[int, EngineCoreOutputs]:
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if self.preempted_cuts:
+            ended = self.finish_requests(self.preempted_cuts, RequestStatus.FINISHED_ERROR)
+            self.preempted_cuts = set()
+            for request in ended:
+                output = EngineCoreOutput(request_id=request.request_id, new_token_ids=[], finish_reason=request.get_finished_reason())
+                outputs.setdefault(request.client_index, EngineCoreOutputs()).outputs.append(output)
+        return outputs
+
+    def _free_request(self, request, *args, **kwargs):
+        for manager in self.cut_managers:
+            manager.dropped.pop(request.request_id, None)
+        return super()._free_request(request, *args, **kwargs)
+
+
+class CutAttention(Attention):
+    """The attention module of a layer after the cut: vLLM allocates and binds its KV cache, as a `CutSpec` group;
+    `CutDecoder` reads and writes it (vLLM's kernels never see the header or the freed slots)."""
+
+    def get_kv_cache_spec(self, vllm_config: VllmConfig) -> CutSpec:
+        spec = super().get_kv_cache_spec(vllm_config)
+        return CutSpec(**{f.name: getattr(spec, f.name) for f in fields(AttentionSpec)})
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"{self.layer_name} is after the decoder cut: CutDecoder runs its attention")
+
+
+def use_cut_attention(self_attn: nn.Module, vllm_config: VllmConfig) -> None:
+    """Give a Llama attention module a `CutAttention` in place of the `Attention` its constructor made (whose
+    registration under the layer's name it takes over)."""
+    name = self_attn.attn.layer_name
+    vllm_config.compilation_config.static_forward_context.pop(name)
+    self_attn.attn = CutAttention(
+        self_attn.num_heads, self_attn.head_dim, self_attn.scaling, num_kv_heads=self_attn.num_kv_heads,
+        cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config, prefix=name,
+    )
+
+
+def check_engine(vllm_config: VllmConfig, setting: Setting) -> None:
+    """The engine options a cut needs (`CUT_ENGINE`), and what it cannot run with, each named."""
+    scheduler, cache, model, parallel = vllm_config.scheduler_config, vllm_config.cache_config, vllm_config.model_config, vllm_config.parallel_config
+    found = {
+        "scheduler_cls": scheduler.scheduler_cls if isinstance(scheduler.scheduler_cls, str) else getattr(scheduler.scheduler_cls, "__qualname__", None),
+        "enable_chunked_prefill": scheduler.enable_chunked_prefill,
+        "enable_prefix_caching": cache.enable_prefix_caching,
+        "enforce_eager": model.enforce_eager,
+    }
+    if found["scheduler_cls"] in ("CutScheduler", CutScheduler.__module__ + ".CutScheduler"):
+        found["scheduler_cls"] = CUT_ENGINE["scheduler_cls"]
+    wrong = {k: v for k, v in found.items() if v != CUT_ENGINE[k]}
+    if wrong:
+        raise ValueError(
+            f"method={setting.method.name!r} cuts before decoder layer {setting.cut.layer}, which needs the engine options "
+            f"{CUT_ENGINE} (star.integrations.vllm.engine_args gives them; `star serve` passes them); this engine has "
+            + ", ".join(f"{k}={v!r}" for k, v in wrong.items())
+        )
+    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+        raise ValueError(
+            f"tensor_parallel_size={parallel.tensor_parallel_size}, pipeline_parallel_size={parallel.pipeline_parallel_size}: "
+            "the decoder cut runs on one process (its scores need every head of the layer; docs/serving.md)"
+        )
+    if vllm_config.speculative_config is not None or cache.cache_dtype != "auto":
+        raise ValueError("the decoder cut runs without speculative decoding and with kv_cache_dtype='auto'")
+
+
+@dataclass
+class Row:
+    """One request of a step: its rows in the batch before the cut [start, end), after it [new_start, new_end),
+    its length so far (seq_len, in vLLM's positions) and D, the tokens its cut dropped (None: read the header)."""
+
+    start: int
+    end: int
+    seq_len: int
+    new_start: int = 0
+    new_end: int = 0
+    dropped: int | None = 0
+    cuts: bool = False  # this step is the request's prefill, and its cut
+
+
+class CutDecoder:
+    """The language model's forward when the engine's setting cuts before layer K: layers 0..K-1 as vLLM runs
+    them, the method's selection per request at the cut, layers K.. on the kept rows over the cut group's cache."""
+
+    def __init__(self, model: nn.Module, setting: Setting) -> None:
+        self.model, self.setting, self.stage = model, setting, setting.cut
+
+    def forward(self, positions: torch.Tensor, embeds: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
+        """The last norm's output for every input row (rows the cut dropped: zeros, never read by the LM head)."""
+        layers, stage = self.model.layers, self.stage
+        rows = self._rows(embeds.shape[0], visual)
+        hidden, residual, score_input = embeds, None, None
+        for index, layer in enumerate(layers[: stage.layer]):
+            if index == stage.score_layer:
+                score_input = _true(hidden, residual)
+            hidden, residual = layer(positions, hidden, residual)
+        x = _true(hidden, residual)
+        score_input = x if score_input is None else score_input
+        kept, new_positions = self._cut(rows, positions, score_input, x, visual)
+        x = x[kept] if kept is not None else x
+        positions = new_positions
+        hidden, residual = x, torch.zeros_like(x)
+        self._read_headers(rows)
+        for index, layer in enumerate(layers[stage.layer :]):
+            hidden, residual = self._layer(layer, positions, hidden, residual, rows, first=index == 0)
+        hidden, _ = self.model.norm(hidden, residual)
+        if kept is None:
+            return hidden
+        out = hidden.new_zeros(embeds.shape[0], hidden.shape[-1])
+        out[kept] = hidden
+        return out
+
+    def _rows(self, n: int, visual: torch.Tensor | None) -> list[Row] | None:
+        """The step's requests, from the first layer's attention metadata (None: a profiling run, one sequence)."""
+        metadata = get_forward_context().attn_metadata
+        if not metadata:
+            return None
+        first = metadata[self.model.layers[0].self_attn.attn.layer_name]
+        starts, seq_lens = first.query_start_loc.tolist(), first.seq_lens.tolist()
+        flags = visual.tolist() if visual is not None else []
+        rows = []
+        for r, seq_len in enumerate(seq_lens):
+            row = Row(starts[r], starts[r + 1], seq_len)
+            row.cuts, past = any(flags[row.start : row.end]), seq_len - (row.end - row.start)
+            if row.cuts and past:
+                raise RuntimeError(
+                    f"a prompt with images reached the decoder cut in part ({row.end - row.start} of {seq_len} tokens): "
+                    "the cut needs the whole prompt at once (enable_chunked_prefill=False, enable_prefix_caching=False)"
+                )
+            row.dropped = None if past else 0  # a prefill keeps its prompt whole until its cut, if it has one
+            rows.append(row)
+        return rows
+
+    def _cut(self, rows, positions, score_input, x, visual) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Each cutting request's selection: the rows kept (an index into the batch) and their positions."""
+        if rows is None:
+            return None, positions
+        kept, new_positions, offset = [], [], 0
+        for row in rows:
+            length = row.end - row.start
+            if row.cuts:
+                index, merged = self._select(positions[row.start : row.end], score_input[row.start : row.end], x[row.start : row.end], visual[row.start : row.end])
+                if merged is not None:
+                    x[row.start + merged[0]] = merged[1].to(x.dtype)
+                row.dropped = length - index.shape[0]
+                kept.append(row.start + index)
+                new_positions.append(torch.arange(row.dropped, length, device=x.device))
+            else:
+                kept.append(torch.arange(row.start, row.end, device=x.device))
+                new_positions.append(positions[row.start : row.end])
+            row.new_start, row.new_end = offset, offset + kept[-1].shape[0]
+            offset = row.new_end
+        return torch.cat(kept), torch.cat(new_positions)
+
+    def _select(self, positions, score_input, x, flags) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """One prompt's cut: the method's `select_llm` on its `DecoderView`. Returns the kept rows (prompt
+        offsets, in order) and, for a merging method, (its kept visual rows, their states) to write over them."""
+        setting, stage = self.setting, self.stage
+        length, flags = x.shape[0], flags.to(x.device)
+        n_visual = int(flags.sum())
+        if n_visual % setting.keep:
+            raise RuntimeError(f"a prompt holds {n_visual} image tokens, not a multiple of the setting's {setting.keep} per image")
+        budget = n_visual // setting.keep * stage.keep
+        visual = flagged_in_order(flags[None], n_visual)
+        last = int(visual[0, -1])
+        n_text = length - 1 - last
+        layer = self.model.layers[stage.score_layer]
+
+        @cache
+        def qk() -> tuple[torch.Tensor, torch.Tensor]:
+            return _qk(layer, score_input, positions)
+
+        def attention(rows: torch.Tensor) -> torch.Tensor:
+            q, k = qk()
+            return attention_probs(q[:, :, rows[0]], k, None, rows)
+
+        view = DecoderView(
+            hidden=score_input[None], visual=visual, n_text=torch.tensor([n_text], device=x.device), text_counts=[n_text],
+            key_mask=torch.ones(1, length, dtype=torch.bool, device=x.device), attention=attention,
+            keys=lambda: qk()[1], states=x[None], normed_states=lambda: self.model.norm(x)[None],
+        )
+        selection: Selection = setting.method.select_llm(stage, view, budget)
+        keep = torch.ones(length, dtype=torch.bool, device=x.device)
+        keep[visual[0]] = False
+        chosen = visual[0, selection.index[0]]
+        keep[chosen] = True
+        index = flagged_in_order(keep[None], length - n_visual + budget)[0]
+        return index, None if selection.states is None else (chosen, selection.states[0])
+
+    def _read_headers(self, rows: list[Row] | None) -> None:
+        """D of each request decoding this step, from the header slot of the first layer after the cut."""
+        if rows is None or all(r.dropped is not None for r in rows):
+            return
+        attn = self.model.layers[self.stage.layer].self_attn.attn
+        pages, table = _pages(attn), _block_table(attn)
+        waiting = [r for r, row in enumerate(rows) if row.dropped is None]
+        heads = pages[table[waiting, 0]]  # [n, 2, block, heads, dim]
+        marked = torch.isnan(heads[:, 0, 0, 0, 0])
+        digits = heads[:, 1, 0, 0, :2].round().long()
+        values = torch.where(marked, digits[:, 0] * HEADER_BASE + digits[:, 1], 0).tolist()
+        for r, value in zip(waiting, values):
+            rows[r].dropped = value
+
+    def _layer(self, layer, positions, hidden, residual, rows, first: bool):
+        """A Llama decoder layer after the cut (vLLM's `LlamaDecoderLayer.forward`, its attention ours)."""
+        hidden, residual = layer.input_layernorm(hidden, residual)
+        attn = layer.self_attn
+        qkv, _ = attn.qkv_proj(hidden)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = attn.rotary_emb(positions, q, k)
+        out = self._attend(attn, positions, q, k, v, rows, first)
+        hidden, _ = attn.o_proj(out)
+        hidden, residual = layer.post_attention_layernorm(hidden, residual)
+        return layer.mlp(hidden), residual
+
+    def _attend(self, attn, positions, q, k, v, rows, first: bool) -> torch.Tensor:
+        """Each request's new rows written to its slots (positions), then attending to its slots D..seq_len-1."""
+        heads, kv_heads, dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        q, k, v = q.view(-1, heads, dim), k.view(-1, kv_heads, dim), v.view(-1, kv_heads, dim)
+        if rows is None:  # a profiling run: one causal sequence, no cache
+            return _sdpa(q, k, v, attn.scaling).reshape(q.shape[0], -1)
+        pages, table = _pages(attn.attn), _block_table(attn.attn)
+        size = pages.shape[2]
+        out = torch.empty_like(q)
+        for r, row in enumerate(rows):
+            new = slice(row.new_start, row.new_end)
+            slots = positions[new]
+            blocks, places = table[r, slots // size], slots % size
+            pages[blocks, 0, places] = k[new]
+            pages[blocks, 1, places] = v[new]
+            if first and row.cuts:
+                header = pages[int(table[r, 0]), :, 0]  # [2, kv_heads, dim]: slot 0 of the request's block 0
+                header[0] = float("nan")
+                header[1] = 0
+                header[1, 0, 0], header[1, 0, 1] = divmod(row.dropped, HEADER_BASE)
+            seen = torch.arange(row.dropped, row.seq_len, device=q.device)
+            blocks, places = table[r, seen // size], seen % size
+            out[new] = _sdpa(q[new], pages[blocks, 0, places], pages[blocks, 1, places], attn.scaling)
+        return out.reshape(q.shape[0], -1)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Rows q [R, H, d] attending to keys [T, H_kv, d], the last R of which are theirs (causal among them)."""
+    causal = q.shape[0] > 1
+    if causal and q.shape[0] != k.shape[0]:
+        raise RuntimeError(f"{q.shape[0]} new rows over {k.shape[0]} keys: a prefill after the cut starts from nothing")
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=causal, scale=scale, enable_gqa=True
+    )
+    return out[0].transpose(0, 1)
+
+
+def _qk(layer: nn.Module, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Llama layer's queries and keys for its input x [S, D] after the rotary embedding: [1, H, S, d], [1, H_kv, S, d]."""
+    attn = layer.self_attn
+    qkv, _ = attn.qkv_proj(layer.input_layernorm(x))
+    q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    q, k = attn.rotary_emb(positions, q, k)
+    length = x.shape[0]
+    return (
+        q.view(length, attn.num_heads, attn.head_dim).transpose(0, 1)[None],
+        k.view(length, attn.num_kv_heads, attn.head_dim).transpose(0, 1)[None],
+    )
+
+
+def _true(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """The residual stream vLLM's layers carry as (hidden, residual), added up as the next layer's norm does."""
+    return hidden if residual is None else hidden + residual
+
+
+def _pages(attn: Attention) -> torch.Tensor:
+    """A cut layer's KV cache as [blocks, 2 (key, value), block_size, kv_heads, head_size]: the layout CutDecoder
+    keeps in each block's own bytes, whatever layout the backend gives the tensor vLLM binds (whose blocks must be
+    its outermost dimension in memory, as they are on the CPU backend)."""
+    cache = attn.kv_cache[0] if isinstance(attn.kv_cache, list) else attn.kv_cache
+    physical = cache.permute(sorted(range(cache.dim()), key=cache.stride, reverse=True))
+    if not physical.is_contiguous():
+        raise RuntimeError(f"the KV cache of {attn.layer_name} ({attn.attn_backend.get_name()}) does not keep each block's bytes together")
+    blocks = physical.shape[0]
+    return physical.reshape(blocks, 2, -1, attn.num_kv_heads, attn.head_size)
+
+
+def _block_table(attn: Attention) -> torch.Tensor:
+    return get_forward_context().attn_metadata[attn.layer_name].block_table
