@@ -104,13 +104,15 @@ def hf_generate(hf: tuple, prompts: list[str], images: list[list], setting: dict
 
 def vllm_generate(llm, prompts: list[str], images: list[list], setting: dict | None, max_new_tokens: int) -> list[dict]:
     """The same through a vLLM engine with the plugin: the setting as the request's `mm_processor_kwargs`
-    (None: the engine's), greedy. Returns each prompt's new tokens, their log-probabilities and its prompt length."""
+    (None: the engine's), greedy; a prompt with no images is sent as text alone. Returns each prompt's new tokens, their log-probabilities and its prompt length."""
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, logprobs=0)
     requests = []
     for prompt, row in zip(prompts, images):
-        request = {"prompt": prompt, "multi_modal_data": {"image": row if len(row) > 1 else row[0]}}
+        request = {"prompt": prompt}
+        if row:
+            request["multi_modal_data"] = {"image": row if len(row) > 1 else row[0]}
         if setting is not None:
             request["mm_processor_kwargs"] = {"star": setting}
         requests.append(request)

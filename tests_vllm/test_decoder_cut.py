@@ -1,0 +1,196 @@
+"""One decoder cut in vLLM (star.integrations.vllm.cut) on a small random LLaVA-1.5, against the Hugging Face path.
+
+A cut is an engine's own setting, so each method runs in an engine of its own (`engine_args`). The reference is
+`star.apply(..., positions="contiguous")` on the same checkpoint: the same greedy tokens and log-probabilities
+(to 1e-4) for prompts with one and two images, in one batch with text-only prompts (which no cut touches) and
+each alone. A child process with an in-process engine (whose scheduler a test can read) checks the KV cache:
+the blocks of the dropped tokens freed after the prefill, and a preempted cut request ended with an error while
+the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from engines import ENGINE, hf_generate, hf_model, tiny_llava_checkpoint, vllm_generate
+from test_tiny_model import PICTURES, PROMPTS, images
+
+# The tiny model: 16 patches per image, 4 decoder layers. STAR's stage 1 keeps 14, its cut before layer 2 keeps 5.
+SETTINGS = [
+    {"method": "star", "keep": 5},
+    {"method": "fastv", "keep": 6},
+    {"method": "dart", "keep": 6},
+    {"method": "pdrop", "keep": 6, "layers": [2]},
+    {"method": "sparsevlm", "keep": 6, "layers": [1]},  # merges: its kept tokens carry recycled states
+]
+TEXT_ONLY = ["what color is the sky ? answer :", "say one word :"]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return tiny_llava_checkpoint(tmp_path_factory.mktemp("tiny-llava-cut"))
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint) -> tuple:
+    return hf_model(checkpoint)
+
+
+@pytest.fixture(scope="module", params=SETTINGS, ids=lambda s: s["method"])
+def engine(request, checkpoint):
+    from vllm import LLM
+
+    from star.integrations.vllm import engine_args
+
+    setting = request.param
+    options = {k: v for k, v in setting.items() if k not in ("method", "keep")}
+    llm = LLM(checkpoint, max_model_len=512, limit_mm_per_prompt={"image": 2}, **{**ENGINE, **engine_args(setting["method"], setting["keep"], **options)})
+    yield llm, setting
+    llm.llm_engine.engine_core.shutdown()
+
+
+def text_generate(hf: tuple, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    """The unpruned Hugging Face model on text-only prompts, one at a time, greedy."""
+    model, processor = hf
+    rows = []
+    for prompt in prompts:
+        inputs = processor.tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+        logprobs = torch.stack(out.scores, dim=1)[0].float().log_softmax(dim=-1)
+        rows.append({"tokens": tokens, "logprobs": [float(logprobs[i, t]) for i, t in enumerate(tokens)]})
+    return rows
+
+
+def _same(ours: dict, reference: dict) -> None:
+    assert ours["tokens"] == reference["tokens"]
+    assert max(abs(a - b) for a, b in zip(ours["logprobs"], reference["logprobs"])) < 1e-4, (ours["logprobs"], reference["logprobs"])
+
+
+def test_a_mixed_batch_gives_the_hf_answers(engine, hf):
+    """Image prompts (one and two images, cut) and text-only prompts (not cut) in one batch."""
+    llm, setting = engine
+    reference = hf_generate(hf, PROMPTS, PICTURES, setting, STEPS) + text_generate(hf, TEXT_ONLY, STEPS)
+    ours = vllm_generate(llm, PROMPTS + TEXT_ONLY, PICTURES + [[]] * len(TEXT_ONLY), None, STEPS)
+    for got, expected in zip(ours, reference):
+        _same(got, expected)
+
+
+def test_each_prompt_alone_gives_its_answer(engine, hf):
+    llm, setting = engine
+    reference = hf_generate(hf, PROMPTS, PICTURES, setting, STEPS)
+    for row, prompt in enumerate(PROMPTS):
+        [got] = vllm_generate(llm, [prompt], [PICTURES[row]], None, STEPS)
+        _same(got, reference[row])
+
+
+def test_the_cut_changes_the_answer(engine, hf):
+    """The reference is not the vision stage alone: a test that could pass without the cut would prove nothing."""
+    llm, setting = engine
+    ours = vllm_generate(llm, PROMPTS, PICTURES, None, STEPS)
+    vision_keep = {"star": 14}.get(setting["method"], 16)
+    stage_one = hf_generate(hf, PROMPTS, PICTURES, {"method": "star-vision" if vision_keep < 16 else "none", "keep": vision_keep}, STEPS)
+    assert any(o["logprobs"] != pytest.approx(s["logprobs"], abs=1e-3) for o, s in zip(ours, stage_one))
+
+
+def test_a_request_with_another_setting_is_refused_and_the_engine_keeps_serving(engine, hf):
+    llm, setting = engine
+    with pytest.raises(ValueError, match=r"mm_processor_kwargs\['star'\].*this engine cuts inside the decoder with its own setting"):
+        vllm_generate(llm, PROMPTS[:1], PICTURES[:1], {"method": "fastervlm", "keep": 5}, STEPS)
+    [same] = vllm_generate(llm, PROMPTS[:1], PICTURES[:1], setting, STEPS)  # its own setting, given again, runs
+    _same(same, hf_generate(hf, PROMPTS[:1], PICTURES[:1], setting, STEPS)[0])
+
+
+def test_an_engine_without_the_cut_options_is_stopped_naming_them():
+    """What the model checks when vLLM builds it (`check_engine`), on a stand-in of vLLM's config."""
+    from star.integrations.vllm import CUT_ENGINE, parse_setting
+    from star.integrations.vllm.cut import check_engine
+
+    setting = parse_setting({"method": "star", "keep": 5}, 16, 4, "here", cuts=True)
+    config = SimpleNamespace(
+        scheduler_config=SimpleNamespace(scheduler_cls=None, enable_chunked_prefill=True),
+        cache_config=SimpleNamespace(enable_prefix_caching=True, cache_dtype="auto"),
+        model_config=SimpleNamespace(enforce_eager=True),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        speculative_config=None,
+    )
+    with pytest.raises(ValueError, match="enable_chunked_prefill=True, enable_prefix_caching=True") as error:
+        check_engine(config, setting)
+    assert "scheduler_cls=None" in str(error.value) and "engine_args" in str(error.value)
+    config.scheduler_config = SimpleNamespace(scheduler_cls=CUT_ENGINE["scheduler_cls"], enable_chunked_prefill=False)
+    config.cache_config.enable_prefix_caching = False
+    config.parallel_config.tensor_parallel_size = 2
+    with pytest.raises(ValueError, match="tensor_parallel_size=2.*every head"):
+        check_engine(config, setting)
+
+
+# Five images of 16 patches: stage 1 keeps 5 x 14 = 70, the cut keeps 5 x 1, so D = 65 tokens are dropped.
+CHILD = """
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: its scheduler is readable
+sys.path.insert(0, {tests!r})
+from engines import ENGINE
+from test_tiny_model import images
+from vllm import LLM, SamplingParams
+from star.integrations.vllm import engine_args
+
+def main():
+    llm = LLM({checkpoint!r}, max_model_len=160, limit_mm_per_prompt={{"image": 5}}, block_size=32,
+              num_gpu_blocks_override={blocks}, **{{**ENGINE, **engine_args("star", 1)}})
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    params = SamplingParams(max_tokens={tokens}, temperature=0.0, ignore_eos=True)
+    prompt = "<image> <image> <image> <image> <image> what shape . answer :"
+    for i in range({requests}):
+        llm.llm_engine.add_request(str(i), {{"prompt": prompt, "multi_modal_data": {{"image": images(10 + i, 5)}}}}, params)
+    llm.llm_engine.add_request("text", {{"prompt": "what color is it ? answer :"}}, params)
+    steps, ended = [], {{}}
+    while llm.llm_engine.has_unfinished_requests():
+        for out in llm.llm_engine.step():
+            if out.finished:
+                ended[out.request_id] = [out.outputs[0].finish_reason, len(out.outputs[0].token_ids), len(out.prompt_token_ids)]
+        steps.append({{rid.split("-")[0]: [sum(not b.is_null for b in m.req_to_blocks.get(rid, [])) for m in managers]
+                      for rid in scheduler.requests}})
+    print("RESULT" + json.dumps({{"managers": [type(m).__name__ for m in managers], "steps": steps, "ended": ended}}))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def _child(checkpoint: str, blocks: int, requests: int, tokens: int) -> dict:
+    code = CHILD.format(tests=str(Path(__file__).parent), checkpoint=checkpoint, blocks=blocks, requests=requests, tokens=tokens)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=os.environ.copy())
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT") :])
+
+
+def test_the_blocks_of_dropped_tokens_are_freed_after_the_prefill(checkpoint):
+    """76 prompt tokens as vLLM counts them (70 image tokens, 6 words): 3 blocks of 32 in each group while the
+    prompt runs; after it the cut group frees block 1 (slots 32-63, all dropped; block 0 holds the header)."""
+    result = _child(checkpoint, blocks=256, requests=1, tokens=4)
+    assert result["managers"] == ["FullAttentionManager", "CutManager"]
+    first, second = result["steps"][0], result["steps"][1]
+    assert first["0"] == [3, 3] and second["0"] == [3, 2]
+    assert first["text"] == [1, 1] and second["text"] == [1, 1]  # a text-only prompt keeps its blocks
+    assert result["ended"]["0"][0] == "length" and result["ended"]["text"][0] == "length"
+
+
+def test_a_preempted_cut_request_ends_with_an_error_and_the_others_finish(checkpoint):
+    """14 blocks for two groups: two 76-token prompts growing to 116 tokens cannot both stay, so vLLM preempts
+    one. Recomputing it would score its own answer with the question, so it ends with an error instead."""
+    result = _child(checkpoint, blocks=14, requests=3, tokens=40)
+    reasons = sorted(reason for reason, _, _ in result["ended"].values())
+    assert "error" in reasons and reasons.count("length") >= 2, result["ended"]
+    assert result["ended"]["text"][0] == "length"
