@@ -198,8 +198,8 @@ FLOPS_CASES = [
 # Checked before vLLM is looked for: these run without it.
 SERVE = "serve"
 SERVE_CASES = [
-    ("--method star --keep 39", ["--method star --keep 39", "prunes inside the decoder", "'star-vision'"]),
-    ("--method fastv", ["method='fastv'", "prunes inside the decoder"]),
+    ("--method pdrop --keep 39", ["--method pdrop --keep 39", "method='pdrop'", "cuts before 3 decoder layers", "serves one cut"]),
+    ("--method sparsevlm", ["method='sparsevlm'", "cuts before 3 decoder layers"]),
     ("--method cdpruner", ["method='cdpruner'", "instruction"]),
     ("--method nope", ["--method", "'nope'"]),
     ("--keep 500", ["keep=500", "[1, 196]"]),

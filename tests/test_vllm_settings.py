@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from star.integrations.vllm import hf_overrides, parse_setting, vision_methods
+from star.integrations.vllm import CUT_ENGINE, engine_args, hf_overrides, parse_setting, server_flags, vision_methods
 
 
 def test_vision_side_methods_are_those_without_a_decoder_stage():
@@ -76,3 +76,36 @@ def test_llava_next_overrides_and_its_budget_per_crop():
     assert [count.unit_keep(n) for n in (576, 432, 288, 3)] == [98, 74, 49, 1]
     fraction = parse_setting({"method": "star-vision", "keep": 0.25}, 576, 32, "here")
     assert [fraction.unit_keep(n) for n in (576, 432, 2)] == [144, 108, 1]
+
+
+@pytest.mark.parametrize(
+    "raw, vision_keep, cut",
+    [
+        ({"method": "star", "keep": 39}, 167, (15, 39, 15)),  # stage 1 keeps 85%, the cut at half the depth keeps 39
+        ({"method": "fastv", "keep": 39, "layer": 3}, 196, (3, 39, 2)),
+        ({"method": "dart", "keep": 20}, 196, (2, 20, 1)),
+        ({"method": "pdrop", "keep": 39, "layers": [8]}, 196, (8, 39, 8)),
+        ({"method": "star", "keep": 180}, 180, None),  # no cut at this budget
+    ],
+)
+def test_an_engine_setting_may_cut_once_inside_the_decoder(raw, vision_keep, cut):
+    setting = parse_setting(raw, 196, 30, "here", cuts=True)
+    assert setting.keep == vision_keep
+    assert (setting.cut and (setting.cut.layer, setting.cut.keep, setting.cut.score_layer)) == cut
+
+
+def test_more_than_one_cut_is_refused_naming_the_layers_and_what_runs():
+    with pytest.raises(ValueError) as error:
+        parse_setting({"method": "pdrop", "keep": 39}, 196, 32, "here", cuts=True)
+    assert "here: method='pdrop' at keep=39 cuts before 3 decoder layers [8, 16, 24]" in str(error.value)
+    assert "the plugin serves one cut" in str(error.value) and "'layers'" in str(error.value)
+
+
+def test_engine_args_add_the_cut_options_only_for_a_method_that_cuts():
+    assert engine_args("fastervlm", 98) == {"hf_overrides": hf_overrides("fastervlm", 98)}
+    assert engine_args("star", 39) == {"hf_overrides": hf_overrides("star", 39), **CUT_ENGINE}
+    assert "scheduler_cls" not in engine_args("star", 39, "LlavaNextForConditionalGeneration")  # refused by the engine
+    assert server_flags(CUT_ENGINE) == [
+        "--scheduler-cls", "star.integrations.vllm.cut.CutScheduler", "--no-enable-chunked-prefill",
+        "--no-enable-prefix-caching", "--enforce-eager",
+    ]

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 
 from star.cli.args import add_option_argument, budget, command, method_name, model_path, positive, settings
-from star.integrations.vllm import vision_methods
+from star.integrations.vllm import CUT_ENGINE, server_flags, vision_methods
 
 MISSING = (
     'vLLM is not installed in this environment: pip install "star-vlm[vllm]" (a GPU machine), or on a CPU machine '
@@ -39,7 +39,9 @@ def add(commands: argparse._SubParsersAction) -> None:
         help="serve a pruned model with vLLM's OpenAI-compatible server",
         description="Starts vLLM's OpenAI-compatible server on --model (default: the project's default model) with "
         "--method and --keep (and --option) as the engine's pruning setting, and prints the URL once it answers. "
-        f"vLLM serves vision-side methods only ({', '.join(vision_methods())}, none); "
+        f"vLLM serves the vision-side methods ({', '.join(vision_methods())}, none) and, on LLaVA-1.5, a method "
+        "with one cut inside the decoder (star, fastv, dart; pdrop and sparsevlm with one layer), for which star serve "
+        "adds the engine options the cut needs (its scheduler, no chunked prefill, no prefix caching, eager mode); "
         "the setting is checked against the model before vLLM starts. Every other argument goes to vLLM unchanged "
         "(e.g. --max-model-len 4096, --dtype float32, or --trust-request-mm-kwargs to let each request choose its "
         "own setting). Without a GPU, vLLM's KV cache gets 1 GiB unless VLLM_CPU_KVCACHE_SPACE (GiB), "
@@ -47,11 +49,12 @@ def add(commands: argparse._SubParsersAction) -> None:
         'pip install "star-vlm[vllm]"; on a CPU machine, make .venv-vllm/installed and .venv-vllm/bin/star serve. '
         "docs/serving.md has the request format.",
         examples=[".venv-vllm/bin/star serve --method star-vision --keep 39 --dtype float32   # a CPU machine, the default model",
+                  ".venv-vllm/bin/star serve --method star --keep 39 --dtype float32   # STAR's two stages, the cut inside vLLM's decoder",
                   "star serve --model llava-hf/llava-1.5-7b-hf --method star-vision --keep 98 --trust-request-mm-kwargs   # a GPU"],
     )
     sub.allow_abbrev = False  # a vLLM option that starts like one of ours (--mod, --po) goes to vLLM, not to ours
     sub.add_argument("--model", help="a LLaVA or LLaVA-NeXT checkpoint directory or hub id (default: the project's default model)")
-    sub.add_argument("--method", type=method_name, default="star-vision", help="a vision-side method (default star-vision)")
+    sub.add_argument("--method", type=method_name, default="star-vision", help="a vision-side method, or on LLaVA-1.5 one with one decoder cut (default star-vision)")
     sub.add_argument("--keep", type=budget, default=98, help="visual tokens kept per image (per crop for LLaVA-NeXT): an int, or a fraction in (0, 1] (default 98)")
     add_option_argument(sub)
     sub.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1, this machine only; 0.0.0.0: every interface)")
@@ -62,13 +65,14 @@ def add(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if given(args.passed_on, "--hf-overrides") is not None:
         raise ValueError("--hf-overrides is what star serve builds from --method, --keep and --option: give those instead")
-    overrides = engine_overrides(args)
+    overrides, cuts = engine_overrides(args)
     if importlib.util.find_spec("vllm") is None:
         raise ValueError(MISSING)
     path = model_path(args)
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--host", args.host,
-        "--port", str(args.port), "--hf-overrides", json.dumps(overrides), *args.passed_on,
+        "--port", str(args.port), "--hf-overrides", json.dumps(overrides), *(server_flags(CUT_ENGINE) if cuts else []),
+        *args.passed_on,
     ]
     env = dict(os.environ)
     if not gpu() and "VLLM_CPU_KVCACHE_SPACE" not in env and all(given(args.passed_on, a) is None for a in KV_CACHE_ARGUMENTS):
@@ -92,9 +96,10 @@ def run(args: argparse.Namespace) -> int:
     return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
 
 
-def engine_overrides(args: argparse.Namespace) -> dict:
+def engine_overrides(args: argparse.Namespace) -> tuple[dict, bool]:
     """vLLM's hf_overrides for --model's architecture and the setting, checked on the model's skeleton as the
-    plugin checks it when the engine starts: the family, the budget, and no cut inside the decoder."""
+    plugin checks it when the engine starts (the family, the budget, a decoder cut only on LLaVA-1.5 and only one),
+    and whether the setting cuts inside the decoder."""
     from star import checks
     from star.integrations.vllm import ARCHITECTURES, hf_overrides, parse_setting
 
@@ -108,8 +113,9 @@ def engine_overrides(args: argparse.Namespace) -> dict:
         raise ValueError(f"{named if architecture in ARCHITECTURES else f'--model {args.model!r}'}: {error}") from None
     config = skeleton.config
     n_visual = (config.vision_config.image_size // config.vision_config.patch_size) ** 2  # per crop for LLaVA-NeXT
-    parse_setting(overrides["star"], n_visual, config.text_config.num_hidden_layers, named)
-    return overrides
+    cuts = architecture == "LlavaForConditionalGeneration"
+    setting = parse_setting(overrides["star"], n_visual, config.text_config.num_hidden_layers, named, cuts=cuts)
+    return overrides, setting.cut is not None
 
 
 def given(arguments: list[str], flag: str) -> str | None:

@@ -72,6 +72,18 @@ CUT_ENGINE = {
 }
 
 
+def server_flags(options: dict) -> list[str]:
+    """Engine options (as `engine_args` gives them, less `hf_overrides`) as the flags of vLLM's server."""
+    flags = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else flag.replace("--", "--no-", 1))
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
 def engine_args(method: str, keep: int | float, architecture: str = "LlavaForConditionalGeneration", **options: Any) -> dict:
     """The keyword arguments of `vllm.LLM` for a pruned engine: `hf_overrides`, and for a setting that cuts
     inside the decoder the options that cut needs (`CUT_ENGINE`).
