@@ -3,7 +3,7 @@
 A cut is an engine's own setting, so each method runs in an engine of its own (`engine_args`). The reference is
 `star.apply(..., positions="contiguous")` on the same checkpoint: the same greedy tokens and log-probabilities
 (to 1e-4) for prompts with one and two images, in one batch with text-only prompts (which no cut touches) and
-each alone. A child process with an in-process engine (whose scheduler a test can read) checks the KV cache:
+each alone, and over two tensor-parallel ranks. A child process with an in-process engine (whose scheduler a test can read) checks the KV cache:
 the blocks of the dropped tokens freed after the prefill, and a preempted cut request ended with an error while
 the others go on.
 """
@@ -120,7 +120,7 @@ def test_an_engine_without_the_cut_options_is_stopped_naming_them():
     config = SimpleNamespace(
         scheduler_config=SimpleNamespace(scheduler_cls=None, enable_chunked_prefill=True),
         cache_config=SimpleNamespace(enable_prefix_caching=True, cache_dtype="auto"),
-        model_config=SimpleNamespace(enforce_eager=True),
+        model_config=SimpleNamespace(enforce_eager=True, hf_text_config=SimpleNamespace(num_key_value_heads=3)),
         parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
         speculative_config=None,
     )
@@ -129,9 +129,34 @@ def test_an_engine_without_the_cut_options_is_stopped_naming_them():
     assert "scheduler_cls=None" in str(error.value) and "engine_args" in str(error.value)
     config.scheduler_config = SimpleNamespace(scheduler_cls=CUT_ENGINE["scheduler_cls"], enable_chunked_prefill=False)
     config.cache_config.enable_prefix_caching = False
+    check_engine(config, setting)
     config.parallel_config.tensor_parallel_size = 2
-    with pytest.raises(ValueError, match="tensor_parallel_size=2.*every head"):
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 with 3 key-value heads: the cut gathers every rank's heads"):
         check_engine(config, setting)
+    config.parallel_config = SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2"):
+        check_engine(config, setting)
+
+
+def test_two_ranks_give_the_hf_answers(checkpoint, hf, monkeypatch):
+    """Tensor parallelism: the decoder's heads split over 2 ranks (the cut gathers them for its scores), the vision
+    tower whole on each (mm_encoder_tp_mode="data"). On a CPU vLLM binds each rank's threads to cores of its own."""
+    from vllm import LLM
+
+    from star.integrations.vllm import engine_args
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    setting = SETTINGS[0]
+    llm = LLM(checkpoint, max_model_len=512, limit_mm_per_prompt={"image": 2}, tensor_parallel_size=2, mm_encoder_tp_mode="data",
+              **{**ENGINE, **engine_args(setting["method"], setting["keep"])})
+    try:
+        ours = vllm_generate(llm, PROMPTS + TEXT_ONLY, PICTURES + [[]] * len(TEXT_ONLY), None, STEPS)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    reference = hf_generate(hf, PROMPTS, PICTURES, setting, STEPS) + text_generate(hf, TEXT_ONLY, STEPS)
+    for got, expected in zip(ours, reference):
+        _same(got, expected)
 
 
 # Five images of 16 patches: stage 1 keeps 5 x 14 = 70, the cut keeps 5 x 1, so D = 65 tokens are dropped.

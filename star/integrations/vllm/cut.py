@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_gather
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -156,10 +157,13 @@ def check_engine(vllm_config: VllmConfig, setting: Setting) -> None:
             f"{CUT_ENGINE} (star.integrations.vllm.engine_args gives them; `star serve` passes them); this engine has "
             + ", ".join(f"{k}={v!r}" for k, v in wrong.items())
         )
-    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+    if parallel.pipeline_parallel_size > 1:
+        raise ValueError(f"pipeline_parallel_size={parallel.pipeline_parallel_size}: the decoder cut runs its layers in one pipeline stage")
+    kv_heads = model.hf_text_config.num_key_value_heads
+    if kv_heads % parallel.tensor_parallel_size:
         raise ValueError(
-            f"tensor_parallel_size={parallel.tensor_parallel_size}, pipeline_parallel_size={parallel.pipeline_parallel_size}: "
-            "the decoder cut runs on one process (its scores need every head of the layer; docs/serving.md)"
+            f"tensor_parallel_size={parallel.tensor_parallel_size} with {kv_heads} key-value heads: the cut gathers every "
+            "rank's heads for its scores, which needs the key-value heads split evenly (not copied) across the ranks"
         )
     if vllm_config.speculative_config is not None or cache.cache_dtype != "auto":
         raise ValueError("the decoder cut runs without speculative decoding and with kv_cache_dtype='auto'")
@@ -352,16 +356,18 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
 
 
 def _qk(layer: nn.Module, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Llama layer's queries and keys for its input x [S, D] after the rotary embedding: [1, H, S, d], [1, H_kv, S, d]."""
+    """A Llama layer's queries and keys for its input x [S, D] after the rotary embedding, every rank's heads:
+    [1, H, S, d], [1, H_kv, S, d]."""
     attn = layer.self_attn
     qkv, _ = attn.qkv_proj(layer.input_layernorm(x))
     q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
     q, k = attn.rotary_emb(positions, q, k)
     length = x.shape[0]
-    return (
-        q.view(length, attn.num_heads, attn.head_dim).transpose(0, 1)[None],
-        k.view(length, attn.num_kv_heads, attn.head_dim).transpose(0, 1)[None],
-    )
+    q = q.view(length, attn.num_heads, attn.head_dim).transpose(0, 1)[None]
+    k = k.view(length, attn.num_kv_heads, attn.head_dim).transpose(0, 1)[None]
+    if get_tensor_model_parallel_world_size() > 1:  # each rank holds its share of the heads: the scores read them all
+        q, k = tensor_model_parallel_all_gather(q.contiguous(), dim=1), tensor_model_parallel_all_gather(k.contiguous(), dim=1)
+    return q, k
 
 
 def _true(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

@@ -98,6 +98,10 @@ class PrunedClip:
     encoder call, the feature layer and the method's view of it. `star_kept` holds, after each encoder call, the
     kept patches of each image it encoded (for tests and inspection, like `Pruner.stats`)."""
 
+    # With tensor parallelism the scores need the tower's every head on each rank: vLLM's mm_encoder_tp_mode="data"
+    # runs vLLM's CLIP whole on every rank, which this class supports.
+    supports_encoder_tp_data = True
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         config = vllm_config.model_config.hf_config
         setting = engine_setting(config)  # a bad setting stops the engine here, before any weight loads
@@ -108,7 +112,8 @@ class PrunedClip:
         if feature.num_heads_per_partition != feature.num_heads:
             raise ValueError(
                 f"tensor parallel vision tower ({feature.num_heads_per_partition} of {feature.num_heads} heads per "
-                "process): the scores need every head of the feature layer; serve with tensor_parallel_size=1"
+                "process): the scores need every head of the feature layer; serve with mm_encoder_tp_mode='data' "
+                "(--mm-encoder-tp-mode data), which runs the tower whole on each rank, or tensor_parallel_size=1"
             )
         self.star_kept: list[torch.Tensor] = []
 
