@@ -1,6 +1,6 @@
 """The plugin on the project's default model (CLIP ViT-B/16 + SmolLM2-135M, 196 tokens per image) against the
 Hugging Face path, in one vLLM engine: the same kept patches, greedy answers and log-probabilities, alone and in
-a batch, at 98 / 39 / 20 tokens; and a decoder-stage setting stops the engine at its start."""
+a batch, at 98 / 39 / 20 tokens; and a setting with more than one decoder cut stops the engine at its start."""
 
 from __future__ import annotations
 
@@ -75,12 +75,13 @@ def test_the_prompt_shrinks_by_the_dropped_tokens(llm, scenes):
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ({"method": "star", "keep": 39}, "method 'star-vision' runs STAR's vision stage at the same final budget"),
-        ({"method": "fastv", "keep": 39}, "prunes inside the decoder (a cut before layer 2)"),
+        ({"method": "pdrop", "keep": 39}, "method='pdrop' at keep=39 cuts before 3 decoder layers [7, 15, 22]"),
+        ({"method": "sparsevlm", "keep": 39}, "the plugin serves one cut"),
     ],
 )
-def test_a_decoder_stage_setting_stops_the_engine_at_its_start(llm, path, setting, message):
-    """Checked in the front end, before an engine process starts (the module's engine stays up meanwhile)."""
+def test_a_setting_with_more_than_one_cut_stops_the_engine_at_its_start(llm, path, setting, message):
+    """Checked in the front end, before an engine process starts (the module's engine stays up meanwhile); one cut
+    is served (test_default_model_cut.py)."""
     from vllm import LLM
 
     with pytest.raises(ValueError) as error:

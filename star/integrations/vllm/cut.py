@@ -377,14 +377,16 @@ def _true(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
 
 def _pages(attn: Attention) -> torch.Tensor:
     """A cut layer's KV cache as [blocks, 2 (key, value), block_size, kv_heads, head_size]: the layout CutDecoder
-    keeps in each block's own bytes, whatever layout the backend gives the tensor vLLM binds (whose blocks must be
-    its outermost dimension in memory, as they are on the CPU backend)."""
+    keeps within each block's own bytes, whatever shape the backend gives the tensor vLLM binds, as long as its
+    memory holds whole blocks one after another (the CPU backend's), or all blocks' keys and then all their values
+    (a leading dimension of 2; vLLM has far more than 2 blocks)."""
     cache = attn.kv_cache[0] if isinstance(attn.kv_cache, list) else attn.kv_cache
     physical = cache.permute(sorted(range(cache.dim()), key=cache.stride, reverse=True))
     if not physical.is_contiguous():
-        raise RuntimeError(f"the KV cache of {attn.layer_name} ({attn.attn_backend.get_name()}) does not keep each block's bytes together")
-    blocks = physical.shape[0]
-    return physical.reshape(blocks, 2, -1, attn.num_kv_heads, attn.head_size)
+        raise RuntimeError(f"the KV cache of {attn.layer_name} ({attn.attn_backend.get_name()}, shape {tuple(cache.shape)}) is not one piece of memory")
+    if physical.shape[0] == 2:
+        return physical.view(2, physical.shape[1], -1, attn.num_kv_heads, attn.head_size).transpose(0, 1)
+    return physical.view(physical.shape[0], 2, -1, attn.num_kv_heads, attn.head_size)
 
 
 def _block_table(attn: Attention) -> torch.Tensor:

@@ -6,7 +6,8 @@ Two places change, both vLLM's own multimodal interfaces (docs/serving.md):
   error) and sends it with each image as a `star_setting` field;
 - the model's `embed_multimodal` runs the CLIP tower, hands the feature layer to the method's `select_vision`
   (the same method files and `VisionView` as `star.apply`), and projects only the kept patches, in order.
-The decoder, the KV cache, prefix caching and chunked prefill are vLLM's, unchanged.
+The decoder, the KV cache, prefix caching and chunked prefill are vLLM's, unchanged, unless the engine's setting
+cuts inside the decoder: then the model's forward runs the cut (`star.integrations.vllm.cut`).
 
 What every CLIP-tower class shares (LLaVA-NeXT's in `llava_next.py` too) is here as mixins: `SettingInfo` (the
 request's setting), `SettingProcessor` (the setting checked and sent with each image) and `PrunedClip` (the
