@@ -210,23 +210,11 @@ def run_offline(args, path: str, engine: Engine, kv_unit: int) -> list[dict]:
         gc.collect()
 
 
-def server_flags(options: dict) -> list[str]:
-    """Engine keyword arguments as `vllm serve` flags: --name-with-dashes VALUE, a dict as JSON, a bool as the flag
-    or its --no- form."""
-    flags = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
-        else:
-            flags += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
-    return flags
-
-
 def run_server(args, path: str, engine: Engine, kv_unit: int) -> list[dict]:
     import openai
 
     from star.eval.records import QUESTION_SUFFIX
+    from star.integrations.vllm import server_flags
 
     _, records = scene_requests(path, args.requests * (args.repeats + 1))
     with socket.socket() as probe:

@@ -73,14 +73,15 @@ CUT_ENGINE = {
 
 
 def server_flags(options: dict) -> list[str]:
-    """Engine options (as `engine_args` gives them, less `hf_overrides`) as the flags of vLLM's server."""
+    """Engine options (as `engine_args` gives them) as the flags of vLLM's server: a bool as the flag or its --no-
+    form, a dict as JSON."""
     flags = []
     for name, value in options.items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else flag.replace("--", "--no-", 1))
         else:
-            flags += [flag, str(value)]
+            flags += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
     return flags
 
 

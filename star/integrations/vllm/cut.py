@@ -34,15 +34,15 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
-from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.utils.math_utils import cdiv
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from vllm.v1.request import RequestStatus
 
-from star.decoder import gather_seq
 from star.integrations.vllm import CUT_ENGINE, Setting
 from star.methods import DecoderView, Selection
+from star.decoder import on_device
 from star.scoring import attention_probs, flagged_in_order
 
 HEADER_BASE = 256  # D is stored as two digits below 256: exact in float32, float16 and bfloat16 alike
@@ -170,17 +170,18 @@ def check_engine(vllm_config: VllmConfig, setting: Setting) -> None:
 
 
 @dataclass
-class Row:
-    """One request of a step: its rows in the batch before the cut [start, end), after it [new_start, new_end),
-    its length so far (seq_len, in vLLM's positions) and D, the tokens its cut dropped (None: read the header)."""
+class StepRequest:
+    """One request of a step: its rows in the batch before the cut [start, end) and after it [new_start, new_end),
+    its length so far (seq_len, in vLLM's positions), its image rows (offsets in its prompt; set at its prefill,
+    which is then its cut) and D, the tokens its cut dropped (None: read from the header)."""
 
     start: int
     end: int
     seq_len: int
+    visual: list[int]
     new_start: int = 0
     new_end: int = 0
     dropped: int | None = 0
-    cuts: bool = False  # this step is the request's prefill, and its cut
 
 
 class CutDecoder:
@@ -193,7 +194,7 @@ class CutDecoder:
     def forward(self, positions: torch.Tensor, embeds: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
         """The last norm's output for every input row (rows the cut dropped: zeros, never read by the LM head)."""
         layers, stage = self.model.layers, self.stage
-        rows = self._rows(embeds.shape[0], visual)
+        rows = self._requests(visual)
         hidden, residual, score_input = embeds, None, None
         for index, layer in enumerate(layers[: stage.layer]):
             if index == stage.score_layer:
@@ -201,7 +202,7 @@ class CutDecoder:
             hidden, residual = layer(positions, hidden, residual)
         x = _true(hidden, residual)
         score_input = x if score_input is None else score_input
-        kept, new_positions = self._cut(rows, positions, score_input, x, visual)
+        kept, new_positions = self._cut(rows, positions, score_input, x)
         x = x[kept] if kept is not None else x
         positions = new_positions
         hidden, residual = x, torch.zeros_like(x)
@@ -215,8 +216,9 @@ class CutDecoder:
         out[kept] = hidden
         return out
 
-    def _rows(self, n: int, visual: torch.Tensor | None) -> list[Row] | None:
-        """The step's requests, from the first layer's attention metadata (None: a profiling run, one sequence)."""
+    def _requests(self, visual: torch.Tensor | None) -> list[StepRequest] | None:
+        """The step's requests, from the first layer's attention metadata (None: a profiling run, one sequence),
+        read to the host once, with the step's image rows (vLLM's `is_multimodal`, already on the host)."""
         metadata = get_forward_context().attn_metadata
         if not metadata:
             return None
@@ -225,9 +227,10 @@ class CutDecoder:
         flags = visual.tolist() if visual is not None else []
         rows = []
         for r, seq_len in enumerate(seq_lens):
-            row = Row(starts[r], starts[r + 1], seq_len)
-            row.cuts, past = any(flags[row.start : row.end]), seq_len - (row.end - row.start)
-            if row.cuts and past:
+            start, end = starts[r], starts[r + 1]
+            row = StepRequest(start, end, seq_len, [i - start for i in range(start, min(end, len(flags))) if flags[i]])
+            past = seq_len - (end - start)
+            if row.visual and past:
                 raise RuntimeError(
                     f"a prompt with images reached the decoder cut in part ({row.end - row.start} of {seq_len} tokens): "
                     "the cut needs the whole prompt at once (enable_chunked_prefill=False, enable_prefix_caching=False)"
@@ -236,15 +239,15 @@ class CutDecoder:
             rows.append(row)
         return rows
 
-    def _cut(self, rows, positions, score_input, x, visual) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _cut(self, rows, positions, score_input, x) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Each cutting request's selection: the rows kept (an index into the batch) and their positions."""
         if rows is None:
             return None, positions
         kept, new_positions, offset = [], [], 0
         for row in rows:
             length = row.end - row.start
-            if row.cuts:
-                index, merged = self._select(positions[row.start : row.end], score_input[row.start : row.end], x[row.start : row.end], visual[row.start : row.end])
+            if row.visual:
+                index, merged = self._select(row, positions[row.start : row.end], score_input[row.start : row.end], x[row.start : row.end])
                 if merged is not None:
                     x[row.start + merged[0]] = merged[1].to(x.dtype)
                 row.dropped = length - index.shape[0]
@@ -257,18 +260,16 @@ class CutDecoder:
             offset = row.new_end
         return torch.cat(kept), torch.cat(new_positions)
 
-    def _select(self, positions, score_input, x, flags) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    def _select(self, row: StepRequest, positions, score_input, x) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """One prompt's cut: the method's `select_llm` on its `DecoderView`. Returns the kept rows (prompt
         offsets, in order) and, for a merging method, (its kept visual rows, their states) to write over them."""
         setting, stage = self.setting, self.stage
-        length, flags = x.shape[0], flags.to(x.device)
-        n_visual = int(flags.sum())
+        length, n_visual = x.shape[0], len(row.visual)
         if n_visual % setting.keep:
             raise RuntimeError(f"a prompt holds {n_visual} image tokens, not a multiple of the setting's {setting.keep} per image")
         budget = n_visual // setting.keep * stage.keep
-        visual = flagged_in_order(flags[None], n_visual)
-        last = int(visual[0, -1])
-        n_text = length - 1 - last
+        visual = on_device(row.visual, x.device)[None]
+        n_text = length - 1 - row.visual[-1]
         layer = self.model.layers[stage.score_layer]
 
         @cache
@@ -292,7 +293,7 @@ class CutDecoder:
         index = flagged_in_order(keep[None], length - n_visual + budget)[0]
         return index, None if selection.states is None else (chosen, selection.states[0])
 
-    def _read_headers(self, rows: list[Row] | None) -> None:
+    def _read_headers(self, rows: list[StepRequest] | None) -> None:
         """D of each request decoding this step, from the header slot of the first layer after the cut."""
         if rows is None or all(r.dropped is not None for r in rows):
             return
@@ -333,7 +334,7 @@ class CutDecoder:
             blocks, places = table[r, slots // size], slots % size
             pages[blocks, 0, places] = k[new]
             pages[blocks, 1, places] = v[new]
-            if first and row.cuts:
+            if first and row.visual:
                 header = pages[int(table[r, 0]), :, 0]  # [2, kv_heads, dim]: slot 0 of the request's block 0
                 header[0] = float("nan")
                 header[1] = 0
@@ -371,8 +372,9 @@ def _qk(layer: nn.Module, x: torch.Tensor, positions: torch.Tensor) -> tuple[tor
 
 
 def _true(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    """The residual stream vLLM's layers carry as (hidden, residual), added up as the next layer's norm does."""
-    return hidden if residual is None else hidden + residual
+    """The residual stream vLLM's layers carry as (hidden, residual), added up as the next layer's norm does: a
+    tensor of its own (before the first layer, not vLLM's input buffer), which the cut may write into."""
+    return hidden.clone() if residual is None else hidden + residual
 
 
 def _pages(attn: Attention) -> torch.Tensor:
