@@ -320,38 +320,56 @@ class CutDecoder:
         return layer.mlp(hidden), residual
 
     def _attend(self, attn, positions, q, k, v, rows, first: bool) -> torch.Tensor:
-        """Each request's new rows written to its slots (positions), then attending to its slots D..seq_len-1."""
+        """Every new row written to its request's slot (its position). A prefill's rows then attend among themselves
+        (nothing precedes them: chunked prefill is off), and the decoding requests' rows together, each to its
+        slots D..seq_len-1."""
         heads, kv_heads, dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         q, k, v = q.view(-1, heads, dim), k.view(-1, kv_heads, dim), v.view(-1, kv_heads, dim)
         if rows is None:  # a profiling run: one causal sequence, no cache
             return _sdpa(q, k, v, attn.scaling).reshape(q.shape[0], -1)
         pages, table = _pages(attn.attn), _block_table(attn.attn)
         size = pages.shape[2]
+        owner = on_device([r for r, row in enumerate(rows) for _ in range(row.new_start, row.new_end)], q.device)
+        blocks, places = table[owner, positions // size], positions % size
+        pages[blocks, 0, places] = k
+        pages[blocks, 1, places] = v
         out = torch.empty_like(q)
+        decoding = []
         for r, row in enumerate(rows):
-            new = slice(row.new_start, row.new_end)
-            slots = positions[new]
-            blocks, places = table[r, slots // size], slots % size
-            pages[blocks, 0, places] = k[new]
-            pages[blocks, 1, places] = v[new]
             if first and row.visual:
                 header = pages[int(table[r, 0]), :, 0]  # [2, kv_heads, dim]: slot 0 of the request's block 0
                 header[0] = float("nan")
                 header[1] = 0
                 header[1, 0, 0], header[1, 0, 1] = divmod(row.dropped, HEADER_BASE)
-            seen = torch.arange(row.dropped, row.seq_len, device=q.device)
-            blocks, places = table[r, seen // size], seen % size
-            out[new] = _sdpa(q[new], pages[blocks, 0, places], pages[blocks, 1, places], attn.scaling)
+            if row.seq_len > row.end - row.start:  # it had tokens before this step: it decodes
+                decoding.append(r)
+            else:
+                new = slice(row.new_start, row.new_end)
+                out[new] = _sdpa(q[new], k[new], v[new], attn.scaling)
+        if decoding:
+            at = on_device([rows[r].new_start for r in decoding], q.device)
+            out[at] = self._decode(q[at], pages, table, [rows[r] for r in decoding], on_device(decoding, q.device), attn.scaling)
         return out.reshape(q.shape[0], -1)
+
+    @staticmethod
+    def _decode(q: torch.Tensor, pages: torch.Tensor, table: torch.Tensor, rows: list[StepRequest], index: torch.Tensor, scale: float) -> torch.Tensor:
+        """One new row per request [B, H, d] attending to its slots D..seq_len-1, the requests padded to the
+        longest (the padding masked, and zeroed: a freed block may hold anything)."""
+        lengths = [row.seq_len - row.dropped for row in rows]
+        offsets = torch.arange(max(lengths), device=q.device)
+        valid = offsets < on_device(lengths, q.device)[:, None]
+        seen = torch.where(valid, on_device([row.dropped for row in rows], q.device)[:, None] + offsets, 0)
+        blocks, places = table[index[:, None], seen // pages.shape[2]], seen % pages.shape[2]
+        keys = torch.where(valid[..., None, None], pages[blocks, 0, places], 0).transpose(1, 2)
+        values = torch.where(valid[..., None, None], pages[blocks, 1, places], 0).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=valid[:, None, None], scale=scale, enable_gqa=True)
+        return out[:, :, 0]
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Rows q [R, H, d] attending to keys [T, H_kv, d], the last R of which are theirs (causal among them)."""
-    causal = q.shape[0] > 1
-    if causal and q.shape[0] != k.shape[0]:
-        raise RuntimeError(f"{q.shape[0]} new rows over {k.shape[0]} keys: a prefill after the cut starts from nothing")
+    """A prefill's rows q [R, H, d] attending causally among themselves (keys and values [R, H_kv, d])."""
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=causal, scale=scale, enable_gqa=True
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True, scale=scale, enable_gqa=True
     )
     return out[0].transpose(0, 1)
 
