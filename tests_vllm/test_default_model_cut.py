@@ -5,25 +5,15 @@ batch, the same greedy answers and log-probabilities (to 1e-3); and a few questi
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from engines import ENGINE, default_model, hf_generate, hf_model, scene_prompts, vllm_generate
+from engines import ENGINE, hf_generate, scene_prompts, vllm_generate
 from test_decoder_cut import text_generate
+from test_default_model import _same, hf, path  # noqa: F401 (the default model's fixtures, and its tolerance)
 
 SETTING = {"method": "star", "keep": 39}
 STEPS = 8
 TEXT_ONLY = ["What is the capital of France?", "Name a colour.", "Count to three:", "Say hello."]
-
-
-@pytest.fixture(scope="module")
-def path() -> str:
-    return default_model()
-
-
-@pytest.fixture(scope="module")
-def hf(path) -> tuple:
-    return hf_model(path)
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +30,6 @@ def llm(path):
     engine = LLM(path, max_model_len=1024, **{**ENGINE, **engine_args(SETTING["method"], SETTING["keep"])})
     yield engine
     engine.llm_engine.engine_core.shutdown()
-
-
-def _same(ours: dict, reference: dict) -> None:
-    assert ours["tokens"] == reference["tokens"]
-    assert np.allclose(ours["logprobs"], reference["logprobs"], atol=1e-3), (ours["logprobs"], reference["logprobs"])
 
 
 def test_a_mixed_batch_of_28_prompts_gives_the_hf_answers(llm, hf, scenes):

@@ -129,7 +129,7 @@ class PrunedClip:
         return image_input, [bytes(row.tolist()).decode() for row in settings]
 
     def _setting(self, text: str) -> Setting:
-        return parse_setting(json.loads(text), n_visual(self.config), num_layers(self.config), FIELD, cuts=self.config.model_type == "llava")
+        return parse_setting(json.loads(text), n_visual(self.config), num_layers(self.config), FIELD, cuts=serves_cut(self.config))
 
     @property
     def feature_layer(self) -> nn.Module:
@@ -249,7 +249,12 @@ def engine_setting(config) -> Setting:
             f"hf_overrides has no 'star' setting: {name} needs one, e.g. "
             f'--hf-overrides \'{{"architectures": ["{name}"], "star": {{"method": "fastervlm", "keep": 98}}}}\''
         )
-    return parse_setting(raw, n_visual(config), num_layers(config), "hf_overrides['star']", cuts=config.model_type == "llava")
+    return parse_setting(raw, n_visual(config), num_layers(config), "hf_overrides['star']", cuts=serves_cut(config))
+
+
+def serves_cut(config) -> bool:
+    """Whether an engine's setting may cut inside the decoder: on LLaVA-1.5 (`StarLlavaForConditionalGeneration`)."""
+    return config.model_type == "llava"
 
 
 def n_visual(config) -> int:
