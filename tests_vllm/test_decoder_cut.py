@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from engines import ENGINE, hf_generate, hf_model, tiny_llava_checkpoint, vllm_generate
-from test_tiny_model import PICTURES, PROMPTS, images
+from test_tiny_model import PICTURES, PROMPTS
 
 # The tiny model: 16 patches per image, 4 decoder layers. STAR's stage 1 keeps 14, its cut before layer 2 keeps 5.
 SETTINGS = [

@@ -194,7 +194,7 @@ class CutDecoder:
     def forward(self, positions: torch.Tensor, embeds: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
         """The last norm's output for every input row (rows the cut dropped: zeros, never read by the LM head)."""
         layers, stage = self.model.layers, self.stage
-        rows = self._requests(visual)
+        requests = self._requests(visual)
         hidden, residual, score_input = embeds, None, None
         for index, layer in enumerate(layers[: stage.layer]):
             if index == stage.score_layer:
@@ -202,13 +202,13 @@ class CutDecoder:
             hidden, residual = layer(positions, hidden, residual)
         x = _true(hidden, residual)
         score_input = x if score_input is None else score_input
-        kept, new_positions = self._cut(rows, positions, score_input, x)
+        kept, new_positions = self._cut(requests, positions, score_input, x)
         x = x[kept] if kept is not None else x
         positions = new_positions
         hidden, residual = x, torch.zeros_like(x)
-        self._read_headers(rows)
+        self._read_headers(requests)
         for index, layer in enumerate(layers[stage.layer :]):
-            hidden, residual = self._layer(layer, positions, hidden, residual, rows, first=index == 0)
+            hidden, residual = self._layer(layer, positions, hidden, residual, requests, first=index == 0)
         hidden, _ = self.model.norm(hidden, residual)
         if kept is None:
             return hidden
@@ -225,51 +225,51 @@ class CutDecoder:
         first = metadata[self.model.layers[0].self_attn.attn.layer_name]
         starts, seq_lens = first.query_start_loc.tolist(), first.seq_lens.tolist()
         flags = visual.tolist() if visual is not None else []
-        rows = []
+        requests = []
         for r, seq_len in enumerate(seq_lens):
             start, end = starts[r], starts[r + 1]
-            row = StepRequest(start, end, seq_len, [i - start for i in range(start, min(end, len(flags))) if flags[i]])
+            request = StepRequest(start, end, seq_len, [i - start for i in range(start, min(end, len(flags))) if flags[i]])
             past = seq_len - (end - start)
-            if row.visual and past:
+            if request.visual and past:
                 raise RuntimeError(
-                    f"a prompt with images reached the decoder cut in part ({row.end - row.start} of {seq_len} tokens): "
+                    f"a prompt with images reached the decoder cut in part ({request.end - request.start} of {seq_len} tokens): "
                     "the cut needs the whole prompt at once (enable_chunked_prefill=False, enable_prefix_caching=False)"
                 )
-            row.dropped = None if past else 0  # a prefill keeps its prompt whole until its cut, if it has one
-            rows.append(row)
-        return rows
+            request.dropped = None if past else 0  # a prefill keeps its prompt whole until its cut, if it has one
+            requests.append(request)
+        return requests
 
-    def _cut(self, rows, positions, score_input, x) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _cut(self, requests, positions, score_input, x) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Each cutting request's selection: the rows kept (an index into the batch) and their positions."""
-        if rows is None:
+        if requests is None:
             return None, positions
         kept, new_positions, offset = [], [], 0
-        for row in rows:
-            length = row.end - row.start
-            if row.visual:
-                index, merged = self._select(row, positions[row.start : row.end], score_input[row.start : row.end], x[row.start : row.end])
+        for request in requests:
+            part, length = slice(request.start, request.end), request.end - request.start
+            if request.visual:
+                index, merged = self._select(request, positions[part], score_input[part], x[part])
                 if merged is not None:
-                    x[row.start + merged[0]] = merged[1].to(x.dtype)
-                row.dropped = length - index.shape[0]
-                kept.append(row.start + index)
-                new_positions.append(torch.arange(row.dropped, length, device=x.device))
+                    x[request.start + merged[0]] = merged[1].to(x.dtype)
+                request.dropped = length - index.shape[0]
+                kept.append(request.start + index)
+                new_positions.append(torch.arange(request.dropped, length, device=x.device))
             else:
-                kept.append(torch.arange(row.start, row.end, device=x.device))
-                new_positions.append(positions[row.start : row.end])
-            row.new_start, row.new_end = offset, offset + kept[-1].shape[0]
-            offset = row.new_end
+                kept.append(torch.arange(request.start, request.end, device=x.device))
+                new_positions.append(positions[part])
+            request.new_start, request.new_end = offset, offset + kept[-1].shape[0]
+            offset = request.new_end
         return torch.cat(kept), torch.cat(new_positions)
 
-    def _select(self, row: StepRequest, positions, score_input, x) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    def _select(self, request: StepRequest, positions, score_input, x) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """One prompt's cut: the method's `select_llm` on its `DecoderView`. Returns the kept rows (prompt
         offsets, in order) and, for a merging method, (its kept visual rows, their states) to write over them."""
         setting, stage = self.setting, self.stage
-        length, n_visual = x.shape[0], len(row.visual)
+        length, n_visual = x.shape[0], len(request.visual)
         if n_visual % setting.keep:
             raise RuntimeError(f"a prompt holds {n_visual} image tokens, not a multiple of the setting's {setting.keep} per image")
         budget = n_visual // setting.keep * stage.keep
-        visual = on_device(row.visual, x.device)[None]
-        n_text = length - 1 - row.visual[-1]
+        visual = on_device(request.visual, x.device)[None]
+        n_text = length - 1 - request.visual[-1]
         layer = self.model.layers[stage.score_layer]
 
         @cache
@@ -293,72 +293,72 @@ class CutDecoder:
         index = flagged_in_order(keep[None], length - n_visual + budget)[0]
         return index, None if selection.states is None else (chosen, selection.states[0])
 
-    def _read_headers(self, rows: list[StepRequest] | None) -> None:
+    def _read_headers(self, requests: list[StepRequest] | None) -> None:
         """D of each request decoding this step, from the header slot of the first layer after the cut."""
-        if rows is None or all(r.dropped is not None for r in rows):
+        if requests is None or all(r.dropped is not None for r in requests):
             return
         attn = self.model.layers[self.stage.layer].self_attn.attn
         pages, table = _pages(attn), _block_table(attn)
-        waiting = [r for r, row in enumerate(rows) if row.dropped is None]
+        waiting = [r for r, request in enumerate(requests) if request.dropped is None]
         heads = pages[table[waiting, 0]]  # [n, 2, block, heads, dim]
         marked = torch.isnan(heads[:, 0, 0, 0, 0])
         digits = heads[:, 1, 0, 0, :2].round().long()
         values = torch.where(marked, digits[:, 0] * HEADER_BASE + digits[:, 1], 0).tolist()
         for r, value in zip(waiting, values):
-            rows[r].dropped = value
+            requests[r].dropped = value
 
-    def _layer(self, layer, positions, hidden, residual, rows, first: bool):
+    def _layer(self, layer, positions, hidden, residual, requests, first: bool):
         """A Llama decoder layer after the cut (vLLM's `LlamaDecoderLayer.forward`, its attention ours)."""
         hidden, residual = layer.input_layernorm(hidden, residual)
         attn = layer.self_attn
         qkv, _ = attn.qkv_proj(hidden)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = attn.rotary_emb(positions, q, k)
-        out = self._attend(attn, positions, q, k, v, rows, first)
+        out = self._attend(attn, positions, q, k, v, requests, first)
         hidden, _ = attn.o_proj(out)
         hidden, residual = layer.post_attention_layernorm(hidden, residual)
         return layer.mlp(hidden), residual
 
-    def _attend(self, attn, positions, q, k, v, rows, first: bool) -> torch.Tensor:
+    def _attend(self, attn, positions, q, k, v, requests, first: bool) -> torch.Tensor:
         """Every new row written to its request's slot (its position). A prefill's rows then attend among themselves
         (nothing precedes them: chunked prefill is off), and the decoding requests' rows together, each to its
         slots D..seq_len-1."""
         heads, kv_heads, dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         q, k, v = q.view(-1, heads, dim), k.view(-1, kv_heads, dim), v.view(-1, kv_heads, dim)
-        if rows is None:  # a profiling run: one causal sequence, no cache
+        if requests is None:  # a profiling run: one causal sequence, no cache
             return _sdpa(q, k, v, attn.scaling).reshape(q.shape[0], -1)
         pages, table = _pages(attn.attn), _block_table(attn.attn)
         size = pages.shape[2]
-        owner = on_device([r for r, row in enumerate(rows) for _ in range(row.new_start, row.new_end)], q.device)
+        owner = on_device([r for r, request in enumerate(requests) for _ in range(request.new_start, request.new_end)], q.device)
         blocks, places = table[owner, positions // size], positions % size
         pages[blocks, 0, places] = k
         pages[blocks, 1, places] = v
         out = torch.empty_like(q)
         decoding = []
-        for r, row in enumerate(rows):
-            if first and row.visual:
+        for r, request in enumerate(requests):
+            if first and request.visual:
                 header = pages[int(table[r, 0]), :, 0]  # [2, kv_heads, dim]: slot 0 of the request's block 0
                 header[0] = float("nan")
                 header[1] = 0
-                header[1, 0, 0], header[1, 0, 1] = divmod(row.dropped, HEADER_BASE)
-            if row.seq_len > row.end - row.start:  # it had tokens before this step: it decodes
+                header[1, 0, 0], header[1, 0, 1] = divmod(request.dropped, HEADER_BASE)
+            if request.seq_len > request.end - request.start:  # it had tokens before this step: it decodes
                 decoding.append(r)
             else:
-                new = slice(row.new_start, row.new_end)
+                new = slice(request.new_start, request.new_end)
                 out[new] = _sdpa(q[new], k[new], v[new], attn.scaling)
         if decoding:
-            at = on_device([rows[r].new_start for r in decoding], q.device)
-            out[at] = self._decode(q[at], pages, table, [rows[r] for r in decoding], on_device(decoding, q.device), attn.scaling)
+            at = on_device([requests[r].new_start for r in decoding], q.device)
+            out[at] = self._decode(q[at], pages, table, [requests[r] for r in decoding], on_device(decoding, q.device), attn.scaling)
         return out.reshape(q.shape[0], -1)
 
     @staticmethod
-    def _decode(q: torch.Tensor, pages: torch.Tensor, table: torch.Tensor, rows: list[StepRequest], index: torch.Tensor, scale: float) -> torch.Tensor:
+    def _decode(q: torch.Tensor, pages: torch.Tensor, table: torch.Tensor, requests: list[StepRequest], index: torch.Tensor, scale: float) -> torch.Tensor:
         """One new row per request [B, H, d] attending to its slots D..seq_len-1, the requests padded to the
         longest (the padding masked, and zeroed: a freed block may hold anything)."""
-        lengths = [row.seq_len - row.dropped for row in rows]
+        lengths = [request.seq_len - request.dropped for request in requests]
         offsets = torch.arange(max(lengths), device=q.device)
         valid = offsets < on_device(lengths, q.device)[:, None]
-        seen = torch.where(valid, on_device([row.dropped for row in rows], q.device)[:, None] + offsets, 0)
+        seen = torch.where(valid, on_device([request.dropped for request in requests], q.device)[:, None] + offsets, 0)
         blocks, places = table[index[:, None], seen // pages.shape[2]], seen % pages.shape[2]
         keys = torch.where(valid[..., None, None], pages[blocks, 0, places], 0).transpose(1, 2)
         values = torch.where(valid[..., None, None], pages[blocks, 1, places], 0).transpose(1, 2)
