@@ -202,7 +202,7 @@ def _child(checkpoint: str, blocks: int, requests: int, tokens: int) -> dict:
 
 
 def test_the_blocks_of_dropped_tokens_are_freed_after_the_prefill(checkpoint):
-    """76 prompt tokens as vLLM counts them (70 image tokens, 6 words): 3 blocks of 32 in each group while the
+    """75 prompt tokens as vLLM counts them (70 image tokens, 5 others): 3 blocks of 32 in each group while the
     prompt runs; after it the cut group frees block 1 (slots 32-63, all dropped; block 0 holds the header)."""
     result = _child(checkpoint, blocks=256, requests=1, tokens=4)
     assert result["managers"] == ["FullAttentionManager", "CutManager"]
@@ -210,10 +210,11 @@ def test_the_blocks_of_dropped_tokens_are_freed_after_the_prefill(checkpoint):
     assert first["0"] == [3, 3] and second["0"] == [3, 2]
     assert first["text"] == [1, 1] and second["text"] == [1, 1]  # a text-only prompt keeps its blocks
     assert result["ended"]["0"][0] == "length" and result["ended"]["text"][0] == "length"
+    assert result["ended"]["0"][2] == 75  # the prompt as vLLM holds it: 5 x 14 image tokens and 5 others
 
 
 def test_a_preempted_cut_request_ends_with_an_error_and_the_others_finish(checkpoint):
-    """14 blocks for two groups: two 76-token prompts growing to 116 tokens cannot both stay, so vLLM preempts
+    """14 blocks for two groups: two 75-token prompts growing to 115 tokens cannot both stay, so vLLM preempts
     one. Recomputing it would score its own answer with the question, so it ends with an error instead."""
     result = _child(checkpoint, blocks=14, requests=3, tokens=40)
     reasons = sorted(reason for reason, _, _ in result["ended"].values())
