@@ -165,10 +165,12 @@ def kv_blocks(prompt_tokens: int, answer_tokens: int, block_size: int, dropped: 
     it): one group without a cut (`dropped` None); with a cut that dropped `dropped` tokens, the group before the
     cut, and the group after it less the blocks wholly inside the dropped slots 1..dropped-1, freed once the prompt
     is computed (block 0 keeps the cut's header)."""
+    from star.integrations.vllm.cut import freed_blocks
+
     held = math.ceil((prompt_tokens + answer_tokens) / block_size)
     if dropped is None:
         return (held,)
-    return (held, held - max(0, dropped // block_size - 1))
+    return (held, held - freed_blocks(dropped, block_size))
 
 
 def kv_bytes_per_token_layer(config, dtype: str) -> int:

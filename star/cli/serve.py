@@ -101,7 +101,7 @@ def engine_overrides(args: argparse.Namespace) -> tuple[dict, bool]:
     plugin checks it when the engine starts (the family, the budget, a decoder cut only on LLaVA-1.5 and only one),
     and whether the setting cuts inside the decoder."""
     from star import checks
-    from star.integrations.vllm import ARCHITECTURES, hf_overrides, parse_setting
+    from star.integrations.vllm import ARCHITECTURES, hf_overrides, parse_setting, serves_cut
 
     [setting] = settings([args.method], [args.keep], args.option)
     skeleton = checks.model_skeleton(args.model)
@@ -113,8 +113,7 @@ def engine_overrides(args: argparse.Namespace) -> tuple[dict, bool]:
         raise ValueError(f"{named if architecture in ARCHITECTURES else f'--model {args.model!r}'}: {error}") from None
     config = skeleton.config
     n_visual = (config.vision_config.image_size // config.vision_config.patch_size) ** 2  # per crop for LLaVA-NeXT
-    cuts = architecture == "LlavaForConditionalGeneration"
-    setting = parse_setting(overrides["star"], n_visual, config.text_config.num_hidden_layers, named, cuts=cuts)
+    setting = parse_setting(overrides["star"], n_visual, config.text_config.num_hidden_layers, named, cuts=serves_cut(config))
     return overrides, setting.cut is not None
 
 

@@ -160,6 +160,12 @@ def parse_setting(raw: object, n_visual: int, num_layers: int, where: str, cuts:
     return Setting(method, plan.vision_keep, n_visual, json.dumps(raw, sort_keys=True), raw["keep"], num_layers, cut)
 
 
+def serves_cut(config) -> bool:
+    """Whether an engine's setting may cut inside the decoder: on LLaVA-1.5 (`StarLlavaForConditionalGeneration`),
+    from its Hugging Face config."""
+    return config.model_type == "llava"
+
+
 def check_method(raw: object) -> Method:
     """The method a setting names, built with its options (keep is checked against the model later)."""
     if not isinstance(raw, dict) or "method" not in raw or "keep" not in raw:

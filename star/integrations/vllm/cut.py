@@ -57,9 +57,14 @@ class CutSpec(AttentionSpec):
         return cdiv(vllm_config.model_config.max_model_len, self.block_size) * self.page_size_bytes
 
 
+def freed_blocks(dropped: int, block_size: int) -> int:
+    """The blocks a request's cut frees: those wholly inside slots 1..D-1 (block 0 keeps the header)."""
+    return max(0, dropped // block_size - 1)
+
+
 class CutManager(FullAttentionManager):
-    """Frees, once a request's prompt is computed, the blocks wholly inside the slots its cut emptied (1..D-1;
-    block 0 keeps the header). `dropped` (request id -> D) is filled by `CutScheduler`."""
+    """Frees, once a request's prompt is computed, the blocks its cut emptied (`freed_blocks`). `dropped`
+    (request id -> D) is the scheduler's, which `CutScheduler` hands to every cut group's manager."""
 
     def __init__(self, kv_cache_spec: CutSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
@@ -68,7 +73,7 @@ class CutManager(FullAttentionManager):
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None) -> None:
         dropped = self.dropped.get(request_id, 0)
         if dropped and num_prompt_tokens is not None and processed_computed_tokens >= num_prompt_tokens:
-            self._remove_blocks_in_range(request_id, 1, dropped // self.block_size)
+            self._remove_blocks_in_range(request_id, 1, 1 + freed_blocks(dropped, self.block_size))
 
 
 def register_kv_cache_spec() -> None:
@@ -86,18 +91,20 @@ class CutScheduler(Scheduler):
 
         setting = engine_setting(vllm_config.model_config.hf_config)
         self.dropped_per_image = setting.keep - setting.cut.keep if setting.cut else 0
-        self.cut_managers = [m for m in self.kv_cache_manager.coordinator.single_type_managers if isinstance(m, CutManager)]
+        self.dropped: dict[str, int] = {}  # request id -> D, shared with every cut group's manager
+        for manager in self.kv_cache_manager.coordinator.single_type_managers:
+            if isinstance(manager, CutManager):
+                manager.dropped = self.dropped
         self.preempted_cuts: set[str] = set()
 
     def add_request(self, request) -> None:
         super().add_request(request)
         images = sum(1 for feature in request.mm_features or () if feature.modality == "image")
-        for manager in self.cut_managers:
-            manager.dropped[request.request_id] = images * self.dropped_per_image
+        self.dropped[request.request_id] = images * self.dropped_per_image
 
     def _preempt_request(self, request, timestamp: float, drop_stale_output: bool = False) -> None:
         super()._preempt_request(request, timestamp, drop_stale_output)
-        if self.cut_managers and self.cut_managers[0].dropped.get(request.request_id):
+        if self.dropped.get(request.request_id):
             self.preempted_cuts.add(request.request_id)
 
     def update_from_output(self, scheduler_output, model_runner_output) -> dict[int, EngineCoreOutputs]:
@@ -111,8 +118,7 @@ class CutScheduler(Scheduler):
         return outputs
 
     def _free_request(self, request, *args, **kwargs):
-        for manager in self.cut_managers:
-            manager.dropped.pop(request.request_id, None)
+        self.dropped.pop(request.request_id, None)
         return super()._free_request(request, *args, **kwargs)
 
 
@@ -258,6 +264,8 @@ class CutDecoder:
                 new_positions.append(positions[part])
             request.new_start, request.new_end = offset, offset + kept[-1].shape[0]
             offset = request.new_end
+        if offset == x.shape[0] and not any(request.visual for request in requests):
+            return None, positions  # no prompt cut this step (decoding, text alone): every row stays where it is
         return torch.cat(kept), torch.cat(new_positions)
 
     def _select(self, request: StepRequest, positions, score_input, x) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -336,11 +344,11 @@ class CutDecoder:
         out = torch.empty_like(q)
         decoding = []
         for r, request in enumerate(requests):
-            if first and request.visual:
-                header = pages[int(table[r, 0]), :, 0]  # [2, kv_heads, dim]: slot 0 of the request's block 0
-                header[0] = float("nan")
-                header[1] = 0
-                header[1, 0, 0], header[1, 0, 1] = divmod(request.dropped, HEADER_BASE)
+            if first and request.visual:  # the header, in slot 0 of the request's block 0
+                block = table[r, :1]
+                pages[block, 0, 0] = float("nan")
+                pages[block, 1, 0] = 0
+                pages[block, 1, 0, 0, :2] = on_device(list(divmod(request.dropped, HEADER_BASE)), q.device).to(pages.dtype)
             if request.seq_len > request.end - request.start:  # it had tokens before this step: it decodes
                 decoding.append(r)
             else:

@@ -38,7 +38,7 @@ from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from star.decoder import gather_seq
-from star.integrations.vllm import Setting, parse_setting
+from star.integrations.vllm import Setting, parse_setting, serves_cut
 from star.integrations.vllm.cut import CutDecoder, check_engine, use_cut_attention
 from star.methods import Selection, VisionView
 
@@ -251,10 +251,6 @@ def engine_setting(config) -> Setting:
         )
     return parse_setting(raw, n_visual(config), num_layers(config), "hf_overrides['star']", cuts=serves_cut(config))
 
-
-def serves_cut(config) -> bool:
-    """Whether an engine's setting may cut inside the decoder: on LLaVA-1.5 (`StarLlavaForConditionalGeneration`)."""
-    return config.model_type == "llava"
 
 
 def n_visual(config) -> int:
