@@ -117,7 +117,7 @@ def engines(args: argparse.Namespace, config) -> list[Engine]:
     """The shared engine (unpruned and --method, per request), then one engine per --keep for --cut-method."""
     from star.integrations.vllm import engine_args as star_engine_args
     from star.integrations.vllm import hf_overrides, parse_setting
-    from star.integrations.vllm.llava import n_visual, num_layers
+    from star.integrations.vllm import n_visual, num_layers
 
     n, layers = n_visual(config), num_layers(config)
     rows = [{"method": "none", "keep": n}] + [{"method": args.method, "keep": k} for k in args.keeps]

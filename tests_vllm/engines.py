@@ -152,3 +152,40 @@ def scene_prompts(path: str, count: int) -> tuple[list[str], list[list], list]:
     processor = AutoProcessor.from_pretrained(path)
     records = scene_records("test", per_type=-(-count // len(TYPES)))[:count]
     return [build_prompt(processor, r.question) for r in records], [[r.image] for r in records], records
+
+
+# Qwen-VL: 4 px patches merged 2 x 2 (a 32 x 32 image is 8 x 8 patches, 16 tokens), the tiny tokenizer with Qwen's
+# vision tokens, a decoder of 4 heads of 32 (vLLM's CPU attention) with M-RoPE sections summing to 16.
+QWEN_TOKENS = {120: "<|image_pad|>", 121: "<|video_pad|>", 122: "<|vision_start|>", 123: "<|vision_end|>"}
+
+
+def tiny_qwen_checkpoint(directory: Path, version: str, seed: int = 0) -> str:
+    """A random Qwen2-VL ("2"), Qwen2.5-VL ("2.5") or Qwen3-VL ("3") of the real classes, with its processor
+    (image, video and chat template, as a real checkpoint ships them), saved."""
+    import transformers as tf
+
+    from conftest import tiny_tokenizer
+
+    torch.manual_seed(seed)
+    ids = dict(image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123)
+    common = dict(in_channels=3, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_heads=4)
+    text = dict(TINY_TEXT, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})
+    if version == "2":
+        config = tf.Qwen2VLConfig(vision_config=dict(depth=3, embed_dim=32, hidden_size=128, mlp_ratio=2, **common), text_config=text, **ids)
+        model, processor = tf.Qwen2VLForConditionalGeneration(config), tf.Qwen2VLProcessor
+    elif version == "2.5":
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=128, window_size=16, fullatt_block_indexes=[1], **common)
+        config = tf.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
+        model, processor = tf.Qwen2_5_VLForConditionalGeneration(config), tf.Qwen2_5_VLProcessor
+    else:
+        rope = {"rope_type": "default", "mrope_section": [8, 4, 4], "mrope_interleaved": True, "rope_theta": 10000.0}
+        text = dict(TINY_TEXT, head_dim=32, rope_parameters=rope)
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=128, num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2], **common)
+        config = tf.Qwen3VLConfig(vision_config=vision, text_config=text, **ids)
+        model, processor = tf.Qwen3VLForConditionalGeneration(config), tf.Qwen3VLProcessor
+    model.config.eos_token_id = model.config.get_text_config().eos_token_id = 3
+    tokenizer, template = tiny_tokenizer(QWEN_TOKENS, image_block="<|vision_start|> <|image_pad|> <|vision_end|> ")
+    pixels = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=64 * 64)
+    image_processor = tf.Qwen2VLImageProcessor(**pixels)
+    video_processor = (tf.Qwen2VLVideoProcessor if version != "3" else tf.Qwen3VLVideoProcessor)(**pixels)
+    return save_checkpoint(directory, model.eval(), processor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=template))

@@ -137,7 +137,7 @@ def test_bad_requests_are_refused_and_the_engine_keeps_serving(llm, hf):
 
 def test_a_decoder_stage_engine_setting_stops_the_model_before_its_weights(hf):
     """What the pruned class checks first when vLLM builds it (`engine_setting`), on this model's config."""
-    from star.integrations.vllm.llava import engine_setting
+    from star.integrations.vllm import engine_setting
 
     config = hf[0].config
     config.star = overrides("star", 4, NEXT)["star"]

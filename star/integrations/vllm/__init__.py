@@ -13,8 +13,12 @@ is an engine's own, on LLaVA-1.5: its layers from the cut on are a KV-cache grou
 (`star.integrations.vllm.cut`), and `engine_args` gives the engine options it needs. The kept tokens are numbered
 without gaps, as `star.apply(..., positions="contiguous")` does.
 
-This module does not import vLLM; the model classes live in `star.integrations.vllm.llava` (LLaVA-1.5, and what
-every CLIP-tower class shares) and `star.integrations.vllm.llava_next` (LLaVA-NeXT).
+On Qwen2-VL, Qwen2.5-VL and Qwen3-VL the kept tokens keep their original 3-D M-RoPE positions, as `star.apply`
+gives them on M-RoPE models (`star.integrations.vllm.qwen2_vl`).
+
+The package mirrors `star/adapters/`: this module (settings, no vLLM import), `served` (what every served family
+shares), one module per family (`llava`, `llava_next`, `qwen2_vl`, `qwen3_vl`), and `cut` (the decoder cut, which
+knows no family).
 """
 
 from __future__ import annotations
@@ -25,26 +29,33 @@ from typing import Any
 
 from star.methods import REGISTRY, LLMStage, Method, build
 from star.pruner import resolve_keep
-from star.pruner.budget import unit_keep
+from star.pruner.budget import NOMINAL_TOKENS, unit_keep
 
 # The pruned class of each vLLM architecture served, and where it lives (imported by vLLM when it loads it).
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "StarLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "StarLlavaNextForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "StarQwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "StarQwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "StarQwen3VLForConditionalGeneration",
 }
 MODULES = {
     "StarLlavaForConditionalGeneration": "star.integrations.vllm.llava:StarLlavaForConditionalGeneration",
     "StarLlavaNextForConditionalGeneration": "star.integrations.vllm.llava_next:StarLlavaNextForConditionalGeneration",
+    "StarQwen2VLForConditionalGeneration": "star.integrations.vllm.qwen2_vl:StarQwen2VLForConditionalGeneration",
+    "StarQwen2_5_VLForConditionalGeneration": "star.integrations.vllm.qwen2_vl:StarQwen2_5_VLForConditionalGeneration",
+    "StarQwen3VLForConditionalGeneration": "star.integrations.vllm.qwen3_vl:StarQwen3VLForConditionalGeneration",
 }
+# The M-RoPE families (Hugging Face model types): their images differ in size, so an int `keep` counts tokens per
+# image, and their kept tokens keep their original 3-D positions.
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # Families of the Hugging Face path that the plugin does not serve yet, and why.
-_MROPE = (
-    "vLLM computes a request's M-RoPE positions from its image grid when the request "
-    "is added, before the encoder runs; the kept tokens are known only after it, so their original 3-D positions "
-    "cannot be given to them, and star has no gap-free M-RoPE numbering to compare against"
-)
 NOT_SERVED = {
-    "Qwen2VLForConditionalGeneration": _MROPE,
-    "Qwen2_5_VLForConditionalGeneration": _MROPE,
+    "Qwen3VLMoeForConditionalGeneration": "the pruned Qwen3-VL class is not yet built on vLLM's mixture-of-experts variant",
+    "Qwen3_5ForConditionalGeneration": "star.apply has no Qwen3.5 adapter yet to test a served one against",
+    "InternVLForConditionalGeneration": "no pruned vLLM class for it yet",
+    "LlavaOnevisionForConditionalGeneration": "no pruned vLLM class for it yet",
+    "Gemma3ForConditionalGeneration": "no pruned vLLM class for it yet",
 }
 
 
@@ -93,7 +104,8 @@ def engine_args(method: str, keep: int | float, architecture: str = "LlavaForCon
     """
     overrides = hf_overrides(method, keep, architecture, **options)
     may_cut = bool(build(method, **options).plan(576, 1, 32).llm_stages)  # whether the method cuts at small budgets
-    return {"hf_overrides": overrides, **(CUT_ENGINE if may_cut and architecture == "LlavaForConditionalGeneration" else {})}
+    cut = CUT_ENGINE if may_cut and architecture == "LlavaForConditionalGeneration" else {}
+    return {"hf_overrides": overrides, **cut}
 
 
 def hf_overrides(method: str, keep: int | float, architecture: str = "LlavaForConditionalGeneration", **options: Any) -> dict:
@@ -116,19 +128,16 @@ class Setting:
 
     method: Method
     keep: int
-    n_visual: int
+    n_visual: int | None  # None: images differ in size (Qwen), and an int `keep` counts per image
     text: str  # the setting as canonical JSON: it travels with each image from the front end to the model
     given: int | float  # `keep` as the setting gives it (a count per n_visual tokens, or a fraction)
     num_layers: int
     cut: LLMStage | None = None  # the decoder cut, where the setting has one: `cut.keep` per image after it
 
-    @property
-    def prunes(self) -> bool:
-        return self.keep < self.n_visual
-
     def unit_keep(self, n: int) -> int:
-        """The tokens kept of a unit that shows n of its n_visual patches (a LLaVA-NeXT tile that unpadding cuts),
-        as `star.apply` counts them (`star.pruner.budget.unit_keep`): the method's plan for that unit."""
+        """The tokens kept of a unit of n tokens (a LLaVA-NeXT tile that unpadding cuts, a Qwen image), as
+        `star.apply` counts them (`star.pruner.budget.unit_keep`): the method's plan for that unit; a ValueError
+        where an int `keep` is above a Qwen image's tokens."""
         if n == self.n_visual:
             return self.keep
         plan = self.method.plan(n, unit_keep(self.given, n, self.n_visual), self.num_layers)
@@ -137,14 +146,14 @@ class Setting:
         return plan.vision_keep
 
 
-def parse_setting(raw: object, n_visual: int, num_layers: int, where: str, cuts: bool = False) -> Setting:
+def parse_setting(raw: object, n_visual: int | None, num_layers: int, where: str, cuts: bool = False) -> Setting:
     """A setting from its dict (`{"method": ..., "keep": ..., options}`), or a ValueError that names `where` it came
     from, the value and what is allowed. A decoder cut is refused unless `cuts` (an engine's setting on LLaVA-1.5),
     with what runs instead; more than one cut is always refused."""
     try:
         method = check_method(raw)
         keep = resolve_keep(raw["keep"], n_visual)
-        plan = method.plan(n_visual, keep, num_layers)
+        plan = method.plan(n_visual or max(NOMINAL_TOKENS, keep), keep, num_layers)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
     if plan.llm_stages and not cuts:
@@ -164,6 +173,30 @@ def serves_cut(config) -> bool:
     """Whether an engine's setting may cut inside the decoder: on LLaVA-1.5 (`StarLlavaForConditionalGeneration`),
     from its Hugging Face config."""
     return config.model_type == "llava"
+
+
+def engine_setting(config) -> Setting:
+    """The engine's default setting, from `hf_overrides["star"]` on the model's Hugging Face config."""
+    raw = getattr(config, "star", None)
+    if raw is None:
+        name = (getattr(config, "architectures", None) or ["StarLlavaForConditionalGeneration"])[0]
+        raise ValueError(
+            f"hf_overrides has no 'star' setting: {name} needs one, e.g. "
+            f'--hf-overrides \'{{"architectures": ["{name}"], "star": {{"method": "fastervlm", "keep": 98}}}}\''
+        )
+    return parse_setting(raw, n_visual(config), num_layers(config), "hf_overrides['star']", cuts=serves_cut(config))
+
+
+def n_visual(config) -> int | None:
+    """Visual tokens per image (per crop for LLaVA-NeXT), or None where images differ in size (Qwen)."""
+    if config.model_type in MROPE_FAMILIES:
+        return None
+    vision = config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+def num_layers(config) -> int:
+    return config.get_text_config().num_hidden_layers
 
 
 def check_method(raw: object) -> Method:

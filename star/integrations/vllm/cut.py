@@ -1,4 +1,4 @@
-"""One decoder cut inside vLLM (STAR's stage 2, FastV's, DART's) on LLaVA-1.5, with the KV cache of the layers
+"""One decoder cut inside vLLM (STAR's stage 2, FastV's, DART's) on a Llama-layer decoder (LLaVA-1.5), with the KV cache of the layers
 after the cut holding only the kept tokens.
 
 vLLM gives a request one token count: its positions, and the KV cache of the layers before the cut, run over the
@@ -40,7 +40,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from vllm.v1.request import RequestStatus
 
-from star.integrations.vllm import CUT_ENGINE, Setting
+from star.integrations.vllm import CUT_ENGINE, Setting, engine_setting
 from star.methods import DecoderView, Selection
 from star.decoder import on_device
 from star.scoring import attention_probs, flagged_in_order
@@ -87,8 +87,6 @@ class CutScheduler(Scheduler):
 
     def __init__(self, vllm_config: VllmConfig, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
-        from star.integrations.vllm.llava import engine_setting
-
         setting = engine_setting(vllm_config.model_config.hf_config)
         self.dropped_per_image = setting.keep - setting.cut.keep if setting.cut else 0
         self.dropped: dict[str, int] = {}  # request id -> D, shared with every cut group's manager

@@ -9,21 +9,19 @@ Two places change, both vLLM's own multimodal interfaces (docs/serving.md):
 The decoder, the KV cache, prefix caching and chunked prefill are vLLM's, unchanged, unless the engine's setting
 cuts inside the decoder: then the model's forward runs the cut (`star.integrations.vllm.cut`).
 
-What every CLIP-tower class shares (LLaVA-NeXT's in `llava_next.py` too) is here as mixins: `SettingInfo` (the
-request's setting), `SettingProcessor` (the setting checked and sent with each image) and `PrunedClip` (the
-checks at the model's start, the feature layer and the method's view of it).
+What every CLIP-tower class shares (LLaVA-NeXT's in `llava_next.py` too) is here: `PrunedClip` (the checks at the
+model's start, the feature layer and the method's view of it); what every served family shares is in `served.py`.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from functools import partial
 
 import torch
 from torch import nn
-from transformers import BatchFeature, CLIPVisionConfig
+from transformers import CLIPVisionConfig
 from vllm.config import VllmConfig
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.model_executor.models.llava import (
@@ -33,16 +31,15 @@ from vllm.model_executor.models.llava import (
     LlavaProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
+from vllm.multimodal.inputs import MultiModalKwargsItems
+from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from star.decoder import gather_seq
-from star.integrations.vllm import Setting, parse_setting, serves_cut
+from star.integrations.vllm import engine_setting
 from star.integrations.vllm.cut import CutDecoder, check_engine, use_cut_attention
-from star.methods import Selection, VisionView
+from star.integrations.vllm.served import PrunedEncoder, SettingInfo, SettingProcessor
+from star.methods import VisionView
 
-FIELD = "star_setting"
 # transformers 5 saves the CLIP tower without its `vision_model.` level (star/compat.py), as the default model's
 # checkpoint is; vLLM 0.32's LLaVA classes expect it, so such keys get it back before vLLM's own mapping.
 CLIP_LEVEL = WeightsMapper(
@@ -50,54 +47,9 @@ CLIP_LEVEL = WeightsMapper(
 )
 
 
-class SettingInfo:
-    """Processing-info mixin: the request's setting."""
-
-    def setting(self, mm_kwargs: Mapping[str, object]) -> Setting:
-        """The request's setting (`mm_processor_kwargs["star"]`), else the engine's (`hf_overrides["star"]`)."""
-        config = self.get_hf_config()
-        engine = engine_setting(config)
-        if "star" not in mm_kwargs:
-            return engine
-        where = "mm_processor_kwargs['star']"
-        if engine.cut is not None:
-            if parse_setting(mm_kwargs["star"], n_visual(config), num_layers(config), where, cuts=True).text == engine.text:
-                return engine
-            raise ValueError(
-                f"{where}={mm_kwargs['star']!r}: this engine cuts inside the decoder with its own setting {engine.text}, "
-                "which every request with an image runs (the decoder's forward sees no request's setting); serve another "
-                "setting from an engine of its own"
-            )
-        return parse_setting(mm_kwargs["star"], n_visual(config), num_layers(config), where)
-
-
-class SettingProcessor:
-    """Multimodal-processor mixin: the setting checked and sent with each image as its `star_setting` field."""
-
-    def _apply_hf_processor_main(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        setting = self.info.setting(hf_kwargs)
-        processed = super()._apply_hf_processor_main(mm_items, {k: v for k, v in hf_kwargs.items() if k != "star"})
-        if "pixel_values" in processed:
-            text = torch.tensor(list(setting.text.encode()), dtype=torch.uint8)
-            processed[FIELD] = text.expand(len(processed["pixel_values"]), -1).clone()
-        return processed
-
-    def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
-        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs), FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True)}
-
-    def _images(self, mm_items: MultiModalDataItems) -> ImageProcessorItems | None:
-        """The request's images, or None; images given as embeddings are refused."""
-        if not mm_items.get_all_counts().get("image"):
-            return None
-        if not isinstance(mm_items["image"], ImageProcessorItems):
-            raise ValueError("images given as embeddings cannot be pruned: send the images themselves")
-        return mm_items["image"]
-
-
-class PrunedClip:
-    """Model mixin for a vLLM LLaVA-style class with a CLIP tower: the checks at its start, the settings of an
-    encoder call, the feature layer and the method's view of it. `star_kept` holds, after each encoder call, the
-    kept patches of each image it encoded (for tests and inspection, like `Pruner.stats`)."""
+class PrunedClip(PrunedEncoder):
+    """Model mixin for a vLLM LLaVA-style class with a CLIP tower: the checks at its start, the feature layer and
+    the method's view of it."""
 
     # With tensor parallelism the scores need the tower's every head on each rank: vLLM's mm_encoder_tp_mode="data"
     # runs vLLM's CLIP whole on every rank, which this class supports.
@@ -105,6 +57,7 @@ class PrunedClip:
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         config = vllm_config.model_config.hf_config
+        check_clip(config)
         setting = engine_setting(config)  # a bad setting stops the engine here, before any weight loads
         if setting.cut is not None:
             check_engine(vllm_config, setting)
@@ -117,19 +70,6 @@ class PrunedClip:
                 "(--mm-encoder-tp-mode data), which runs the tower whole on each rank, or tensor_parallel_size=1"
             )
         self.star_kept: list[torch.Tensor] = []
-
-    def _pixel_input(self, kwargs: dict) -> tuple[dict | None, list[str]]:
-        """The encoder call's parsed image input (None: no image) and each image's setting as its JSON text."""
-        settings = kwargs.pop(FIELD, None)
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None:
-            return None, []
-        if image_input["type"] != "pixel_values" or settings is None:
-            raise ValueError(f"{image_input['type']} reached the pruned model without its {FIELD}: it cannot be pruned")
-        return image_input, [bytes(row.tolist()).decode() for row in settings]
-
-    def _setting(self, text: str) -> Setting:
-        return parse_setting(json.loads(text), n_visual(self.config), num_layers(self.config), FIELD, cuts=serves_cut(self.config))
 
     @property
     def feature_layer(self) -> nn.Module:
@@ -151,18 +91,6 @@ class PrunedClip:
             features=feature[:, 1:], n_prefix=1, qk=partial(_clip_qk, self.feature_layer, layer_input),
             prefix_features=feature[:, 0], project=self.multi_modal_projector,
         )
-
-    @staticmethod
-    def _select(setting: Setting, view: VisionView, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kept patches [I, keep] of a view's units (an index into its features) and their features to
-        project (the patches', or a method's merged states)."""
-        n = view.features.shape[1]
-        if keep < n:
-            selection = setting.method.select_vision(view, keep)
-        else:
-            selection = Selection(torch.arange(n, device=view.features.device).expand(view.features.shape[0], n))
-        states = selection.states if selection.states is not None else gather_seq(view.features, selection.index)
-        return selection.index, states
 
 
 class StarLlavaProcessingInfo(SettingInfo, LlavaProcessingInfo):
@@ -230,8 +158,8 @@ class StarLlavaForConditionalGeneration(PrunedClip, LlavaForConditionalGeneratio
         return embeds
 
 
-def engine_setting(config) -> Setting:
-    """The engine's default setting, from `hf_overrides["star"]`; the model's own constraints checked first."""
+def check_clip(config) -> None:
+    """What the pruned CLIP-tower classes need of the model, checked before its setting."""
     if not isinstance(config.vision_config, CLIPVisionConfig):
         raise ValueError(
             f"vision_config of type {type(config.vision_config).__name__} is not supported: the pruned LLaVA needs a "
@@ -242,24 +170,6 @@ def engine_setting(config) -> Setting:
             f"vision_feature_layer={config.vision_feature_layer!r}, vision_feature_select_strategy="
             f"{config.vision_feature_select_strategy!r}: the pruned LLaVA needs one integer layer and 'default'"
         )
-    raw = getattr(config, "star", None)
-    if raw is None:
-        name = (getattr(config, "architectures", None) or ["StarLlavaForConditionalGeneration"])[0]
-        raise ValueError(
-            f"hf_overrides has no 'star' setting: {name} needs one, e.g. "
-            f'--hf-overrides \'{{"architectures": ["{name}"], "star": {{"method": "fastervlm", "keep": 98}}}}\''
-        )
-    return parse_setting(raw, n_visual(config), num_layers(config), "hf_overrides['star']", cuts=serves_cut(config))
-
-
-
-def n_visual(config) -> int:
-    vision = config.vision_config
-    return (vision.image_size // vision.patch_size) ** 2
-
-
-def num_layers(config) -> int:
-    return config.text_config.num_hidden_layers
 
 
 def _clip_qk(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,8 +35,9 @@ from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from star.adapters.llava_next import PartialCropView
-from star.integrations.vllm import Setting
-from star.integrations.vllm.llava import CLIP_LEVEL, PrunedClip, SettingInfo, SettingProcessor, _clip_qk, n_visual
+from star.integrations.vllm import Setting, n_visual
+from star.integrations.vllm.llava import CLIP_LEVEL, PrunedClip, _clip_qk
+from star.integrations.vllm.served import SettingInfo, SettingProcessor
 
 
 def layout(config, height: int, width: int) -> torch.Tensor:
