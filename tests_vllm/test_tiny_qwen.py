@@ -147,7 +147,8 @@ def test_the_engine_setting_applies_when_a_request_gives_none(llm, hf):
 
 BAD = [
     ({"method": "star", "keep": 4}, "method='star' at keep=4 prunes inside the decoder"),
-    ({"method": "fastervlm", "keep": 4}, "no [CLS]"),
+    ({"method": "fastervlm", "keep": 4}, "has no [CLS] token"),
+    ({"method": "visionzip", "keep": 4}, "this model has none its decoder can take"),
     ({"method": "star-vision", "keep": 17}, "keep=17 is above the 16 visual tokens of an image"),
 ]
 

@@ -49,6 +49,11 @@ MODULES = {
 # The M-RoPE families (Hugging Face model types): their images differ in size, so an int `keep` counts tokens per
 # image, and their kept tokens keep their original 3-D positions.
 MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# The `star.apply` adapter of each served family (by Hugging Face model type): what its tower refuses.
+ADAPTERS = {
+    "llava": "LlavaAdapter", "llava_next": "LlavaNextAdapter", "qwen2_vl": "Qwen2VLAdapter", "qwen2_5_vl": "Qwen2VLAdapter",
+    "qwen3_vl": "Qwen3VLAdapter",
+}
 # Families of the Hugging Face path that the plugin does not serve yet, and why.
 NOT_SERVED = {
     "Qwen3VLMoeForConditionalGeneration": "the pruned Qwen3-VL class is not yet built on vLLM's mixture-of-experts variant",
@@ -184,7 +189,21 @@ def engine_setting(config) -> Setting:
             f"hf_overrides has no 'star' setting: {name} needs one, e.g. "
             f'--hf-overrides \'{{"architectures": ["{name}"], "star": {{"method": "fastervlm", "keep": 98}}}}\''
         )
-    return parse_setting(raw, n_visual(config), num_layers(config), "hf_overrides['star']", cuts=serves_cut(config))
+    return config_setting(raw, config, "hf_overrides['star']")
+
+
+def config_setting(raw: object, config, where: str, cuts: bool | None = None) -> Setting:
+    """A setting on the model of this Hugging Face config (`parse_setting` with its sizes), a method its family
+    refuses (FasterVLM's [CLS] on a tower without one) refused as `star.apply` refuses it. `cuts`: whether a
+    decoder cut is allowed, by default where the engine serves one (`serves_cut`)."""
+    import star.adapters
+    from star.adapters.base import vision_refusal
+
+    setting = parse_setting(raw, n_visual(config), num_layers(config), where, cuts=serves_cut(config) if cuts is None else cuts)
+    refusal = vision_refusal(getattr(star.adapters, ADAPTERS[config.model_type]), setting.method)
+    if refusal:
+        raise ValueError(f"{where}: method={setting.method.name!r}: {refusal}")
+    return setting
 
 
 def n_visual(config) -> int | None:

@@ -18,7 +18,7 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 
 from star.decoder import gather_seq
-from star.integrations.vllm import Setting, engine_setting, n_visual, num_layers, parse_setting, serves_cut
+from star.integrations.vllm import Setting, config_setting, engine_setting
 from star.methods import Selection, VisionView
 
 FIELD = "star_setting"
@@ -35,14 +35,14 @@ class SettingInfo:
             return engine
         where = "mm_processor_kwargs['star']"
         if engine.cut is not None:
-            if parse_setting(mm_kwargs["star"], n_visual(config), num_layers(config), where, cuts=True).text == engine.text:
+            if config_setting(mm_kwargs["star"], config, where, cuts=True).text == engine.text:
                 return engine
             raise ValueError(
                 f"{where}={mm_kwargs['star']!r}: this engine cuts inside the decoder with its own setting {engine.text}, "
                 "which every request with an image runs (the decoder's forward sees no request's setting); serve another "
                 "setting from an engine of its own"
             )
-        return parse_setting(mm_kwargs["star"], n_visual(config), num_layers(config), where)
+        return config_setting(mm_kwargs["star"], config, where, cuts=False)
 
 
 class SettingProcessor:
@@ -88,7 +88,7 @@ class PrunedEncoder:
         return image_input, [bytes(row.tolist()).decode() for row in settings]
 
     def _setting(self, text: str) -> Setting:
-        return parse_setting(json.loads(text), n_visual(self.config), num_layers(self.config), FIELD, cuts=serves_cut(self.config))
+        return config_setting(json.loads(text), self.config, FIELD)
 
     @staticmethod
     def _select(setting: Setting, view: VisionView, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
