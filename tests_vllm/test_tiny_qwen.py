@@ -163,8 +163,11 @@ def test_bad_requests_are_refused_and_the_engine_keeps_serving(llm, hf):
 
 
 def test_a_video_is_refused_by_vllm_and_the_engine_keeps_serving(llm, hf):
+    from vllm.exceptions import VLLMValidationError
+
     frames = np.stack([np.asarray(picture(4, 32, 32))] * 2)
-    with pytest.raises(ValueError, match=r"At most 0 video\(s\) may be provided in one prompt"):
-        llm.generate({"prompt": "<|vision_start|> <|video_pad|> <|vision_end|> what ? answer :", "multi_modal_data": {"video": frames}})
+    metadata = {"fps": 2.0, "duration": 1.0, "total_num_frames": 2, "frames_indices": [0, 1], "video_backend": "opencv", "do_sample_frames": False}
+    with pytest.raises(VLLMValidationError, match=r"At most 0 video\(s\) may be provided in one prompt"):
+        llm.generate({"prompt": "<|vision_start|> <|video_pad|> <|vision_end|> what ? answer :", "multi_modal_data": {"video": (frames, metadata)}})
     [after] = vllm_generate(llm, PROMPTS[:1], PICTURES[:1], SETTINGS[0])
     _same(after, hf_generate(hf, PROMPTS[0], PICTURES[0], SETTINGS[0]))
