@@ -93,6 +93,15 @@ class Decoder:
     # Every image token is a visual token of a whole unit of n_visual: a prompt's units and text tokens follow from
     # its counts in the `Layout`, so a FLOPs budget is picked per prompt (star.schedule.PromptBudget).
     whole_units = False
+    # The layers whose softmax attention a decoder stage may score with (None: every layer); a hybrid decoder's
+    # others (Qwen3.5's linear attention) have no attention matrix.
+    attention_layers: tuple[int, ...] | None = None
+    # Layer types that take the 2-D padding mask of their own tokens, not an attention mask over a cache
+    # (Qwen3.5's linear attention, which zeroes padded tokens before its convolution and recurrence).
+    padding_mask_types: tuple[str, ...] = ()
+    # The layer whose cache length the cache reports (`get_seq_length`): a hybrid cache counts its first
+    # attention layer's keys, which may sit after a cut.
+    counted_layer = 0
 
     @property
     def layers(self) -> nn.ModuleList:

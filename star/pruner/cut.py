@@ -86,7 +86,9 @@ def frame_inputs(
     columns span; flash: the attention takes a 2-D padding mask (FlashAttention)."""
     keep = frame.keep_cols
     mask = kwargs["attention_mask"]
-    if mask is not None and mask.dim() == 4:
+    if layer_type in adapter.padding_mask_types:  # the 2-D padding mask of the frame's own tokens, where any pads
+        mask = frame.mask if mask is not None or frame.padded else None
+    elif mask is not None and mask.dim() == 4:
         mask = hide_keys(slice_mask(mask, keep, keep), frame.mask)
     elif mask is not None or frame.padded:  # FlashAttention's 2-D mask, or none where the entry frame has no padding
         places = torch.arange(frame.length, device=keep.device)

@@ -50,6 +50,10 @@ class Prompt:
         self.stage_at = {stage.layer: i for i, stage in enumerate(self.stages)}
         self.early_scores = {s.score_layer for s in self.stages if s.score_layer != s.layer}
 
+    def frame_at(self, layer: int) -> Frame:
+        """The frame decoder layer `layer` runs in."""
+        return next(f for f in reversed(self.frames) if f.start_layer <= layer)
+
 
 def enter(
     adapter: Adapter, budgets_of: Callable[[Layout], tuple[list[Budget], list[Point] | None]], positions: str, kwargs: dict,

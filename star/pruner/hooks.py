@@ -109,7 +109,7 @@ class Pruner:
         num_layers = len(self.adapter.layers)
         # Families whose images differ in size plan per image at prefill; the nominal plan checks the options
         # and places the hooks (a method's stage layers depend on its options and the depth, not on the image).
-        self.budget = Budget(method, keep, self.adapter.n_visual, self.adapter.budget_unit, num_layers)
+        self.budget = Budget(method, keep, self.adapter.n_visual, self.adapter.budget_unit, num_layers, self.adapter.attention_layers)
         self.keep = self.budget.keep
         self.plan = self.budget.plan
         self.per_prompt = per_prompt
@@ -164,7 +164,7 @@ class Pruner:
         if prompt is None:
             return None
         frames = prompt.frames
-        lengths = [next(f.length for f in reversed(frames) if f.start_layer <= i) for i in range(len(self.adapter.layers))]
+        lengths = [prompt.frame_at(i).length for i in range(len(self.adapter.layers))]
         batch = frames[0].keep_cols.shape[0]
         done = 1 + len(frames)
         return PruneStats(
@@ -204,6 +204,8 @@ class Pruner:
             past = compat.static_cache_length(cache, kwargs, dropped)
         else:
             past = 0 if cache is None else cache.get_seq_length()
+            if past and self._prompt is not None:  # the count of the adapter's counted layer, in its own frame
+                past += self._prompt.frames[0].length - self._prompt.frame_at(self.adapter.counted_layer).length
         self._call = None
         if kwargs.get("pixel_values") is not None:
             if past:
@@ -215,6 +217,11 @@ class Pruner:
                 raise ValueError(
                     "a StaticCache on a decoder with sliding-window layers is not supported while a decoder stage "
                     "prunes: its window layers keep the last tokens in place of all; use DynamicCache"
+                )
+            if isinstance(cache, StaticCache) and self.adapter.padding_mask_types and self._hooked_layers:
+                raise ValueError(
+                    "a StaticCache on a decoder with linear-attention layers is not supported while a decoder stage "
+                    "prunes: its length is counted by an attention layer that a cut may shorten; use DynamicCache"
                 )
             self._prompt, inputs = enter(self.adapter, self._budgets_of, self.positions, kwargs)
             self._check_window(self._prompt.frames[0].length)
@@ -242,7 +249,9 @@ class Pruner:
         key = (point.keep, tuple(sorted(point.options.items())))
         if key not in self._budgets:
             method = registry.build(self.per_prompt.method, **self.per_prompt.options, **point.options)
-            self._budgets[key] = Budget(method, point.keep, self.adapter.n_visual, self.adapter.budget_unit, len(self.adapter.layers))
+            self._budgets[key] = Budget(
+                method, point.keep, self.adapter.n_visual, self.adapter.budget_unit, len(self.adapter.layers), self.adapter.attention_layers,
+            )
         return self._budgets[key]
 
     def _check_window(self, length: int) -> None:
