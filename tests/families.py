@@ -326,4 +326,4 @@ def by_layer(stats, row: int) -> list[tuple[int, list[int]]]:
 def layout_of(pruner, inputs: dict):
     """The `Layout` the pruner reads at prefill, for calling an adapter's `encode_prompts` directly."""
     ids = inputs["input_ids"]
-    return read_layout(ids, inputs.get("attention_mask", torch.ones_like(ids)), pruner.adapter.image_token_id)
+    return read_layout(ids, inputs.get("attention_mask", torch.ones_like(ids)), pruner.adapter.image_token_id, pruner.adapter.image_sizes(inputs))

@@ -61,14 +61,12 @@ class Qwen2VLAdapter(Decoder):
         """The images of a batch of prompts, each one unit of its own size."""
         if inputs.get("pixel_values_videos") is not None:
             raise ValueError("pixel_values_videos came with images: video tokens are not pruned, pass images alone")
-        grid = inputs.get("image_grid_thw")
-        if grid is None:
-            raise ValueError("image_grid_thw is None: Qwen2-VL needs each image's patch grid")
-        # Images of different sizes: their token counts, and the tower's bounds below, are this family's own
-        # reads back from the device (docs/results.md, "Host syncs per prefill").
-        sizes = (grid.prod(dim=-1) // self.merge_unit).tolist()
+        grid = inputs["image_grid_thw"]
+        # Images of different sizes: their token counts came with the layout; the tower's bounds below are this
+        # family's own read back from the device (docs/results.md, "Host syncs per prefill").
+        sizes = layout.image_sizes
         is_image = input_ids == self.image_token_id
-        per_row = split_rows(layout.image_tokens, sizes, "t * h * w / merge_size**2 tokens each")
+        per_row = split_rows(layout.image_tokens, sizes, self.sizes_note)
 
         layer: dict[str, object] = {}
 
@@ -104,6 +102,14 @@ class Qwen2VLAdapter(Decoder):
                 place += n
                 image += 1
         return Encoded(groups, ordinals(is_image), None)
+
+    sizes_note = "t * h * w / merge_size**2 tokens each"
+
+    def image_sizes(self, inputs: dict) -> torch.Tensor:
+        grid = inputs.get("image_grid_thw")
+        if grid is None:
+            raise ValueError("image_grid_thw is None: Qwen2-VL needs each image's patch grid")
+        return grid.prod(dim=-1) // self.merge_unit
 
     def tower(self, pixel_values: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The merged tokens of every image, [T, D]; Qwen2-VL's decoder takes nothing else from the tower."""

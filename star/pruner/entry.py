@@ -15,7 +15,7 @@ from transformers import StaticCache
 
 from star import compat
 from star.adapters import Adapter
-from star.adapters.base import FIXED, TEXT, Layout, read_layout
+from star.adapters.base import FIXED, TEXT, Layout, read_layout, rows_of, split_rows
 from star.decoder import (
     Frame, contiguous_positions, gather_positions, gather_seq, keep_in_order, on_device, padding_of, ragged_rows,
 )
@@ -81,8 +81,12 @@ def enter(
             f"attention_mask came as {form} at prefill: the pruner needs the 2-D padding mask [batch, tokens] to "
             "build its shorter frames"
         )
-    layout = read_layout(input_ids, mask, adapter.image_token_id)
+    layout = read_layout(input_ids, mask, adapter.image_token_id, adapter.image_sizes(kwargs))
     budgets, picks = budgets_of(layout)
+    if layout.image_sizes is not None:  # images of their own sizes: each budget checked before the tower runs
+        rows = rows_of(split_rows(layout.image_tokens, layout.image_sizes, adapter.sizes_note))
+        for row, n in zip(rows, layout.image_sizes):
+            budgets[row].unit_plan(n)
     stages = batch_stages(budgets) if len(set(map(id, budgets))) > 1 else budgets[0].plan.llm_stages
     encoded = adapter.encode_prompts(kwargs, input_ids, layout)
     full_positions = adapter.prompt_positions(kwargs, input_ids, mask)
