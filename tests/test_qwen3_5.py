@@ -12,7 +12,7 @@ from families import (
     IMAGE_TOKEN, assert_batch_equals_each_alone, forward_kept, full_embeds, greedy_by_recompute, kept_of, qwen_inputs,
     select_rows,
 )
-from star import compat
+from star import compat, flops
 from star.scoring import top_k_in_order
 
 pytestmark = pytest.mark.skipif(compat.QWEN3_5_MISSING is not None, reason=str(compat.QWEN3_5_MISSING))
@@ -160,3 +160,37 @@ def test_decoder_stages_sit_at_full_attention_layers(model):
         star.apply(model, method="pdrop", keep=3)  # L/4, L/2, 3L/4 of 8 layers: three stages, two full layers
     with pytest.raises(ValueError, match="positions='contiguous' is not defined"):
         star.apply(model, method="star", keep=3, positions="contiguous")
+
+
+@torch.no_grad()
+def test_flops_count_each_layer_type_by_its_own_formula():
+    """A full-attention layer (its q projection twice as wide, for the output gate) is the paper's formula, equal to
+    what PyTorch counts on the eager model; a linear-attention layer's projections and FFN are what PyTorch counts,
+    plus the convolution and the recurrence (3 products with each value head's state per token), which the
+    reference kernels compute in another form (chunks of 64 tokens)."""
+    model = tiny("eager")
+    shape = flops.DecoderShape.from_config(model.config.text_config)
+    assert shape.attention_layers == FULL
+    lm = model.model.language_model
+    hidden = torch.randn(1, 20, 64)
+    rotary = lm.rotary_emb(hidden, torch.arange(20)[None, None].expand(3, 1, -1))
+    full = flops.count_flops(lambda: lm.layers[3](hidden, position_embeddings=rotary, attention_mask=None), lm.layers[3])
+    assert flops.layer_flops(shape, 20, 3) == full["total"]
+    linear = flops.count_flops(lambda: lm.layers[0](hidden, position_embeddings=rotary, attention_mask=None), lm.layers[0])
+    matrices = sum(v for k, v in linear.items() if k.startswith(("linear_attn.in_proj", "linear_attn.out_proj", "mlp.")) and k.count(".") == 1)
+    key, value = 2 * 8, 4 * 8
+    own = 2 * (20 * (2 * key + value) * 4 + 3 * 20 * 4 * 8 * 8)  # convolution, recurrence
+    assert flops.layer_flops(shape, 20, 0) == matrices + own
+    assert flops.layer_flops(shape, 20, 0) < flops.layer_flops(shape, 20, 3)
+
+
+def test_star_flops_counts_the_shipped_qwen3_5(capsys):
+    from star.cli import main
+
+    assert main(["flops", "--model", "qwen3.5-9b", "--method", "star,fastv", "--keep", "64"]) in (0, None)
+    out = capsys.readouterr().out
+    assert "qwen3.5-9b: 32 layers, 1024 visual" in out and "| star | 64 | 1024 / 870 / 64 |" in out
+    shape = flops.DecoderShape.named("qwen3.5-9b")
+    assert shape.attention_layers == tuple(range(3, 32, 4))
+    assert main(["flops", "--model", "qwen3.5-9b", "--method", "star", "--keep", "64", "--option", "layer=16"]) == 2
+    assert "full-attention layers are 3, 7, 11, 15, 19, 23, 27, 31" in capsys.readouterr().err
