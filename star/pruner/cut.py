@@ -35,7 +35,12 @@ def cut(
     prompt whose own setting does not cut here).
     """
     frame = prompt.frames[-1]
-    selections = select(adapter, stage, prompt, *scored, budgets, hidden)
+    stage_number = len(prompt.frames) - 1
+    if prompt.replay is not None:  # a prefill that continues a prompt without a cache: that prompt's selection
+        selections = prompt.replay.llm_selections[stage_number]
+    else:
+        selections = select(adapter, stage, prompt, *scored, budgets, hidden)
+    prompt.llm_selections.append(selections)
     batch, length = hidden.shape[:2]
     kept_counts = [s.index.shape[1] for s in selections for _ in range(s.index.shape[0])]
     if len(selections) == 1:

@@ -32,7 +32,7 @@ from star.methods import Method
 from star.pruner import decode
 from star.pruner.budget import Budget
 from star.pruner.cut import cut, frame_inputs
-from star.pruner.entry import Prompt, enter
+from star.pruner.entry import Prompt, continues, enter
 from star.schedule import Point, PromptBudget, pick_per_prompt
 
 POSITION_POLICIES = ("original", "contiguous")
@@ -223,7 +223,8 @@ class Pruner:
                     "a StaticCache on a decoder with linear-attention layers is not supported while a decoder stage "
                     "prunes: its length is counted by an attention layer that a cut may shorten; use DynamicCache"
                 )
-            self._prompt, inputs = enter(self.adapter, self._budgets_of, self.positions, kwargs)
+            replay = self._prompt if continues(self._prompt, kwargs) else None
+            self._prompt, inputs = enter(self.adapter, self._budgets_of, self.positions, kwargs, replay)
             self._check_window(self._prompt.frames[0].length)
             self._call = _Call(step=None)
             return (), inputs
@@ -300,6 +301,8 @@ class Pruner:
         Every hooked layer must have run this call's hook: a forward compiled while another pruner (or none) was
         applied keeps the hooks it was traced with, and its decoder stages would silently not prune."""
         call, self._call = self._call, None
+        if self._prompt is not None:  # its decisions are its own now: drop the prompt it reused them from
+            self._prompt.replay = None
         if call is not None and call.layers != self._hooked_layers:
             raise RuntimeError(
                 f"{call.layers} of the {self._hooked_layers} decoder layers this pruner prunes in ran its hooks: the "
