@@ -3,14 +3,16 @@ convolution and recurrent states, over the kept tokens only; decoder stages scor
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from transformers import DynamicCache
 
 import star
 from families import (
-    IMAGE_TOKEN, assert_batch_equals_each_alone, forward_kept, full_embeds, greedy_by_recompute, kept_of, qwen_inputs,
-    select_rows,
+    IMAGE_TOKEN, assert_batch_equals_each_alone, forward_kept, full_embeds, greedy_by_recompute, kept_of, layout_of,
+    qwen_inputs, select_rows,
 )
 from star import compat, flops
 from star.scoring import top_k_in_order
@@ -143,6 +145,31 @@ def test_decoder_selection_equals_top_k_of_eager_attention(layer):
         text = torch.arange(int(image[-1]) + 1, len(ids))
         scores = probs[row][:, text][:, :, image].mean(dim=(0, 1))
         assert torch.equal(stage[row], top_k_in_order(scores, 3))
+
+
+@torch.no_grad()
+def test_vision_scores_equal_eager_attention_of_the_last_block_summed_per_merged_token(monkeypatch):
+    eager, sdpa = tiny("eager"), tiny("sdpa")
+    inputs = qwen_inputs([[SMALL, LARGE]], [(2, 2)], seed=6)
+    family = sys.modules[type(eager.model.visual).__module__]
+    last = eager.model.visual.blocks[-1].attn
+    recorded, original = [], family.eager_attention_forward
+
+    def recording(module, *args, **kwargs):
+        out, weights = original(module, *args, **kwargs)
+        if module is last:
+            recorded.append(weights)
+        return out, weights
+
+    monkeypatch.setattr(family, "eager_attention_forward", recording)
+    eager.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    with star.apply(sdpa, method="star", keep=2) as pruner:
+        encoded = pruner.adapter.encode_prompts(inputs, inputs["input_ids"], layout_of(pruner, inputs))
+    assert len(recorded) == 2 and len(encoded.groups) == 2
+    for group, probs in zip(encoded.groups, recorded):
+        expected = probs.mean(dim=(1, 2))[0].view(-1, 4).sum(dim=-1)  # the tower keeps the natural order
+        assert torch.allclose(group.view.received()[0], expected, atol=1e-6)
+        assert group.residuals is None  # no DeepStack
 
 
 def test_decoder_stages_sit_at_full_attention_layers(model):

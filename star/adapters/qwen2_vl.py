@@ -32,6 +32,7 @@ class Qwen2VLAdapter(Decoder):
     has_cls = False
     n_visual = None  # images differ in size: plans are made per image
     budget_unit = None  # an int `keep` counts tokens per image
+    sizes_note = "t * h * w / merge_size**2 tokens each"  # how an image's tokens are counted, for split_rows' errors
     synthetic_patches = 48  # per side of the timing image: 672 px at 14 px patches, 576 merged tokens as LLaVA-1.5's
 
     def __init__(self, model: Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration):
@@ -102,8 +103,6 @@ class Qwen2VLAdapter(Decoder):
                 place += n
                 image += 1
         return Encoded(groups, ordinals(is_image), None)
-
-    sizes_note = "t * h * w / merge_size**2 tokens each"
 
     def image_sizes(self, inputs: dict) -> torch.Tensor:
         grid = inputs.get("image_grid_thw")

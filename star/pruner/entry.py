@@ -220,7 +220,7 @@ def continues(prompt: Prompt | None, kwargs: dict) -> bool:
     if prompt is None or prompt.source is None or kwargs.get("use_cache") is not False:
         return False
     ids, pixels = prompt.source
-    new = kwargs["input_ids"]
-    if kwargs["pixel_values"] is not pixels or new.shape[0] != ids.shape[0] or new.shape[1] <= ids.shape[1]:
+    new = kwargs.get("input_ids")
+    if new is None or kwargs["pixel_values"] is not pixels or new.shape[0] != ids.shape[0] or new.shape[1] <= ids.shape[1]:
         return False
     return bool(torch.equal(new[:, : ids.shape[1]], ids))
