@@ -221,3 +221,12 @@ def test_star_flops_counts_the_shipped_qwen3_5(capsys):
     assert shape.attention_layers == tuple(range(3, 32, 4))
     assert main(["flops", "--model", "qwen3.5-9b", "--method", "star", "--keep", "64", "--option", "layer=16"]) == 2
     assert "full-attention layers are 3, 7, 11, 15, 19, 23, 27, 31" in capsys.readouterr().err
+
+
+@torch.no_grad()
+def test_a_static_cache_is_refused_saying_why(model):
+    inputs = qwen_inputs([[LARGE]], [(5, 4)], seed=2)
+    with star.apply(model, method="star", keep=4), pytest.raises(ValueError, match="StaticCache on a decoder with linear-attention layers"):
+        model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+    with star.apply(model, method="random", keep=4), pytest.raises(ValueError, match="attention_mask came as dict"):
+        model.generate(**inputs, max_new_tokens=2, cache_implementation="static")

@@ -82,7 +82,7 @@ def enter(
     mask = kwargs.get("attention_mask")
     mask = torch.ones_like(input_ids) if mask is None else mask
     cache = compat.cache_of(kwargs)
-    cache_slots = cache.layers[0].max_cache_len if isinstance(cache, StaticCache) else None
+    cache_slots = cache.layers[adapter.counted_layer].max_cache_len if isinstance(cache, StaticCache) else None
     if cache_slots is not None and isinstance(mask, torch.Tensor) and mask.dim() == 4:
         mask = padding_of(mask)[:, :length]  # 4.57's generate() makes a StaticCache's 4-D mask before the forward
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
