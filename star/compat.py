@@ -223,3 +223,19 @@ def cache_kwargs(cache) -> dict:
 
     name = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
     return {name: cache}
+
+
+# -- Qwen3.5 -------------------------------------------------------------------------------------------
+
+
+def qwen3_5_classes() -> tuple[type, ...]:
+    """Qwen3.5's model class, which transformers ships from 5.x on (`qwen3_5`); 4.57 lacks the family, so it
+    supports nothing there (`QWEN3_5_MISSING` says why, for the tests that skip it)."""
+    try:
+        from transformers import Qwen3_5ForConditionalGeneration
+    except ImportError:
+        return ()
+    return (Qwen3_5ForConditionalGeneration,)
+
+
+QWEN3_5_MISSING = None if qwen3_5_classes() else f"transformers {transformers.__version__} has no Qwen3.5 (qwen3_5 came in 5.x)"

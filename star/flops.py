@@ -5,6 +5,15 @@ one-FLOP-per-MAC rule; ratios, which is what it compares, are the same either wa
 - projections: q and o over the query width, k and v over the key/value width (grouped-query attention);
 - attention: the two matrix products Q K^T and A V, n^2 each per head dimension;
 - FFN: two matrices, or three for Llama's gated FFN.
+A hybrid decoder's linear-attention layers (Qwen3.5's gated delta net) have no n^2 term; such a layer counts
+- projections: q, k (key width each), v and the output gate z (value width each), the per-head decay and write
+  strength (one column per value head each), and the output projection (value width);
+- the short causal convolution: kernel MACs per token and q/k/v channel;
+- the recurrence, by the gated delta rule's own formula: per token and value head, three products with the
+  key_dim x value_dim state (read it with the key, write the key's outer product, read it with the query);
+- the FFN as above.
+Qwen3.5's full-attention layers gate their output from a second q-width half of q_proj: their q projection
+counts twice.
 """
 
 from __future__ import annotations
@@ -19,6 +28,28 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 @dataclass(frozen=True)
+class LinearAttention:
+    """The linear-attention layers of a hybrid decoder (Qwen3.5's gated delta net), and which layers they are."""
+
+    layer_types: tuple[str, ...]
+    key_heads: int
+    value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int
+
+    @classmethod
+    def from_config(cls, config) -> LinearAttention | None:
+        types = tuple(getattr(config, "layer_types", None) or ())
+        if "linear_attention" not in types:
+            return None
+        return cls(
+            types, config.linear_num_key_heads, config.linear_num_value_heads, config.linear_key_head_dim,
+            config.linear_value_head_dim, config.linear_conv_kernel_dim,
+        )
+
+
+@dataclass(frozen=True)
 class DecoderShape:
     hidden_size: int
     intermediate_size: int
@@ -27,6 +58,14 @@ class DecoderShape:
     num_kv_heads: int
     head_dim: int
     gated_ffn: bool = True
+    linear: LinearAttention | None = None  # a hybrid decoder's linear-attention layers (its full ones gate their output)
+
+    @property
+    def attention_layers(self) -> tuple[int, ...] | None:
+        """The layers with softmax attention where others have none (a hybrid decoder), else None."""
+        if self.linear is None:
+            return None
+        return tuple(i for i, kind in enumerate(self.linear.layer_types) if kind != "linear_attention")
 
     @classmethod
     def from_config(cls, config) -> DecoderShape:
@@ -44,13 +83,16 @@ class DecoderShape:
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             gated_ffn=getattr(config, "hidden_act", "silu") in ("silu", "swiglu"),
+            linear=LinearAttention.from_config(config),
         )
 
     @classmethod
     def named(cls, name: str) -> DecoderShape:
         """A decoder shape shipped with the package (no hub needed): see `named_models()`."""
         data = _named(name)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        linear = data.get("linear")
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k != "linear"}
+        return cls(**fields, linear=None if linear is None else LinearAttention(**{**linear, "layer_types": tuple(linear["layer_types"])}))
 
 
 def _ffn_width(config) -> int:
@@ -96,13 +138,22 @@ def _named(name: str) -> dict:
     return json.loads(files("star").joinpath("configs", f"{name}.json").read_text())
 
 
-def layer_flops(shape: DecoderShape, n_tokens: int) -> float:
-    """FLOPs of one decoder layer's prefill over n_tokens (the paper's formula, GQA and gated FFN aware)."""
+def layer_flops(shape: DecoderShape, n_tokens: int, layer: int = 0) -> float:
+    """FLOPs of decoder layer `layer`'s prefill over n_tokens (the paper's formula, GQA and gated FFN aware; a
+    hybrid decoder's linear-attention layer by its own, see the module's docstring)."""
     n, d = n_tokens, shape.hidden_size
-    q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-    projections = 2 * n * d * q_width + 2 * n * d * kv_width
-    attention = 2 * n * n * q_width
     ffn = (3 if shape.gated_ffn else 2) * n * d * shape.intermediate_size
+    linear = shape.linear
+    if linear is not None and linear.layer_types[layer] == "linear_attention":
+        key, value = linear.key_heads * linear.key_head_dim, linear.value_heads * linear.value_head_dim
+        projections = n * d * (2 * key + 2 * value + 2 * linear.value_heads) + n * value * d
+        convolution = n * (2 * key + value) * linear.conv_kernel
+        recurrence = 3 * n * linear.value_heads * linear.key_head_dim * linear.value_head_dim
+        return 2.0 * (projections + convolution + recurrence + ffn)
+    q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    gate = q_width if linear is not None else 0  # Qwen3.5's output gate, the second half of q_proj
+    projections = 2 * n * d * q_width + n * d * gate + 2 * n * d * kv_width
+    attention = 2 * n * n * q_width
     return 2.0 * (projections + attention + ffn)
 
 
@@ -110,7 +161,7 @@ def prefill_flops(shape: DecoderShape, tokens_per_layer: Sequence[int]) -> float
     """FLOPs of a prefill where layer i processes tokens_per_layer[i] tokens."""
     if len(tokens_per_layer) != shape.num_layers:
         raise ValueError(f"tokens_per_layer has {len(tokens_per_layer)} entries for a {shape.num_layers}-layer decoder")
-    return sum(layer_flops(shape, n) for n in tokens_per_layer)
+    return sum(layer_flops(shape, n, i) for i, n in enumerate(tokens_per_layer))
 
 
 def tokens_per_layer(num_layers: int, n_text: int, n_visual: int, stages: Sequence[tuple[int, int]] = ()) -> list[int]:

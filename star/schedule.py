@@ -112,7 +112,10 @@ def frontier(points: list[Point], kind: str = "flops") -> list[Point]:
 
 def shape_key(shape: DecoderShape, n_visual: int) -> dict:
     """What a schedule must match to apply to a model: its decoder's shape and its visual tokens per image unit."""
-    return {**dataclasses.asdict(shape), "n_visual": n_visual}
+    key = dataclasses.asdict(shape)
+    if key["linear"] is None:  # a decoder without linear-attention layers, keyed as before they were modelled
+        del key["linear"]
+    return {**key, "n_visual": n_visual}
 
 
 def shipped(method: str, key: dict) -> Schedule | None:

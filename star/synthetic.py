@@ -14,6 +14,7 @@ import json
 from importlib.resources import files
 
 import torch
+import transformers
 from torch import nn
 
 from star.adapters import adapter_for
@@ -36,7 +37,11 @@ def shipped_config(name: str):
     from transformers import AutoConfig
 
     fields = dict(_shipped(name)["architecture"])
-    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    model_type = fields.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except ValueError as error:  # a family this transformers line lacks (Qwen3.5 on 4.57)
+        raise ValueError(f"--config {name!r} is a {model_type} model, which transformers {transformers.__version__} does not have") from error
 
 
 def _shipped(name: str) -> dict:

@@ -91,6 +91,28 @@ def tiny_qwen3(attn: str = "sdpa", seed: int = 0, layers: int = 6, moe: bool = F
     return model
 
 
+def tiny_qwen3_5(attn: str = "sdpa", seed: int = 0, layers: int = 8):
+    """Qwen3.5: Qwen3-VL's tower without DeepStack, and a hybrid decoder of three linear-attention (gated delta
+    net) layers per full-attention layer (full attention at 3 and 7 of 8), rotary on half of each head. The
+    linear layers' decay and gates are drawn at random (their initial values would make them nearly inert)."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    rope = {"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True, "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    text = {
+        **_text(layers), "head_dim": 16, "rope_parameters": rope, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+    }
+    vision = dict(
+        depth=3, hidden_size=32, intermediate_size=64, num_heads=4, in_channels=3, patch_size=4, spatial_merge_size=2,
+        temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16,
+    )
+    ids = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    model = Qwen3_5ForConditionalGeneration._from_config(Qwen3_5Config(vision_config=vision, text_config=text, **ids), attn_implementation=attn).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
 GEMMA_TOKENS = 16  # Gemma 3: 32 px images, 2 px patches (16 x 16), pooled 4 x 4 into 4 x 4 tokens
 BOI, EOI = 122, 123
 
@@ -251,6 +273,8 @@ def forward_kept(model, ids, embeds, positions, fixed, kept, cut_layers, extra_i
             pos = torch.arange(hidden.shape[1])[None]
         n = hidden.shape[1]
         causal = torch.full((n, n), float("-inf")).triu(1)[None, None]
+        if getattr(layer, "linear_attn", None) is not None:  # Qwen3.5's linear attention: causal by itself, no padding
+            causal = None
         rotary = lm.rotary_emb(hidden, pos if pos.shape[0] == 1 else pos[:, None, :])
         out = layer(hidden, attention_mask=causal, position_ids=pos if pos.shape[0] == 1 else None, position_embeddings=rotary)
         hidden = out[0] if isinstance(out, tuple) else out
@@ -302,4 +326,4 @@ def by_layer(stats, row: int) -> list[tuple[int, list[int]]]:
 def layout_of(pruner, inputs: dict):
     """The `Layout` the pruner reads at prefill, for calling an adapter's `encode_prompts` directly."""
     ids = inputs["input_ids"]
-    return read_layout(ids, inputs.get("attention_mask", torch.ones_like(ids)), pruner.adapter.image_token_id)
+    return read_layout(ids, inputs.get("attention_mask", torch.ones_like(ids)), pruner.adapter.image_token_id, pruner.adapter.image_sizes(inputs))

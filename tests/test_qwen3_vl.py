@@ -247,3 +247,21 @@ def test_bad_inputs_are_named(model):
             model(**mismatch)
     with star.apply(model, method="star", keep=7), torch.no_grad(), pytest.raises(ValueError, match="keep=7"):
         model(**inputs)
+
+
+@torch.no_grad()
+def test_keep_above_an_images_tokens_is_refused_before_the_tower_runs(model):
+    """The images' token counts come back with the layout: a budget one image cannot meet fails before any of
+    the tower's compute (its forward is counted)."""
+    inputs = qwen_inputs([[LARGE], [TINY]], [(2, 2), (1, 3)])
+    calls = []
+    handle = model.model.visual.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with star.apply(model, method="star", keep=5), pytest.raises(ValueError, match="keep=5 is above the 4 visual tokens"):
+            model(**inputs)
+        assert calls == []
+        with star.apply(model, method="star", keep=4):
+            model(**inputs)
+        assert calls == [1]
+    finally:
+        handle.remove()

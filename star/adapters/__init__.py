@@ -10,10 +10,11 @@ from star.adapters.llava import LlavaAdapter
 from star.adapters.llava_next import LlavaNextAdapter
 from star.adapters.llava_onevision import LlavaOnevisionAdapter
 from star.adapters.qwen2_vl import Qwen2VLAdapter
+from star.adapters.qwen3_5 import Qwen3_5Adapter
 from star.adapters.qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen3VLAdapter, InternVLAdapter, Gemma3Adapter)
-Adapter = LlavaAdapter | LlavaNextAdapter | LlavaOnevisionAdapter | Qwen2VLAdapter | Qwen3VLAdapter | InternVLAdapter | Gemma3Adapter
+ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen3VLAdapter, Qwen3_5Adapter, InternVLAdapter, Gemma3Adapter)
+Adapter = LlavaAdapter | LlavaNextAdapter | LlavaOnevisionAdapter | Qwen2VLAdapter | Qwen3VLAdapter | Qwen3_5Adapter | InternVLAdapter | Gemma3Adapter
 
 
 def adapter_for(model: nn.Module) -> Adapter:

@@ -93,6 +93,15 @@ class Decoder:
     # Every image token is a visual token of a whole unit of n_visual: a prompt's units and text tokens follow from
     # its counts in the `Layout`, so a FLOPs budget is picked per prompt (star.schedule.PromptBudget).
     whole_units = False
+    # The layers whose softmax attention a decoder stage may score with (None: every layer); a hybrid decoder's
+    # others (Qwen3.5's linear attention) have no attention matrix.
+    attention_layers: tuple[int, ...] | None = None
+    # Layer types that take the 2-D padding mask of their own tokens, not an attention mask over a cache
+    # (Qwen3.5's linear attention, which zeroes padded tokens before its convolution and recurrence).
+    padding_mask_types: tuple[str, ...] = ()
+    # The layer whose cache length the cache reports (`get_seq_length`): a hybrid cache counts its first
+    # attention layer's keys, which may sit after a cut.
+    counted_layer = 0
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -119,6 +128,11 @@ class Decoder:
             positions = positions[-3:]
         first = key_mask.long().argmax(dim=1)[:, None].expand(*positions.shape[:-1], 1)
         return self.rotary(hidden, positions - positions.gather(-1, first), layer_type)
+
+    def image_sizes(self, inputs: dict) -> torch.Tensor | None:
+        """Tokens of each image [I] on the device, where images differ in size (read back with the `Layout`, so a
+        `keep` above an image's tokens is refused before the tower runs), else None."""
+        return None
 
     def norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The decoder's final norm, the one the LM head reads through."""
@@ -176,20 +190,28 @@ class Layout:
     n_text: list[int]
     n_text_device: torch.Tensor
     real_tokens: list[int]
+    image_sizes: list[int] | None = None  # tokens of each image, where images differ in size (`Decoder.image_sizes`)
 
 
-def read_layout(input_ids: torch.Tensor, mask: torch.Tensor, image_token_id: int) -> Layout:
-    """The batch's `Layout`, and a refusal of right padding, in one read back from the device."""
+def read_layout(input_ids: torch.Tensor, mask: torch.Tensor, image_token_id: int, image_sizes: torch.Tensor | None = None) -> Layout:
+    """The batch's `Layout`, and a refusal of right padding, in one read back from the device (with the tokens of
+    each image, `image_sizes` [I], where the family's images differ in size)."""
     is_image = input_ids == image_token_id
     length = input_ids.shape[1]
     last = torch.where(is_image, torch.arange(length, device=input_ids.device), -1).amax(dim=1)
     n_text = torch.where(last >= 0, length - 1 - last, mask.sum(dim=1) - 1)
     right_padded = (mask[:, 1:] < mask[:, :-1]).any(dim=1)
-    counts = torch.stack([is_image.sum(dim=1), n_text, right_padded.long(), mask.sum(dim=1).long()]).tolist()
-    image_tokens, texts, right, real = counts
+    counts = torch.stack([is_image.sum(dim=1), n_text, right_padded.long(), mask.sum(dim=1).long()])
+    if image_sizes is not None:
+        counts = torch.cat([counts.flatten(), image_sizes.to(counts.device, torch.long)])
+    values = counts.tolist()
+    if image_sizes is not None:
+        batch = input_ids.shape[0]
+        values, sizes = [values[i * batch : (i + 1) * batch] for i in range(4)], values[4 * batch :]
+    image_tokens, texts, right, real = values
     if any(right):
         raise ValueError("attention_mask pads on the right: prompts must be left-padded (padding_side='left')")
-    return Layout(image_tokens, texts, n_text, real)
+    return Layout(image_tokens, texts, n_text, real, sizes if image_sizes is not None else None)
 
 
 def split_rows(image_tokens: list[int], per_image: list[int], what: str) -> list[int]:

@@ -32,6 +32,7 @@ class Qwen2VLAdapter(Decoder):
     has_cls = False
     n_visual = None  # images differ in size: plans are made per image
     budget_unit = None  # an int `keep` counts tokens per image
+    sizes_note = "t * h * w / merge_size**2 tokens each"  # how an image's tokens are counted, for split_rows' errors
     synthetic_patches = 48  # per side of the timing image: 672 px at 14 px patches, 576 merged tokens as LLaVA-1.5's
 
     def __init__(self, model: Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration):
@@ -61,14 +62,12 @@ class Qwen2VLAdapter(Decoder):
         """The images of a batch of prompts, each one unit of its own size."""
         if inputs.get("pixel_values_videos") is not None:
             raise ValueError("pixel_values_videos came with images: video tokens are not pruned, pass images alone")
-        grid = inputs.get("image_grid_thw")
-        if grid is None:
-            raise ValueError("image_grid_thw is None: Qwen2-VL needs each image's patch grid")
-        # Images of different sizes: their token counts, and the tower's bounds below, are this family's own
-        # reads back from the device (docs/results.md, "Host syncs per prefill").
-        sizes = (grid.prod(dim=-1) // self.merge_unit).tolist()
+        grid = inputs["image_grid_thw"]
+        # Images of different sizes: their token counts came with the layout; the tower's bounds below are this
+        # family's own read back from the device (docs/results.md, "Host syncs per prefill").
+        sizes = layout.image_sizes
         is_image = input_ids == self.image_token_id
-        per_row = split_rows(layout.image_tokens, sizes, "t * h * w / merge_size**2 tokens each")
+        per_row = split_rows(layout.image_tokens, sizes, self.sizes_note)
 
         layer: dict[str, object] = {}
 
@@ -104,6 +103,12 @@ class Qwen2VLAdapter(Decoder):
                 place += n
                 image += 1
         return Encoded(groups, ordinals(is_image), None)
+
+    def image_sizes(self, inputs: dict) -> torch.Tensor:
+        grid = inputs.get("image_grid_thw")
+        if grid is None:
+            raise ValueError("image_grid_thw is None: Qwen2-VL needs each image's patch grid")
+        return grid.prod(dim=-1) // self.merge_unit
 
     def tower(self, pixel_values: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The merged tokens of every image, [T, D]; Qwen2-VL's decoder takes nothing else from the tower."""

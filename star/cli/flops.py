@@ -8,6 +8,7 @@ from star import flops as flops_model
 from star.cli.args import add_option_argument, budget, command, count, list_of, method_names, settings
 from star.methods import build
 from star.pruner import resolve_keep
+from star.pruner.budget import on_attention_layers
 
 
 def add(commands: argparse._SubParsersAction) -> None:
@@ -41,7 +42,10 @@ def run(args: argparse.Namespace) -> None:
     for setting in settings(args.method, args.keep, args.option):
         keep = resolve_keep(setting.keep, per_crop)
         options = {k: v for k, v in setting.options.items() if k != "positions"}  # positions change no FLOPs
-        plan = build(setting.method, **options).plan(per_crop, keep, shape.num_layers)
+        method = build(setting.method, **options)
+        plan = method.plan(per_crop, keep, shape.num_layers)
+        if shape.attention_layers is not None:  # a hybrid decoder: stages score at its full-attention layers
+            plan = on_attention_layers(method, plan, shape.attention_layers, shape.num_layers)
         stages = [(s.layer, crops * s.keep) for s in plan.llm_stages]
         lengths = flops_model.tokens_per_layer(shape.num_layers, fixed, crops * plan.vision_keep, stages)
         total = flops_model.prefill_flops(shape, lengths)

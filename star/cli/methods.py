@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 
 from star.adapters import ADAPTERS
+
+SUPPORTED = [adapter for adapter in ADAPTERS if adapter.model_classes]  # the families this transformers line has
 from star.adapters.base import vision_refusal
 from star.cli.args import command
 from star.methods import REGISTRY
@@ -31,13 +33,13 @@ def run(args: argparse.Namespace) -> None:
             print(f"{'':13s} {f.name:{name_width}s}  {f'{f.type} = {f.default!r}':{type_width}s}  {f.metadata['help']}")
         if not dataclasses.fields(cls):
             print(f"{'':13s} no options")
-        for adapter in ADAPTERS:
+        for adapter in SUPPORTED:
             reason = vision_refusal(adapter, cls())
             if reason:
                 models = ", ".join(model.__name__ for model in adapter.model_classes)
                 print(f"{'':13s} refused by {models}: {reason}")
     print("Model families, what an int --keep counts in each, and the methods that run on it:")
-    for adapter in ADAPTERS:
+    for adapter in SUPPORTED:
         refused = [name for name, cls in REGISTRY.items() if vision_refusal(adapter, cls())]
         runs = "every method" if not refused else f"every method but {', '.join(refused)}"
         print(f"  {', '.join(c.__name__ for c in adapter.model_classes)}: {adapter.budget_note}; {runs}")

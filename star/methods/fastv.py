@@ -10,7 +10,8 @@ asks the model for every layer's eager attention); the image tokens are found by
 them at 35 + 576); any batch size. `keep` is the count after the cut (the paper's R = 50% is keep = n / 2).
 Pruning happens once, at prefill, and the cache of layers >= K holds the kept tokens: the code's KV-cache
 variant. The paper's numbers come from `use_cache=False`, which re-selects at every decode step from the newest
-token; the first answer token is the same either way, later ones may differ.
+token; the first answer token is the same either way, later ones may differ. Here `generate(use_cache=False)` keeps
+the prompt's selection at every step (star.pruner.entry.continues), so it answers as the cache does.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+
 from star.methods import LLMStage, Method, Plan
 
 # Families whose images differ in size (Qwen2-VL) get a notional image of this many tokens at apply(), to
@@ -48,25 +50,37 @@ class Budget:
     then made for NOMINAL_TOKENS). budget_unit: what an int `keep` counts per (see `unit_keep`).
     """
 
-    def __init__(self, method: Method, keep: int | float, n_visual: int | None, budget_unit: int | None, num_layers: int):
+    def __init__(
+        self, method: Method, keep: int | float, n_visual: int | None, budget_unit: int | None, num_layers: int,
+        attention_layers: tuple[int, ...] | None = None,
+    ):
+        """attention_layers: the layers a decoder stage may score at (a hybrid decoder's softmax-attention
+        layers), or None for every layer."""
         self.method = method
         self.given = keep
         self.keep = resolve_keep(keep, n_visual)
         self.budget_unit = budget_unit
         self.num_layers = num_layers
-        self.plan = method.plan(n_visual or max(NOMINAL_TOKENS, self.keep), self.keep, num_layers)
+        self.attention_layers = attention_layers
+        self.plan = self._planned(n_visual or max(NOMINAL_TOKENS, self.keep), self.keep)
         check_stages(self.plan.llm_stages)
         self._plans: dict[int, Plan] = {}
 
     def unit_plan(self, n: int) -> Plan:
         """The method's plan for one unit (an image, a LLaVA-NeXT crop) of n visual tokens."""
         if n not in self._plans:
-            plan = self.method.plan(n, unit_keep(self.given, n, self.budget_unit), self.num_layers)
+            plan = self._planned(n, unit_keep(self.given, n, self.budget_unit))
             nominal = {s.layer: s for s in self.plan.llm_stages}
             if any(nominal.get(s.layer, None) is None or nominal[s.layer].score_layer != s.score_layer for s in plan.llm_stages):
                 raise ValueError(f"method {self.method.name!r} plans other decoder stages for {n} tokens than for {self.plan.n_visual}")
             self._plans[n] = plan
         return self._plans[n]
+
+    def _planned(self, n: int, keep: int) -> Plan:
+        plan = self.method.plan(n, keep, self.num_layers)
+        if self.attention_layers is None:
+            return plan
+        return on_attention_layers(self.method, plan, self.attention_layers, self.num_layers)
 
     def schedule(self, plan: Plan, stages: tuple[LLMStage, ...]) -> list[int]:
         """A unit's visual tokens [from the encoder, entering the decoder, after each of `stages`] (the batch's
@@ -97,3 +111,41 @@ def check_stages(stages: tuple[LLMStage, ...]) -> None:
         if not previous < stage.score_layer <= stage.layer:
             raise ValueError(f"decoder stages {stages} overlap: each must score after the previous cut")
         previous = stage.layer
+
+
+def on_attention_layers(method: Method, plan: Plan, attention_layers: tuple[int, ...], num_layers: int) -> Plan:
+    """`plan` with every decoder stage scored at one of `attention_layers` (a hybrid decoder's softmax-attention
+    layers; the others have no attention matrix to score with).
+
+    A stage the method's own default puts elsewhere moves to the nearest such layer (the earlier one at a tie),
+    its cut moving with it (FastV keeps cutting one layer after it scores): STAR's default becomes the
+    full-attention layer nearest half the depth. A layer option the caller set that scores elsewhere is a
+    ValueError naming the full-attention layers.
+    """
+    if all(stage.score_layer in attention_layers for stage in plan.llm_stages):
+        return plan
+    named = ", ".join(map(str, attention_layers))
+    asked = [f.name for f in fields(method) if "layer" in f.name and getattr(method, f.name) != f.default]
+    if asked:
+        stage = next(s for s in plan.llm_stages if s.score_layer not in attention_layers)
+        raise ValueError(
+            f"{asked[0]}={getattr(method, asked[0])!r} makes {method.name!r} score a decoder stage with layer "
+            f"{stage.score_layer}, a linear-attention layer with no attention to score with: the decoder's "
+            f"full-attention layers are {named}"
+        )
+    moved = []
+    try:
+        for stage in plan.llm_stages:
+            gap = stage.layer - stage.score_layer
+            fits = [a for a in attention_layers if a + gap < num_layers]
+            if not fits:
+                raise ValueError
+            score = min(fits, key=lambda a: (abs(a - stage.score_layer), a))
+            moved.append(replace(stage, score_layer=score, layer=score + gap))
+        check_stages(tuple(moved))
+    except ValueError:
+        raise ValueError(
+            f"{method.name!r}'s default decoder stages {[s.score_layer for s in plan.llm_stages]} do not move onto "
+            f"distinct full-attention layers ({named}): pass its layer option, scoring at those layers"
+        ) from None
+    return replace(plan, llm_stages=tuple(moved))

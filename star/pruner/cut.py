@@ -35,7 +35,12 @@ def cut(
     prompt whose own setting does not cut here).
     """
     frame = prompt.frames[-1]
-    selections = select(adapter, stage, prompt, *scored, budgets, hidden)
+    stage_number = len(prompt.frames) - 1
+    if prompt.replay is not None:  # a prefill that continues a prompt without a cache: that prompt's selection
+        selections = prompt.replay.llm_selections[stage_number]
+    else:
+        selections = select(adapter, stage, prompt, *scored, budgets, hidden)
+    prompt.llm_selections.append(selections)
     batch, length = hidden.shape[:2]
     kept_counts = [s.index.shape[1] for s in selections for _ in range(s.index.shape[0])]
     if len(selections) == 1:
@@ -86,7 +91,9 @@ def frame_inputs(
     columns span; flash: the attention takes a 2-D padding mask (FlashAttention)."""
     keep = frame.keep_cols
     mask = kwargs["attention_mask"]
-    if mask is not None and mask.dim() == 4:
+    if layer_type in adapter.padding_mask_types:  # the 2-D padding mask of the frame's own tokens, where any pads
+        mask = frame.mask if mask is not None or frame.padded else None
+    elif mask is not None and mask.dim() == 4:
         mask = hide_keys(slice_mask(mask, keep, keep), frame.mask)
     elif mask is not None or frame.padded:  # FlashAttention's 2-D mask, or none where the entry frame has no padding
         places = torch.arange(frame.length, device=keep.device)

@@ -72,7 +72,11 @@ def layer_inputs(
     """What changes in the inputs of a layer that runs in `frame`, whose cache holds only the frame's prompt
     tokens: the mask's key columns (of those tokens and the new ones), the cache positions, and for contiguous
     positions the positions and rotary tables. Where the model made no mask (no padding in the entry frame) but
-    the pruner padded this frame, one is made (flash: FlashAttention's 2-D form)."""
+    the pruner padded this frame, one is made (flash: FlashAttention's 2-D form). A layer that takes the padding
+    mask of its own tokens (`padding_mask_types`) keeps the model's: it covers the step's new tokens, alike in
+    every frame, and the layer's states hold what came before."""
+    if layer_type in adapter.padding_mask_types:
+        return {}
     shift = prompt.frames[0].length - frame.length
     mask = kwargs["attention_mask"]
     if mask is None and frame.padded:

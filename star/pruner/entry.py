@@ -15,7 +15,7 @@ from transformers import StaticCache
 
 from star import compat
 from star.adapters import Adapter
-from star.adapters.base import FIXED, TEXT, Layout, read_layout
+from star.adapters.base import FIXED, TEXT, Layout, read_layout, rows_of, split_rows
 from star.decoder import (
     Frame, contiguous_positions, gather_positions, gather_seq, keep_in_order, on_device, padding_of, ragged_rows,
 )
@@ -43,6 +43,13 @@ class Prompt:
     residuals: torch.Tensor | None = None  # [B, V, E, D] DeepStack features of the last frame's visual tokens
     cache_slots: int | None = None  # a StaticCache's slots per layer (every frame's cache has as many), or None
     picks: list[Point] | None = None  # each prompt's setting, where a budget picked it per prompt
+    # What the prefill decided, for a prefill that continues this prompt without a cache to reuse (see `enter`):
+    # each prompt's budget, stage 1's selections in the order made, and each decoder stage's (filled by `cut`).
+    row_budgets: list[Budget] = field(default_factory=list)
+    vision_selections: list[Selection] = field(default_factory=list)
+    llm_selections: list[list[Selection]] = field(default_factory=list)
+    replay: Prompt | None = None  # the prompt whose decisions this prefill reuses, or None
+    source: tuple[torch.Tensor, torch.Tensor] | None = None  # the prompt's input_ids and pixel_values
     stage_at: dict[int, int] = field(init=False)  # the stage that cuts at each of its layers
     early_scores: set[int] = field(init=False)  # the layers a stage scores at before its own layer
 
@@ -50,13 +57,20 @@ class Prompt:
         self.stage_at = {stage.layer: i for i, stage in enumerate(self.stages)}
         self.early_scores = {s.score_layer for s in self.stages if s.score_layer != s.layer}
 
+    def frame_at(self, layer: int) -> Frame:
+        """The frame decoder layer `layer` runs in."""
+        return next(f for f in reversed(self.frames) if f.start_layer <= layer)
+
 
 def enter(
     adapter: Adapter, budgets_of: Callable[[Layout], tuple[list[Budget], list[Point] | None]], positions: str, kwargs: dict,
+    replay: Prompt | None = None,
 ) -> tuple[Prompt, dict]:
     """Run stage 1 on the prompts' images and return the prompt's state and the decoder's entry inputs.
 
     budgets_of: each prompt's budget from the batch's layout (and the settings picked per prompt, if any).
+    replay: a prompt this one continues (its tokens followed by more, the same images; `continues`): its budgets
+    and every selection it made are reused, so the tokens that follow the prompt never change its pruning.
     After the one read of the batch's `Layout`, every size is known on the host and every index is computed on
     the device: a GPU runs the prefill without waiting for the host.
     """
@@ -68,7 +82,7 @@ def enter(
     mask = kwargs.get("attention_mask")
     mask = torch.ones_like(input_ids) if mask is None else mask
     cache = compat.cache_of(kwargs)
-    cache_slots = cache.layers[0].max_cache_len if isinstance(cache, StaticCache) else None
+    cache_slots = cache.layers[adapter.counted_layer].max_cache_len if isinstance(cache, StaticCache) else None
     if cache_slots is not None and isinstance(mask, torch.Tensor) and mask.dim() == 4:
         mask = padding_of(mask)[:, :length]  # 4.57's generate() makes a StaticCache's 4-D mask before the forward
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
@@ -77,8 +91,12 @@ def enter(
             f"attention_mask came as {form} at prefill: the pruner needs the 2-D padding mask [batch, tokens] to "
             "build its shorter frames"
         )
-    layout = read_layout(input_ids, mask, adapter.image_token_id)
-    budgets, picks = budgets_of(layout)
+    layout = read_layout(input_ids, mask, adapter.image_token_id, adapter.image_sizes(kwargs))
+    budgets, picks = (replay.row_budgets, replay.picks) if replay is not None else budgets_of(layout)
+    if layout.image_sizes is not None:  # images of their own sizes: each budget checked before the tower runs
+        rows = rows_of(split_rows(layout.image_tokens, layout.image_sizes, adapter.sizes_note))
+        for row, n in zip(rows, layout.image_sizes):
+            budgets[row].unit_plan(n)
     stages = batch_stages(budgets) if len(set(map(id, budgets))) > 1 else budgets[0].plan.llm_stages
     encoded = adapter.encode_prompts(kwargs, input_ids, layout)
     full_positions = adapter.prompt_positions(kwargs, input_ids, mask)
@@ -88,7 +106,7 @@ def enter(
     totals = [[0] * (2 + len(stages)) for _ in range(batch)]
     filled = [0] * batch  # kept visual tokens of each prompt
     candidates = [0] * batch  # and the image tokens stage 1 chose them from
-    kept_units = []
+    kept_units, selections = [], []
     tokens = None
     for group in encoded.groups:
         units, n = group.view.features.shape[:2]
@@ -97,10 +115,13 @@ def enter(
             plan = budget.unit_plan(n)
             schedule = budget.schedule(plan, stages)
             tokens = tokens or (budgets[0].schedule(budgets[0].plan, stages) if adapter.n_visual else schedule)
-            if plan.vision_keep < n:
+            if replay is not None:
+                selection = replay.vision_selections[len(selections)]
+            elif plan.vision_keep < n:
                 selection = budget.method.select_vision(group.view, plan.vision_keep)
             else:
                 selection = Selection(torch.arange(n, device=device).expand(units, n))
+            selections.append(selection)
             features = selection.states if selection.states is not None else gather_seq(group.view.features, selection.index)
             index, ordinals, group_residuals, rows = selection.index, group.ordinals, group.residuals, group.rows
             mine = [unit for unit, row in enumerate(group.rows) if budgets[row] is budget]
@@ -173,7 +194,8 @@ def enter(
     stage_budgets = [[row[2 + s] if stage.layer in cuts[r] else None for r, row in enumerate(totals)] for s, stage in enumerate(stages)]
     prompt = Prompt(
         length, entry_keep, entry_real, pads, full_positions, [frame], layout, stages, [b.method for b in budgets],
-        stage_budgets, tokens or [0] * (2 + len(stages)), totals, residuals, cache_slots, picks,
+        stage_budgets, tokens or [0] * (2 + len(stages)), totals, residuals, cache_slots, picks, budgets, selections,
+        replay=replay, source=(input_ids, kwargs["pixel_values"]),
     )
     # Per-token inputs the model reads besides the ids (Gemma 3's token types), at the kept tokens; 0 at the
     # padding slots added here.
@@ -189,3 +211,16 @@ def enter(
     }
     return prompt, compat.with_cache_position(entry, torch.arange(width, device=device))
 
+
+
+def continues(prompt: Prompt | None, kwargs: dict) -> bool:
+    """Whether a prefill without a cache continues `prompt`: its images (the same pixel_values) and its tokens
+    followed by more. generate(use_cache=False) calls the model so at every step, and `enter` then reuses the
+    prompt's pruning. One read back from the device (the tokens compared)."""
+    if prompt is None or prompt.source is None or kwargs.get("use_cache") is not False:
+        return False
+    ids, pixels = prompt.source
+    new = kwargs.get("input_ids")
+    if new is None or kwargs["pixel_values"] is not pixels or new.shape[0] != ids.shape[0] or new.shape[1] <= ids.shape[1]:
+        return False
+    return bool(torch.equal(new[:, : ids.shape[1]], ids))

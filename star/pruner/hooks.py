@@ -32,7 +32,7 @@ from star.methods import Method
 from star.pruner import decode
 from star.pruner.budget import Budget
 from star.pruner.cut import cut, frame_inputs
-from star.pruner.entry import Prompt, enter
+from star.pruner.entry import Prompt, continues, enter
 from star.schedule import Point, PromptBudget, pick_per_prompt
 
 POSITION_POLICIES = ("original", "contiguous")
@@ -109,7 +109,7 @@ class Pruner:
         num_layers = len(self.adapter.layers)
         # Families whose images differ in size plan per image at prefill; the nominal plan checks the options
         # and places the hooks (a method's stage layers depend on its options and the depth, not on the image).
-        self.budget = Budget(method, keep, self.adapter.n_visual, self.adapter.budget_unit, num_layers)
+        self.budget = Budget(method, keep, self.adapter.n_visual, self.adapter.budget_unit, num_layers, self.adapter.attention_layers)
         self.keep = self.budget.keep
         self.plan = self.budget.plan
         self.per_prompt = per_prompt
@@ -164,7 +164,7 @@ class Pruner:
         if prompt is None:
             return None
         frames = prompt.frames
-        lengths = [next(f.length for f in reversed(frames) if f.start_layer <= i) for i in range(len(self.adapter.layers))]
+        lengths = [prompt.frame_at(i).length for i in range(len(self.adapter.layers))]
         batch = frames[0].keep_cols.shape[0]
         done = 1 + len(frames)
         return PruneStats(
@@ -204,6 +204,8 @@ class Pruner:
             past = compat.static_cache_length(cache, kwargs, dropped)
         else:
             past = 0 if cache is None else cache.get_seq_length()
+            if past and self._prompt is not None:  # the count of the adapter's counted layer, in its own frame
+                past += self._prompt.frames[0].length - self._prompt.frame_at(self.adapter.counted_layer).length
         self._call = None
         if kwargs.get("pixel_values") is not None:
             if past:
@@ -216,7 +218,13 @@ class Pruner:
                     "a StaticCache on a decoder with sliding-window layers is not supported while a decoder stage "
                     "prunes: its window layers keep the last tokens in place of all; use DynamicCache"
                 )
-            self._prompt, inputs = enter(self.adapter, self._budgets_of, self.positions, kwargs)
+            if isinstance(cache, StaticCache) and self.adapter.padding_mask_types and self._hooked_layers:
+                raise ValueError(
+                    "a StaticCache on a decoder with linear-attention layers is not supported while a decoder stage "
+                    "prunes: its length is counted by an attention layer that a cut may shorten; use DynamicCache"
+                )
+            replay = self._prompt if continues(self._prompt, kwargs) else None
+            self._prompt, inputs = enter(self.adapter, self._budgets_of, self.positions, kwargs, replay)
             self._check_window(self._prompt.frames[0].length)
             self._call = _Call(step=None)
             return (), inputs
@@ -242,7 +250,9 @@ class Pruner:
         key = (point.keep, tuple(sorted(point.options.items())))
         if key not in self._budgets:
             method = registry.build(self.per_prompt.method, **self.per_prompt.options, **point.options)
-            self._budgets[key] = Budget(method, point.keep, self.adapter.n_visual, self.adapter.budget_unit, len(self.adapter.layers))
+            self._budgets[key] = Budget(
+                method, point.keep, self.adapter.n_visual, self.adapter.budget_unit, len(self.adapter.layers), self.adapter.attention_layers,
+            )
         return self._budgets[key]
 
     def _check_window(self, length: int) -> None:
@@ -291,6 +301,8 @@ class Pruner:
         Every hooked layer must have run this call's hook: a forward compiled while another pruner (or none) was
         applied keeps the hooks it was traced with, and its decoder stages would silently not prune."""
         call, self._call = self._call, None
+        if self._prompt is not None:  # its decisions are its own now: drop the prompt it reused them from
+            self._prompt.replay = None
         if call is not None and call.layers != self._hooked_layers:
             raise RuntimeError(
                 f"{call.layers} of the {self._hooked_layers} decoder layers this pruner prunes in ran its hooks: the "
