@@ -4,7 +4,7 @@ A cut is an engine's own setting, so each method runs in an engine of its own (`
 `star.apply(..., positions="contiguous")` on the same checkpoint: the same greedy tokens and log-probabilities
 (to 1e-4) for prompts with one and two images, in one batch with text-only prompts (which no cut touches) and
 each alone, and over two tensor-parallel ranks. A child process with an in-process engine (whose scheduler a test can read) checks the KV cache:
-the blocks of the dropped tokens freed after the prefill, and a preempted cut request ended with an error while
+the dropped tokens holding no block, and a preempted cut request ended with an error while
 the others go on.
 """
 
@@ -201,13 +201,13 @@ def _child(checkpoint: str, blocks: int, requests: int, tokens: int) -> dict:
     return json.loads(lines[-1][len("RESULT") :])
 
 
-def test_the_blocks_of_dropped_tokens_are_freed_after_the_prefill(checkpoint):
-    """75 prompt tokens as vLLM counts them (70 image tokens, 5 others): 3 blocks of 32 in each group while the
-    prompt runs; after it the cut group frees block 1 (slots 32-63, all dropped; block 0 holds the header)."""
+def test_the_dropped_tokens_never_hold_a_block(checkpoint):
+    """75 prompt tokens as vLLM counts them (70 image tokens, 5 others), 65 of them dropped by the cut: 3 blocks of
+    32 before the cut, and from the start 1 after it (the 10 kept tokens, then the answer's)."""
     result = _child(checkpoint, blocks=256, requests=1, tokens=4)
     assert result["managers"] == ["FullAttentionManager", "CutManager"]
     first, second = result["steps"][0], result["steps"][1]
-    assert first["0"] == [3, 3] and second["0"] == [3, 2]
+    assert first["0"] == [3, 1] and second["0"] == [3, 1]
     assert first["text"] == [1, 1] and second["text"] == [1, 1]  # a text-only prompt keeps its blocks
     assert result["ended"]["0"][0] == "length" and result["ended"]["text"][0] == "length"
     assert result["ended"]["0"][2] == 75  # the prompt as vLLM holds it: 5 x 14 image tokens and 5 others

@@ -38,6 +38,7 @@ ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "StarQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "StarQwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration": "StarQwen3VLForConditionalGeneration",
+    "Qwen3_5ForConditionalGeneration": "StarQwen3_5ForConditionalGeneration",
 }
 MODULES = {
     "StarLlavaForConditionalGeneration": "star.integrations.vllm.llava:StarLlavaForConditionalGeneration",
@@ -45,19 +46,19 @@ MODULES = {
     "StarQwen2VLForConditionalGeneration": "star.integrations.vllm.qwen2_vl:StarQwen2VLForConditionalGeneration",
     "StarQwen2_5_VLForConditionalGeneration": "star.integrations.vllm.qwen2_vl:StarQwen2_5_VLForConditionalGeneration",
     "StarQwen3VLForConditionalGeneration": "star.integrations.vllm.qwen3_vl:StarQwen3VLForConditionalGeneration",
+    "StarQwen3_5ForConditionalGeneration": "star.integrations.vllm.qwen3_5:StarQwen3_5ForConditionalGeneration",
 }
 # The M-RoPE families (Hugging Face model types): their images differ in size, so an int `keep` counts tokens per
 # image, and their kept tokens keep their original 3-D positions.
-MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 # The `star.apply` adapter of each served family (by Hugging Face model type): what its tower refuses.
 ADAPTERS = {
     "llava": "LlavaAdapter", "llava_next": "LlavaNextAdapter", "qwen2_vl": "Qwen2VLAdapter", "qwen2_5_vl": "Qwen2VLAdapter",
-    "qwen3_vl": "Qwen3VLAdapter",
+    "qwen3_vl": "Qwen3VLAdapter", "qwen3_5": "Qwen3_5Adapter",
 }
 # Families of the Hugging Face path that the plugin does not serve yet, and why.
 NOT_SERVED = {
     "Qwen3VLMoeForConditionalGeneration": "the pruned Qwen3-VL class is not yet built on vLLM's mixture-of-experts variant",
-    "Qwen3_5ForConditionalGeneration": "star.apply has no Qwen3.5 adapter yet to test a served one against",
     "InternVLForConditionalGeneration": "no pruned vLLM class for it yet",
     "LlavaOnevisionForConditionalGeneration": "no pruned vLLM class for it yet",
     "Gemma3ForConditionalGeneration": "no pruned vLLM class for it yet",

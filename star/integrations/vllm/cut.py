@@ -1,23 +1,26 @@
-"""One decoder cut inside vLLM (STAR's stage 2, FastV's, DART's) on a Llama-layer decoder (LLaVA-1.5), with the KV cache of the layers
-after the cut holding only the kept tokens.
+"""One decoder cut inside vLLM (STAR's stage 2, FastV's, DART's) on a Llama-layer decoder (LLaVA-1.5), with
+the layers after the cut on vLLM's own attention backend over a KV cache that holds only the kept tokens.
 
 vLLM gives a request one token count: its positions, and the KV cache of the layers before the cut, run over the
 prompt as the vision stage left it (S tokens). The layers from the cut on (K..L-1) are a KV-cache group of their
-own (`CutSpec`, registered with vLLM's `KVCacheSpecRegistry`), whose slots follow vLLM's positions like every
-group's, and which `CutDecoder` reads and writes itself. For a request whose prompt the cut shortens by D tokens:
+own (`CutSpec`, registered with vLLM's `KVCacheSpecRegistry`), in which a request whose prompt the cut shortens by
+D tokens holds S - D + its answer: its token i (in vLLM's count) sits at index i - D, its kept prompt tokens at
+0..S-D-1 in order. `CutManager` allocates that group's blocks for those tokens alone (D follows from the engine's
+setting and the request's images before anything runs: `CutScheduler` tells it), so the dropped tokens never
+hold a block. The kept tokens keep positions D..S-1 and the answer vLLM's own, so every query-key distance, all
+RoPE sees, is that of `star.apply(..., positions="contiguous")`.
 
-    slot 0          a header: its key NaN, its value D (a layer has no other memory of a request at decode)
-    slots 1..D-1    nothing: the blocks wholly inside are freed once the prompt is computed (`CutManager`)
-    slots D..S-1    the kept prompt tokens in order, at positions D..S-1: the gap-free numbering moved up by D,
-                    so every query-key distance, all RoPE sees, is that of `star.apply(..., positions="contiguous")`
-    slots S..       the generated tokens, at vLLM's own positions
+`CutDecoder` runs the layers from the cut on as vLLM's own decoder layers, their attention vLLM's `Attention` on
+the active backend: for each step it builds that group's attention metadata with the backend's own builder from
+the compacted counts (each request's queries after the cut, its sequence length less D, the slots of its new
+tokens) and puts it in the step's forward context for those layers. D of a request decoding this step is read on
+the device from a table indexed by the request's first block in the group (written at its prefill), so decode
+steps read nothing back for it.
 
-Requests without an image keep their prompt whole (no header). `CutScheduler` tells the managers what each
-request drops (images x (stage-1 count - keep)), as it follows from the engine's setting before anything runs.
-What the engine must not do with such a request: split its prompt into chunks (the cut needs every text row),
-share cached prefixes (the layers after the cut hold what the question chose), or recompute it after a preemption
-(its answer would join the scoring rows): `CUT_ENGINE` turns off the first two, and a cut request the scheduler
-preempts ends with an error instead.
+Requests without an image keep their prompt whole (D = 0). What the engine must not do with a cut request: split
+its prompt into chunks (the cut needs every text row), share cached prefixes (the layers after the cut hold what
+the question chose), or recompute it after a preemption (its answer would join the scoring rows): `CUT_ENGINE`
+turns off the first two, and a cut request the scheduler preempts ends with an error instead.
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ from dataclasses import dataclass, fields
 from functools import cache
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_gather
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
+from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.utils.math_utils import cdiv
@@ -45,9 +48,6 @@ from star.methods import DecoderView, Selection
 from star.decoder import on_device
 from star.scoring import attention_probs, flagged_in_order
 
-HEADER_BASE = 256  # D is stored as two digits below 256: exact in float32, float16 and bfloat16 alike
-
-
 @dataclass(frozen=True, kw_only=True)
 class CutSpec(AttentionSpec):
     """The KV cache of the layers from the cut on: full attention whose requests drop tokens at the cut. Not a
@@ -57,23 +57,25 @@ class CutSpec(AttentionSpec):
         return cdiv(vllm_config.model_config.max_model_len, self.block_size) * self.page_size_bytes
 
 
-def freed_blocks(dropped: int, block_size: int) -> int:
-    """The blocks a request's cut frees: those wholly inside slots 1..D-1 (block 0 keeps the header)."""
-    return max(0, dropped // block_size - 1)
+def cut_blocks(tokens: int, dropped: int, block_size: int) -> int:
+    """The blocks a request holds in a cut group: those of its tokens (as vLLM counts them) less the D dropped."""
+    return cdiv(tokens - dropped, block_size)
 
 
 class CutManager(FullAttentionManager):
-    """Frees, once a request's prompt is computed, the blocks its cut emptied (`freed_blocks`). `dropped`
-    (request id -> D) is the scheduler's, which `CutScheduler` hands to every cut group's manager."""
+    """Allocates a request's blocks for its tokens less the D its cut drops (`cut_blocks`). `dropped` (request id
+    -> D) is the scheduler's, which `CutScheduler` hands to every cut group's manager."""
 
     def __init__(self, kv_cache_spec: CutSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.dropped: dict[str, int] = {}
 
-    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None) -> None:
+    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, *args, **kwargs) -> int:
+        return super().get_num_blocks_to_allocate(request_id, num_tokens - self.dropped.get(request_id, 0), *args, **kwargs)
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
         dropped = self.dropped.get(request_id, 0)
-        if dropped and num_prompt_tokens is not None and processed_computed_tokens >= num_prompt_tokens:
-            self._remove_blocks_in_range(request_id, 1, 1 + freed_blocks(dropped, self.block_size))
+        return super().allocate_new_blocks(request_id, num_tokens - dropped, num_tokens_main_model - dropped)
 
 
 def register_kv_cache_spec() -> None:
@@ -121,15 +123,12 @@ class CutScheduler(Scheduler):
 
 
 class CutAttention(Attention):
-    """The attention module of a layer after the cut: vLLM allocates and binds its KV cache, as a `CutSpec` group;
-    `CutDecoder` reads and writes it (vLLM's kernels never see the header or the freed slots)."""
+    """vLLM's attention for a layer after the cut, its KV cache a `CutSpec` group (whose metadata `CutDecoder`
+    builds for each step)."""
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> CutSpec:
         spec = super().get_kv_cache_spec(vllm_config)
         return CutSpec(**{f.name: getattr(spec, f.name) for f in fields(AttentionSpec)})
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError(f"{self.layer_name} is after the decoder cut: CutDecoder runs its attention")
 
 
 def use_cut_attention(self_attn: nn.Module, vllm_config: VllmConfig) -> None:
@@ -176,8 +175,9 @@ def check_engine(vllm_config: VllmConfig, setting: Setting) -> None:
 @dataclass
 class StepRequest:
     """One request of a step: its rows in the batch before the cut [start, end) and after it [new_start, new_end),
-    its length so far (seq_len, in vLLM's positions), its image rows (offsets in its prompt; set at its prefill,
-    which is then its cut) and D, the tokens its cut dropped (None: read from the header)."""
+    its length so far (seq_len, in vLLM's count), its image rows (offsets in its prompt; set at its prefill, which
+    is then its cut), and D, the tokens its cut dropped (known here at its prefill; None while decoding, when the
+    device table holds it)."""
 
     start: int
     end: int
@@ -187,13 +187,21 @@ class StepRequest:
     new_end: int = 0
     dropped: int | None = 0
 
+    @property
+    def prefill(self) -> bool:
+        return self.seq_len == self.end - self.start
+
 
 class CutDecoder:
     """The language model's forward when the engine's setting cuts before layer K: layers 0..K-1 as vLLM runs
-    them, the method's selection per request at the cut, layers K.. on the kept rows over the cut group's cache."""
+    them, the method's selection per request at the cut, layers K.. (vLLM's own) on the kept rows, over the cut
+    group's cache through attention metadata built for the kept rows."""
 
-    def __init__(self, model: nn.Module, setting: Setting) -> None:
-        self.model, self.setting, self.stage = model, setting, setting.cut
+    def __init__(self, model: nn.Module, setting: Setting, vllm_config: VllmConfig) -> None:
+        self.model, self.setting, self.stage, self.vllm_config = model, setting, setting.cut, vllm_config
+        self.cut_layers = [layer.self_attn.attn for layer in model.layers[setting.cut.layer :]]
+        self.builder = None  # the backend's metadata builder for the cut group, made at the first step
+        self.dropped_of_block: torch.Tensor | None = None  # D of the request that owns each block of the cut group
 
     def forward(self, positions: torch.Tensor, embeds: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
         """The last norm's output for every input row (rows the cut dropped: zeros, never read by the LM head)."""
@@ -206,13 +214,13 @@ class CutDecoder:
             hidden, residual = layer(positions, hidden, residual)
         x = _true(hidden, residual)
         score_input = x if score_input is None else score_input
-        kept, new_positions = self._cut(requests, positions, score_input, x)
+        kept, positions = self._cut(requests, positions, score_input, x)
         x = x[kept] if kept is not None else x
-        positions = new_positions
-        hidden, residual = x, torch.zeros_like(x)
-        self._read_headers(requests)
-        for index, layer in enumerate(layers[stage.layer :]):
-            hidden, residual = self._layer(layer, positions, hidden, residual, requests, first=index == 0)
+        if requests is not None:
+            self._bind(requests, x.shape[0])
+        hidden, residual = x, None
+        for layer in layers[stage.layer :]:
+            hidden, residual = layer(positions, hidden, residual)
         hidden, _ = self.model.norm(hidden, residual)
         if kept is None:
             return hidden
@@ -233,13 +241,12 @@ class CutDecoder:
         for r, seq_len in enumerate(seq_lens):
             start, end = starts[r], starts[r + 1]
             request = StepRequest(start, end, seq_len, [i - start for i in range(start, min(end, len(flags))) if flags[i]])
-            past = seq_len - (end - start)
-            if request.visual and past:
+            if request.visual and not request.prefill:
                 raise RuntimeError(
                     f"a prompt with images reached the decoder cut in part ({request.end - request.start} of {seq_len} tokens): "
                     "the cut needs the whole prompt at once (enable_chunked_prefill=False, enable_prefix_caching=False)"
                 )
-            request.dropped = None if past else 0  # a prefill keeps its prompt whole until its cut, if it has one
+            request.dropped = 0 if request.prefill else None  # a prefill keeps its prompt whole until its cut, if it has one
             requests.append(request)
         return requests
 
@@ -265,6 +272,45 @@ class CutDecoder:
         if offset == x.shape[0] and not any(request.visual for request in requests):
             return None, positions  # no prompt cut this step (decoding, text alone): every row stays where it is
         return torch.cat(kept), torch.cat(new_positions)
+
+    def _bind(self, requests: list[StepRequest], rows: int) -> None:
+        """The cut group's attention metadata for this step's kept rows, built by the backend's own builder, in the
+        step's forward context for every layer after the cut: each request's queries after the cut, its length
+        less its D, and the slots of its new tokens (token i at index i - D of its blocks)."""
+        context, first = get_forward_context(), self.cut_layers[0].layer_name
+        stock = context.attn_metadata[first]
+        table, device = stock.block_table, stock.seq_lens.device
+        if self.builder is None:
+            self._start(device)
+        prefill = on_device([r for r, request in enumerate(requests) if request.prefill], device)
+        self.dropped_of_block[table[prefill, 0]] = on_device([request.dropped for request in requests if request.prefill], device)
+        dropped = self.dropped_of_block[table[:, 0]]
+        lengths = [request.new_end - request.new_start for request in requests]
+        starts = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+        seq_lens = (stock.seq_lens - dropped).to(stock.seq_lens.dtype)
+        owner = torch.repeat_interleave(torch.arange(len(requests), device=device), on_device(lengths, device))
+        index = seq_lens[owner] - on_device(lengths, device)[owner] + torch.arange(rows, device=device) - starts.to(device)[owner]
+        size = self.vllm_config.cache_config.block_size
+        slots = table[owner, index // size].long() * size + index % size
+        common = CommonAttentionMetadata(
+            query_start_loc=starts.to(device), query_start_loc_cpu=starts, seq_lens=seq_lens, num_reqs=len(requests),
+            num_actual_tokens=rows, max_query_len=max(lengths), max_seq_len=stock.max_seq_len, block_table_tensor=table,
+            slot_mapping=slots,
+        )
+        metadata = self.builder.build(0, common)
+        for attn in self.cut_layers:
+            context.attn_metadata[attn.layer_name] = metadata
+            context.slot_mapping[attn.layer_name] = slots
+
+    def _start(self, device: torch.device) -> None:
+        """The cut group's metadata builder (the backend's own) and its table of D per block."""
+        attn = self.cut_layers[0]
+        spec = attn.get_kv_cache_spec(self.vllm_config)
+        names = [a.layer_name for a in self.cut_layers]
+        self.builder = attn.attn_backend.get_builder_cls()(spec, names, self.vllm_config, device)
+        cache = attn.kv_cache[0] if isinstance(attn.kv_cache, list) else attn.kv_cache
+        blocks = cache.numel() * cache.element_size() // spec.page_size_bytes  # whatever the backend's layout
+        self.dropped_of_block = torch.zeros(blocks, dtype=torch.long, device=device)
 
     def _select(self, request: StepRequest, positions, score_input, x) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """One prompt's cut: the method's `select_llm` on its `DecoderView`. Returns the kept rows (prompt
@@ -299,86 +345,6 @@ class CutDecoder:
         index = flagged_in_order(keep[None], length - n_visual + budget)[0]
         return index, None if selection.states is None else (chosen, selection.states[0])
 
-    def _read_headers(self, requests: list[StepRequest] | None) -> None:
-        """D of each request decoding this step, from the header slot of the first layer after the cut."""
-        if requests is None or all(r.dropped is not None for r in requests):
-            return
-        attn = self.model.layers[self.stage.layer].self_attn.attn
-        pages, table = _pages(attn), _block_table(attn)
-        waiting = [r for r, request in enumerate(requests) if request.dropped is None]
-        heads = pages[table[waiting, 0]]  # [n, 2, block, heads, dim]
-        marked = torch.isnan(heads[:, 0, 0, 0, 0])
-        digits = heads[:, 1, 0, 0, :2].round().long()
-        values = torch.where(marked, digits[:, 0] * HEADER_BASE + digits[:, 1], 0).tolist()
-        for r, value in zip(waiting, values):
-            requests[r].dropped = value
-
-    def _layer(self, layer, positions, hidden, residual, requests, first: bool):
-        """A Llama decoder layer after the cut (vLLM's `LlamaDecoderLayer.forward`, its attention ours)."""
-        hidden, residual = layer.input_layernorm(hidden, residual)
-        attn = layer.self_attn
-        qkv, _ = attn.qkv_proj(hidden)
-        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        q, k = attn.rotary_emb(positions, q, k)
-        out = self._attend(attn, positions, q, k, v, requests, first)
-        hidden, _ = attn.o_proj(out)
-        hidden, residual = layer.post_attention_layernorm(hidden, residual)
-        return layer.mlp(hidden), residual
-
-    def _attend(self, attn, positions, q, k, v, requests, first: bool) -> torch.Tensor:
-        """Every new row written to its request's slot (its position). A prefill's rows then attend among themselves
-        (nothing precedes them: chunked prefill is off), and the decoding requests' rows together, each to its
-        slots D..seq_len-1."""
-        heads, kv_heads, dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        q, k, v = q.view(-1, heads, dim), k.view(-1, kv_heads, dim), v.view(-1, kv_heads, dim)
-        if requests is None:  # a profiling run: one causal sequence, no cache
-            return _sdpa(q, k, v, attn.scaling).reshape(q.shape[0], -1)
-        pages, table = _pages(attn.attn), _block_table(attn.attn)
-        size = pages.shape[2]
-        owner = on_device([r for r, request in enumerate(requests) for _ in range(request.new_start, request.new_end)], q.device)
-        blocks, places = table[owner, positions // size], positions % size
-        pages[blocks, 0, places] = k
-        pages[blocks, 1, places] = v
-        out = torch.empty_like(q)
-        decoding = []
-        for r, request in enumerate(requests):
-            if first and request.visual:  # the header, in slot 0 of the request's block 0
-                block = table[r, :1]
-                pages[block, 0, 0] = float("nan")
-                pages[block, 1, 0] = 0
-                pages[block, 1, 0, 0, :2] = on_device(list(divmod(request.dropped, HEADER_BASE)), q.device).to(pages.dtype)
-            if request.seq_len > request.end - request.start:  # it had tokens before this step: it decodes
-                decoding.append(r)
-            else:
-                new = slice(request.new_start, request.new_end)
-                out[new] = _sdpa(q[new], k[new], v[new], attn.scaling)
-        if decoding:
-            at = on_device([requests[r].new_start for r in decoding], q.device)
-            out[at] = self._decode(q[at], pages, table, [requests[r] for r in decoding], on_device(decoding, q.device), attn.scaling)
-        return out.reshape(q.shape[0], -1)
-
-    @staticmethod
-    def _decode(q: torch.Tensor, pages: torch.Tensor, table: torch.Tensor, requests: list[StepRequest], index: torch.Tensor, scale: float) -> torch.Tensor:
-        """One new row per request [B, H, d] attending to its slots D..seq_len-1, the requests padded to the
-        longest (the padding masked, and zeroed: a freed block may hold anything)."""
-        lengths = [request.seq_len - request.dropped for request in requests]
-        offsets = torch.arange(max(lengths), device=q.device)
-        valid = offsets < on_device(lengths, q.device)[:, None]
-        seen = torch.where(valid, on_device([request.dropped for request in requests], q.device)[:, None] + offsets, 0)
-        blocks, places = table[index[:, None], seen // pages.shape[2]], seen % pages.shape[2]
-        keys = torch.where(valid[..., None, None], pages[blocks, 0, places], 0).transpose(1, 2)
-        values = torch.where(valid[..., None, None], pages[blocks, 1, places], 0).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=valid[:, None, None], scale=scale, enable_gqa=True)
-        return out[:, :, 0]
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """A prefill's rows q [R, H, d] attending causally among themselves (keys and values [R, H_kv, d])."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True, scale=scale, enable_gqa=True
-    )
-    return out[0].transpose(0, 1)
-
 
 def _qk(layer: nn.Module, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A Llama layer's queries and keys for its input x [S, D] after the rotary embedding, every rank's heads:
@@ -399,21 +365,3 @@ def _true(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     """The residual stream vLLM's layers carry as (hidden, residual), added up as the next layer's norm does: a
     tensor of its own (before the first layer, not vLLM's input buffer), which the cut may write into."""
     return hidden.clone() if residual is None else hidden + residual
-
-
-def _pages(attn: Attention) -> torch.Tensor:
-    """A cut layer's KV cache as [blocks, 2 (key, value), block_size, kv_heads, head_size]: the layout CutDecoder
-    keeps within each block's own bytes, whatever shape the backend gives the tensor vLLM binds, as long as its
-    memory holds whole blocks one after another (the CPU backend's), or all blocks' keys and then all their values
-    (a leading dimension of 2; vLLM has far more than 2 blocks)."""
-    cache = attn.kv_cache[0] if isinstance(attn.kv_cache, list) else attn.kv_cache
-    physical = cache.permute(sorted(range(cache.dim()), key=cache.stride, reverse=True))
-    if not physical.is_contiguous():
-        raise RuntimeError(f"the KV cache of {attn.layer_name} ({attn.attn_backend.get_name()}, shape {tuple(cache.shape)}) is not one piece of memory")
-    if physical.shape[0] == 2:
-        return physical.view(2, physical.shape[1], -1, attn.num_kv_heads, attn.head_size).transpose(0, 1)
-    return physical.view(physical.shape[0], 2, -1, attn.num_kv_heads, attn.head_size)
-
-
-def _block_table(attn: Attention) -> torch.Tensor:
-    return get_forward_context().attn_metadata[attn.layer_name].block_table

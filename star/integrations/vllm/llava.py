@@ -125,7 +125,7 @@ class StarLlavaForConditionalGeneration(PrunedClip, LlavaForConditionalGeneratio
             model = self.language_model.model
             for layer in model.layers[setting.cut.layer :]:
                 use_cut_attention(layer.self_attn, vllm_config)
-            self.decoder_cut = CutDecoder(model, setting)
+            self.decoder_cut = CutDecoder(model, setting, vllm_config)
 
     def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings=None, *, is_multimodal: torch.Tensor | None = None, **kwargs):
         if self.decoder_cut is not None:
