@@ -15,7 +15,7 @@ in that engine. `--cut-method` (star: `star (two stages)`) at each `--keep` prun
 which vLLM serves only as an engine's own setting: each budget gets an engine of its own (one per mode, each shut
 down before the next starts), with the options a cut needs (`star.integrations.vllm.engine_args`: its scheduler,
 no chunked prefill, no prefix caching, eager execution; the shared engine keeps vLLM's defaults, and on a GPU its
-CUDA graphs). STAR's two stages end with the same visual tokens per image as star-vision at the same `--keep`
+CUDA graphs). The layers after a cut run on vLLM's own attention backend. STAR's two stages end with the same visual tokens per image as star-vision at the same `--keep`
 (its vision stage keeps more, its cut the rest), so a cut row also gives its ratio to that row of its mode.
 
 Columns: prompt tokens as vLLM counts them (a cut row's vision-stage count, e.g. 27 text + 167 of 196 image
@@ -25,10 +25,8 @@ tokens/s over the burst's wall time; time to first token (median over the burst'
 computed from its token counts, not read from the engine: its tokens (prompt + answer, as vLLM counts them) and
 the blocks of vLLM's paged allocation, ceil(tokens / block size) with every request's image being different. A
 cut engine's KV cache is two groups, the layers before the cut and the layers after it, given as
-`before + after = sum`: the group before holds ceil(tokens / block) blocks, the group after as many less the
-blocks wholly inside the slots of the D tokens the cut dropped (D = images x (vision-stage count - keep)), which
-are freed once the prompt is computed (until then it holds them all): max(0, D // block - 1) of them (block 0
-keeps the cut's header). A block of a one-group engine holds every layer's KV for its tokens and a block of a cut
+`before + after = sum`: the group before holds ceil(tokens / block) blocks, the group after ceil((tokens - D) /
+block), D the tokens the cut dropped (images x (vision-stage count - keep)), which never hold a block there. A block of a one-group engine holds every layer's KV for its tokens and a block of a cut
 engine only its group's layers, so across engines compare the MiB column: blocks x block size x the group's layers
 x K and V per token and layer (key-value heads x head size, the engine's dtype). vLLM makes its groups of equal
 layer counts: STAR's cut at the middle layer gives exactly the two; a cut at layer 2 (FastV, DART) gives one group
@@ -96,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def engine_args(args: argparse.Namespace) -> dict:
     if args.gpu:
         return {"dtype": "bfloat16", "max_model_len": 4096, "max_num_seqs": 256, "seed": 0}
-    # 32-token blocks, the CPU backend's smallest (its default is 128): the cut's freed blocks show at these sizes
+    # 32-token blocks, the CPU backend's smallest (its default is 128): the blocks the cut saves show at these sizes
     return {"dtype": "float32", "max_model_len": 1024, "max_num_seqs": args.requests, "enforce_eager": True, "seed": 0, "block_size": 32}
 
 
@@ -163,14 +161,13 @@ def scene_requests(path: str, count: int) -> tuple[list[str], list]:
 def kv_blocks(prompt_tokens: int, answer_tokens: int, block_size: int, dropped: int | None = None) -> tuple[int, ...]:
     """The blocks of each KV-cache group a request holds at its end, from its token counts (prompt as vLLM counts
     it): one group without a cut (`dropped` None); with a cut that dropped `dropped` tokens, the group before the
-    cut, and the group after it less the blocks wholly inside the dropped slots 1..dropped-1, freed once the prompt
-    is computed (block 0 keeps the cut's header)."""
-    from star.integrations.vllm.cut import freed_blocks
+    cut, and the group after it, which holds the kept tokens alone (`cut_blocks`)."""
+    from star.integrations.vllm.cut import cut_blocks
 
     held = math.ceil((prompt_tokens + answer_tokens) / block_size)
     if dropped is None:
         return (held,)
-    return (held, held - freed_blocks(dropped, block_size))
+    return (held, cut_blocks(prompt_tokens + answer_tokens, dropped, block_size))
 
 
 def kv_bytes_per_token_layer(config, dtype: str) -> int:

@@ -160,7 +160,7 @@ QWEN_TOKENS = {120: "<|image_pad|>", 121: "<|video_pad|>", 122: "<|vision_start|
 
 
 def tiny_qwen_checkpoint(directory: Path, version: str, seed: int = 0) -> str:
-    """A random Qwen2-VL ("2"), Qwen2.5-VL ("2.5"), Qwen3-VL ("3") or Qwen3.5 ("3.5") of the real classes, with its processor
+    """A random Qwen2-VL ("2"), Qwen2.5-VL ("2.5") or Qwen3-VL ("3") of the real classes, with its processor
     (image, video and chat template, as a real checkpoint ships them), saved."""
     import transformers as tf
 
@@ -177,21 +177,12 @@ def tiny_qwen_checkpoint(directory: Path, version: str, seed: int = 0) -> str:
         vision = dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=128, window_size=16, fullatt_block_indexes=[1], **common)
         config = tf.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
         model, processor = tf.Qwen2_5_VLForConditionalGeneration(config), tf.Qwen2_5_VLProcessor
-    elif version == "3":
+    else:
         rope = {"rope_type": "default", "mrope_section": [8, 4, 4], "mrope_interleaved": True, "rope_theta": 10000.0}
         text = dict(TINY_TEXT, head_dim=32, rope_parameters=rope)
         vision = dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=128, num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2], **common)
         config = tf.Qwen3VLConfig(vision_config=vision, text_config=text, **ids)
         model, processor = tf.Qwen3VLForConditionalGeneration(config), tf.Qwen3VLProcessor
-    else:  # Qwen3.5: Qwen3-VL's tower without DeepStack, three linear-attention layers and one full-attention layer
-        rope = {"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True, "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
-        text = dict(
-            TINY_TEXT, head_dim=32, rope_parameters=rope, layer_types=["linear_attention"] * 3 + ["full_attention"],
-            linear_conv_kernel_dim=4, linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
-        )
-        vision = dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=128, num_position_embeddings=16, **common)
-        config = tf.Qwen3_5Config(vision_config=vision, text_config=text, **ids)
-        model, processor = tf.Qwen3_5ForConditionalGeneration(config), tf.Qwen3VLProcessor
     model.config.eos_token_id = model.config.get_text_config().eos_token_id = 3
     tokenizer, template = tiny_tokenizer(QWEN_TOKENS, image_block="<|vision_start|> <|image_pad|> <|vision_end|> ")
     pixels = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=64 * 64)

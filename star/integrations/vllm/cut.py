@@ -43,7 +43,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from vllm.v1.request import RequestStatus
 
-from star.integrations.vllm import CUT_ENGINE, Setting, engine_setting
+from star.integrations.vllm import CUT_ENGINE, Setting, engine_setting, unit_tokens
 from star.methods import DecoderView, Selection
 from star.decoder import on_device
 from star.scoring import attention_probs, flagged_in_order
@@ -89,8 +89,8 @@ class CutScheduler(Scheduler):
 
     def __init__(self, vllm_config: VllmConfig, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
-        setting = engine_setting(vllm_config.model_config.hf_config)
-        self.dropped_per_image = setting.keep - setting.cut.keep if setting.cut else 0
+        self.config = vllm_config.model_config.hf_config
+        self.setting = engine_setting(self.config)
         self.dropped: dict[str, int] = {}  # request id -> D, shared with every cut group's manager
         for manager in self.kv_cache_manager.coordinator.single_type_managers:
             if isinstance(manager, CutManager):
@@ -99,8 +99,9 @@ class CutScheduler(Scheduler):
 
     def add_request(self, request) -> None:
         super().add_request(request)
-        images = sum(1 for feature in request.mm_features or () if feature.modality == "image")
-        self.dropped[request.request_id] = images * self.dropped_per_image
+        units = [unit_tokens(self.config, f.data) for f in request.mm_features or () if f.modality == "image"]
+        cut = self.setting.cut is not None
+        self.dropped[request.request_id] = sum(self.setting.unit_keep(n) - self.setting.unit_cut(n) for n in units) if cut else 0
 
     def _preempt_request(self, request, timestamp: float, drop_stale_output: bool = False) -> None:
         super()._preempt_request(request, timestamp, drop_stale_output)
@@ -140,6 +141,17 @@ def use_cut_attention(self_attn: nn.Module, vllm_config: VllmConfig) -> None:
         self_attn.num_heads, self_attn.head_dim, self_attn.scaling, num_kv_heads=self_attn.num_kv_heads,
         cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config, prefix=name,
     )
+
+
+def cut_decoder(model: nn.Module, setting: Setting, vllm_config: VllmConfig) -> CutDecoder | None:
+    """The decoder cut of an engine whose setting has one (its engine options checked, the layers after it given a
+    `CutAttention`), or None."""
+    if setting.cut is None:
+        return None
+    check_engine(vllm_config, setting)
+    for layer in model.layers[setting.cut.layer :]:
+        use_cut_attention(layer.self_attn, vllm_config)
+    return CutDecoder(model, setting, vllm_config)
 
 
 def check_engine(vllm_config: VllmConfig, setting: Setting) -> None:
@@ -183,6 +195,7 @@ class StepRequest:
     end: int
     seq_len: int
     visual: list[int]
+    units: list[int] | None = None  # each image row's image tokens from the encoder (None: the setting's per image)
     new_start: int = 0
     new_end: int = 0
     dropped: int | None = 0
@@ -203,10 +216,12 @@ class CutDecoder:
         self.builder = None  # the backend's metadata builder for the cut group, made at the first step
         self.dropped_of_block: torch.Tensor | None = None  # D of the request that owns each block of the cut group
 
-    def forward(self, positions: torch.Tensor, embeds: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
-        """The last norm's output for every input row (rows the cut dropped: zeros, never read by the LM head)."""
+    def forward(self, positions: torch.Tensor, embeds: torch.Tensor, visual: torch.Tensor | None, units: torch.Tensor | None = None) -> torch.Tensor:
+        """The last norm's output for every input row (rows the cut dropped: zeros, never read by the LM head).
+        positions: vLLM's ([S], or [3, S] for M-RoPE); visual: the image rows; units: each row's image's tokens
+        from the encoder, where images differ in size (Qwen)."""
         layers, stage = self.model.layers, self.stage
-        requests = self._requests(visual)
+        requests = self._requests(visual, units)
         hidden, residual, score_input = embeds, None, None
         for index, layer in enumerate(layers[: stage.layer]):
             if index == stage.score_layer:
@@ -228,19 +243,22 @@ class CutDecoder:
         out[kept] = hidden
         return out
 
-    def _requests(self, visual: torch.Tensor | None) -> list[StepRequest] | None:
+    def _requests(self, visual: torch.Tensor | None, units: torch.Tensor | None) -> list[StepRequest] | None:
         """The step's requests, from the first layer's attention metadata (None: a profiling run, one sequence),
-        read to the host once, with the step's image rows (vLLM's `is_multimodal`, already on the host)."""
+        read to the host once, with the step's image rows (vLLM's `is_multimodal`, already on the host) and their
+        images' sizes."""
         metadata = get_forward_context().attn_metadata
         if not metadata:
             return None
         first = metadata[self.model.layers[0].self_attn.attn.layer_name]
         starts, seq_lens = first.query_start_loc.tolist(), first.seq_lens.tolist()
         flags = visual.tolist() if visual is not None else []
+        sizes = units.tolist() if units is not None else None
         requests = []
         for r, seq_len in enumerate(seq_lens):
             start, end = starts[r], starts[r + 1]
-            request = StepRequest(start, end, seq_len, [i - start for i in range(start, min(end, len(flags))) if flags[i]])
+            rows = [i for i in range(start, min(end, len(flags))) if flags[i]]
+            request = StepRequest(start, end, seq_len, [i - start for i in rows], None if sizes is None else [sizes[i] for i in rows])
             if request.visual and not request.prefill:
                 raise RuntimeError(
                     f"a prompt with images reached the decoder cut in part ({request.end - request.start} of {seq_len} tokens): "
@@ -258,20 +276,22 @@ class CutDecoder:
         for request in requests:
             part, length = slice(request.start, request.end), request.end - request.start
             if request.visual:
-                index, merged = self._select(request, positions[part], score_input[part], x[part])
+                index, merged = self._select(request, positions[..., part], score_input[part], x[part])
                 if merged is not None:
                     x[request.start + merged[0]] = merged[1].to(x.dtype)
                 request.dropped = length - index.shape[0]
                 kept.append(request.start + index)
-                new_positions.append(torch.arange(request.dropped, length, device=x.device))
+                # M-RoPE: each kept token keeps its own position; else the gap-free numbering moved up by D
+                mrope = positions.dim() == 2
+                new_positions.append(positions[:, request.start + index] if mrope else torch.arange(request.dropped, length, device=x.device))
             else:
                 kept.append(torch.arange(request.start, request.end, device=x.device))
-                new_positions.append(positions[part])
+                new_positions.append(positions[..., part])
             request.new_start, request.new_end = offset, offset + kept[-1].shape[0]
             offset = request.new_end
         if offset == x.shape[0] and not any(request.visual for request in requests):
             return None, positions  # no prompt cut this step (decoding, text alone): every row stays where it is
-        return torch.cat(kept), torch.cat(new_positions)
+        return torch.cat(kept), torch.cat(new_positions, dim=-1)
 
     def _bind(self, requests: list[StepRequest], rows: int) -> None:
         """The cut group's attention metadata for this step's kept rows, built by the backend's own builder, in the
@@ -312,17 +332,26 @@ class CutDecoder:
         blocks = cache.numel() * cache.element_size() // spec.page_size_bytes  # whatever the backend's layout
         self.dropped_of_block = torch.zeros(blocks, dtype=torch.long, device=device)
 
+    def _budget(self, request: StepRequest) -> int:
+        """The image tokens a prompt keeps after the cut: each image's own budget (`Setting.unit_cut`), summed."""
+        setting, n_visual = self.setting, len(request.visual)
+        if request.units is None:  # every image of the setting's size, its rows a multiple of it
+            if n_visual % setting.keep:
+                raise RuntimeError(f"a prompt holds {n_visual} image tokens, not a multiple of the setting's {setting.keep} per image")
+            return n_visual // setting.keep * self.stage.keep
+        # images of their own sizes, each a run of rows between its vision start and end tokens
+        firsts = [i for i, row in enumerate(request.visual) if i == 0 or row != request.visual[i - 1] + 1]
+        return sum(setting.unit_cut(request.units[i]) for i in firsts)
+
     def _select(self, request: StepRequest, positions, score_input, x) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """One prompt's cut: the method's `select_llm` on its `DecoderView`. Returns the kept rows (prompt
         offsets, in order) and, for a merging method, (its kept visual rows, their states) to write over them."""
-        setting, stage = self.setting, self.stage
+        setting = self.setting
         length, n_visual = x.shape[0], len(request.visual)
-        if n_visual % setting.keep:
-            raise RuntimeError(f"a prompt holds {n_visual} image tokens, not a multiple of the setting's {setting.keep} per image")
-        budget = n_visual // setting.keep * stage.keep
+        budget = self._budget(request)
         visual = on_device(request.visual, x.device)[None]
         n_text = length - 1 - request.visual[-1]
-        layer = self.model.layers[stage.score_layer]
+        layer = self.model.layers[self.stage.score_layer]
 
         @cache
         def qk() -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,7 +366,7 @@ class CutDecoder:
             key_mask=torch.ones(1, length, dtype=torch.bool, device=x.device), attention=attention,
             keys=lambda: qk()[1], states=x[None], normed_states=lambda: self.model.norm(x)[None],
         )
-        selection: Selection = setting.method.select_llm(stage, view, budget)
+        selection: Selection = setting.method.select_llm(self.stage, view, budget)
         keep = torch.ones(length, dtype=torch.bool, device=x.device)
         keep[visual[0]] = False
         chosen = visual[0, selection.index[0]]

