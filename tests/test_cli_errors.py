@@ -209,7 +209,7 @@ SERVE_CASES = [
     ("--option layer=3", ["'layer'", "'star-vision'"]),
     ("--model {gemma}", ["--model", "Gemma3ForConditionalGeneration", "not served"]),
     ("--model {qwen} --method fastervlm --keep 4", ["--method fastervlm --keep 4", "method='fastervlm'", "[CLS]"]),
-    ("--model {qwen} --method star --keep 4", ["method='star' at keep=4", "prunes inside the decoder", "star-vision"]),
+    ("--model {qwen} --method sparsevlm --keep 4", ["method='sparsevlm' at keep=4", "cuts before 3 decoder layers"]),
     ("--model {text-only}", ["--model", "'llama'"]),
     ("--model {no-config}", ["--model", "no config.json"]),
     ("--hf-overrides {{}}", ["--hf-overrides", "--method, --keep"]),
