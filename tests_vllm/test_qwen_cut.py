@@ -1,4 +1,4 @@
-"""One decoder cut in vLLM on small random Qwen2-VL and Qwen2.5-VL, against `star.apply` on the same checkpoint.
+"""One decoder cut in vLLM on small random Qwen2-VL, Qwen2.5-VL and Qwen3-VL, against `star.apply` on the same checkpoint.
 
 A cut is an engine's own setting, so each (family, method) runs in an engine of its own. The kept tokens keep their
 original 3-D M-RoPE positions on both paths; each image keeps its own budget (images of 16, 24 and 32 tokens). The
@@ -17,7 +17,9 @@ from test_tiny_qwen import ARCHITECTURES, PICTURES, PROMPTS, _same, hf_generate,
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
-CASES = [("2.5", {"method": "star", "keep": 4}), ("2.5", {"method": "fastv", "keep": 5}), ("2", {"method": "dart", "keep": 6})]
+# Qwen3-VL's 4-layer decoder with DeepStack into layers 0-2: STAR cuts before layer 2, so the features of layer 2
+# follow the kept rows.
+CASES = [("2.5", {"method": "star", "keep": 4}), ("2.5", {"method": "fastv", "keep": 5}), ("2", {"method": "dart", "keep": 6}), ("3", {"method": "star", "keep": 4})]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ The `star` entry is the engine's default setting; a request may give its own as 
 per image, per 576-token crop for LLaVA-NeXT, or a fraction of the encoder's) and the method's options, as in
 `star.apply`.
 A vision-side setting runs per request. A setting with one cut inside the decoder (STAR's stage 2, FastV, DART)
-is an engine's own, on LLaVA-1.5, Qwen2-VL and Qwen2.5-VL: its layers from the cut on are a KV-cache group of their
+is an engine's own, on LLaVA-1.5, Qwen2-VL, Qwen2.5-VL and Qwen3-VL: its layers from the cut on are a KV-cache group of their
 own (`star.integrations.vllm.cut`), and `engine_args` gives the engine options it needs. On LLaVA the kept tokens
 are numbered without gaps, as `star.apply(..., positions="contiguous")` does.
 
@@ -49,7 +49,9 @@ MODULES = {
 # The M-RoPE families (Hugging Face model types): their images differ in size, so an int `keep` counts tokens per
 # image, and their kept tokens keep their original 3-D positions.
 MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-CUT_ARCHITECTURES = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+CUT_ARCHITECTURES = (
+    "LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+)
 # The `star.apply` adapter of each served family (by Hugging Face model type): what its tower refuses.
 ADAPTERS = {
     "llava": "LlavaAdapter", "llava_next": "LlavaNextAdapter", "qwen2_vl": "Qwen2VLAdapter", "qwen2_5_vl": "Qwen2VLAdapter",
@@ -186,9 +188,9 @@ def parse_setting(raw: object, n_visual: int | None, num_layers: int, where: str
     return Setting(method, plan.vision_keep, n_visual, json.dumps(raw, sort_keys=True), raw["keep"], num_layers, cut)
 
 
-# The families whose engine's setting may cut inside the decoder (Hugging Face model types): a Llama or Qwen2
-# decoder whose layers after the cut hold nothing but their own KV cache.
-CUT_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+# The families whose engine's setting may cut inside the decoder (Hugging Face model types): a Llama, Qwen2 or
+# Qwen3 decoder whose layers after the cut hold nothing but their own KV cache.
+CUT_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def serves_cut(config) -> bool:
@@ -279,6 +281,6 @@ def _refusal(method: Method, keep: object, layer: int) -> str:
     )
     return (
         f"method={method.name!r} at keep={keep!r} prunes inside the decoder (a cut before layer {layer}), which the "
-        "plugin serves as an engine's own setting on LLaVA-1.5, Qwen2-VL and Qwen2.5-VL only (`star serve --method ...`, "
+        "plugin serves as an engine's own setting on LLaVA-1.5, Qwen2-VL, Qwen2.5-VL and Qwen3-VL only (`star serve --method ...`, "
         f"or `LLM(model, **star.integrations.vllm.engine_args(...))`), not per request or on other families; {instead}"
     )

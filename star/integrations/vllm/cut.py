@@ -35,6 +35,7 @@ from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backends.utils import PAD_SLOT_ID
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.utils.math_utils import cdiv
@@ -216,10 +217,14 @@ class CutDecoder:
         self.builder = None  # the backend's metadata builder for the cut group, made at the first step
         self.dropped_of_block: torch.Tensor | None = None  # D of the request that owns each block of the cut group
 
-    def forward(self, positions: torch.Tensor, embeds: torch.Tensor, visual: torch.Tensor | None, units: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, positions: torch.Tensor, embeds: torch.Tensor, visual: torch.Tensor | None, units: torch.Tensor | None = None,
+        added: list[torch.Tensor] = (),
+    ) -> torch.Tensor:
         """The last norm's output for every input row (rows the cut dropped: zeros, never read by the LM head).
         positions: vLLM's ([S], or [3, S] for M-RoPE); visual: the image rows; units: each row's image's tokens
-        from the encoder, where images differ in size (Qwen)."""
+        from the encoder, where images differ in size (Qwen); added: what the model adds to every row's hidden state
+        after each of its first layers (Qwen3-VL's DeepStack features), which go with the kept rows."""
         layers, stage = self.model.layers, self.stage
         requests = self._requests(visual, units)
         hidden, residual, score_input = embeds, None, None
@@ -227,6 +232,8 @@ class CutDecoder:
             if index == stage.score_layer:
                 score_input = _true(hidden, residual)
             hidden, residual = layer(positions, hidden, residual)
+            if index < len(added):
+                hidden = hidden + added[index]
         x = _true(hidden, residual)
         score_input = x if score_input is None else score_input
         kept, positions = self._cut(requests, positions, score_input, x)
@@ -234,8 +241,10 @@ class CutDecoder:
         if requests is not None:
             self._bind(requests, x.shape[0])
         hidden, residual = x, None
-        for layer in layers[stage.layer :]:
+        for index, layer in enumerate(layers[stage.layer :], start=stage.layer):
             hidden, residual = layer(positions, hidden, residual)
+            if index < len(added):
+                hidden = hidden + (added[index][kept] if kept is not None else added[index])
         hidden, _ = self.model.norm(hidden, residual)
         if kept is None:
             return hidden
@@ -304,17 +313,18 @@ class CutDecoder:
             self._start(device)
         prefill = on_device([r for r, request in enumerate(requests) if request.prefill], device)
         self.dropped_of_block[table[prefill, 0]] = on_device([request.dropped for request in requests if request.prefill], device)
-        dropped = self.dropped_of_block[table[:, 0]]
+        seq_lens = (stock.seq_lens - self.dropped_of_block[table[:, 0]]).to(stock.seq_lens.dtype)
         lengths = [request.new_end - request.new_start for request in requests]
+        counts, real = on_device(lengths, device), sum(lengths)
         starts = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
-        seq_lens = (stock.seq_lens - dropped).to(stock.seq_lens.dtype)
-        owner = torch.repeat_interleave(torch.arange(len(requests), device=device), on_device(lengths, device))
-        index = seq_lens[owner] - on_device(lengths, device)[owner] + torch.arange(rows, device=device) - starts.to(device)[owner]
+        owner = torch.repeat_interleave(torch.arange(len(requests), device=device), counts)
+        index = (seq_lens - counts)[owner] + torch.arange(real, device=device) - starts.to(device)[owner]  # i - D
         size = self.vllm_config.cache_config.block_size
-        slots = table[owner, index // size].long() * size + index % size
+        slots = torch.full((rows,), PAD_SLOT_ID, dtype=torch.long, device=device)  # rows past the requests: padding
+        slots[:real] = table[owner, index // size].long() * size + index % size
         common = CommonAttentionMetadata(
             query_start_loc=starts.to(device), query_start_loc_cpu=starts, seq_lens=seq_lens, num_reqs=len(requests),
-            num_actual_tokens=rows, max_query_len=max(lengths), max_seq_len=stock.max_seq_len, block_table_tensor=table,
+            num_actual_tokens=real, max_query_len=max(lengths), max_seq_len=stock.max_seq_len, block_table_tensor=table,
             slot_mapping=slots,
         )
         metadata = self.builder.build(0, common)
@@ -376,13 +386,16 @@ class CutDecoder:
 
 
 def _qk(layer: nn.Module, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Llama layer's queries and keys for its input x [S, D] after the rotary embedding, every rank's heads:
+    """A Llama or Qwen layer's queries and keys for its input x [S, D] after the rotary embedding, every rank's heads:
     [1, H, S, d], [1, H_kv, S, d]."""
     attn = layer.self_attn
     qkv, _ = attn.qkv_proj(layer.input_layernorm(x))
     q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-    q, k = attn.rotary_emb(positions, q, k)
     length = x.shape[0]
+    if hasattr(attn, "q_norm"):  # Qwen3's per-head norms of queries and keys, before the rotary embedding
+        q = attn.q_norm(q.view(length, -1, attn.head_dim)).view(length, -1)
+        k = attn.k_norm(k.view(length, -1, attn.head_dim)).view(length, -1)
+    q, k = attn.rotary_emb(positions, q, k)
     q = q.view(length, attn.num_heads, attn.head_dim).transpose(0, 1)[None]
     k = k.view(length, attn.num_kv_heads, attn.head_dim).transpose(0, 1)[None]
     if get_tensor_model_parallel_world_size() > 1:  # each rank holds its share of the heads: the scores read them all

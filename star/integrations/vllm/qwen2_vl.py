@@ -14,7 +14,7 @@ and keys vLLM's own attention kernel receives there. The kept tokens keep their 
 - `embed_input_ids` takes them off the step's image rows, and `forward` adds the first three to those rows'
   positions; the fourth gives a decoder cut each image's own budget.
 
-Where the engine's setting cuts inside the decoder (Qwen2-VL, Qwen2.5-VL), `forward` runs the cut
+Where the engine's setting cuts inside the decoder, `forward` runs the cut
 (`star.integrations.vllm.cut`) with the kept tokens' original positions.
 
 Not vLLM's `SupportsMultiModalPruning` (`recompute_mrope_positions`): its runner calls that only while video
@@ -137,7 +137,7 @@ class PrunedQwen(PrunedEncoder):
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.embed_input_ids(input_ids)
-        return self.decoder_cut.forward(positions, inputs_embeds, visual, None if places is None else places[:, 3])
+        return self.decoder_cut.forward(positions, inputs_embeds, visual, None if places is None else places[:, 3], self._added(inputs_embeds.shape[0]))
 
     def embed_multimodal(self, **kwargs: object):
         image_input, texts = self._pixel_input(kwargs)
@@ -181,6 +181,10 @@ class PrunedQwen(PrunedEncoder):
     def _features(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """An image's merged tokens [n, D] as the decoder receives them, and what else goes with each (None)."""
         return output, None
+
+    def _added(self, rows: int) -> list[torch.Tensor]:
+        """What the decoder adds to each row's hidden state after each of its first layers: nothing here."""
+        return []
 
     def _window_order(self, grid: torch.Tensor) -> torch.Tensor:
         """The token each group of `merge_size**2` patches in the tower's layer order goes into: the identity for a

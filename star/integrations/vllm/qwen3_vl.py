@@ -3,7 +3,8 @@
 Qwen2-VL's layout (`qwen2_vl.py`: one unit per image, scores from the tower's last layer, original 3-D positions
 through vLLM's multimodal-pruning interface) with DeepStack: vLLM's tower gives each merged token its DeepStack
 features after its own embedding, in one row; a kept token keeps its row whole, so each kept token's features reach
-decoder layers 0-2 with it, as in `star.apply` (`star/adapters/qwen3_vl.py`), and a dropped token's go with it.
+decoder layers 0-2 with it, as in `star.apply` (`star/adapters/qwen3_vl.py`), and a dropped token's go with it;
+a decoder cut before layer 3 (FastV's, or STAR's on a short decoder) carries them on with the kept rows.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ class StarQwen3VLMultiModalProcessor(PrunedQwenProcessor, Qwen3VLMultiModalProce
 class StarQwen3VLForConditionalGeneration(PrunedQwen, Qwen3VLForConditionalGeneration):
     """vLLM's Qwen3-VL whose images enter the decoder pruned, DeepStack features with their tokens. `star_kept[i]`:
     image i's kept tokens (indices into its merged tokens, in order)."""
+
+    def _added(self, rows: int) -> list[torch.Tensor]:
+        """The step's DeepStack features, one per level (vLLM's buffers, which its own forward empties after use)."""
+        levels = self._get_deepstack_input_embeds(rows)
+        added = [levels[f"deepstack_input_embeds_{i}"].clone() for i in range(self.deepstack_num_level)]
+        self._clear_deepstack_input_embeds(rows)
+        return added
 
     def _features(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """An image's merged tokens [n, D] and their DeepStack features [n, E * D] (vLLM's row: the token, then them)."""
