@@ -9,10 +9,11 @@ and keys vLLM's own attention kernel receives there. The kept tokens keep their 
 - before the encoder, `get_mrope_input_positions` numbers the prompt as the unpruned model would (each text token
   where it stands in the unpruned prompt, so decoding continues where the unpruned model's would) and gives every
   row of an image its first position;
-- `embed_multimodal` appends four channels to each kept token's embedding: its (t, h, w) within its image and the
-  image's tokens from the encoder (so they travel through vLLM's encoder cache and chunked prefill with the token);
-- `embed_input_ids` takes them off the step's image rows, and `forward` adds the first three to those rows'
-  positions; the fourth gives a decoder cut each image's own budget.
+- `embed_multimodal` appends to each kept token's embedding its (t, h, w) within its image and the image's tokens
+  from the encoder (`PLACE`, exact in any dtype; so they travel through vLLM's encoder cache and chunked prefill
+  with the token);
+- `embed_input_ids` takes them off the step's image rows, and `forward` adds the (t, h, w) to those rows'
+  positions; the image's size gives a decoder cut each image's own budget.
 
 Where the engine's setting cuts inside the decoder, `forward` runs the cut
 (`star.integrations.vllm.cut`) with the kept tokens' original positions.
@@ -52,7 +53,10 @@ from star.integrations.vllm import engine_setting
 from star.integrations.vllm.cut import cut_decoder
 from star.integrations.vllm.served import PrunedEncoder, SettingInfo, SettingProcessor
 
-PLACE = 4  # the channels after a kept token's embedding: its (t, h, w) within its image, and the image's tokens
+# What follows a kept token's embedding: its (t, h, w) within its image and the image's tokens from the encoder, each
+# as two base-256 digits, exact in bfloat16 and float16 (8 and 11 significant bits) up to 65535.
+PLACE = 4
+DIGIT = 256
 
 
 class ImagesOnly(SettingInfo):
@@ -103,7 +107,7 @@ class PrunedQwen(PrunedEncoder):
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
         """The prompt's 3-D positions before the encoder: each text token's as in the unpruned prompt, each image row
-        its image's first position (`recompute_mrope_positions` gives the kept tokens their own)."""
+        its image's first position (`forward` moves each kept token to its own)."""
         merge = self.config.vision_config.spatial_merge_size
         pieces, start, position = [], 0, 0
         for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
@@ -122,10 +126,10 @@ class PrunedQwen(PrunedEncoder):
         """The step's embeddings, each image row's PLACE channels taken off its embedding and kept for `forward`."""
         self.places, self.visual_rows = None, is_multimodal
         if multimodal_embeddings:
-            places = torch.cat([embedding[:, -PLACE:] for embedding in multimodal_embeddings]).long()
-            self.places = places.new_zeros(input_ids.shape[0], PLACE)
-            self.places[is_multimodal] = places
-            multimodal_embeddings = [embedding[:, :-PLACE] for embedding in multimodal_embeddings]
+            digits = torch.cat([embedding[:, -2 * PLACE :] for embedding in multimodal_embeddings]).long()
+            self.places = digits.new_zeros(input_ids.shape[0], PLACE)
+            self.places[is_multimodal] = digits[:, :PLACE] * DIGIT + digits[:, PLACE:]
+            multimodal_embeddings = [embedding[:, : -2 * PLACE] for embedding in multimodal_embeddings]
         return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
@@ -171,7 +175,7 @@ class PrunedQwen(PrunedEncoder):
             t, h, w = grid[image].tolist()
             rows, columns = h // merge, w // merge
             place = torch.stack([index // (rows * columns), index // columns % rows, index % columns, torch.full_like(index, n)], dim=1)
-            parts = [states[0]] + ([extra[index]] if extra is not None else []) + [place.to(states.dtype)]
+            parts = [states[0]] + ([extra[index]] if extra is not None else []) + [(place // DIGIT).to(states.dtype), (place % DIGIT).to(states.dtype)]
             embeds.append(torch.cat(parts, dim=-1))
             kept.append(index.cpu())
             patch, token = patch + n * unit, token + n
