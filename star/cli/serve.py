@@ -40,7 +40,7 @@ def add(commands: argparse._SubParsersAction) -> None:
         description="Starts vLLM's OpenAI-compatible server on --model (default: the project's default model) with "
         "--method and --keep (and --option) as the engine's pruning setting, and prints the URL once it answers. "
         f"vLLM serves the vision-side methods ({', '.join(vision_methods())}, none) on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, "
-        "Qwen2.5-VL and Qwen3-VL (the kept tokens keep their original M-RoPE positions on Qwen) and, on LLaVA-1.5, Qwen2-VL and Qwen2.5-VL, a method "
+        "Qwen2.5-VL and Qwen3-VL (the kept tokens keep their original M-RoPE positions on Qwen) and, on LLaVA-1.5, Qwen2-VL, Qwen2.5-VL and Qwen3-VL, a method "
         "with one cut inside the decoder (star, fastv, dart; pdrop and sparsevlm with one layer), for which star serve "
         "adds the engine options the cut needs (its scheduler, no chunked prefill, no prefix caching, eager mode); "
         "the setting is checked against the model before vLLM starts. Every other argument goes to vLLM unchanged "
@@ -56,7 +56,7 @@ def add(commands: argparse._SubParsersAction) -> None:
     )
     sub.allow_abbrev = False  # a vLLM option that starts like one of ours (--mod, --po) goes to vLLM, not to ours
     sub.add_argument("--model", help="a checkpoint directory or hub id of a served family: " + ", ".join(ARCHITECTURES) + " (default: the project's default model)")
-    sub.add_argument("--method", type=method_name, default="star-vision", help="a vision-side method, or on LLaVA-1.5, Qwen2-VL and Qwen2.5-VL one with one decoder cut (default star-vision)")
+    sub.add_argument("--method", type=method_name, default="star-vision", help="a vision-side method, or on LLaVA-1.5, Qwen2-VL, Qwen2.5-VL and Qwen3-VL one with one decoder cut (default star-vision)")
     sub.add_argument("--keep", type=budget, default=98, help="visual tokens kept per image (per crop for LLaVA-NeXT; Qwen images differ in size, so a fraction suits them): an int, or a fraction in (0, 1] (default 98)")
     add_option_argument(sub)
     sub.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1, this machine only; 0.0.0.0: every interface)")
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 def engine_overrides(args: argparse.Namespace) -> tuple[dict, bool]:
     """vLLM's hf_overrides for --model's architecture and the setting, checked on the model's skeleton as the
     plugin checks it when the engine starts (the family, the budget, a method the family refuses, a decoder cut only
-    on LLaVA-1.5, Qwen2-VL and Qwen2.5-VL and only one), and whether the setting cuts inside the decoder."""
+    on LLaVA-1.5, Qwen2-VL, Qwen2.5-VL and Qwen3-VL and only one), and whether the setting cuts inside the decoder."""
     from star import checks
     from star.integrations.vllm import config_setting, hf_overrides
 
