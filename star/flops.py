@@ -10,7 +10,7 @@ one-FLOP-per-MAC rule; ratios, which is what it compares, are the same either wa
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from typing import Callable, Sequence
 
@@ -27,30 +27,48 @@ class DecoderShape:
     num_kv_heads: int
     head_dim: int
     gated_ffn: bool = True
+    # Where layers' attention differs (Gemma 4's global layers: other key/value heads and head size), each layer's
+    # (num_kv_heads, head_dim); empty where every layer has the fields above.
+    layer_heads: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def from_config(cls, config) -> DecoderShape:
         """The shape of a transformers Llama/Mistral/Qwen2-style decoder config.
 
         A mixture-of-experts decoder (Qwen3-VL-MoE) counts, per token, the FFNs of the experts it is routed to
-        (num_experts_per_tok of moe_intermediate_size each); the router's small product is not counted.
+        (num_experts_per_tok of moe_intermediate_size each); the router's small product is not counted. A config
+        whose attention varies by layer (`per_layer_config`, Gemma 4) gives each layer its own heads.
         """
         heads = config.num_attention_heads
+        per_layer = getattr(config, "per_layer_config", None)
+        layer_heads = ()
+        if per_layer:
+            layer_heads = tuple((per_layer[i].num_key_value_heads, per_layer[i].head_dim) for i in range(config.num_hidden_layers))
+        kv_heads, head_dim = layer_heads[0] if layer_heads else (getattr(config, "num_key_value_heads", None), getattr(config, "head_dim", None))
         return cls(
             hidden_size=config.hidden_size,
             intermediate_size=_ffn_width(config),
             num_layers=config.num_hidden_layers,
             num_heads=heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            num_kv_heads=kv_heads or heads,
+            head_dim=head_dim or config.hidden_size // heads,
             gated_ffn=getattr(config, "hidden_act", "silu") in ("silu", "swiglu"),
+            layer_heads=layer_heads if len(set(layer_heads)) > 1 else (),
         )
+
+    def layer(self, index: int) -> DecoderShape:
+        """The shape of layer `index`'s attention (itself where every layer is alike)."""
+        if not self.layer_heads:
+            return self
+        kv_heads, head_dim = self.layer_heads[index]
+        return replace(self, num_kv_heads=kv_heads, head_dim=head_dim, layer_heads=())
 
     @classmethod
     def named(cls, name: str) -> DecoderShape:
         """A decoder shape shipped with the package (no hub needed): see `named_models()`."""
         data = _named(name)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**{**fields, "layer_heads": tuple(map(tuple, fields.get("layer_heads", ())))})
 
 
 def _ffn_width(config) -> int:
@@ -110,7 +128,7 @@ def prefill_flops(shape: DecoderShape, tokens_per_layer: Sequence[int]) -> float
     """FLOPs of a prefill where layer i processes tokens_per_layer[i] tokens."""
     if len(tokens_per_layer) != shape.num_layers:
         raise ValueError(f"tokens_per_layer has {len(tokens_per_layer)} entries for a {shape.num_layers}-layer decoder")
-    return sum(layer_flops(shape, n) for n in tokens_per_layer)
+    return sum(layer_flops(shape.layer(i), n) for i, n in enumerate(tokens_per_layer))
 
 
 def tokens_per_layer(num_layers: int, n_text: int, n_visual: int, stages: Sequence[tuple[int, int]] = ()) -> list[int]:

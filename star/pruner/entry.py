@@ -175,9 +175,8 @@ def enter(
         length, entry_keep, entry_real, pads, full_positions, [frame], layout, stages, [b.method for b in budgets],
         stage_budgets, tokens or [0] * (2 + len(stages)), totals, residuals, cache_slots, picks,
     )
-    # Per-token inputs the model reads besides the ids (Gemma 3's token types), at the kept tokens; 0 at the
-    # padding slots added here.
-    token_inputs = {name: kwargs[name].gather(1, entry_keep) * entry_real for name in adapter.token_inputs if kwargs.get(name) is not None}
+    # Per-token inputs the model reads besides the ids (Gemma 3's token types), at the kept tokens.
+    token_inputs = adapter.entry_inputs(kwargs, input_ids, entry_keep, entry_real)
     entry = {
         **kwargs,
         **{name: None for name in adapter.vision_inputs},
