@@ -41,17 +41,18 @@ class DecoderShape:
         """
         heads = config.num_attention_heads
         per_layer = getattr(config, "per_layer_config", None)
-        layer_heads = ()
-        if per_layer:
-            layer_heads = tuple((per_layer[i].num_key_value_heads, per_layer[i].head_dim) for i in range(config.num_hidden_layers))
-        kv_heads, head_dim = layer_heads[0] if layer_heads else (getattr(config, "num_key_value_heads", None), getattr(config, "head_dim", None))
+        layers = [per_layer[i] for i in range(config.num_hidden_layers)] if per_layer else [config]
+        layer_heads = tuple(
+            (getattr(layer, "num_key_value_heads", None) or heads, getattr(layer, "head_dim", None) or config.hidden_size // heads)
+            for layer in layers
+        )
         return cls(
             hidden_size=config.hidden_size,
             intermediate_size=_ffn_width(config),
             num_layers=config.num_hidden_layers,
             num_heads=heads,
-            num_kv_heads=kv_heads or heads,
-            head_dim=head_dim or config.hidden_size // heads,
+            num_kv_heads=layer_heads[0][0],
+            head_dim=layer_heads[0][1],
             gated_ffn=getattr(config, "hidden_act", "silu") in ("silu", "swiglu"),
             layer_heads=layer_heads if len(set(layer_heads)) > 1 else (),
         )

@@ -111,8 +111,11 @@ def frontier(points: list[Point], kind: str = "flops") -> list[Point]:
 
 
 def shape_key(shape: DecoderShape, n_visual: int) -> dict:
-    """What a schedule must match to apply to a model: its decoder's shape and its visual tokens per image unit."""
-    return {**dataclasses.asdict(shape), "n_visual": n_visual}
+    """What a schedule must match to apply to a model: its decoder's shape and its visual tokens per image unit
+    (per-layer heads, as JSON holds them, only where layers differ)."""
+    key = dataclasses.asdict(shape)
+    heads = key.pop("layer_heads")
+    return {**key, **({"layer_heads": [list(pair) for pair in heads]} if heads else {}), "n_visual": n_visual}
 
 
 def shipped(method: str, key: dict) -> Schedule | None:

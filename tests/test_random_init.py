@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForImageTextToText
 
@@ -32,7 +33,15 @@ PUBLISHED = {
 LATER_FAMILIES = ["internvl3-8b", "llava-onevision-7b", "qwen3-vl-8b", "gemma-3-4b"]
 
 
-@pytest.mark.parametrize("name", synthetic.shipped_configs())
+def _installed(name: str):
+    """A shipped architecture, skipped where this transformers lacks its family (Gemma 4 on 4.57)."""
+    model_type = json.loads((Path(star.__file__).parent / "configs" / f"{name}.json").read_text())["architecture"]["model_type"]
+    from transformers import CONFIG_MAPPING
+
+    return pytest.param(name, marks=pytest.mark.skipif(model_type not in CONFIG_MAPPING, reason=f"transformers {transformers.__version__} has no {model_type}"))
+
+
+@pytest.mark.parametrize("name", [_installed(name) for name in synthetic.shipped_configs()])
 def test_a_shipped_architecture_is_the_model_its_flops_shape_describes(name):
     config = synthetic.shipped_config(name)
     skeleton = skeleton_of(config)  # a supported family, built on the meta device

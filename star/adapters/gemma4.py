@@ -40,13 +40,16 @@ from star.methods import LLMStage
 
 class Gemma4Adapter(GemmaDecoder):
     model_classes = compat.model_classes("Gemma4ForConditionalGeneration")
-    budget_note = "tokens per image (each image its own size; an int above an image's tokens is refused)"
+    budget_note = (
+        "tokens per image (each image its own size; an int above an image's tokens is refused); decoder stages within "
+        "the sliding window and before the layers that share keys and values"
+    )
     vision_inputs = ("pixel_values", "image_position_ids")
     token_inputs = ("mm_token_type_ids",)
     unpruned_inputs = {"pixel_values_videos": "video frames, which are visual tokens this adapter does not prune"}
     n_visual = None  # images differ in size: plans are made per image
     budget_unit = None  # an int `keep` counts tokens per image
-    synthetic_side = 48  # patches per side of the timing image: 768 px, 256 tokens of the default 280-token budget
+    synthetic_patches = 48  # per side of the timing image: 768 px at 16 px patches, 256 tokens (the default budget is 280)
 
     def __init__(self, model):
         config = model.config
@@ -66,6 +69,7 @@ class Gemma4Adapter(GemmaDecoder):
         self.embed_fill = text.pad_token_id
         self.multimodal_ids = [i for i in (config.image_token_id, config.video_token_id, config.audio_token_id) if i is not None]
         self.kernel: int = config.vision_config.pooling_kernel_size
+        self.merge_unit = self.kernel**2  # patches pooled into one token
         self.use_decoder(text)
         self.score_layer = self.vision_tower.encoder.layers[-1]
         self._rope = compat.gemma4_vision_rope(self.score_layer.self_attn)
@@ -176,17 +180,17 @@ class Gemma4Adapter(GemmaDecoder):
         return q * (attn.scaling * attn.head_dim**0.5), k
 
     def synthetic_inputs(self, before: torch.Tensor, after: torch.Tensor, generator: torch.Generator) -> dict:
-        """Prompts of text around one random square image of `synthetic_side` patches a side, padded to the
-        default 280-token budget's patches as the processor pads it, between start- and end-of-image tokens."""
+        """Prompts of text around one random square image of `synthetic_patches` patches a side, padded as the
+        processor pads it (to the default budget's 280 x k^2 patches), between start- and end-of-image tokens."""
         config, vision = self.model.config, self.model.config.vision_config
-        batch, side, k = before.shape[0], self.synthetic_side, self.kernel
-        length = 280 * k * k
+        batch, side = before.shape[0], self.synthetic_patches
+        real, length = side * side, max(side * side, 280 * self.merge_unit)
         pixels = torch.zeros(batch, length, 3 * vision.patch_size**2)
-        pixels[:, : side * side] = torch.rand(batch, side * side, 3 * vision.patch_size**2, generator=generator)
+        pixels[:, :real] = torch.rand(batch, real, 3 * vision.patch_size**2, generator=generator)
         ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
         grid = torch.full((length, 2), -1, dtype=torch.long)
-        grid[: side * side] = torch.stack([xs.flatten(), ys.flatten()], dim=1)
-        block = [config.boi_token_id] + [self.image_token_id] * (side * side // (k * k)) + [config.eoi_token_id]
+        grid[:real] = torch.stack([xs.flatten(), ys.flatten()], dim=1)
+        block = [config.boi_token_id] + [self.image_token_id] * (real // self.merge_unit) + [config.eoi_token_id]
         prompt = around_image(before, after, block)
         types = (prompt["input_ids"] == self.image_token_id).long()
         return {**prompt, "pixel_values": pixels, "image_position_ids": grid.expand(batch, -1, -1), "mm_token_type_ids": types}

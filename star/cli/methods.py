@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> None:
                 models = ", ".join(model.__name__ for model in adapter.model_classes)
                 print(f"{'':13s} refused by {models}: {reason}")
     print("Model families, what an int --keep counts in each, and the methods that run on it:")
-    for adapter in ADAPTERS:
+    for adapter in (adapter for adapter in ADAPTERS if adapter.model_classes):  # a family this transformers lacks is left out
         refused = [name for name, cls in REGISTRY.items() if vision_refusal(adapter, cls())]
         runs = "every method" if not refused else f"every method but {', '.join(refused)}"
         print(f"  {', '.join(c.__name__ for c in adapter.model_classes)}: {adapter.budget_note}; {runs}")
