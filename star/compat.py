@@ -225,6 +225,14 @@ def model_classes(*names: str) -> tuple[type, ...]:
     return tuple(getattr(transformers, name) for name in names if hasattr(transformers, name))
 
 
+def attention_for(config, attn: str) -> str | dict[str, str]:
+    """The `attn_implementation` to build a model of `config` with: `attn`, except for an audio tower (Gemma 4's E2B
+    and E4B), which has only eager attention and which the pruner never runs; 5.x takes one per sub-config."""
+    if getattr(config, "audio_config", None) is None:
+        return attn
+    return {"": attn, **{name: attn for name in ("text_config", "vision_config")}, "audio_config": "eager"}
+
+
 def gemma4_vision_rope(layer: nn.Module) -> Callable:
     """Gemma 4's `apply_multidimensional_rope(x, cos, sin, position_ids)`: the vision tower's 2-D rotary embedding,
     which splits each head into an x and a y half."""
