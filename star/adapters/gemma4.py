@@ -157,11 +157,12 @@ class Gemma4Adapter(GemmaDecoder):
         return self.embedder(features)
 
     def pooled(self, grid: torch.Tensor) -> torch.Tensor:
-        """The soft token each real patch goes into, [P], for one image's patch positions grid [P, 2] ((x, y)):
-        the tower's pool averages each k x k block of the grid, and its tokens come in the blocks' row-major order."""
+        """The soft token each real patch goes into, [P], for one image's patch positions grid [P, 2] ((x, y)): the
+        tower's pool averages each k x k block of the grid (whose sides the processor makes multiples of k), and its
+        tokens come in the blocks' row-major order. Computed on the device, without reading the grid's width back."""
         block = torch.div(grid, self.kernel, rounding_mode="floor")
         width = torch.div(grid[:, 0].max() + 1, self.kernel, rounding_mode="floor")
-        return torch.unique(block[:, 0] + width * block[:, 1], return_inverse=True)[1]
+        return block[:, 0] + width * block[:, 1]
 
     def _patch_qk(self, layer: dict, image: int, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries and keys of the tower's last layer for one image's real patches, [1, H, P, d] each, the queries
