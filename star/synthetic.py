@@ -33,10 +33,14 @@ def shipped_config(name: str):
     """The transformers config of a shipped architecture, or a ValueError naming the ones that exist."""
     if name not in shipped_configs():
         raise ValueError(f"--config {name!r} is not a shipped architecture: known are {', '.join(shipped_configs())}")
-    from transformers import AutoConfig
+    import transformers
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     fields = dict(_shipped(name)["architecture"])
-    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    model_type = fields.pop("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"--config {name!r} is a {model_type!r} model, which transformers {transformers.__version__} lacks: it needs a later transformers")
+    return AutoConfig.for_model(model_type, **fields)
 
 
 def _shipped(name: str) -> dict:

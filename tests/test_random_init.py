@@ -279,6 +279,15 @@ def test_bench_times_a_tiny_gemma4(name, tmp_path):
     assert by["fastv"]["kv_cache_bytes"] == ((text + 256) + (text + 4) * 2) * (sliding + full)  # layers 0-1, then 2-5
 
 
+def test_a_shipped_architecture_this_transformers_lacks_is_refused_by_name():
+    from transformers import CONFIG_MAPPING
+
+    if "gemma4" in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has Gemma 4")
+    with pytest.raises(ValueError, match=r"'gemma-4-e4b' is a 'gemma4' model, which transformers 4\.\d+\.\d+ lacks"):
+        synthetic.shipped_config("gemma-4-e4b")
+
+
 def test_the_table3_script_runs_at_a_tiny_shape(tmp_path):
     """scripts/paper/table3.sh, the one GPU script, on the CPU with a tiny config: both benches and the paper table."""
     tiny_llava().config.save_pretrained(tmp_path / "tiny")
