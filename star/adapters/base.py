@@ -93,7 +93,8 @@ class Decoder:
     # A sliding window some decoder layers attend within, or None (see `Gemma3Adapter`).
     window: int | None = None
     # Every image token is a visual token of a whole unit of n_visual: a prompt's units and text tokens follow from
-    # its counts in the `Layout`, so a FLOPs budget is picked per prompt (star.schedule.PromptBudget).
+    # its counts in the `Layout`, so a FLOPs budget per prompt (star.schedule.PromptBudget) is picked before the
+    # tower runs; elsewhere (crops shown in part, newline tokens) from the sizes of its encoded units.
     whole_units = False
 
     @property

@@ -7,6 +7,7 @@ kept in a `Prompt` for the decoder's cuts and the decode steps of the same promp
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,7 +16,7 @@ from transformers import StaticCache
 
 from star import compat
 from star.adapters import Adapter
-from star.adapters.base import FIXED, TEXT, Layout, read_layout
+from star.adapters.base import FIXED, TEXT, Encoded, Layout, read_layout
 from star.decoder import (
     Frame, contiguous_positions, gather_positions, gather_seq, keep_in_order, on_device, padding_of, ragged_rows,
 )
@@ -52,11 +53,13 @@ class Prompt:
 
 
 def enter(
-    adapter: Adapter, budgets_of: Callable[[Layout], tuple[list[Budget], list[Point] | None]], positions: str, kwargs: dict,
+    adapter: Adapter, budgets_of: Callable[[Layout, Callable[[], Encoded]], tuple[list[Budget], list[Point] | None]],
+    positions: str, kwargs: dict,
 ) -> tuple[Prompt, dict]:
     """Run stage 1 on the prompts' images and return the prompt's state and the decoder's entry inputs.
 
-    budgets_of: each prompt's budget from the batch's layout (and the settings picked per prompt, if any).
+    budgets_of: each prompt's budget from the batch's layout, or from its units where they differ in size (the
+    second argument encodes the images, once; the settings picked per prompt, if any, come with them).
     After the one read of the batch's `Layout`, every size is known on the host and every index is computed on
     the device: a GPU runs the prefill without waiting for the host.
     """
@@ -78,9 +81,10 @@ def enter(
             "build its shorter frames"
         )
     layout = read_layout(input_ids, mask, adapter.image_token_id)
-    budgets, picks = budgets_of(layout)
+    encode = functools.cache(lambda: adapter.encode_prompts(kwargs, input_ids, layout))
+    budgets, picks = budgets_of(layout, encode)
     stages = batch_stages(budgets) if len(set(map(id, budgets))) > 1 else budgets[0].plan.llm_stages
-    encoded = adapter.encode_prompts(kwargs, input_ids, layout)
+    encoded = encode()
     full_positions = adapter.prompt_positions(kwargs, input_ids, mask)
 
     # Stage 1, unit by unit: each unit's kept tokens, their places among its prompt's image tokens, and the

@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from star import compat
 from star import flops as flops_model
 from star import methods as registry
 from star.adapters import adapter_for
-from star.adapters.base import Layout, vision_refusal
+from star.adapters.base import Encoded, Layout, vision_refusal
 from star.methods import Method
 from star.pruner import decode
 from star.pruner.budget import Budget
@@ -233,11 +233,18 @@ class Pruner:
         self._call = _Call(step=step)
         return (), inputs
 
-    def _budgets_of(self, layout: Layout) -> tuple[list[Budget], list[Point] | None]:
-        """Each prompt's budget: the one given at apply, or the setting its budget picks for its own lengths."""
+    def _budgets_of(self, layout: Layout, encode: Callable[[], Encoded]) -> tuple[list[Budget], list[Point] | None]:
+        """Each prompt's budget: the one given at apply, or the setting its budget picks for its own lengths, from the
+        layout where every image token is a visual token of a whole unit, else from its encoded units' sizes."""
         if self.per_prompt is None:
             return [self.budget] * len(layout.image_tokens), None
-        picks = pick_per_prompt(self.per_prompt, layout.real_tokens, layout.image_tokens)
+        units = None
+        if not self.adapter.whole_units:
+            units = [[] for _ in layout.image_tokens]
+            for group in encode().groups:
+                for row in group.rows:
+                    units[row].append(group.view.features.shape[1])
+        picks = pick_per_prompt(self.per_prompt, layout.real_tokens, layout.image_tokens, units)
         return [self._budget_of(point) for point in picks], picks
 
     def _budget_of(self, point: Point) -> Budget:
