@@ -16,6 +16,7 @@ from importlib.resources import files
 import torch
 from torch import nn
 
+from star import compat
 from star.adapters import adapter_for
 from star.flops import named_models
 
@@ -62,7 +63,7 @@ def random_model(config, device: str, dtype: torch.dtype, attn: str, seed: int =
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn)
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=compat.attention_for(config, attn))
     text = config.get_text_config()
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = text.pad_token_id if text.pad_token_id is not None else 0

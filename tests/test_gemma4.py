@@ -329,3 +329,27 @@ def test_a_decoder_stage_refuses_a_sequence_beyond_the_sliding_window():
         narrow.generate(**long, max_new_tokens=3, do_sample=False)
     with star.apply(narrow, method="star", keep=2), pytest.raises(ValueError, match="sliding_window=16"):
         narrow(**long)
+
+
+@torch.no_grad()
+def test_audio_passes_unpruned_alone_and_is_refused_with_images():
+    """A checkpoint with an audio tower (E2B, E4B) builds with eager attention there (it has no SDPA) and SDPA
+    elsewhere; a prompt of audio alone runs as the model runs it (nothing visual to prune), one with images too is
+    refused, naming the audio."""
+    from transformers import Gemma4AudioConfig
+
+    from star import synthetic
+
+    config = tiny_gemma4().config
+    config.audio_config = Gemma4AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, output_proj_dims=32)
+    model = synthetic.random_model(config, "cpu", torch.float32, "sdpa")
+    assert (model.config.text_config._attn_implementation, model.config.audio_config._attn_implementation) == ("sdpa", "eager")
+    features, mask = torch.randn(1, 40, 128, generator=torch.Generator().manual_seed(0)), torch.ones(1, 40, dtype=torch.bool)
+    tokens = int(model.model.get_audio_features(features, mask).attention_mask.sum())
+    ids = torch.tensor([[5, 6] + [AUDIO] * tokens + [7, 8]])
+    audio = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "input_features": features, "input_features_mask": mask}
+    unpruned = model(**audio).logits
+    with star.apply(model, method="star", keep=2) as pruner:
+        assert torch.equal(model(**audio).logits, unpruned) and pruner.stats is None
+        with pytest.raises(ValueError, match=r"input_features \(audio\) came with images"):
+            model(**gemma4_inputs([[(4, 4)]], [(2, 2)]), input_features=features, input_features_mask=mask)
