@@ -353,3 +353,19 @@ def test_audio_passes_unpruned_alone_and_is_refused_with_images():
         assert torch.equal(model(**audio).logits, unpruned) and pruner.stats is None
         with pytest.raises(ValueError, match=r"input_features \(audio\) came with images"):
             model(**gemma4_inputs([[(4, 4)]], [(2, 2)]), input_features=features, input_features_mask=mask)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("positions", ["original", "contiguous"])
+def test_sdpa_equals_eager_in_a_padded_batch(positions):
+    """A left-padded batch, its sharing layers run on the last token only (logits_to_keep=1, as generate() asks):
+    eager attention's explicit masks and SDPA's give the same answers."""
+    inputs = gemma4_inputs([[(4, 6)], [(4, 4), (2, 4)]], [(3, 6), (1, 2)], seed=3)
+    outputs = []
+    for attn in ("eager", "sdpa"):
+        model = tiny_gemma4(attn=attn)
+        with star.apply(model, method="star", keep=2, positions=positions):
+            generated = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+            outputs.append((generated, model(**inputs, logits_to_keep=1).logits))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert (outputs[0][1] - outputs[1][1]).abs().max() < 1e-4
