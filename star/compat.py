@@ -216,6 +216,29 @@ def gemma_rotary(decoder: nn.Module, hidden: torch.Tensor, position_ids: torch.T
     return module(hidden, position_ids)
 
 
+# -- Gemma 4 -------------------------------------------------------------------------------------------
+
+
+def model_classes(*names: str) -> tuple[type, ...]:
+    """The transformers model classes of these names that the installed line has: 4.57 lacks the families of
+    2026 (Gemma 4 arrived in 5.x), whose adapters then match no model."""
+    return tuple(getattr(transformers, name) for name in names if hasattr(transformers, name))
+
+
+def attention_for(config, attn: str) -> str | dict[str, str]:
+    """The `attn_implementation` to build a model of `config` with: `attn`, except for an audio tower (Gemma 4's E2B
+    and E4B), which has only eager attention and which the pruner never runs; 5.x takes one per sub-config."""
+    if getattr(config, "audio_config", None) is None:
+        return attn
+    return {"": attn, **{name: attn for name in ("text_config", "vision_config")}, "audio_config": "eager"}
+
+
+def gemma4_vision_rope(layer: nn.Module) -> Callable:
+    """Gemma 4's `apply_multidimensional_rope(x, cos, sin, position_ids)`: the vision tower's 2-D rotary embedding,
+    which splits each head into an x and a y half."""
+    return sys.modules[type(layer).__module__].apply_multidimensional_rope
+
+
 def cache_kwargs(cache) -> dict:
     """A forward call's cache argument, by the name the installed line reads (`cache` from 5.x's rename on,
     `past_key_values` before)."""
