@@ -216,13 +216,16 @@ def gemma_rotary(decoder: nn.Module, hidden: torch.Tensor, position_ids: torch.T
     return module(hidden, position_ids)
 
 
+def cache_kwargs(cache) -> dict:
+    """A forward call's cache argument, by the name the installed line reads (`cache` from 5.x's rename on,
+    `past_key_values` before)."""
+    from transformers import LlamaModel
+
+    name = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 # -- Gemma 4 -------------------------------------------------------------------------------------------
-
-
-def model_classes(*names: str) -> tuple[type, ...]:
-    """The transformers model classes of these names that the installed line has: 4.57 lacks the families of
-    2026 (Gemma 4 arrived in 5.x), whose adapters then match no model."""
-    return tuple(getattr(transformers, name) for name in names if hasattr(transformers, name))
 
 
 def attention_for(config, attn: str) -> str | dict[str, str]:
@@ -239,26 +242,15 @@ def gemma4_vision_rope(layer: nn.Module) -> Callable:
     return sys.modules[type(layer).__module__].apply_multidimensional_rope
 
 
-def cache_kwargs(cache) -> dict:
-    """A forward call's cache argument, by the name the installed line reads (`cache` from 5.x's rename on,
-    `past_key_values` before)."""
-    from transformers import LlamaModel
-
-    name = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
-    return {name: cache}
+# -- families 5.x added (Qwen3.5, Gemma 4) ----------------------------------------------------------------
 
 
-# -- Qwen3.5 -------------------------------------------------------------------------------------------
+def model_classes(*names: str) -> tuple[type, ...]:
+    """The transformers model classes of these names that the installed line has: 4.57 lacks the families of
+    2026 (Qwen3.5 and Gemma 4 arrived in 5.x), whose adapters then match no model."""
+    return tuple(getattr(transformers, name) for name in names if hasattr(transformers, name))
 
 
-def qwen3_5_classes() -> tuple[type, ...]:
-    """Qwen3.5's model class, which transformers ships from 5.x on (`qwen3_5`); 4.57 lacks the family, so it
-    supports nothing there (`QWEN3_5_MISSING` says why, for the tests that skip it)."""
-    try:
-        from transformers import Qwen3_5ForConditionalGeneration
-    except ImportError:
-        return ()
-    return (Qwen3_5ForConditionalGeneration,)
-
-
-QWEN3_5_MISSING = None if qwen3_5_classes() else f"transformers {transformers.__version__} has no Qwen3.5 (qwen3_5 came in 5.x)"
+# Why the Qwen3.5 and Gemma 4 tests skip on 4.57 (their adapters match no model there), or None.
+QWEN3_5_MISSING = None if model_classes("Qwen3_5ForConditionalGeneration") else f"transformers {transformers.__version__} has no Qwen3.5 (qwen3_5 came in 5.x)"
+GEMMA4_MISSING = None if model_classes("Gemma4ForConditionalGeneration") else f"transformers {transformers.__version__} has no Gemma 4 (gemma4 came in 5.x)"

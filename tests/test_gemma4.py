@@ -12,7 +12,7 @@ from families import assert_batch_equals_each_alone, kept_of, layout_of
 from star import compat
 from star.scoring import top_k_in_order
 
-pytestmark = pytest.mark.skipif(not compat.model_classes("Gemma4ForConditionalGeneration"), reason="transformers 4.57 has no Gemma 4 (gemma4 arrived in 5.x)")
+pytestmark = pytest.mark.skipif(compat.GEMMA4_MISSING is not None, reason=str(compat.GEMMA4_MISSING))
 
 IMAGE, VIDEO, BOI, EOI, AUDIO = 120, 121, 122, 123, 124
 PATCH = 2  # px; pooled 2 x 2
