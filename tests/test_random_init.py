@@ -279,13 +279,14 @@ def test_bench_times_a_tiny_gemma4(name, tmp_path):
     assert by["fastv"]["kv_cache_bytes"] == ((text + 256) + (text + 4) * 2) * (sliding + full)  # layers 0-1, then 2-5
 
 
-def test_a_shipped_architecture_this_transformers_lacks_is_refused_by_name():
+@pytest.mark.parametrize("name, model_type", [("gemma-4-e4b", "gemma4"), ("qwen3.5-9b", "qwen3_5")])
+def test_a_shipped_architecture_this_transformers_lacks_is_refused_by_name(name, model_type):
     from transformers import CONFIG_MAPPING
 
-    if "gemma4" in CONFIG_MAPPING:
-        pytest.skip(f"transformers {transformers.__version__} has Gemma 4")
-    with pytest.raises(ValueError, match=r"'gemma-4-e4b' is a 'gemma4' model, which transformers 4\.\d+\.\d+ lacks"):
-        synthetic.shipped_config("gemma-4-e4b")
+    if model_type in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has {model_type}")
+    with pytest.raises(ValueError, match=rf"'{name}' is a '{model_type}' model, which transformers 4\.\d+\.\d+ lacks"):
+        synthetic.shipped_config(name)
 
 
 def test_the_table3_script_runs_at_a_tiny_shape(tmp_path):
