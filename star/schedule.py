@@ -112,14 +112,15 @@ def frontier(points: list[Point], kind: str = "flops") -> list[Point]:
 
 
 def shape_key(shape: DecoderShape, n_visual: int) -> dict:
-    """What a schedule must match to apply to a model: its decoder's shape and its visual tokens per image unit
-    (linear-attention layers and per-layer heads, as JSON holds them, only where a decoder has them: a decoder
-    without is keyed as before they were modelled)."""
+    """What a schedule must match to apply to a model: its decoder's shape and its visual tokens per image unit, as
+    JSON holds them (lists for tuples). Linear-attention layers and per-layer heads only where a decoder has them:
+    one without is keyed as before they were modelled."""
     key = dataclasses.asdict(shape)
     if key["linear"] is None:
         del key["linear"]
-    heads = key.pop("layer_heads")
-    return {**key, **({"layer_heads": [list(pair) for pair in heads]} if heads else {}), "n_visual": n_visual}
+    if not key["layer_heads"]:
+        del key["layer_heads"]
+    return json.loads(json.dumps({**key, "n_visual": n_visual}))
 
 
 def shipped(method: str, key: dict) -> Schedule | None:
