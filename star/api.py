@@ -46,8 +46,9 @@ def apply(
     FLOPs (or prefill time): the most accurate setting of `schedule` (a file `star calibrate` wrote) that costs
     no more; without one, the schedule shipped for this model's shape, else the FLOPs formula alone (star.schedule).
     flops= is picked per prompt, at prefill, for its own text tokens and images (`pruner.stats.picks`), on
-    families whose images are units of one size (LLaVA-1.5, Gemma 3); elsewhere, for time=, or with
-    `text_tokens` given, once, for prompts of `text_tokens` text tokens (default 79). The pruner's `method` and
+    families whose units have a nominal size (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, InternVL, Gemma 3: crops
+    shown in part are costed at their own size); for time=, or with `text_tokens` given, once, for prompts of
+    `text_tokens` text tokens (default 79); families whose images differ in size take keep= only. The pruner's `method` and
     `keep` show the pick for a prompt of 79 text tokens.
     """
     per_prompt: PromptBudget | None = None
@@ -59,8 +60,8 @@ def apply(
         shape = DecoderShape.from_config(model.config.get_text_config())
         name = type(model).__name__
         units = adapter.budget_unit or adapter.n_visual
-        if kind == "flops" and text_tokens is None and adapter.whole_units:
-            per_prompt = prompt_budget(method, options, keep, budget, schedule, shape, units, name)
+        if kind == "flops" and text_tokens is None and adapter.n_visual is not None:
+            per_prompt = prompt_budget(method, options, keep, budget, schedule, shape, units, name, adapter.budget_unit)
             point = per_prompt.nominal()
         else:
             point, _ = resolve_budget(method, options, keep, kind, budget, schedule, shape, units, name, text_tokens)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import star
+from star import compat
 from star.adapters import ADAPTERS
 
 # SmolLM2-135M's decoder depth: with CLIP ViT-B/16 at 224 px, the default model's shape before its first build.
@@ -92,7 +93,7 @@ def skeleton_of(config, named: str = "the model") -> nn.Module:
             f"{named} is a {config.model_type!r} model: supported are the image-text families {', '.join(sorted(supported))}"
         )
     with torch.device("meta"):
-        return AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa")
+        return AutoModelForImageTextToText.from_config(config, attn_implementation=compat.attention_for(config, "sdpa"))
 
 
 def bench_config(model: str | None, config: str | None, random_init: bool):

@@ -225,17 +225,32 @@ def cache_kwargs(cache) -> dict:
     return {name: cache}
 
 
-# -- Qwen3.5 -------------------------------------------------------------------------------------------
+# -- Gemma 4 -------------------------------------------------------------------------------------------
 
 
-def qwen3_5_classes() -> tuple[type, ...]:
-    """Qwen3.5's model class, which transformers ships from 5.x on (`qwen3_5`); 4.57 lacks the family, so it
-    supports nothing there (`QWEN3_5_MISSING` says why, for the tests that skip it)."""
-    try:
-        from transformers import Qwen3_5ForConditionalGeneration
-    except ImportError:
-        return ()
-    return (Qwen3_5ForConditionalGeneration,)
+def attention_for(config, attn: str) -> str | dict[str, str]:
+    """The `attn_implementation` to build a model of `config` with: `attn`, except for an audio tower (Gemma 4's E2B
+    and E4B), which has only eager attention and which the pruner never runs; 5.x takes one per sub-config."""
+    if getattr(config, "audio_config", None) is None:
+        return attn
+    return {"": attn, **{name: attn for name in ("text_config", "vision_config")}, "audio_config": "eager"}
 
 
-QWEN3_5_MISSING = None if qwen3_5_classes() else f"transformers {transformers.__version__} has no Qwen3.5 (qwen3_5 came in 5.x)"
+def gemma4_vision_rope(layer: nn.Module) -> Callable:
+    """Gemma 4's `apply_multidimensional_rope(x, cos, sin, position_ids)`: the vision tower's 2-D rotary embedding,
+    which splits each head into an x and a y half."""
+    return sys.modules[type(layer).__module__].apply_multidimensional_rope
+
+
+# -- families 5.x added (Qwen3.5, Gemma 4) ----------------------------------------------------------------
+
+
+def model_classes(*names: str) -> tuple[type, ...]:
+    """The transformers model classes of these names that the installed line has: 4.57 lacks the families of
+    2026 (Qwen3.5 and Gemma 4 arrived in 5.x), whose adapters then match no model."""
+    return tuple(getattr(transformers, name) for name in names if hasattr(transformers, name))
+
+
+# Why the Qwen3.5 and Gemma 4 tests skip on 4.57 (their adapters match no model there), or None.
+QWEN3_5_MISSING = None if model_classes("Qwen3_5ForConditionalGeneration") else f"transformers {transformers.__version__} has no Qwen3.5 (qwen3_5 came in 5.x)"
+GEMMA4_MISSING = None if model_classes("Gemma4ForConditionalGeneration") else f"transformers {transformers.__version__} has no Gemma 4 (gemma4 came in 5.x)"

@@ -19,7 +19,7 @@ counts twice.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from typing import Callable, Sequence
 
@@ -59,6 +59,9 @@ class DecoderShape:
     head_dim: int
     gated_ffn: bool = True
     linear: LinearAttention | None = None  # a hybrid decoder's linear-attention layers (its full ones gate their output)
+    # Where layers' attention differs (Gemma 4's global layers: other key/value heads and head size), each layer's
+    # (num_kv_heads, head_dim); empty where every layer has the fields above.
+    layer_heads: tuple[tuple[int, int], ...] = ()
 
     @property
     def attention_layers(self) -> tuple[int, ...] | None:
@@ -72,27 +75,44 @@ class DecoderShape:
         """The shape of a transformers Llama/Mistral/Qwen2-style decoder config.
 
         A mixture-of-experts decoder (Qwen3-VL-MoE) counts, per token, the FFNs of the experts it is routed to
-        (num_experts_per_tok of moe_intermediate_size each); the router's small product is not counted.
+        (num_experts_per_tok of moe_intermediate_size each); the router's small product is not counted. A config
+        whose attention varies by layer (`per_layer_config`, Gemma 4) gives each layer its own heads.
         """
         heads = config.num_attention_heads
+        per_layer = getattr(config, "per_layer_config", None)
+        layers = [per_layer[i] for i in range(config.num_hidden_layers)] if per_layer else [config]
+        layer_heads = tuple(
+            (getattr(layer, "num_key_value_heads", None) or heads, getattr(layer, "head_dim", None) or config.hidden_size // heads)
+            for layer in layers
+        )
         return cls(
             hidden_size=config.hidden_size,
             intermediate_size=_ffn_width(config),
             num_layers=config.num_hidden_layers,
             num_heads=heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            num_kv_heads=layer_heads[0][0],
+            head_dim=layer_heads[0][1],
             gated_ffn=getattr(config, "hidden_act", "silu") in ("silu", "swiglu"),
             linear=LinearAttention.from_config(config),
+            layer_heads=layer_heads if len(set(layer_heads)) > 1 else (),
         )
+
+    def layer(self, index: int) -> DecoderShape:
+        """The shape of layer `index`'s attention (itself where every layer is alike)."""
+        if not self.layer_heads:
+            return self
+        kv_heads, head_dim = self.layer_heads[index]
+        return replace(self, num_kv_heads=kv_heads, head_dim=head_dim, layer_heads=())
 
     @classmethod
     def named(cls, name: str) -> DecoderShape:
         """A decoder shape shipped with the package (no hub needed): see `named_models()`."""
         data = _named(name)
-        linear = data.get("linear")
-        fields = {k: data[k] for k in cls.__dataclass_fields__ if k != "linear"}
-        return cls(**fields, linear=None if linear is None else LinearAttention(**{**linear, "layer_types": tuple(linear["layer_types"])}))
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        linear = fields.pop("linear", None)
+        heads = tuple(map(tuple, fields.pop("layer_heads", ())))
+        linear = None if linear is None else LinearAttention(**{**linear, "layer_types": tuple(linear["layer_types"])})
+        return cls(**fields, linear=linear, layer_heads=heads)
 
 
 def _ffn_width(config) -> int:
@@ -139,8 +159,9 @@ def _named(name: str) -> dict:
 
 
 def layer_flops(shape: DecoderShape, n_tokens: int, layer: int = 0) -> float:
-    """FLOPs of decoder layer `layer`'s prefill over n_tokens (the paper's formula, GQA and gated FFN aware; a
-    hybrid decoder's linear-attention layer by its own, see the module's docstring)."""
+    """FLOPs of decoder layer `layer`'s prefill over n_tokens (the paper's formula, GQA and gated FFN aware, with
+    that layer's own heads; a hybrid decoder's linear-attention layer by its own, see the module's docstring)."""
+    shape = shape.layer(layer)
     n, d = n_tokens, shape.hidden_size
     ffn = (3 if shape.gated_ffn else 2) * n * d * shape.intermediate_size
     linear = shape.linear

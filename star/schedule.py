@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from star.flops import DecoderShape, prefill_flops, tokens_per_layer
-from star.methods import Plan, build
+from star.methods import Method, Plan, build
+from star.pruner.budget import unit_keep
 from star.synthetic import TEXT_TOKENS
 
 COSTS = ("flops", "time")
@@ -111,11 +112,15 @@ def frontier(points: list[Point], kind: str = "flops") -> list[Point]:
 
 
 def shape_key(shape: DecoderShape, n_visual: int) -> dict:
-    """What a schedule must match to apply to a model: its decoder's shape and its visual tokens per image unit."""
+    """What a schedule must match to apply to a model: its decoder's shape and its visual tokens per image unit, as
+    JSON holds them (lists for tuples). Linear-attention layers and per-layer heads only where a decoder has them:
+    one without is keyed as before they were modelled."""
     key = dataclasses.asdict(shape)
-    if key["linear"] is None:  # a decoder without linear-attention layers, keyed as before they were modelled
+    if key["linear"] is None:
         del key["linear"]
-    return {**key, "n_visual": n_visual}
+    if not key["layer_heads"]:
+        del key["layer_heads"]
+    return json.loads(json.dumps({**key, "n_visual": n_visual}))
 
 
 def shipped(method: str, key: dict) -> Schedule | None:
@@ -131,13 +136,30 @@ def shipped(method: str, key: dict) -> Schedule | None:
 def flops_ratio(shape: DecoderShape, plan: Plan, n_text: float, images: int = 1) -> float:
     """Decoder prefill FLOPs of a prompt of n_text other tokens and `images` images pruned by one image's plan,
     over the unpruned prefill's."""
-    stages = [(stage.layer, images * stage.keep) for stage in plan.llm_stages]
-    pruned = prefill_flops(shape, tokens_per_layer(shape.num_layers, n_text, images * plan.vision_keep, stages))
-    return pruned / prefill_flops(shape, [n_text + images * plan.n_visual] * shape.num_layers)
+    return units_ratio(shape, [plan] * images, n_text)
 
 
-def by_formula(method: str, options: dict, shape: DecoderShape, n_visual: int, n_text: float, budget: float, images: int = 1) -> Point:
-    """The setting the FLOPs formula alone gives for `budget` (a fraction of the unpruned prefill FLOPs).
+def units_ratio(shape: DecoderShape, plans: list[Plan], n_text: float) -> float:
+    """Decoder prefill FLOPs of a prompt of n_text other tokens (text, and image tokens never pruned: LLaVA-NeXT's
+    newlines) and one unit per plan (an image, a crop, a tile grid), each pruned by its own plan, over the unpruned
+    prefill's. A unit keeps all it has at a layer its plan does not cut at."""
+    per_layer = [n_text] * shape.num_layers
+    for plan in plans:
+        cuts = {stage.layer: stage.keep for stage in plan.llm_stages}
+        visual = plan.vision_keep
+        for layer in range(shape.num_layers):
+            visual = cuts.get(layer, visual)
+            per_layer[layer] += visual
+    return prefill_flops(shape, per_layer) / prefill_flops(shape, [n_text + sum(p.n_visual for p in plans)] * shape.num_layers)
+
+
+def by_formula(
+    method: str, options: dict, shape: DecoderShape, n_visual: int, n_text: float, budget: float, images: int = 1,
+    units: tuple[int, ...] | None = None, budget_unit: int | None = None,
+) -> Point:
+    """The setting the FLOPs formula alone gives for `budget` (a fraction of the unpruned prefill FLOPs), for a prompt
+    of n_text other tokens and `images` images of n_visual tokens, or of `units` of their own sizes, where keep counts
+    per `budget_unit` tokens (LLaVA-NeXT's crops shown in part; see `unit_plans`).
 
     Every method: the largest keep whose plan, under the given options, costs at most the budget. STAR, whose
     layer and stage-1 ratio are free: the paper's defaults (stage 1 drops 15%, stage 2 at half depth) with the
@@ -147,11 +169,11 @@ def by_formula(method: str, options: dict, shape: DecoderShape, n_visual: int, n
     accuracy decides any of it: a measured schedule (`star calibrate`) does better.
     """
     groups = _star_groups(n_visual, shape.num_layers) if method == "star" else [(range(1, n_visual + 1), lambda keep: {})]
+    units = units or (n_visual,) * images
     for keeps, chosen in groups:
 
         def cost(keep: int) -> float:
-            plan = build(method, **options, **chosen(keep)).plan(n_visual, keep, shape.num_layers)
-            return flops_ratio(shape, plan, n_text, images)
+            return units_ratio(shape, unit_plans(build(method, **options, **chosen(keep)), keep, units, budget_unit, shape.num_layers), n_text)
 
         fitting = bisect.bisect_right(keeps, budget, key=cost)  # cost grows with keep within a group
         if fitting:
@@ -162,6 +184,12 @@ def by_formula(method: str, options: dict, shape: DecoderShape, n_visual: int, n
         f"flops={budget} is below what {method} reaches on this model: its least is {cost(keeps[0]):.3f}, at "
         + ", ".join(f"{name}={value}" for name, value in least.items())
     )
+
+
+def unit_plans(method: Method, keep: int, units: tuple[int, ...], budget_unit: int | None, num_layers: int) -> list[Plan]:
+    """The plan of each unit of a prompt, `keep` counting per `budget_unit` tokens (a unit of fewer keeps its
+    share, as `star.pruner.budget.unit_keep` gives it; None: per unit)."""
+    return [method.plan(n, unit_keep(keep, n, budget_unit), num_layers) for n in units]
 
 
 def _star_groups(n_visual: int, num_layers: int) -> list[tuple[range, Callable[[int], dict]]]:
@@ -184,6 +212,8 @@ class PromptBudget:
     prompt length overshoots on longer prompts and refuses budgets that shorter ones reach.)
 
     schedule: the measured settings to pick from, each re-costed for the prompt; None: the formula (`by_formula`).
+    budget_unit: what keep counts per where a prompt's units differ in size (LLaVA-NeXT's 576-token crops, of
+    which the prompt may show a part; LLaVA-OneVision's 729-token base crop and its tile grid); None: per unit.
     """
 
     method: str
@@ -192,20 +222,28 @@ class PromptBudget:
     shape: DecoderShape
     n_visual: int
     schedule: Schedule | None
-    picked: dict[tuple[int, int], Point] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    budget_unit: int | None = None
+    picked: dict[tuple, Point] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def pick(self, n_text: int, images: int = 1) -> Point:
-        """The setting for a prompt of n_text text tokens and `images` images of n_visual tokens each, searched once
-        per lengths: every prefill asks for each of its prompts', and the formula's search costs milliseconds."""
-        if (n_text, images) not in self.picked:
-            self.picked[n_text, images] = self._search(n_text, images)
-        return self.picked[n_text, images]
+    def pick(self, n_text: int, images: int = 1, units: tuple[int, ...] | None = None) -> Point:
+        """The setting for a prompt of n_text other tokens and `images` images of n_visual tokens each (or `units`
+        of their own sizes), searched once per lengths: every prefill asks for each of its prompts', and the
+        formula's search costs milliseconds."""
+        units = tuple(sorted(units)) if units is not None else (self.n_visual,) * images
+        if (n_text, units) not in self.picked:
+            self.picked[n_text, units] = self._search(n_text, units)
+        return self.picked[n_text, units]
 
-    def _search(self, n_text: int, images: int) -> Point:
+    def _search(self, n_text: int, units: tuple[int, ...]) -> Point:
         if self.schedule is None:
-            return by_formula(self.method, self.options, self.shape, self.n_visual, n_text, self.fraction, images)
-        points = tuple(dataclasses.replace(p, flops=flops_ratio(self.shape, self.plan(p), n_text, images)) for p in self.schedule.points)
+            return by_formula(self.method, self.options, self.shape, self.n_visual, n_text, self.fraction, units=units, budget_unit=self.budget_unit)
+        points = tuple(
+            dataclasses.replace(p, flops=units_ratio(self.shape, self.unit_plans(p, units), n_text)) for p in self.schedule.points
+        )
         return dataclasses.replace(self.schedule, points=points).pick("flops", self.fraction)
+
+    def unit_plans(self, point: Point, units: tuple[int, ...]) -> list[Plan]:
+        return unit_plans(build(self.method, **self.options, **point.options), point.keep, units, self.budget_unit, self.shape.num_layers)
 
     def nominal(self) -> Point:
         """The pick `pruner.keep` and `pruner.method` show: the schedule's at the costs it measured, or the formula's
@@ -228,18 +266,21 @@ class PromptBudget:
         return min((s.score_layer for p in points for s in self.plan(p).llm_stages), default=None)
 
 
-def pick_per_prompt(budget: PromptBudget, real_tokens: list[int], image_tokens: list[int]) -> list[Point]:
-    """Each prompt's setting from its lengths (its text tokens are its real tokens but its image tokens), or a
-    BudgetUnreachable naming the first prompt that no setting fits and its lengths."""
+def pick_per_prompt(
+    budget: PromptBudget, real_tokens: list[int], image_tokens: list[int], units: list[list[int]] | None = None,
+) -> list[Point]:
+    """Each prompt's setting from its lengths, or a BudgetUnreachable naming the first prompt that no setting fits
+    and its lengths. units: each prompt's units (their visual tokens), where they differ in size; its other tokens
+    are its real tokens but those. Without them, every image token is a visual token of a unit of n_visual."""
     picks = []
     for row, (real, image) in enumerate(zip(real_tokens, image_tokens)):
-        n_text, images = real - image, image // budget.n_visual
+        own = None if units is None else tuple(units[row])
+        n_text = real - (image if own is None else sum(own))
+        what = f"{image // budget.n_visual} image(s) of {budget.n_visual}" if own is None else f"units of {', '.join(map(str, own)) or 'no'}"
         try:
-            picks.append(budget.pick(n_text, images))
+            picks.append(budget.pick(n_text, image // budget.n_visual, own))
         except BudgetUnreachable as error:
-            raise BudgetUnreachable(
-                f"prompt {row} of the batch ({n_text} text tokens, {images} image(s) of {budget.n_visual} visual tokens): {error}"
-            ) from None
+            raise BudgetUnreachable(f"prompt {row} of the batch ({n_text} text tokens, {what} visual tokens): {error}") from None
     return picks
 
 
@@ -262,11 +303,12 @@ def resolve_budget(
 
 def prompt_budget(
     method: str, options: dict, keep, budget, schedule, shape: DecoderShape, n_visual: int | None, model_name: str,
+    budget_unit: int | None = None,
 ) -> PromptBudget:
     """A FLOPs budget to pick per prompt at prefill (see `PromptBudget`), its arguments checked as `resolve_budget`
     checks them, and refused here where no prompt reaches it."""
     checked = _checked(method, options, keep, "flops", budget, schedule, shape, n_visual, model_name)
-    resolved = PromptBudget(method, options, float(budget), shape, n_visual, checked)
+    resolved = PromptBudget(method, options, float(budget), shape, n_visual, checked, budget_unit)
     resolved.nominal()
     return resolved
 

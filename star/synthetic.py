@@ -14,9 +14,9 @@ import json
 from importlib.resources import files
 
 import torch
-import transformers
 from torch import nn
 
+from star import compat
 from star.adapters import adapter_for
 from star.flops import named_models
 
@@ -34,14 +34,14 @@ def shipped_config(name: str):
     """The transformers config of a shipped architecture, or a ValueError naming the ones that exist."""
     if name not in shipped_configs():
         raise ValueError(f"--config {name!r} is not a shipped architecture: known are {', '.join(shipped_configs())}")
-    from transformers import AutoConfig
+    import transformers
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     fields = dict(_shipped(name)["architecture"])
     model_type = fields.pop("model_type")
-    try:
-        return AutoConfig.for_model(model_type, **fields)
-    except ValueError as error:  # a family this transformers line lacks (Qwen3.5 on 4.57)
-        raise ValueError(f"--config {name!r} is a {model_type} model, which transformers {transformers.__version__} does not have") from error
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"--config {name!r} is a {model_type!r} model, which transformers {transformers.__version__} lacks: it needs a later transformers")
+    return AutoConfig.for_model(model_type, **fields)
 
 
 def _shipped(name: str) -> dict:
@@ -63,7 +63,7 @@ def random_model(config, device: str, dtype: torch.dtype, attn: str, seed: int =
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn)
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=compat.attention_for(config, attn))
     text = config.get_text_config()
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = text.pad_token_id if text.pad_token_id is not None else 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaModel
@@ -10,7 +12,7 @@ import star
 from conftest import batch, prompt_ids, tiny_llava
 from families import gemma_inputs, qwen_inputs, tiny_gemma3, tiny_qwen3
 from star.cli import main
-from star.flops import DecoderShape, count_flops, layer_flops, named_models, prefill_flops, tokens_per_layer
+from star.flops import DecoderShape, LinearAttention, count_flops, layer_flops, named_models, prefill_flops, tokens_per_layer
 
 
 @pytest.mark.parametrize("keep, paper", [(288, 0.713), (58, 0.536), (29, 0.514)])
@@ -56,6 +58,18 @@ def test_flops_of_the_tiled_families_count_per_crop_and_refuse_what_their_family
     for model, method in [("llava-onevision-7b", "fastervlm"), ("llava-onevision-7b", "visionzip"), ("internvl3-8b", "visionzip")]:
         assert main(["flops", "--model", model, "--method", f"star,{method}", "--keep", "64"]) == 2
         assert f"--method '{method}' cannot prune {model}: " in capsys.readouterr().err
+
+
+def test_a_layer_is_costed_by_its_own_kind_and_its_own_heads():
+    """Linear-attention layers (Qwen3.5) and per-layer heads (Gemma 4) in one decoder: a full-attention layer costs
+    what a decoder of its heads would, a linear one what it costs whatever the softmax layers' heads."""
+    linear = LinearAttention(("linear_attention", "full_attention") * 2, 2, 4, 8, 8, 4)
+    alike = DecoderShape(64, 128, 4, 4, 2, 16, linear=linear)
+    varied = replace(alike, layer_heads=((2, 16), (1, 32), (2, 16), (1, 32)))
+    wide = replace(alike, num_kv_heads=1, head_dim=32)
+    assert layer_flops(varied, 10, 1) == layer_flops(wide, 10, 1) != layer_flops(alike, 10, 1)
+    assert layer_flops(varied, 10, 0) == layer_flops(alike, 10, 0) == layer_flops(wide, 10, 0)
+    assert prefill_flops(varied, [10, 7, 10, 7]) == 2 * layer_flops(alike, 10, 0) + 2 * layer_flops(wide, 7, 1)
 
 
 @torch.no_grad()

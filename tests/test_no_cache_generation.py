@@ -11,9 +11,10 @@ import star
 from conftest import batch, prompt_ids, tiny_llava
 from families import gemma_inputs, next_inputs, qwen_inputs, tiny_gemma3, tiny_llava_next, tiny_qwen, tiny_qwen3, tiny_qwen3_5
 from star import compat
+from test_gemma4 import gemma4_inputs, tiny_gemma4
 from tiled_families import internvl_inputs, onevision_inputs, tiny_internvl, tiny_onevision
 
-SPECIAL = [120, 121, 122, 123]  # image, video and image-delimiter tokens: an answer holding one would be another prompt
+SPECIAL = [120, 121, 122, 123, 124]  # image, video, image-delimiter (and Gemma 4's audio) tokens: an answer holding one would be another prompt
 FAMILIES = {
     "llava": lambda: (tiny_llava(), lambda m: batch([prompt_ids(3, 6, 0), prompt_ids(1, 4, 1)])),
     "llava-next": lambda: (tiny_llava_next(), lambda m: next_inputs(m, [[(32, 64)], [(64, 64)]], [(3, 6), (1, 4)])),
@@ -24,6 +25,7 @@ FAMILIES = {
     "qwen3.5": lambda: (tiny_qwen3_5(), lambda m: qwen_inputs([[(8, 8)], [(4, 6)]], [(3, 6), (1, 4)])),
     "internvl": lambda: (tiny_internvl(), lambda m: internvl_inputs([[1], [2]], [(3, 6), (1, 4)])),
     "gemma3": lambda: (tiny_gemma3(), lambda m: gemma_inputs([1, 1], [(3, 6), (1, 4)])),
+    "gemma4": lambda: (tiny_gemma4(), lambda m: gemma4_inputs([[(4, 6)], [(4, 4)]], [(3, 6), (1, 4)])),
 }
 
 
@@ -31,6 +33,8 @@ FAMILIES = {
 def family(request):
     if request.param == "qwen3.5" and compat.QWEN3_5_MISSING:
         pytest.skip(compat.QWEN3_5_MISSING)
+    if request.param == "gemma4" and compat.GEMMA4_MISSING:
+        pytest.skip(compat.GEMMA4_MISSING)
     model, make = FAMILIES[request.param]()
     return request.param, model, make(model)
 

@@ -202,3 +202,43 @@ def test_prompts_of_several_units_are_costed_with_all_of_them(case):
             ratio = stats.flops / unpruned_flops(shape, single["input_ids"].shape[1])
             assert 0.7 - 0.05 <= ratio <= 0.7 and stats.picks[0].flops == pytest.approx(ratio, rel=1e-9)
         assert_batch_equals_each_alone(model, inputs, "star", None, alone, flops=0.7)
+
+
+def next_case():
+    from families import next_inputs, select_rows, tiny_llava_next
+
+    model = tiny_llava_next()
+    sizes = [[(20, 70)], [(64, 64)], [(40, 70), (20, 70)]]  # a 1 x 2 grid shown in half, a full 2 x 2 one, both
+    inputs = next_inputs(model, sizes, [(2, 3), (3, 12), (1, 2)], seed=2)
+    return model, inputs, lambda row: select_rows(inputs, [row], [len(s) for s in sizes])
+
+
+def onevision_case():
+    from tiled_families import onevision_inputs, rows_alone, tiny_onevision
+
+    model = tiny_onevision()
+    sizes = [[(20, 70)], [(64, 64)], [(40, 70), (20, 70)]]  # a grid shown in half, one resized, two base crops
+    inputs = onevision_inputs(model, sizes, [(2, 3), (3, 12), (1, 2)], seed=2)
+    return model, inputs, lambda row: rows_alone(inputs, [row], [len(s) for s in sizes])
+
+
+@pytest.mark.parametrize("case", [next_case, onevision_case], ids=["llava-next", "llava-onevision"])
+def test_units_of_their_own_sizes_are_costed_per_prompt(case):
+    """LLaVA-NeXT's and LLaVA-OneVision's units differ in size (a tile grid keeps its share of keep, newline tokens
+    stay and count as text): each prompt spends at most its own budget, the FLOPs its pick predicts are those its
+    prefill counts, prompts of other layouts and lengths get other settings, and a batch gives each what it gets alone."""
+    model, inputs, alone = case()
+    shape = DecoderShape.from_config(model.config.get_text_config())
+    picks = []
+    with torch.no_grad():
+        for row in range(3):
+            single = alone(row)
+            with star.apply(model, flops=0.7) as pruner:
+                model(**single)
+                stats = pruner.stats
+            ratio = stats.flops / unpruned_flops(shape, single["input_ids"].shape[1])
+            assert 0.7 - 0.06 <= ratio <= 0.7 and stats.picks[0].flops == pytest.approx(ratio, rel=1e-9)
+            picks.append((stats.picks[0].keep, stats.picks[0].options))
+        assert len({str(pick) for pick in picks}) > 1, picks
+        assert_batch_equals_each_alone(model, inputs, "star", None, alone, flops=0.7)
+        assert_batch_equals_each_alone(model, inputs, "fastv", None, alone, flops=0.7)

@@ -7,7 +7,7 @@ import pytest
 from conftest import N_VISUAL, batch, prompt_ids, tiny_llava
 
 import star
-from star.flops import DecoderShape, layer_flops, prefill_flops
+from star.flops import DecoderShape, LinearAttention, layer_flops, prefill_flops
 from star.methods import build
 from star.schedule import STAR_FLOOR, Point, Schedule, by_formula, flops_ratio, frontier, shape_key, shipped
 
@@ -140,6 +140,18 @@ def test_flops_on_a_family_whose_images_differ_in_size_is_refused():
 
     with pytest.raises(ValueError, match=r"flops= needs the same number of visual tokens in every image, and Qwen2VLForConditionalGeneration"):
         star.apply(tiny_qwen(), flops=0.5)
+
+
+def test_a_shape_key_is_what_a_saved_schedule_holds(tmp_path):
+    """Linear-attention layers (Qwen3.5) and per-layer heads (Gemma 4) are keyed as JSON holds them, so a schedule
+    saved for such a decoder matches it when loaded; a decoder without either is keyed without them."""
+    plain = DecoderShape(64, 128, 2, 4, 2, 16)
+    assert set(shape_key(plain, 9)) == {"hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "gated_ffn", "n_visual"}
+    linear = LinearAttention(("linear_attention", "full_attention"), 2, 4, 8, 8, 4)
+    both = DecoderShape(64, 128, 2, 4, 2, 16, linear=linear, layer_heads=((2, 16), (1, 32)))
+    schedule = Schedule("star", shape_key(both, 9), 79.0, (Point(4, {}, 0.5, accuracy=0.5, n=10),), "calibrated")
+    schedule.save(tmp_path / "s.json")
+    assert Schedule.load(tmp_path / "s.json").shape == shape_key(both, 9) != shape_key(plain, 9)
 
 
 def test_the_default_models_shipped_schedule_is_found_by_its_shape():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from star.adapters.gemma3 import Gemma3Adapter
+from star.adapters.gemma4 import Gemma4Adapter
 from star.adapters.internvl import InternVLAdapter
 from star.adapters.llava import LlavaAdapter
 from star.adapters.llava_next import LlavaNextAdapter
@@ -13,8 +14,14 @@ from star.adapters.qwen2_vl import Qwen2VLAdapter
 from star.adapters.qwen3_5 import Qwen3_5Adapter
 from star.adapters.qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen3VLAdapter, Qwen3_5Adapter, InternVLAdapter, Gemma3Adapter)
-Adapter = LlavaAdapter | LlavaNextAdapter | LlavaOnevisionAdapter | Qwen2VLAdapter | Qwen3VLAdapter | Qwen3_5Adapter | InternVLAdapter | Gemma3Adapter
+ADAPTERS = (
+    LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen3VLAdapter, Qwen3_5Adapter, InternVLAdapter, Gemma3Adapter,
+    Gemma4Adapter,
+)
+Adapter = (
+    LlavaAdapter | LlavaNextAdapter | LlavaOnevisionAdapter | Qwen2VLAdapter | Qwen3VLAdapter | Qwen3_5Adapter | InternVLAdapter
+    | Gemma3Adapter | Gemma4Adapter
+)
 
 
 def adapter_for(model: nn.Module) -> Adapter:

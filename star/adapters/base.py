@@ -88,10 +88,13 @@ class Decoder:
     residual_layers = 0
     # Per-token inputs besides input_ids that the model reads at prefill (Gemma 3's token_type_ids).
     token_inputs: tuple[str, ...] = ()
+    # Inputs that carry visual tokens the pruner does not prune, refused at any prefill: name -> what they carry.
+    unpruned_inputs: dict[str, str] = {}
     # A sliding window some decoder layers attend within, or None (see `Gemma3Adapter`).
     window: int | None = None
     # Every image token is a visual token of a whole unit of n_visual: a prompt's units and text tokens follow from
-    # its counts in the `Layout`, so a FLOPs budget is picked per prompt (star.schedule.PromptBudget).
+    # its counts in the `Layout`, so a FLOPs budget per prompt (star.schedule.PromptBudget) is picked before the
+    # tower runs; elsewhere (crops shown in part, newline tokens) from the sizes of its encoded units.
     whole_units = False
     # The layers whose softmax attention a decoder stage may score with (None: every layer); a hybrid decoder's
     # others (Qwen3.5's linear attention) have no attention matrix.
@@ -137,6 +140,19 @@ class Decoder:
     def norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The decoder's final norm, the one the LM head reads through."""
         return self.decoder.norm(hidden)
+
+    def check_stages(self, stages: tuple, method: str) -> None:
+        """Refuse, when applied, decoder stages at layers this family cannot cut at (none here)."""
+
+    def entry_inputs(self, kwargs: dict, input_ids: torch.Tensor, keep: torch.Tensor, real: torch.Tensor) -> dict:
+        """Per-token inputs the model reads besides the ids, at the entry frame's tokens `keep` [B, S1] (0 at the
+        padding slots the pruner adds, where `real` is False)."""
+        return {name: kwargs[name].gather(1, keep) * real for name in self.token_inputs if kwargs.get(name) is not None}
+
+    def frame_args(self, args: tuple, keep: torch.Tensor) -> tuple:
+        """A decoder layer's positional inputs after its hidden states, moved to a frame's tokens `keep` [B, S_f]
+        (indices into the entry frame): none of them is per token here."""
+        return args[1:]
 
     def instruction(self, input_ids: torch.Tensor, rows: list[int], layout: Layout) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         """For the units of prompts `rows`, computes the decoder input embeddings of their prompts' tokens

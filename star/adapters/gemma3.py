@@ -30,13 +30,42 @@ from star.adapters.llava import LlamaDecoder, _clip_qk
 from star.decoder import llama_style_qk, on_device
 
 
-class Gemma3Adapter(LlamaDecoder):
+class GemmaDecoder(LlamaDecoder):
+    """The decoder side Gemma 3 and Gemma 4 share: sliding and global layers, each type with its own mask and
+    rotary table; attention scaled by the layer's own `scaling` after per-head q/k norms; image tokens embedded
+    as `embed_fill` (their id may lie outside the vocabulary), as the model does, and overwritten."""
+
+    has_cls = False
+    embed_fill = 0
+
+    def use_decoder(self, text) -> None:
+        """The decoder's layer types and sliding window, from its text config."""
+        self.layer_types: list[str] = list(text.layer_types)
+        self.window: int | None = text.sliding_window if "sliding_attention" in self.layer_types else None
+
+    def layer_type(self, index: int) -> str:
+        return self.layer_types[index]
+
+    def decoder_qk(self, layer: nn.Module, hidden, position_embeddings, rows):
+        """Llama's queries and keys, with the queries rescaled so that softmax(q k^T / sqrt(d)) is the
+        layer's own softmax(q k^T * scaling) (Gemma 3: query_pre_attn_scalar ** -0.5; Gemma 4: 1)."""
+        q, k = llama_style_qk(layer, hidden, position_embeddings, rows)
+        return q * (layer.self_attn.scaling * q.shape[-1] ** 0.5), k
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (scaled, as the decoder scales them), image tokens as `embed_fill`."""
+        return self.decoder.embed_tokens(input_ids.masked_fill(input_ids == self.image_token_id, self.embed_fill))
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return compat.gemma_rotary(self.decoder, hidden, position_ids, layer_type)
+
+
+class Gemma3Adapter(GemmaDecoder):
     whole_units = True
     model_classes = (Gemma3ForConditionalGeneration,)
     budget_note = "tokens per image or pan-and-scan crop (256); decoder stages within the 1024-token sliding window"
     vision_inputs = ("pixel_values",)
     token_inputs = ("token_type_ids",)
-    has_cls = False
 
     def __init__(self, model: Gemma3ForConditionalGeneration):
         config = model.config
@@ -53,30 +82,12 @@ class Gemma3Adapter(LlamaDecoder):
         self.image_token_id: int = config.image_token_id
         self.n_visual: int = config.mm_tokens_per_image
         self.budget_unit: int | None = self.n_visual
-        self.layer_types: list[str] = list(text.layer_types)
-        self.window: int | None = text.sliding_window if "sliding_attention" in self.layer_types else None
+        self.use_decoder(text)
         self.score_layer = compat.clip_encoder_layers(self.vision_tower)[-1]
         # Patch p of the tower's row-major grid goes into pooled token token_of[p].
         side, kernel = self.projector.patches_per_image, self.projector.kernel_size
         rows = torch.arange(side) // kernel
         self.token_of = (rows[:, None] * (side // kernel) + rows[None, :]).flatten()
-
-    def layer_type(self, index: int) -> str:
-        return self.layer_types[index]
-
-    def decoder_qk(self, layer: nn.Module, hidden, position_embeddings, rows):
-        """Llama's queries and keys, with the queries rescaled so that softmax(q k^T / sqrt(d)) is the
-        layer's own softmax(q k^T * query_pre_attn_scalar ** -0.5)."""
-        q, k = llama_style_qk(layer, hidden, position_embeddings, rows)
-        return q * (layer.self_attn.scaling * q.shape[-1] ** 0.5), k
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (scaled, as the decoder scales them); image tokens, whose id may lie outside the
-        vocabulary, are embedded as id 0, as the model does, and overwritten."""
-        return self.decoder.embed_tokens(input_ids.masked_fill(input_ids == self.image_token_id, 0))
-
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return compat.gemma_rotary(self.decoder, hidden, position_ids, layer_type)
 
     def encode_prompts(self, inputs: dict, input_ids: torch.Tensor, layout: Layout) -> Encoded:
         """The images of a batch of prompts, each one unit of `n_visual` pooled tokens in one block."""

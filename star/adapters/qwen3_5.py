@@ -27,7 +27,7 @@ from star.decoder import gather_seq
 
 
 class Qwen3_5Adapter(Qwen2VLAdapter):
-    model_classes = compat.qwen3_5_classes()
+    model_classes = compat.model_classes("Qwen3_5ForConditionalGeneration")
     budget_note = "tokens per image (each image its own size); decoder stages at full-attention layers only"
     synthetic_patches = 64  # 1024 px at 16 px patches: 1024 merged tokens, as Qwen3-VL's timing image
     padding_mask_types = ("linear_attention",)

@@ -262,13 +262,14 @@ def model_path(args: argparse.Namespace) -> str:
 def load(args: argparse.Namespace):
     """The model and its processor, on --device in --dtype, the processor padding on the left for batches."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     path = model_path(args)
     dtype = getattr(torch, args.dtype)
     if args.device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per data-parallel process
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=getattr(args, "attn", "sdpa"))
+    attn = compat.attention_for(AutoConfig.from_pretrained(path), getattr(args, "attn", "sdpa"))
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     processor = AutoProcessor.from_pretrained(path, **compat.processor_kwargs())
     processor.tokenizer.padding_side = "left"
     return model.to(args.device).eval(), processor

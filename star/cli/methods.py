@@ -6,11 +6,11 @@ import argparse
 import dataclasses
 
 from star.adapters import ADAPTERS
-
-SUPPORTED = [adapter for adapter in ADAPTERS if adapter.model_classes]  # the families this transformers line has
 from star.adapters.base import vision_refusal
 from star.cli.args import command
 from star.methods import REGISTRY
+
+SUPPORTED = [adapter for adapter in ADAPTERS if adapter.model_classes]  # the families this transformers line has (not Gemma 4 or Qwen3.5 on 4.57)
 
 
 def add(commands: argparse._SubParsersAction) -> None:

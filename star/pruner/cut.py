@@ -88,29 +88,36 @@ def frame_inputs(
     """What changes in a layer's prefill inputs, made for the entry frame, in `frame`: the mask, every rotary
     table and the positions, gathered at the tokens the frame keeps (contiguous positions: tables made anew).
     The padding a cut added is hidden from every query. cache_slots: a StaticCache's slots, which the mask's key
-    columns span; flash: the attention takes a 2-D padding mask (FlashAttention)."""
+    columns span; flash: the attention takes a 2-D padding mask (FlashAttention).
+
+    Where the model runs a layer on its last tokens only (Gemma 4's key/value-sharing layers at prefill), `hidden`
+    holds those: they are text, present in every frame, so the model's mask rows and rotary tables are already
+    theirs, and only the mask's key columns move."""
     keep = frame.keep_cols
+    queries = hidden.shape[1]
+    whole = queries == frame.length
     mask = kwargs["attention_mask"]
+    places = torch.arange(frame.length, device=keep.device)
     if layer_type in adapter.padding_mask_types:  # the 2-D padding mask of the frame's own tokens, where any pads
         mask = frame.mask if mask is not None or frame.padded else None
     elif mask is not None and mask.dim() == 4:
-        mask = hide_keys(slice_mask(mask, keep, keep), frame.mask)
+        mask = hide_keys(slice_mask(mask, keep if whole else None, keep), frame.mask)
     elif mask is not None or frame.padded:  # FlashAttention's 2-D mask, or none where the entry frame has no padding
-        places = torch.arange(frame.length, device=keep.device)
         like = mask if mask is not None else mask_like(flash, frame.mask)
-        mask = causal_frame_mask(like, frame.mask, places.expand_as(keep), places)
+        mask = causal_frame_mask(like, frame.mask, places.expand_as(keep), places[frame.length - queries :])
     override = {"attention_mask": unseen_slots(mask, cache_slots)}
+    own = frame.position_ids[..., frame.length - queries :]
     for name, kind in compat.rotary_tables(kwargs).items():
-        if positions == "original":
+        if positions == "contiguous":
+            override[name] = adapter.rotary(hidden, own, kind or layer_type)
+        elif whole:
             cos, sin = kwargs[name]
             override[name] = (gather_rotary(cos, keep), gather_rotary(sin, keep))
-        else:
-            override[name] = adapter.rotary(hidden, frame.position_ids, kind or layer_type)
     if positions == "contiguous":
-        override["position_ids"] = frame.position_ids
+        override["position_ids"] = own
     elif kwargs.get("position_ids") is not None:
-        override["position_ids"] = gather_positions(kwargs["position_ids"], keep)
-    return compat.with_cache_position(override, torch.arange(frame.length, device=hidden.device))
+        override["position_ids"] = gather_positions(kwargs["position_ids"], keep)[..., frame.length - queries :]
+    return compat.with_cache_position(override, places[frame.length - queries :])
 
 
 def select(

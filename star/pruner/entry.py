@@ -7,6 +7,7 @@ kept in a `Prompt` for the decoder's cuts and the decode steps of the same promp
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,7 +16,7 @@ from transformers import StaticCache
 
 from star import compat
 from star.adapters import Adapter
-from star.adapters.base import FIXED, TEXT, Layout, read_layout, rows_of, split_rows
+from star.adapters.base import FIXED, TEXT, Encoded, Layout, read_layout, rows_of, split_rows
 from star.decoder import (
     Frame, contiguous_positions, gather_positions, gather_seq, keep_in_order, on_device, padding_of, ragged_rows,
 )
@@ -63,12 +64,13 @@ class Prompt:
 
 
 def enter(
-    adapter: Adapter, budgets_of: Callable[[Layout], tuple[list[Budget], list[Point] | None]], positions: str, kwargs: dict,
-    replay: Prompt | None = None,
+    adapter: Adapter, budgets_of: Callable[[Layout, Callable[[], Encoded]], tuple[list[Budget], list[Point] | None]],
+    positions: str, kwargs: dict, replay: Prompt | None = None,
 ) -> tuple[Prompt, dict]:
     """Run stage 1 on the prompts' images and return the prompt's state and the decoder's entry inputs.
 
-    budgets_of: each prompt's budget from the batch's layout (and the settings picked per prompt, if any).
+    budgets_of: each prompt's budget from the batch's layout, or from its units where they differ in size (the
+    second argument encodes the images, once; the settings picked per prompt, if any, come with them).
     replay: a prompt this one continues (its tokens followed by more, the same images; `continues`): its budgets
     and every selection it made are reused, so the tokens that follow the prompt never change its pruning.
     After the one read of the batch's `Layout`, every size is known on the host and every index is computed on
@@ -92,13 +94,14 @@ def enter(
             "build its shorter frames"
         )
     layout = read_layout(input_ids, mask, adapter.image_token_id, adapter.image_sizes(kwargs))
-    budgets, picks = (replay.row_budgets, replay.picks) if replay is not None else budgets_of(layout)
+    encode = functools.cache(lambda: adapter.encode_prompts(kwargs, input_ids, layout))
+    budgets, picks = (replay.row_budgets, replay.picks) if replay is not None else budgets_of(layout, encode)
     if layout.image_sizes is not None:  # images of their own sizes: each budget checked before the tower runs
         rows = rows_of(split_rows(layout.image_tokens, layout.image_sizes, adapter.sizes_note))
         for row, n in zip(rows, layout.image_sizes):
             budgets[row].unit_plan(n)
     stages = batch_stages(budgets) if len(set(map(id, budgets))) > 1 else budgets[0].plan.llm_stages
-    encoded = adapter.encode_prompts(kwargs, input_ids, layout)
+    encoded = encode()
     full_positions = adapter.prompt_positions(kwargs, input_ids, mask)
 
     # Stage 1, unit by unit: each unit's kept tokens, their places among its prompt's image tokens, and the
@@ -197,9 +200,8 @@ def enter(
         stage_budgets, tokens or [0] * (2 + len(stages)), totals, residuals, cache_slots, picks, budgets, selections,
         replay=replay, source=(input_ids, kwargs["pixel_values"]),
     )
-    # Per-token inputs the model reads besides the ids (Gemma 3's token types), at the kept tokens; 0 at the
-    # padding slots added here.
-    token_inputs = {name: kwargs[name].gather(1, entry_keep) * entry_real for name in adapter.token_inputs if kwargs.get(name) is not None}
+    # Per-token inputs the model reads besides the ids (Gemma 3's token types), at the kept tokens.
+    token_inputs = adapter.entry_inputs(kwargs, input_ids, entry_keep, entry_real)
     entry = {
         **kwargs,
         **{name: None for name in adapter.vision_inputs},

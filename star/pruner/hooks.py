@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from star import compat
 from star import flops as flops_model
 from star import methods as registry
 from star.adapters import adapter_for
-from star.adapters.base import Layout, vision_refusal
+from star.adapters.base import Encoded, Layout, vision_refusal
 from star.methods import Method
 from star.pruner import decode
 from star.pruner.budget import Budget
@@ -73,7 +73,7 @@ class _Call:
     step: decode.Step | None  # None at prefill
     layers: int = 0  # hooked decoder layers that ran
     frame: int = 0  # the frame the layers run in now: 0 (the entry frame) until the first stage's layer
-    overrides: dict[str | None, dict[str, Any]] = field(default_factory=dict)  # that frame's inputs, per layer type
+    overrides: dict[tuple, dict[str, Any]] = field(default_factory=dict)  # that frame's inputs, per layer type and query count
     saved: dict[int, tuple[torch.Tensor, dict[str, Any]]] = field(default_factory=dict)
 
 
@@ -112,6 +112,7 @@ class Pruner:
         self.budget = Budget(method, keep, self.adapter.n_visual, self.adapter.budget_unit, num_layers, self.adapter.attention_layers)
         self.keep = self.budget.keep
         self.plan = self.budget.plan
+        self.adapter.check_stages(self.plan.llm_stages, method.name)
         self.per_prompt = per_prompt
         self._budgets: dict[tuple, Budget] = {}  # per setting a budget picked per prompt, with its plans per unit size
         self._check_encoder(type(model).__name__)
@@ -207,6 +208,8 @@ class Pruner:
             if past and self._prompt is not None:  # the count of the adapter's counted layer, in its own frame
                 past += self._prompt.frames[0].length - self._prompt.frame_at(self.adapter.counted_layer).length
         self._call = None
+        if past == 0:
+            self._refuse_unpruned_inputs(kwargs)
         if kwargs.get("pixel_values") is not None:
             if past:
                 raise ValueError(
@@ -238,11 +241,18 @@ class Pruner:
         self._call = _Call(step=step)
         return (), inputs
 
-    def _budgets_of(self, layout: Layout) -> tuple[list[Budget], list[Point] | None]:
-        """Each prompt's budget: the one given at apply, or the setting its budget picks for its own lengths."""
+    def _budgets_of(self, layout: Layout, encode: Callable[[], Encoded]) -> tuple[list[Budget], list[Point] | None]:
+        """Each prompt's budget: the one given at apply, or the setting its budget picks for its own lengths, from the
+        layout where every image token is a visual token of a whole unit, else from its encoded units' sizes."""
         if self.per_prompt is None:
             return [self.budget] * len(layout.image_tokens), None
-        picks = pick_per_prompt(self.per_prompt, layout.real_tokens, layout.image_tokens)
+        units = None
+        if not self.adapter.whole_units:
+            units = [[] for _ in layout.image_tokens]
+            for group in encode().groups:
+                for row in group.rows:
+                    units[row].append(group.view.features.shape[1])
+        picks = pick_per_prompt(self.per_prompt, layout.real_tokens, layout.image_tokens, units)
         return [self._budget_of(point) for point in picks], picks
 
     def _budget_of(self, point: Point) -> Budget:
@@ -267,6 +277,15 @@ class Pruner:
                 f"method {self.method.name!r} prunes inside the decoder, which is defined within the window only; "
                 "use a method that prunes before the decoder (random), a smaller keep, or a shorter prompt or answer"
             )
+
+    def _refuse_unpruned_inputs(self, kwargs: dict) -> None:
+        """A prefill with inputs that carry visual tokens this family's adapter does not prune (Gemma 4's video)."""
+        for name, what in self.adapter.unpruned_inputs.items():
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"{name} came at prefill: it carries {what}, so they would reach the decoder unpruned; "
+                    "pass them without a pruner (remove() it first)"
+                )
 
     def _refuse_unpruned_images(self, kwargs: dict) -> None:
         """A prefill whose images reach the model by any way but `pixel_values` would run unpruned: refuse it.
@@ -332,7 +351,11 @@ class Pruner:
             current = self._frame_inputs(index, hidden, kwargs)
         if current is kwargs:
             return None
-        return (hidden, *args[1:]), current
+        rest = args[1:]
+        frame = prompt.frames[call.frame]
+        if call.step is None and hidden.shape[1] == frame.length:  # per-token inputs made for the entry frame
+            rest = self.adapter.frame_args(args, frame.keep_cols)
+        return (hidden, *rest), current
 
     def _frame_inputs(self, index: int, hidden: torch.Tensor, kwargs: dict) -> dict:
         """Layer `index`'s inputs in the frame the layers run in now. The model makes them for the entry frame,
@@ -342,13 +365,14 @@ class Pruner:
             return kwargs
         frame = self._prompt.frames[call.frame]
         layer_type = self.adapter.layer_type(index)
-        if layer_type not in call.overrides:
+        key = (layer_type, hidden.shape[1])  # a layer the model runs on its last tokens only has its own inputs
+        if key not in call.overrides:
             if call.step is None:
                 override = frame_inputs(self.adapter, frame, self.positions, hidden, kwargs, layer_type, self._prompt.cache_slots, self._flash)
             else:
                 override = decode.layer_inputs(self.adapter, self._prompt, frame, self.positions, hidden, kwargs, call.step, layer_type, self._flash)
-            call.overrides[layer_type] = override
-        return {**kwargs, **call.overrides[layer_type]}
+            call.overrides[key] = override
+        return {**kwargs, **call.overrides[key]}
 
     def _after_layer(self, index: int, module: nn.Module, args: tuple, output: Any) -> torch.Tensor | None:
         """At prefill, add layer `index`'s residuals (DeepStack) onto the visual tokens present after it."""
