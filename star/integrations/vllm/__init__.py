@@ -31,32 +31,33 @@ from star.methods import REGISTRY, LLMStage, Method, Plan, build
 from star.pruner import resolve_keep
 from star.pruner.budget import NOMINAL_TOKENS, unit_keep
 
-# The pruned class of each vLLM architecture served, and where it lives (imported by vLLM when it loads it).
-ARCHITECTURES = {
-    "LlavaForConditionalGeneration": "StarLlavaForConditionalGeneration",
-    "LlavaNextForConditionalGeneration": "StarLlavaNextForConditionalGeneration",
-    "Qwen2VLForConditionalGeneration": "StarQwen2VLForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration": "StarQwen2_5_VLForConditionalGeneration",
-    "Qwen3VLForConditionalGeneration": "StarQwen3VLForConditionalGeneration",
-}
-MODULES = {
-    "StarLlavaForConditionalGeneration": "star.integrations.vllm.llava:StarLlavaForConditionalGeneration",
-    "StarLlavaNextForConditionalGeneration": "star.integrations.vllm.llava_next:StarLlavaNextForConditionalGeneration",
-    "StarQwen2VLForConditionalGeneration": "star.integrations.vllm.qwen2_vl:StarQwen2VLForConditionalGeneration",
-    "StarQwen2_5_VLForConditionalGeneration": "star.integrations.vllm.qwen2_vl:StarQwen2_5_VLForConditionalGeneration",
-    "StarQwen3VLForConditionalGeneration": "star.integrations.vllm.qwen3_vl:StarQwen3VLForConditionalGeneration",
-}
-# The M-RoPE families (Hugging Face model types): their images differ in size, so an int `keep` counts tokens per
-# image, and their kept tokens keep their original 3-D positions.
-MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-CUT_ARCHITECTURES = (
-    "LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+@dataclass(frozen=True)
+class Family:
+    """A served family: the architecture (vLLM names its classes as transformers does), the pruned class (module in
+    this package, class), the Hugging Face model type, the `star.adapters` class whose tower refusals apply, whether
+    its images differ in size with 3-D M-RoPE positions (an int `keep` counts per image), and whether an engine's
+    setting may cut inside its decoder."""
+
+    architecture: str
+    pruned: str
+    model_type: str
+    adapter: str
+    mrope: bool = False
+    cuts: bool = False
+
+    @property
+    def pruned_class(self) -> str:
+        return self.pruned.partition(":")[2]
+
+
+FAMILIES = (
+    Family("LlavaForConditionalGeneration", "llava:StarLlavaForConditionalGeneration", "llava", "LlavaAdapter", cuts=True),
+    Family("LlavaNextForConditionalGeneration", "llava_next:StarLlavaNextForConditionalGeneration", "llava_next", "LlavaNextAdapter"),
+    Family("Qwen2VLForConditionalGeneration", "qwen2_vl:StarQwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLAdapter", mrope=True, cuts=True),
+    Family("Qwen2_5_VLForConditionalGeneration", "qwen2_vl:StarQwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "Qwen2VLAdapter", mrope=True, cuts=True),
+    Family("Qwen3VLForConditionalGeneration", "qwen3_vl:StarQwen3VLForConditionalGeneration", "qwen3_vl", "Qwen3VLAdapter", mrope=True, cuts=True),
 )
-# The `star.apply` adapter of each served family (by Hugging Face model type): what its tower refuses.
-ADAPTERS = {
-    "llava": "LlavaAdapter", "llava_next": "LlavaNextAdapter", "qwen2_vl": "Qwen2VLAdapter", "qwen2_5_vl": "Qwen2VLAdapter",
-    "qwen3_vl": "Qwen3VLAdapter",
-}
+ARCHITECTURES = {family.architecture: family.pruned_class for family in FAMILIES}
 # Families of the Hugging Face path that the plugin does not serve yet, and why.
 NOT_SERVED = {
     "Qwen3VLMoeForConditionalGeneration": "the pruned Qwen3-VL class is not yet built on vLLM's mixture-of-experts variant",
@@ -77,9 +78,9 @@ def register() -> None:
 
     from star.integrations.vllm.cut import register_kv_cache_spec
 
-    for name, target in MODULES.items():
-        if name not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(name, target)
+    for family in FAMILIES:
+        if family.pruned_class not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(family.pruned_class, f"{__name__}.{family.pruned}")
     register_kv_cache_spec()
 
 
@@ -115,7 +116,7 @@ def engine_args(method: str, keep: int | float, architecture: str = "LlavaForCon
     """
     overrides = hf_overrides(method, keep, architecture, **options)
     may_cut = bool(build(method, **options).plan(576, 1, 32).llm_stages)  # whether the method cuts at small budgets
-    cut = CUT_ENGINE if may_cut and architecture in CUT_ARCHITECTURES else {}
+    cut = CUT_ENGINE if may_cut and _family(architecture=architecture).cuts else {}
     return {"hf_overrides": overrides, **cut}
 
 
@@ -188,20 +189,16 @@ def parse_setting(raw: object, n_visual: int | None, num_layers: int, where: str
     return Setting(method, plan.vision_keep, n_visual, json.dumps(raw, sort_keys=True), raw["keep"], num_layers, cut)
 
 
-# The families whose engine's setting may cut inside the decoder (Hugging Face model types): a Llama, Qwen2 or
-# Qwen3 decoder whose layers after the cut hold nothing but their own KV cache.
-CUT_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-
-
 def serves_cut(config) -> bool:
-    """Whether an engine's setting may cut inside the decoder, from the model's Hugging Face config."""
-    return config.model_type in CUT_FAMILIES
+    """Whether an engine's setting may cut inside the decoder (a Llama, Qwen2 or Qwen3 decoder, whose layers after
+    the cut hold nothing but their own KV cache), from the model's Hugging Face config."""
+    return _family(model_type=config.model_type).cuts
 
 
 def unit_tokens(config, data) -> int:
     """An image's tokens from the encoder (before any pruning), from its multimodal data as vLLM's scheduler holds
     it: its grid for the Qwen families, the tower's size for the others."""
-    if config.model_type not in MROPE_FAMILIES:
+    if not _family(model_type=config.model_type).mrope:
         return n_visual(config)
     if data is None or "image_grid_thw" not in data:
         raise RuntimeError("an image reached the cut's scheduler without its image_grid_thw: its dropped tokens cannot be counted")
@@ -228,7 +225,7 @@ def config_setting(raw: object, config, where: str, cuts: bool | None = None) ->
     from star.adapters.base import vision_refusal
 
     setting = parse_setting(raw, n_visual(config), num_layers(config), where, cuts=serves_cut(config) if cuts is None else cuts)
-    refusal = vision_refusal(getattr(star.adapters, ADAPTERS[config.model_type]), setting.method)
+    refusal = vision_refusal(getattr(star.adapters, _family(model_type=config.model_type).adapter), setting.method)
     if refusal:
         raise ValueError(f"{where}: method={setting.method.name!r}: {refusal}")
     return setting
@@ -236,7 +233,7 @@ def config_setting(raw: object, config, where: str, cuts: bool | None = None) ->
 
 def n_visual(config) -> int | None:
     """Visual tokens per image (per crop for LLaVA-NeXT), or None where images differ in size (Qwen)."""
-    if config.model_type in MROPE_FAMILIES:
+    if _family(model_type=config.model_type).mrope:
         return None
     vision = config.vision_config
     return (vision.image_size // vision.patch_size) ** 2
@@ -284,3 +281,12 @@ def _refusal(method: Method, keep: object, layer: int) -> str:
         "plugin serves as an engine's own setting on LLaVA-1.5, Qwen2-VL, Qwen2.5-VL and Qwen3-VL only (`star serve --method ...`, "
         f"or `LLM(model, **star.integrations.vllm.engine_args(...))`), not per request or on other families; {instead}"
     )
+
+
+def _family(**field: str) -> Family:
+    """The served family with this architecture or model type."""
+    [(name, value)] = field.items()
+    for family in FAMILIES:
+        if getattr(family, name) == value:
+            return family
+    raise ValueError(f"{name}={value!r} is not served: served are {', '.join(ARCHITECTURES)}")
