@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engines import ENGINE, tiny_qwen_checkpoint
+import engines
+from engines import ENGINE, kept_patches, tiny_qwen_checkpoint
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends a function to the engine
 
@@ -89,31 +90,7 @@ def hf_generate(hf: tuple, prompt: str, images: list, setting: dict) -> dict:
 
 
 def vllm_generate(llm, prompts: list[str], images: list[list], setting: dict | None) -> list[dict]:
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=STEPS, temperature=0.0, logprobs=0)
-    requests = []
-    for prompt, row in zip(prompts, images):
-        request = {"prompt": prompt}
-        if row:
-            request["multi_modal_data"] = {"image": row if len(row) > 1 else row[0]}
-        if setting is not None:
-            request["mm_processor_kwargs"] = {"star": setting}
-        requests.append(request)
-    return [
-        {
-            "tokens": list(o.outputs[0].token_ids),
-            "logprobs": [step[token].logprob for step, token in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)],
-            "prompt_tokens": len(o.prompt_token_ids),
-        }
-        for o in llm.generate(requests, params, use_tqdm=False)
-    ]
-
-
-def kept_tokens(llm) -> list[list[int]]:
-    from operator import attrgetter
-
-    return [[int(i) for i in k] for k in llm.apply_model(attrgetter("star_kept"))[0]]
+    return engines.vllm_generate(llm, prompts, images, setting, STEPS)
 
 
 def _same(ours: dict, reference: dict) -> None:
@@ -126,7 +103,7 @@ def test_each_prompt_alone_keeps_the_hf_tokens_and_gives_its_answer(llm, hf, set
     for prompt, images in zip(PROMPTS[:2], PICTURES[:2]):
         reference = hf_generate(hf, prompt, images, setting)
         [ours] = vllm_generate(llm, [prompt], [images], setting)
-        kept, sizes = kept_tokens(llm), [image.width * image.height // 64 for image in images]
+        kept, sizes = kept_patches(llm), [image.width * image.height // 64 for image in images]
         assert [sum(sizes[:i]) + j for i, row in enumerate(kept) for j in row] == reference["kept"]  # places among the prompt's image tokens
         words = len(prompt.split()) - len(images)
         assert ours["prompt_tokens"] == words + len(reference["kept"])
