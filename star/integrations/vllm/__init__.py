@@ -58,6 +58,13 @@ FAMILIES = (
     Family("Qwen3VLForConditionalGeneration", "qwen3_vl:StarQwen3VLForConditionalGeneration", "qwen3_vl", "Qwen3VLAdapter", mrope=True, cuts=True),
 )
 ARCHITECTURES = {family.architecture: family.pruned_class for family in FAMILIES}
+# Vision-side methods of the Hugging Face path that the plugin does not serve yet, and why.
+NOT_SERVED_METHODS = {
+    "pool": (
+        "its tokens are averages over the patch grid, numbered as the pooled grid's own (on Qwen, its own 3-D "
+        "positions), which the served classes do not lay out yet"
+    ),
+}
 # Families of the Hugging Face path that the plugin does not serve yet, and why.
 NOT_SERVED = {
     "Qwen3VLMoeForConditionalGeneration": "the pruned Qwen3-VL class is not yet built on vLLM's mixture-of-experts variant",
@@ -251,6 +258,8 @@ def check_method(raw: object) -> Method:
     name = raw["method"]
     if not isinstance(name, str) or name not in REGISTRY:
         raise ValueError(f"method={name!r} is unknown: vision-side methods are {', '.join(vision_methods())}")
+    if name in NOT_SERVED_METHODS:
+        raise ValueError(f"method={name!r} is not served: {NOT_SERVED_METHODS[name]}; vision-side methods that run here are {', '.join(vision_methods())}")
     if REGISTRY[name].reads_instruction:
         raise ValueError(
             f"method={name!r} weighs the visual tokens by the prompt's instruction, and vLLM's encoder step never sees the "
@@ -265,7 +274,7 @@ def vision_methods() -> list[str]:
     their plans for LLaVA-1.5's sizes (576 tokens, 58 kept, 32 layers; a plan's stages depend on the options)."""
     return [
         name for name, cls in REGISTRY.items()
-        if name != "none" and not cls().plan(576, 58, 32).llm_stages and not cls.reads_instruction
+        if name != "none" and name not in NOT_SERVED_METHODS and not cls().plan(576, 58, 32).llm_stages and not cls.reads_instruction
     ]
 
 
