@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import star
+from star import checks
 from star.cli.args import (
     add_model_options, add_option_argument, budget, check, command, fraction, image, keeps_or_flops, label, load,
     method_name, new_file, positive, settings,
@@ -30,7 +31,7 @@ def add(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--keep", type=budget, help="visual tokens kept per image: an int, or a fraction in (0, 1] (default 20)")
     sub.add_argument("--flops", type=fraction, help="a compute budget instead of --keep: a fraction of the unpruned prefill FLOPs")
     add_option_argument(sub)
-    sub.add_argument("--save-viz", type=new_file, help="write the kept-token picture (PNG) here")
+    sub.add_argument("--save-viz", type=new_file, help="write the kept-token picture (PNG) here (LLaVA-1.5 checkpoints)")
     sub.add_argument("--max-new-tokens", type=positive, default=16)
     sub.set_defaults(run=run)
 
@@ -42,6 +43,8 @@ def run(args: argparse.Namespace) -> None:
     keeps, flops = keeps_or_flops([args.keep] if args.keep else None, [args.flops] if args.flops else None, [20])
     [setting] = settings([args.method], keeps, args.option, (), flops)
     check(args, [setting])
+    if args.save_viz:
+        checks.check_viz(args.model)
     model, processor = load(args)
     record = Record("run", args.image, args.question, "")
     with star.apply(model, method="none", keep=1.0) as pruner:
