@@ -22,7 +22,8 @@ def add(commands: argparse._SubParsersAction) -> None:
         description="Answers QUESTION about IMAGE with the given method and budget, prints the tokens kept at "
         "each stage and the FLOPs saved, and with --save-viz writes the paper's Figure 4 for that image.",
         examples=['star run --image star/data/assets/coffee.jpg --question "What color is the cup?" --method star --keep 20 --save-viz out.png',
-                  'star run --image star/data/assets/coffee.jpg --question "What color is the cup?" --flops 0.3'],
+                  'star run --image star/data/assets/coffee.jpg --question "What color is the cup?" --flops 0.3',
+                  'star run --model Qwen/Qwen2.5-VL-7B-Instruct --image star/data/assets/astronaut.jpg --question "What is it?" --keep 64'],
     )
     add_model_options(sub)
     sub.add_argument("--image", type=image, required=True, help="an image file")
