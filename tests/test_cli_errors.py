@@ -191,6 +191,9 @@ FLOPS_CASES = [
     ("--option layer=99", ["layer=99", "1 to 31"]),
     ("--method star,fastervlm --option layer=8", ["'layer'", "'fastervlm'"]),
     ("--model gpt-2", ["--model", "'gpt-2'", "llava-1.5-7b"]),
+    ("--model {text-only}", ["--model", "'llama'", "Qwen2.5-VL (Qwen/Qwen2.5-VL-7B-Instruct)"]),
+    ("--model {qwen} --method fastervlm --keep 4", ["fastervlm", "[CLS]"]),
+    ("--model {qwen} --keep 9999", ["keep=9999"]),
     ("--text-tokens -1", ["--text-tokens", "'-1'"]),
     ("--layer 8", ["--layer 8", "--option layer=8"]),
 ]
