@@ -42,8 +42,9 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=list(CHECKPOINTS))
 def family(request, tmp_path_factory, data):
-    """(name, path, keep, reference): the saved checkpoint, and each question's answer, visual tokens per stage (per
-    unit: image, crop or tile) and in all under star.apply, asked alone."""
+    """(name, path, keep, reference, flops): the saved checkpoint; each question's answer, visual tokens per stage
+    (per unit: image, crop or tile) and in all under star.apply, asked alone; and its share of the prefill FLOPs of
+    its batch of 2, in order."""
     from transformers import AutoModelForImageTextToText
 
     name = request.param
@@ -51,22 +52,35 @@ def family(request, tmp_path_factory, data):
     path = make(tmp_path_factory.mktemp("model"))
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     processor = load_processor(path)
+    processor.tokenizer.padding_side = "left"
+
+    def prompts(numbers: list[int]) -> dict:
+        texts = []
+        for number in numbers:
+            content = [{"type": "image"}, {"type": "text", "text": f"{QUESTIONS[number]}\n{QUESTION_SUFFIX}"}]
+            texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+        images = [[Image.open(data / f"{number}.png").convert("RGB")] for number in numbers]
+        return processor(images=images, text=texts, return_tensors="pt", padding=True)
+
     reference = []
-    for number, question in enumerate(QUESTIONS):
-        content = [{"type": "image"}, {"type": "text", "text": f"{question}\n{QUESTION_SUFFIX}"}]
-        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        inputs = processor(images=[[Image.open(data / f"{number}.png").convert("RGB")]], text=[prompt], return_tensors="pt")
+    for number in range(len(QUESTIONS)):
+        inputs = prompts([number])
         with star.apply(model, method="star", keep=keep) as pruner, torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
             tokens, totals = list(pruner.stats.tokens), list(pruner.stats.totals[0])
         answer = processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         assert totals[-1] < totals[0], f"{name}: keep={keep} prunes nothing, the test could not tell"
         reference.append((answer, tokens, totals))
-    return name, path, keep, reference
+    flops = []  # each prompt's share of its batch's prefill FLOPs, in the batches of 2 the commands run
+    for batch in ([0, 1], [2]):
+        with star.apply(model, method="star", keep=keep) as pruner, torch.no_grad():
+            model(**prompts(batch))
+            flops += [pruner.stats.flops / len(batch)] * len(batch)
+    return name, path, keep, reference, flops
 
 
 def test_star_run(family, data, capsys):
-    name, path, keep, reference = family
+    name, path, keep, reference, flops = family
     for number, question in enumerate(QUESTIONS):
         assert main(["run", "--model", path, "--image", str(data / f"{number}.png"), "--question", question, "--keep", str(keep),
                      "--max-new-tokens", str(NEW_TOKENS)]) == 0
@@ -77,12 +91,13 @@ def test_star_run(family, data, capsys):
 
 
 def test_star_eval(family, data, tmp_path):
-    name, path, keep, reference = family
+    name, path, keep, reference, flops = family
     out = tmp_path / "eval"
     assert main(["eval", "--model", path, "--data", str(data / "data.jsonl"), "--methods", "star", "--keep", str(keep),
                  "--batch-size", "2", "--max-new-tokens", str(NEW_TOKENS), "--out", str(out)]) == 0
     rows = answers.read(out).rows[f"star-{keep}"]
     assert [(rows[f"q{n}"]["prediction"], rows[f"q{n}"]["tokens"]) for n in range(len(QUESTIONS))] == [r[:2] for r in reference], name
+    assert [rows[f"q{n}"]["flops"] for n in range(len(QUESTIONS))] == pytest.approx(flops, rel=1e-9), name
     assert (out / "results.md").read_text().count("| star |") == 1
 
 
@@ -90,7 +105,7 @@ def test_star_lmms_eval(family, data, tmp_path, monkeypatch):
     pytest.importorskip("lmms_eval")
     from star.integrations import lmms_eval as backend
 
-    name, path, keep, reference = family
+    name, path, keep, reference, flops = family
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(variable, "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
@@ -102,7 +117,7 @@ def test_star_lmms_eval(family, data, tmp_path, monkeypatch):
     [samples_file] = (tmp_path / "lmms").rglob("*_samples_star_families_local.jsonl")
     samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
     assert [(s["filtered_resps"], s["token_counts"][0]["visual_tokens"]) for s in samples] == [(r[0], r[2]) for r in reference], name
-    assert all(s["token_counts"][0]["prefill_flops"] > 0 for s in samples)
+    assert [s["token_counts"][0]["prefill_flops"] for s in samples] == pytest.approx(flops, rel=1e-9), name
 
 
 def test_a_processor_that_needs_a_missing_package_is_one_error_line(family, data, capsys, monkeypatch):
@@ -110,7 +125,7 @@ def test_a_processor_that_needs_a_missing_package_is_one_error_line(family, data
     one `star run: error:` line that names it, before the weights load."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
-    name, path, keep, _ = family
+    name, path, keep, _, _ = family
 
     def missing(*args, **kwargs):
         raise ImportError("This image processor requires the Torchvision library but it was not found in your environment. "
@@ -124,7 +139,7 @@ def test_a_processor_that_needs_a_missing_package_is_one_error_line(family, data
 
 
 def test_save_viz_is_refused_where_images_are_no_square_grid(family, data, tmp_path, capsys):
-    name, path, keep, _ = family
+    name, path, keep, _, _ = family
     code = main(["run", "--model", path, "--image", str(data / "0.png"), "--question", "what", "--keep", str(keep),
                  "--max-new-tokens", "1", "--save-viz", str(tmp_path / "viz.png")])
     if name == "LLaVA-1.5":
@@ -140,7 +155,7 @@ def test_auto_processor_would_need_torchvision(family):
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
-    name, path, _, _ = family
+    name, path, _, _, _ = family
     if is_torchvision_available() or name not in ("LLaVA-OneVision", "Qwen2-VL", "Qwen2.5-VL", "Qwen3-VL", "InternVL3"):
         pytest.skip("only where a video processor needs the missing torchvision")
     with pytest.raises(ImportError, match="(?i)torchvision"):
@@ -166,14 +181,14 @@ def test_star_flops_on_a_checkpoint_is_the_shipped_shapes_table(name, tmp_path, 
 
 
 def test_star_flops(family, capsys):
-    name, path, keep, _ = family
+    name, path, keep, _, _ = family
     assert main(["flops", "--model", path, "--method", "star", "--keep", str(keep)]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"{path}: 6 layers") and f"| star | {keep} |" in out, (name, out)
 
 
 def test_star_bench(family, tmp_path):
-    name, path, keep, _ = family
+    name, path, keep, _, _ = family
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", path, "--methods", "star", "--keep", str(keep), "--repeats", "1", "--warmup", "0",
                  "--new-tokens", "2", "--out", str(out)]) == 0
