@@ -22,10 +22,11 @@ QWEN_SPECIALS = {IMAGE_TOKEN: "<|image_pad|>", VIDEO_TOKEN: "<|video_pad|>", VIS
 
 
 def save_parts(directory, model, image_processor, tokenizer, template: str, processor_class: str, options: dict,
-               video: dict | None = None, tokenizer_class: str | None = None) -> str:
+               video: dict | None = None, tokenizer_class: str | None = None, fast: bool = False) -> str:
     """Write a checkpoint file by file, as the hub has it (the processor cannot be saved whole where its video
     processor needs torchvision). `tokenizer_class` names the family's tokenizer class in tokenizer_config.json, as
-    a real checkpoint does, where its processor accepts no other."""
+    a real checkpoint does, where its processor accepts no other; `fast` names the torchvision-backed ("Fast") image
+    processor, as Qwen3-VL's and InternVL3's checkpoints do."""
     directory = Path(save_checkpoint(directory, model))
     image_processor.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -33,6 +34,8 @@ def save_parts(directory, model, image_processor, tokenizer, template: str, proc
         settings = json.loads((directory / "tokenizer_config.json").read_text())
         (directory / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": tokenizer_class}, indent=2))
     preprocessor = json.loads((directory / "preprocessor_config.json").read_text())
+    if fast:
+        preprocessor["image_processor_type"] = preprocessor["image_processor_type"].removesuffix("Fast") + "Fast"
     (directory / "preprocessor_config.json").write_text(json.dumps({**preprocessor, "processor_class": processor_class}, indent=2))
     (directory / "processor_config.json").write_text(json.dumps({"processor_class": processor_class, **options}, indent=2))
     (directory / "chat_template.json").write_text(json.dumps({"chat_template": template}))
@@ -81,7 +84,7 @@ def qwen(version: str):
         # 4.57's Qwen processors take a Qwen2Tokenizer only, and it reads tokenizer.json as saved; 5.x's rebuilds its
         # byte-level pipeline around the vocabulary, which 128 words cannot hold, and its processors take any tokenizer.
         named = None if compat.V5 else "Qwen2Tokenizer"
-        return save_parts(directory, model, qwen_images(), tokenizer, template, name, {}, video, tokenizer_class=named)
+        return save_parts(directory, model, qwen_images(), tokenizer, template, name, {}, video, tokenizer_class=named, fast=version == "3")
 
     return build
 
@@ -94,7 +97,7 @@ def internvl(directory) -> str:
     tokenizer, template = tiny_tokenizer(specials, image_block="<IMG_CONTEXT> ", named=named)
     images = GotOcr2ImageProcessor(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4)
     video = {"video_processor_type": "InternVLVideoProcessor", "size": {"height": 32, "width": 32}}
-    return save_parts(directory, tiny_internvl(), images, tokenizer, template, "InternVLProcessor", {"image_seq_length": 16}, video)
+    return save_parts(directory, tiny_internvl(), images, tokenizer, template, "InternVLProcessor", {"image_seq_length": 16}, video, fast=True)
 
 
 def gemma3(directory) -> str:

@@ -194,3 +194,22 @@ def test_star_bench(family, tmp_path):
                  "--new-tokens", "2", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [row["method"] for row in rows] == ["none", "star"] and rows[1]["tokens"][-1] < rows[1]["tokens"][0], name
+
+
+def test_the_star_script_on_qwen3_vl_prints_no_traceback_nor_torchvision(family, data, tmp_path):
+    """The installed `star` script, in a process of its own, on the checkpoint of the issue: a video processor config
+    and a torchvision-backed image processor named (one family: a process takes seconds to start)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    name, path, keep, reference, _ = family
+    if name != "Qwen3-VL":
+        pytest.skip("one family")
+    script = shutil.which("star", path=str(Path(sys.executable).parent))
+    argv = ["run", "--model", path, "--image", str(data / "0.png"), "--question", QUESTIONS[0], "--keep", str(keep),
+            "--max-new-tokens", str(NEW_TOKENS)]
+    done = subprocess.run([script, *argv], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "torchvision" not in done.stderr.lower() and "slow image processor" not in done.stderr
+    assert f"star keep={keep}: {reference[0][0]}" in done.stdout
