@@ -2,11 +2,13 @@
 of them is loaded for images and text.
 
 A family is named by the `model_type`s of its checkpoints' config.json; its adapter (star/adapters/) prunes it, and
-its own processor and chat template build its prompts. A new family is one line here (and its adapter).
+its own processor and chat template build its prompts. A new family is one line here, beside its adapter and a tiny
+checkpoint in tests/checkpoints.py (tests/test_cli_families.py holds the three together).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 
@@ -61,8 +63,10 @@ def load_processor(path: str, argument: str = "--model"):
         tokenizer = AutoTokenizer.from_pretrained(path)
         options, _ = cls.get_processor_dict(path)
     except ImportError as error:
-        raise ValueError(f"{argument} {path!r}: its processor needs a package this environment lacks: {_first_line(error)}") from None
-    accepted = set(_init_parameters(base)) - {"self", "image_processor", "tokenizer", "video_processor"}
+        raise ValueError(f"{argument} {path!r}: its processor needs a package this environment lacks: {_one_line(error)}") from None
+    except OSError as error:
+        raise ValueError(f"{argument} {path!r}: its processor cannot be read: {_one_line(error)}") from None
+    accepted = set(inspect.signature(base.__init__).parameters) - {"self", "image_processor", "tokenizer", "video_processor"}
     return cls(image_processor=image_processor, tokenizer=tokenizer, **{k: v for k, v in options.items() if k in accepted})
 
 
@@ -73,15 +77,9 @@ def load_model(path: str, dtype, attn_implementation: str = "sdpa", argument: st
     try:
         return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     except ImportError as error:
-        raise ValueError(f"{argument} {path!r}: the model needs a package this environment lacks: {_first_line(error)}") from None
+        raise ValueError(f"{argument} {path!r}: the model needs a package this environment lacks: {_one_line(error)}") from None
 
 
-def _init_parameters(cls: type) -> list[str]:
-    import inspect
-
-    return list(inspect.signature(cls.__init__).parameters)
-
-
-def _first_line(error: Exception) -> str:
+def _one_line(error: Exception) -> str:
     return " ".join(str(error).split()).strip() or type(error).__name__
 

@@ -98,6 +98,8 @@ RUN_CASES = [
     ("--model {no-config}", ["--model", "no-config", "no config.json"]),
     ("--model {text-only}", ["--model", "'llama'", "llava"]),
     ("--model {a-file}", ["--model", "a-file", "no config.json"]),
+    ("--keep 4 --model {qwen}", ["--model", "qwen", "its processor cannot be read"]),  # weights, but no processor files
+    ("--keep 4 --model {qwen} --save-viz {root}/viz.png", ["--save-viz", "Qwen2-VL", "leave --save-viz out"]),
     ("--model ./no/such/model", ["--model", "./no/such/model", "does not exist"]),
     ("--model {qwen} --positions contiguous", ["positions='contiguous'", "Qwen2VL"]),
     ("--model {qwen} --method fastervlm --keep 4", ["method='fastervlm'", "[CLS]"]),

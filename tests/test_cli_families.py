@@ -23,8 +23,12 @@ SIZES = [(64, 32), (32, 64), (64, 64)]  # width x height: mixed, so Qwen's grids
 QUESTIONS = ["what color is the w20 ?", "what shape is the w31 ?", "how many w40 ?"]
 
 
-def test_every_family_has_a_checkpoint_here():
+def test_every_family_has_an_adapter_and_a_checkpoint_here():
+    from star.adapters import ADAPTERS
+
     assert [family.name for family in FAMILIES] == list(CHECKPOINTS)
+    pruned = {cls.config_class.model_type for adapter in ADAPTERS for cls in adapter.model_classes}
+    assert {model_type for family in FAMILIES for model_type in family.model_types} == pruned
 
 
 @pytest.fixture(scope="module")
