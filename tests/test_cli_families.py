@@ -217,3 +217,35 @@ def test_the_star_script_on_qwen3_vl_prints_no_traceback_nor_torchvision(family,
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and "torchvision" not in done.stderr.lower() and "slow image processor" not in done.stderr
     assert f"star keep={keep}: {reference[0][0]}" in done.stdout
+
+
+def test_the_processor_is_the_checkpoints_own(family, data):
+    """star's processor carries the checkpoint's chat template and processor options, lacks only the video processor
+    of the families that have one, and where a family has none it is AutoProcessor's, output for output."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+
+    from star import compat
+
+    name, path, _, _, _ = family
+    processor = load_processor(path)
+    saved = Path(path)
+    jinja = saved / "chat_template.jinja"  # as processors save it now; chat_template.json as the hub's older ones
+    template = jinja.read_text() if jinja.is_file() else json.loads((saved / "chat_template.json").read_text())["chat_template"]
+    assert processor.chat_template == template
+    family_class = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(path))]
+    parts = {"processor_class", *compat.processor_attributes(family_class)}  # 5.x saves the sub-processors' configs there too
+    options = {k: v for k, v in json.loads((saved / "processor_config.json").read_text()).items() if k not in parts}
+    assert all(getattr(processor, option) == value for option, value in options.items()), (name, options)
+    assert isinstance(processor, family_class)
+    assert compat.processor_attributes(type(processor)) == [a for a in compat.processor_attributes(family_class) if a != "video_processor"]
+    if type(processor) is family_class:
+        theirs = AutoProcessor.from_pretrained(path, **compat.processor_kwargs())
+        texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                               add_generation_prompt=True) for q in QUESTIONS]
+        images = [[Image.open(data / f"{n}.png").convert("RGB")] for n in range(len(QUESTIONS))]
+        ours = processor(images=images, text=texts, return_tensors="pt", padding=True)
+        reference = theirs(images=images, text=texts, return_tensors="pt", padding=True)
+        assert sorted(ours) == sorted(reference) and all(torch.equal(ours[key], reference[key]) for key in ours), name
