@@ -68,6 +68,32 @@ def processor_kwargs() -> dict:
     return {} if V5 else {"use_fast": False}
 
 
+def processor_attributes(processor_class: type) -> list[str]:
+    """The sub-processors a processor class is built from: 4.57 lists them in `attributes`, 5.x reads them from
+    its `__init__`'s parameters."""
+    return list(processor_class.get_attributes()) if V5 else list(processor_class.attributes)
+
+
+def image_only_processor_class(processor_class: type) -> type:
+    """`processor_class` without its video processor, or the class itself where it has none.
+
+    Every video processor of both lines needs torchvision, which a CPU-only torch lacks, while images go through
+    the image processor alone; so the processor is built from its image processor and tokenizer, as one subclass
+    that leaves the video slot empty. Both lines take the sub-processors in their declared order and drop a
+    positional one past the declared list, so the family's own `__init__` runs unchanged.
+    """
+    attributes = processor_attributes(processor_class)
+    if "video_processor" not in attributes:
+        return processor_class
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    kept = [name for name in attributes if name != "video_processor"]
+    return type(f"ImageOnly{processor_class.__name__}", (processor_class,), {"__init__": __init__, "attributes": kept,
+                                                                              "__module__": processor_class.__module__})
+
+
 # -- LLaVA: the CLIP tower ---------------------------------------------------------------------------
 
 
