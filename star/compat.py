@@ -74,24 +74,34 @@ def processor_attributes(processor_class: type) -> list[str]:
     return list(processor_class.get_attributes()) if V5 else list(processor_class.attributes)
 
 
-def image_only_processor_class(processor_class: type) -> type:
-    """`processor_class` without its video processor, or the class itself where it has none.
+IMAGE_PARTS = ("image_processor", "tokenizer")  # the sub-processors a prompt of images and text needs
 
-    Every video processor of both lines needs torchvision, which a CPU-only torch lacks, while images go through
-    the image processor alone; so the processor is built from its image processor and tokenizer, as one subclass
-    that leaves the video slot empty. Both lines take the sub-processors in their declared order and drop a
-    positional one past the declared list, so the family's own `__init__` runs unchanged.
+
+def image_only_processor_class(processor_class: type) -> type:
+    """`processor_class` with its image processor and tokenizer only, or the class itself where it has no other part.
+
+    Every video processor of both lines needs torchvision, which a CPU-only torch lacks, and an audio feature
+    extractor (Gemma 4's) reads no image, while images go through the image processor alone; so the processor is
+    one subclass whose other slots stay empty. The family's own `__init__` runs unchanged, handed None for them:
+    both lines drop a positional part past the declared list, and a keyword one (as Gemma 4 passes them) is left
+    out by `_WithoutParts` before `ProcessorMixin` checks the parts.
     """
     attributes = processor_attributes(processor_class)
-    if "video_processor" not in attributes:
+    dropped = [name for name in attributes if name not in IMAGE_PARTS]
+    if not dropped:
         return processor_class
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+        processor_class.__init__(self, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+                                 **dict.fromkeys(dropped), **kwargs)
 
-    kept = [name for name in attributes if name != "video_processor"]
-    return type(f"ImageOnly{processor_class.__name__}", (processor_class,), {"__init__": __init__, "attributes": kept,
-                                                                              "__module__": processor_class.__module__})
+    class _WithoutParts(transformers.ProcessorMixin):  # what the family's super().__init__ reaches
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{k: v for k, v in kwargs.items() if not (k in dropped and v is None)})
+
+    kept = [name for name in attributes if name in IMAGE_PARTS]
+    return type(f"ImageOnly{processor_class.__name__}", (processor_class, _WithoutParts),
+                {"__init__": __init__, "attributes": kept, "__module__": processor_class.__module__})
 
 
 # -- LLaVA: the CLIP tower ---------------------------------------------------------------------------

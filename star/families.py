@@ -29,6 +29,8 @@ FAMILIES = [
     Family("Qwen3-VL", ("qwen3_vl", "qwen3_vl_moe"), "Qwen/Qwen3-VL-8B-Instruct"),
     Family("InternVL3", ("internvl",), "OpenGVLab/InternVL3-8B-hf"),
     Family("Gemma 3", ("gemma3",), "google/gemma-3-4b-it"),
+    Family("Qwen3.5", ("qwen3_5",), "Qwen/Qwen3.5-9B"),  # transformers 5.x only, as Gemma 4
+    Family("Gemma 4", ("gemma4",), "google/gemma-4-E4B-it"),
 ]
 
 
@@ -42,11 +44,12 @@ def listed() -> str:
 
 
 def load_processor(path: str, argument: str = "--model"):
-    """The checkpoint's own processor (its image processor, tokenizer and chat template), without a video processor.
+    """The checkpoint's own processor (its image processor, tokenizer and chat template), without a video processor
+    or an audio feature extractor.
 
-    `AutoProcessor` would also build the video processor that Qwen2.5-VL, Qwen3-VL, InternVL and OneVision
-    checkpoints ship, and every video processor needs torchvision, which a CPU-only torch lacks; star answers
-    about images only. A part that needs a package the environment lacks is a ValueError naming it.
+    `AutoProcessor` would also build the video processor that Qwen2.5-VL, Qwen3-VL, Qwen3.5, InternVL, OneVision
+    and Gemma 4 checkpoints ship, and every video processor needs torchvision, which a CPU-only torch lacks; star
+    answers about images only. A part that needs a package the environment lacks is a ValueError naming it.
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
@@ -66,7 +69,7 @@ def load_processor(path: str, argument: str = "--model"):
         raise ValueError(f"{argument} {path!r}: its processor needs a package this environment lacks: {_one_line(error)}") from None
     except OSError as error:
         raise ValueError(f"{argument} {path!r}: its processor cannot be read: {_one_line(error)}") from None
-    accepted = set(inspect.signature(base.__init__).parameters) - {"self", "image_processor", "tokenizer", "video_processor"}
+    accepted = set(inspect.signature(base.__init__).parameters) - {"self", *compat.processor_attributes(base)}
     return cls(image_processor=image_processor, tokenizer=tokenizer, **{k: v for k, v in options.items() if k in accepted})
 
 

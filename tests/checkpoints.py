@@ -4,7 +4,8 @@ template, and, where the family's processor has one, the video processor's confi
 as on a real Qwen2.5-VL, Qwen3-VL, InternVL or OneVision checkpoint).
 
 `CHECKPOINTS` maps a family's name (star.families) to (builder, keep): `builder(directory)` writes the checkpoint and
-returns its path; `keep` is a budget that prunes its tiny images.
+returns its path; `keep` is a budget that prunes its tiny images. `MISSING` says why a family cannot be built by the
+installed transformers (Qwen3.5 and Gemma 4 came in 5.x), or None.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 from star import compat
 from conftest import IMAGE_TOKEN as LLAVA_IMAGE_TOKEN
 from conftest import llava_style_processor, save_checkpoint, tiny_llava, tiny_tokenizer
-from families import BOI, EOI, IMAGE_TOKEN, PINPOINTS, VIDEO_TOKEN, VISION_END, VISION_START, tiny_gemma3, tiny_llava_next, tiny_qwen, tiny_qwen3
+from families import BOI, EOI, IMAGE_TOKEN, PINPOINTS, VIDEO_TOKEN, VISION_END, VISION_START, tiny_gemma3, tiny_llava_next, tiny_qwen, tiny_qwen3, tiny_qwen3_5
+from test_gemma4 import AUDIO, tiny_gemma4
 from tiled_families import tiny_internvl, tiny_onevision
 
 QWEN_SPECIALS = {IMAGE_TOKEN: "<|image_pad|>", VIDEO_TOKEN: "<|video_pad|>", VISION_START: "<|vision_start|>", VISION_END: "<|vision_end|>"}
@@ -77,14 +79,14 @@ def qwen_images():
 def qwen(version: str):
     def build(directory) -> str:
         tokenizer, template = tiny_tokenizer(QWEN_SPECIALS, image_block="<|vision_start|> <|image_pad|> <|vision_end|> ")
-        model = tiny_qwen3() if version == "3" else tiny_qwen(version)
-        name = {"2": "Qwen2VLProcessor", "2.5": "Qwen2_5_VLProcessor", "3": "Qwen3VLProcessor"}[version]
-        video = {"video_processor_type": "Qwen3VLVideoProcessor" if version == "3" else "Qwen2VLVideoProcessor",
+        model = {"3": tiny_qwen3, "3.5": tiny_qwen3_5}.get(version, lambda: tiny_qwen(version))()
+        name = {"2": "Qwen2VLProcessor", "2.5": "Qwen2_5_VLProcessor", "3": "Qwen3VLProcessor", "3.5": "Qwen3VLProcessor"}[version]
+        video = {"video_processor_type": "Qwen3VLVideoProcessor" if version in ("3", "3.5") else "Qwen2VLVideoProcessor",
                  "patch_size": 4, "merge_size": 2, "temporal_patch_size": 2}
         # 4.57's Qwen processors take a Qwen2Tokenizer only, and it reads tokenizer.json as saved; 5.x's rebuilds its
         # byte-level pipeline around the vocabulary, which 128 words cannot hold, and its processors take any tokenizer.
         named = None if compat.V5 else "Qwen2Tokenizer"
-        return save_parts(directory, model, qwen_images(), tokenizer, template, name, {}, video, tokenizer_class=named, fast=version == "3")
+        return save_parts(directory, model, qwen_images(), tokenizer, template, name, {}, video, tokenizer_class=named, fast=version in ("3", "3.5"))
 
     return build
 
@@ -110,6 +112,21 @@ def gemma3(directory) -> str:
     return save_parts(directory, tiny_gemma3(), images, tokenizer, template, "Gemma3Processor", {"image_seq_length": 16})
 
 
+def gemma4(directory) -> str:
+    """Gemma 4 as google/gemma-4-E4B-it ships it, less its audio tower (the tiny model has none): images of their own
+    sizes (2 px patches pooled 2 x 2, at most 70 tokens), the audio tokens its processor reads, a video processor."""
+    from transformers import Gemma4ImageProcessorPil
+
+    named = {"boi_token": "<|image>", "image_token": "<|image|>", "eoi_token": "<image|>", "audio_token": "<|audio|>",
+             "boa_token": "<|audio>", "eoa_token": "<audio|>"}
+    specials = {IMAGE_TOKEN: "<|image|>", VIDEO_TOKEN: "<|video|>", BOI: "<|image>", EOI: "<image|>", AUDIO: "<|audio|>",
+                AUDIO + 1: "<|audio>", AUDIO + 2: "<audio|>"}
+    tokenizer, template = tiny_tokenizer(specials, image_block="<|image|> ", named=named)
+    images = Gemma4ImageProcessorPil(patch_size=2, pooling_kernel_size=2, max_soft_tokens=70)
+    video = {"video_processor_type": "Gemma4VideoProcessor", "patch_size": 2, "pooling_kernel_size": 2, "max_soft_tokens": 70}
+    return save_parts(directory, tiny_gemma4(), images, tokenizer, template, "Gemma4Processor", {"image_seq_length": 70}, video)
+
+
 CHECKPOINTS = {
     "LLaVA-1.5": (llava, 4),
     "LLaVA-NeXT": (llava_next, 6),
@@ -119,4 +136,7 @@ CHECKPOINTS = {
     "Qwen3-VL": (qwen("3"), 5),
     "InternVL3": (internvl, 6),
     "Gemma 3": (gemma3, 6),
+    "Qwen3.5": (qwen("3.5"), 5),
+    "Gemma 4": (gemma4, 6),
 }
+MISSING = {name: {"Qwen3.5": compat.QWEN3_5_MISSING, "Gemma 4": compat.GEMMA4_MISSING}.get(name) for name in CHECKPOINTS}
