@@ -18,6 +18,7 @@ class Family:
     model_types: tuple[str, ...]
     checkpoint: str  # a real checkpoint of the family, for help texts and the README
     square_grid: bool = False  # one square grid of patches per image, as `star run --save-viz` draws it
+    needs: str | None = None  # the transformers line that has the family, where 4.57 lacks it
 
 
 FAMILIES = [
@@ -29,8 +30,8 @@ FAMILIES = [
     Family("Qwen3-VL", ("qwen3_vl", "qwen3_vl_moe"), "Qwen/Qwen3-VL-8B-Instruct"),
     Family("InternVL3", ("internvl",), "OpenGVLab/InternVL3-8B-hf"),
     Family("Gemma 3", ("gemma3",), "google/gemma-3-4b-it"),
-    Family("Qwen3.5", ("qwen3_5",), "Qwen/Qwen3.5-9B"),  # transformers 5.x only, as Gemma 4
-    Family("Gemma 4", ("gemma4",), "google/gemma-4-E4B-it"),
+    Family("Qwen3.5", ("qwen3_5",), "Qwen/Qwen3.5-9B", needs="transformers 5.x"),
+    Family("Gemma 4", ("gemma4",), "google/gemma-4-E4B-it", needs="transformers 5.x"),
 ]
 
 
@@ -40,7 +41,7 @@ def family_of(model_type: str) -> Family | None:
 
 def listed() -> str:
     """The families with a checkpoint each, as help texts and errors name them."""
-    return ", ".join(f"{family.name} ({family.checkpoint})" for family in FAMILIES)
+    return ", ".join(f"{family.name} ({family.checkpoint}{f'; {family.needs}' if family.needs else ''})" for family in FAMILIES)
 
 
 def load_processor(path: str, argument: str = "--model"):
