@@ -102,7 +102,16 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def kv_cache_bytes(cache: DynamicCache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    """The keys and values cached (a linear-attention layer's states have a fixed size, and no keys)."""
+    attention = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
+    return sum(t.numel() * t.element_size() for layer in attention for t in (layer.keys, layer.values))
+
+
+def new_cache(model) -> DynamicCache:
+    """An empty cache for the model's prefill: laid out by its config where the decoder has linear-attention layers
+    (Qwen3.5's), whose states a plain cache has no slot for, as `generate` lays it out; plain otherwise."""
+    layer_types = getattr(model.config.get_text_config(), "layer_types", None) or []
+    return DynamicCache(config=model.config) if "linear_attention" in layer_types else DynamicCache()
 
 
 @torch.no_grad()
@@ -125,7 +134,7 @@ def measure(
     chosen, positions = resolve(model, method, positions, **options)
     recorder = Recorder(chosen)
     with Pruner(model, recorder, keep=keep, positions=positions) as pruner:
-        cache = DynamicCache()
+        cache = new_cache(model)
         counted = counted_flops(lambda: model(**inputs, **compat.cache_kwargs(cache)))
         tick()
         stats = pruner.stats
@@ -139,7 +148,7 @@ def measure(
     for run in range(warmup + repeats):
         for key, (make, budget) in contenders.items():
             with Pruner(model, make(), keep=budget, positions=positions) as attached:
-                elapsed = _timed(lambda: model(**inputs, **compat.cache_kwargs(DynamicCache())))
+                elapsed = _timed(lambda: model(**inputs, **compat.cache_kwargs(new_cache(model))))
                 if key != "unpruned_prefill_s" and not all(torch.equal(a, b) for a, b in zip(attached.stats.kept_patches, stats.kept_patches)):
                     raise RuntimeError(f"{'the oracle' if key == 'oracle_prefill_s' else method} did not keep the measured run's tokens")
             tick()

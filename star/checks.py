@@ -87,11 +87,11 @@ def skeleton_of(config, named: str = "the model") -> nn.Module:
     """The model of a config on the meta device, or a ValueError when it is no supported family."""
     from transformers import AutoModelForImageTextToText
 
+    from star.families import listed
+
     supported = {cls.config_class.model_type for adapter in ADAPTERS for cls in adapter.model_classes}
     if config.model_type not in supported:
-        raise ValueError(
-            f"{named} is a {config.model_type!r} model: supported are the image-text families {', '.join(sorted(supported))}"
-        )
+        raise ValueError(f"{named} is a {config.model_type!r} model: supported are the families {listed()}")
     with torch.device("meta"):
         return AutoModelForImageTextToText.from_config(config, attn_implementation=compat.attention_for(config, "sdpa"))
 
@@ -142,3 +142,16 @@ def check_memory(skeleton: nn.Module, dtype: str, device: str) -> None:
 def check_setting(skeleton: nn.Module, method: str, keep: int | float | None, options: dict, positions: str, flops: float | None = None) -> None:
     """A ValueError when star.apply would refuse this setting (a keep, or a FLOPs budget) on the real model."""
     star.apply(skeleton, method=method, keep=keep, flops=flops, **{"positions": positions, **options}).remove()
+
+
+def check_viz(model: str | None) -> None:
+    """`star run --save-viz` draws the kept tokens on one square grid of patches per image, as LLaVA-1.5 has them."""
+    from star.families import FAMILIES, family_of
+
+    family = family_of(model_config(model).model_type)
+    if family is not None and not family.square_grid:
+        drawn = ", ".join(f.name for f in FAMILIES if f.square_grid)
+        raise ValueError(
+            f"--save-viz draws one square grid of patches per image ({drawn}); --model {model!r} is {family.name}, whose "
+            "images are laid out otherwise: leave --save-viz out"
+        )

@@ -68,6 +68,42 @@ def processor_kwargs() -> dict:
     return {} if V5 else {"use_fast": False}
 
 
+def processor_attributes(processor_class: type) -> list[str]:
+    """The sub-processors a processor class is built from: 4.57 lists them in `attributes`, 5.x reads them from
+    its `__init__`'s parameters."""
+    return list(processor_class.get_attributes()) if V5 else list(processor_class.attributes)
+
+
+IMAGE_PARTS = ("image_processor", "tokenizer")  # the sub-processors a prompt of images and text needs
+
+
+def image_only_processor_class(processor_class: type) -> type:
+    """`processor_class` with its image processor and tokenizer only, or the class itself where it has no other part.
+
+    Every video processor of both lines needs torchvision, which a CPU-only torch lacks, and an audio feature
+    extractor (Gemma 4's) reads no image, while images go through the image processor alone; so the processor is
+    one subclass whose other slots stay empty. The family's own `__init__` runs unchanged, handed None for them:
+    both lines drop a positional part past the declared list, and a keyword one (as Gemma 4 passes them) is left
+    out by `_WithoutParts` before `ProcessorMixin` checks the parts.
+    """
+    attributes = processor_attributes(processor_class)
+    dropped = [name for name in attributes if name not in IMAGE_PARTS]
+    if not dropped:
+        return processor_class
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        processor_class.__init__(self, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+                                 **dict.fromkeys(dropped), **kwargs)
+
+    class _WithoutParts(transformers.ProcessorMixin):  # what the family's super().__init__ reaches
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{k: v for k, v in kwargs.items() if not (k in dropped and v is None)})
+
+    kept = [name for name in attributes if name in IMAGE_PARTS]
+    return type(f"ImageOnly{processor_class.__name__}", (processor_class, _WithoutParts),
+                {"__init__": __init__, "attributes": kept, "__module__": processor_class.__module__})
+
+
 # -- LLaVA: the CLIP tower ---------------------------------------------------------------------------
 
 

@@ -85,6 +85,21 @@ def synthetic_inputs(model: nn.Module, batch: int, text_tokens: int = TEXT_TOKEN
     return {name: value.to(device) for name, value in inputs.items()}
 
 
+def native_layout(model: nn.Module) -> tuple[int, int, int]:
+    """One image of the family's native size as the adapter's synthetic prompt lays it out: (visual tokens per unit,
+    units, image tokens that are never pruned). A unit is what `keep` counts per: the image (LLaVA-1.5, Qwen, Gemma
+    3), a crop (LLaVA-NeXT, LLaVA-OneVision, stacked [B, crops, 3, H, W]) or a tile (InternVL, [tiles, 3, H, W]); the
+    rest of the image's tokens are newlines. Works on a weightless skeleton: nothing runs but the layout."""
+    adapter = adapter_for(model)
+    text = torch.full((1, 1), 3)
+    inputs = adapter.synthetic_inputs(text, text, torch.Generator().manual_seed(0))
+    image_tokens = int((inputs["input_ids"] == adapter.image_token_id).sum())
+    pixels = inputs["pixel_values"]
+    units = pixels.shape[1] if pixels.dim() == 5 else pixels.shape[0] if pixels.dim() == 4 else 1
+    per_unit = adapter.n_visual or image_tokens  # Qwen: images differ in size, this one is the native one
+    return per_unit, units, image_tokens - units * per_unit
+
+
 def _text_ids(config, generator: torch.Generator, count: int) -> torch.Tensor:
     """Random ids of the text vocabulary, none of them a special id the config names (image, vision start, pad...)."""
     text = config.get_text_config()

@@ -62,9 +62,11 @@ def model() -> LlavaForConditionalGeneration:
     return tiny_llava()
 
 
-def tiny_tokenizer(specials: dict[int, str], image_block: str = "<image> "):
+def tiny_tokenizer(specials: dict[int, str], image_block: str = "<image> ", named: dict[str, str] | None = None):
     """A word-level tokenizer of 128 ids (the tiny models' vocabulary) with `specials` at their ids, and a chat
-    template that writes `image_block` for each image, then the text, then "answer :"."""
+    template that writes `image_block` for each image, then the text, then "answer :". `named` gives special
+    tokens the attribute names a family's processor reads (InternVL's `context_image_token`, Gemma 3's
+    `boi_token`), as a real checkpoint's tokenizer_config.json does."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -81,7 +83,7 @@ def tiny_tokenizer(specials: dict[int, str], image_block: str = "<image> "):
     )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>", padding_side="left",
-        model_input_names=["input_ids", "attention_mask"],
+        model_input_names=["input_ids", "attention_mask"], **({"extra_special_tokens": named} if named else {}),
     )
     return tokenizer, template
 

@@ -99,6 +99,8 @@ RUN_CASES = [
     ("--model {no-config}", ["--model", "no-config", "no config.json"]),
     ("--model {text-only}", ["--model", "'llama'", "llava"]),
     ("--model {a-file}", ["--model", "a-file", "no config.json"]),
+    ("--keep 4 --model {qwen}", ["--model", "qwen", "its processor cannot be read"]),  # weights, but no processor files
+    ("--keep 4 --model {qwen} --save-viz {root}/viz.png", ["--save-viz", "Qwen2-VL", "leave --save-viz out"]),
     ("--model ./no/such/model", ["--model", "./no/such/model", "does not exist"]),
     ("--model {qwen} --positions contiguous", ["positions='contiguous'", "Qwen2VL"]),
     ("--model {qwen} --method fastervlm --keep 4", ["method='fastervlm'", "[CLS]"]),
@@ -192,6 +194,9 @@ FLOPS_CASES = [
     ("--option layer=99", ["layer=99", "1 to 31"]),
     ("--method star,fastervlm --option layer=8", ["'layer'", "'fastervlm'"]),
     ("--model gpt-2", ["--model", "'gpt-2'", "llava-1.5-7b"]),
+    ("--model {text-only}", ["--model", "'llama'", "Qwen2.5-VL (Qwen/Qwen2.5-VL-7B-Instruct)"]),
+    ("--model {qwen} --method fastervlm --keep 4", ["fastervlm", "[CLS]"]),
+    ("--model {qwen} --keep 9999", ["keep=9999"]),
     ("--text-tokens -1", ["--text-tokens", "'-1'"]),
     ("--layer 8", ["--layer 8", "--option layer=8"]),
 ]

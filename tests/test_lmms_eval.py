@@ -19,7 +19,8 @@ from star.integrations import LMMS_MISSING
 
 pytest.importorskip("lmms_eval", reason=LMMS_MISSING)
 
-from conftest import llava_style_processor, save_checkpoint, tiny_checkpoint, tiny_tokenizer  # noqa: E402
+import checkpoints  # noqa: E402
+from conftest import tiny_checkpoint  # noqa: E402
 from families import CROP  # noqa: E402
 from star.cli import main as star_main  # noqa: E402
 from star.eval import answers  # noqa: E402
@@ -133,57 +134,19 @@ def test_star_lmms_eval_hands_every_argument_to_lmms_eval(monkeypatch):
 SIZES = [(64, 32), (32, 64), (64, 64), (32, 64)]  # width x height: each batch of 2 mixes sizes (and LLaVA-NeXT grids)
 
 
-def next_checkpoint(directory) -> str:
-    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
-
-    from families import IMAGE_TOKEN, PINPOINTS, tiny_llava_next
-
-    images = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS)
-    return save_checkpoint(directory, tiny_llava_next(), llava_style_processor(LlavaNextProcessor, images, IMAGE_TOKEN))
-
-
-def qwen_processor():
-    """Qwen2-VL's processor without its video part: in transformers 4.57 the video processor needs torchvision,
-    which a CPU-only torch does not have. Images are processed exactly as by Qwen2VLProcessor."""
-    from transformers import ProcessorMixin, Qwen2VLImageProcessor, Qwen2VLProcessor
-
-    from families import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START
-
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-        attributes = ["image_processor", "tokenizer"]
-        tokenizer_class = "PreTrainedTokenizerFast"
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id, self.video_token_id = IMAGE_TOKEN, VIDEO_TOKEN
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    specials = {IMAGE_TOKEN: "<|image_pad|>", VIDEO_TOKEN: "<|video_pad|>", VISION_START: "<|vision_start|>", VISION_END: "<|vision_end|>"}
-    tokenizer, template = tiny_tokenizer(specials, image_block="<|vision_start|> <|image_pad|> <|vision_end|> ")
-    images = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=64 * 64)
-    return ImageOnlyQwen2VLProcessor(image_processor=images, tokenizer=tokenizer, chat_template=template)
-
-
-def qwen_checkpoint(directory) -> str:
-    from families import tiny_qwen
-
-    return save_checkpoint(directory, tiny_qwen("2"))
-
-
-FAMILIES = {"llava-next": (next_checkpoint, 6), "qwen2-vl": (qwen_checkpoint, 5)}
+FAMILIES = {"llava-next": (checkpoints.llava_next, 6), "qwen2-vl": (checkpoints.qwen("2"), 5)}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_backend_batches_answer_as_single_prompts(family, tmp_path, monkeypatch):
     """Batch size 2 with mixed image sizes: every answer and token count equals that prompt alone under
     star.apply, and pruning changes at least one answer (a backend that ignored it would fail)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from star.families import load_processor
 
     make, keep = FAMILIES[family]
     path = make(tmp_path / "model")
-    if family == "qwen2-vl":  # the checkpoint has no processor of its own: hand the backend the image-only one
-        loader = AutoProcessor.from_pretrained
-        monkeypatch.setattr(AutoProcessor, "from_pretrained", lambda name, *a, **k: qwen_processor() if name == path else loader(name, *a, **k))
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(name, "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
@@ -205,7 +168,7 @@ def test_backend_batches_answer_as_single_prompts(family, tmp_path, monkeypatch)
     assert len(samples) == len(SIZES)
 
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     changed = 0
     for sample in samples:
         number = sample["doc_id"]

@@ -13,7 +13,7 @@ import os
 import textwrap
 from pathlib import Path
 
-from star import compat
+from star.families import listed
 from star.methods import REGISTRY, options, parse_option
 from star.pruner import POSITION_POLICIES
 
@@ -48,7 +48,7 @@ def add_option_argument(sub: argparse.ArgumentParser) -> None:
 
 
 def add_model_options(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--model", help="a LLaVA checkpoint directory or hub id (default: the project's default model)")
+    sub.add_argument("--model", help=f"a checkpoint directory or hub id of a supported family: {listed()} (default: the project's default model)")
     sub.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default cpu)")
     sub.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights dtype")
     sub.add_argument(
@@ -260,16 +260,17 @@ def model_path(args: argparse.Namespace) -> str:
 
 
 def load(args: argparse.Namespace):
-    """The model and its processor, on --device in --dtype, the processor padding on the left for batches."""
+    """The model and its processor (images and text: star.families), on --device in --dtype, the processor padding
+    on the left for batches."""
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from star.families import load_model, load_processor
 
     path = model_path(args)
     dtype = getattr(torch, args.dtype)
     if args.device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per data-parallel process
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-    attn = compat.attention_for(AutoConfig.from_pretrained(path), getattr(args, "attn", "sdpa"))
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
-    processor = AutoProcessor.from_pretrained(path, **compat.processor_kwargs())
+    processor = load_processor(path)
+    model = load_model(path, dtype, getattr(args, "attn", "sdpa"))
     processor.tokenizer.padding_side = "left"
     return model.to(args.device).eval(), processor

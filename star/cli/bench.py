@@ -98,7 +98,7 @@ def checkpoint_model(args: argparse.Namespace):
 
     def prompts(batch: int) -> dict:
         text = build_prompt(processor, record.question)
-        return processor(images=[record.open_image()] * batch, text=[text] * batch, return_tensors="pt").to(args.device)
+        return processor(images=[[record.open_image()]] * batch, text=[text] * batch, return_tensors="pt").to(args.device)
 
     return model, prompts
 

@@ -22,7 +22,8 @@ def add(commands: argparse._SubParsersAction) -> None:
         "stopped. Unreadable records are skipped and listed at the end.",
         examples=["star eval --data scenes --methods none,star,fastv,fastervlm --keep 98,39,20,10 --limit 50 --out results/",
                   "star eval --data scenes --methods none,star,fastervlm --flops 0.2,0.3,0.5 --out at-equal-flops/",
-                  "star eval --data scenes --split validation --methods star --keep 20 --grid layer=4,8,15"],
+                  "star eval --data scenes --split validation --methods star --keep 20 --grid layer=4,8,15",
+                  "star eval --model OpenGVLab/InternVL3-8B-hf --device cuda --dtype bfloat16 --data scenes --methods none,star --keep 64"],
     )
     add_model_options(sub)
     sub.add_argument("--data", type=data, default="scenes", help="scenes, easy-vqa, or a JSONL file of {image, question, answer[, type]}")

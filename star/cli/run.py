@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import star
+from star import checks
 from star.cli.args import (
     add_model_options, add_option_argument, budget, check, command, fraction, image, keeps_or_flops, label, load,
     method_name, new_file, positive, settings,
@@ -21,7 +22,8 @@ def add(commands: argparse._SubParsersAction) -> None:
         description="Answers QUESTION about IMAGE with the given method and budget, prints the tokens kept at "
         "each stage and the FLOPs saved, and with --save-viz writes the paper's Figure 4 for that image.",
         examples=['star run --image star/data/assets/coffee.jpg --question "What color is the cup?" --method star --keep 20 --save-viz out.png',
-                  'star run --image star/data/assets/coffee.jpg --question "What color is the cup?" --flops 0.3'],
+                  'star run --image star/data/assets/coffee.jpg --question "What color is the cup?" --flops 0.3',
+                  'star run --model Qwen/Qwen2.5-VL-7B-Instruct --image star/data/assets/astronaut.jpg --question "What is it?" --keep 64'],
     )
     add_model_options(sub)
     sub.add_argument("--image", type=image, required=True, help="an image file")
@@ -30,7 +32,7 @@ def add(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--keep", type=budget, help="visual tokens kept per image: an int, or a fraction in (0, 1] (default 20)")
     sub.add_argument("--flops", type=fraction, help="a compute budget instead of --keep: a fraction of the unpruned prefill FLOPs")
     add_option_argument(sub)
-    sub.add_argument("--save-viz", type=new_file, help="write the kept-token picture (PNG) here")
+    sub.add_argument("--save-viz", type=new_file, help="write the kept-token picture (PNG) here (LLaVA-1.5 checkpoints)")
     sub.add_argument("--max-new-tokens", type=positive, default=16)
     sub.set_defaults(run=run)
 
@@ -42,6 +44,8 @@ def run(args: argparse.Namespace) -> None:
     keeps, flops = keeps_or_flops([args.keep] if args.keep else None, [args.flops] if args.flops else None, [20])
     [setting] = settings([args.method], keeps, args.option, (), flops)
     check(args, [setting])
+    if args.save_viz:
+        checks.check_viz(args.model)
     model, processor = load(args)
     record = Record("run", args.image, args.question, "")
     with star.apply(model, method="none", keep=1.0) as pruner:

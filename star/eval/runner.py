@@ -53,15 +53,16 @@ class Setting:
 
 
 def build_prompt(processor, question: str) -> str:
-    """The default model's prompt: its chat template with the image, the question and the short-answer cue."""
+    """The model's prompt: its own chat template with the image, the question and the short-answer cue."""
     content = [{"type": "image"}, {"type": "text", "text": f"{question}\n{QUESTION_SUFFIX}"}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 @torch.no_grad()
 def answer_batch(model, processor, records: list[Record], max_new_tokens: int = 8) -> tuple[list[str], float]:
-    """Greedy answers for a batch of records, and the prefill time (until the first forward call returns)."""
-    images = [record.open_image() for record in records]
+    """Greedy answers for a batch of records, and the prefill time (until the first forward call returns). The
+    images go to the processor one list per prompt, the form every family's processor takes (Gemma 3's needs it)."""
+    images = [[record.open_image()] for record in records]
     prompts = [build_prompt(processor, record.question) for record in records]
     inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(model.device)
     marks: list[float] = []

@@ -7,7 +7,8 @@
 and hands ARGS to lmms-eval's own command line unchanged; `--model star` is added when no `--model` is
 given. Written against lmms-eval 0.7.3 (the `[lmms]` extra pins it).
 
-model_args: pretrained (a checkpoint directory or hub id; LLaVA-1.5, LLaVA-NeXT or Qwen2-VL), method, keep
+model_args: pretrained (a checkpoint directory or hub id of a family of star.families: LLaVA-1.5, LLaVA-NeXT,
+LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL3, Gemma 3; each prompt built by its own chat template), method, keep
 (an int or a fraction), positions, dtype (auto, float16, bfloat16, float32), attn_implementation (default
 sdpa), template (`model`: the checkpoint's chat template, as `star eval` prompts; `vicuna_v1`: the same with
 LLaVA's system line, as the LLaVA-1.5 papers evaluate), and the method's own options as `star --option` spells
@@ -31,7 +32,6 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 
 import star
-from star import compat
 from star.checks import check_setting, model_skeleton
 from star.data.vqa import exact_match
 from star.eval.records import QUESTION_SUFFIX, read_jsonl
@@ -121,7 +121,8 @@ class Star(lmms):
     ) -> None:
         super().__init__()
         from accelerate import Accelerator
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from star.families import load_model, load_processor
 
         options = method_options(method, options)
         check_model_args(method, keep, positions, dtype, template, **options)
@@ -135,9 +136,9 @@ class Star(lmms):
         self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         self.accelerator = accelerator
         weights_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-        self.model = AutoModelForImageTextToText.from_pretrained(pretrained, dtype=weights_dtype, attn_implementation=attn_implementation)
+        self.processor = load_processor(pretrained, "model_args pretrained")
+        self.model = load_model(pretrained, weights_dtype, attn_implementation, "model_args pretrained")
         self.model.to(self._device).eval()
-        self.processor = AutoProcessor.from_pretrained(pretrained, **compat.processor_kwargs())
         self.processor.tokenizer.padding_side = "left"
         self.system = TEMPLATES[template]
         self.batch_size = int(batch_size)
@@ -188,11 +189,12 @@ class Star(lmms):
             if not all(isinstance(v, Image.Image) for v in visuals):
                 raise ValueError(f"task {task!r} doc {doc_id}: the star backend answers about images only (got {[type(v).__name__ for v in visuals]})")
             contexts.append(self.prompt(context, len(visuals)))
-            images.extend(v.convert("RGB") for v in visuals)
+            images.append([v.convert("RGB") for v in visuals])
         gen_kwargs = dict(requests[0].args[1])
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
-        inputs = self.processor(images=images or None, text=contexts, return_tensors="pt", padding=True).to(self._device)
+        # one list of images per prompt, the form every family's processor takes (Gemma 3's needs it)
+        inputs = self.processor(images=images if any(images) else None, text=contexts, return_tensors="pt", padding=True).to(self._device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         if self._device.type == "cuda":
