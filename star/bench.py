@@ -56,6 +56,9 @@ class Recorder(Method):
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         return self.method.plan(n_visual, keep, num_layers)
 
+    def unit_plan(self, n_visual: int, keep: int, num_layers: int, grid: tuple[int, int] | None) -> Plan:
+        return self.method.unit_plan(n_visual, keep, num_layers, grid)
+
     def select_vision(self, view: VisionView, k: int) -> Selection:
         self.made.append(self.method.select_vision(view, k))
         return self.made[-1]
@@ -85,6 +88,9 @@ class Replay(Method):
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         return self.recorded.plan(n_visual, keep, num_layers)
+
+    def unit_plan(self, n_visual: int, keep: int, num_layers: int, grid: tuple[int, int] | None) -> Plan:
+        return self.recorded.unit_plan(n_visual, keep, num_layers, grid)
 
     def select_vision(self, view: VisionView, k: int) -> Selection:
         return next(self.calls)

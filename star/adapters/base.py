@@ -141,16 +141,17 @@ class Decoder:
 def vision_refusal(adapter: type[Decoder], method: Method) -> str | None:
     """Why `method`'s vision stage cannot run on the family of `adapter`, or None where it can (or has none).
 
-    The vision stage runs once on a two-patch stand-in view shaped like the family's ([CLS] or not, a [CLS]
+    The vision stage runs once on a four-patch stand-in view (a 2 x 2 grid) shaped like the family's ([CLS] or not, a [CLS]
     feature for the decoder or not), so what it raises is what it would raise at the first prompt.
     """
     prefix = 1 if adapter.has_cls else 0
-    stand_in = torch.zeros(1, 1, prefix + 2, 1)
+    stand_in = torch.zeros(1, 1, prefix + 4, 1)
     probe = VisionView(
-        features=torch.zeros(1, 2, 1),
+        features=torch.zeros(1, 4, 1),
         n_prefix=prefix,
         qk=lambda: (stand_in, stand_in),
         prefix_features=torch.zeros(1, 1) if adapter.projects_cls else None,
+        grid=(2, 2),
     )
     try:
         method.select_vision(probe, 1)

@@ -67,6 +67,9 @@ class Qwen2VLAdapter(Decoder):
         # Images of different sizes: their token counts, and the tower's bounds below, are this family's own
         # reads back from the device (docs/results.md, "Host syncs per prefill").
         sizes = (grid.prod(dim=-1) // self.merge_unit).tolist()
+        merge = self.visual.spatial_merge_size
+        # Each image's merged tokens in row-major order of its (h, w) grid; a grid of several frames has none.
+        grids = [(h // merge, w // merge) if t == 1 else None for t, h, w in grid.tolist()]
         is_image = input_ids == self.image_token_id
         per_row = split_rows(layout.image_tokens, sizes, "t * h * w / merge_size**2 tokens each")
 
@@ -96,6 +99,7 @@ class Qwen2VLAdapter(Decoder):
                     qk=qk,
                     instruction=self.instruction(input_ids, [row], layout),
                     token_of=(order[token_start : token_start + n] - token_start).repeat_interleave(self.merge_unit),
+                    grid=grids[image],
                 )
                 places = torch.arange(place, place + n, device=device)[None]
                 extra = None if residuals is None else residuals[None, token_start : token_start + n]

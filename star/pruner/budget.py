@@ -56,17 +56,18 @@ class Budget:
         self.num_layers = num_layers
         self.plan = method.plan(n_visual or max(NOMINAL_TOKENS, self.keep), self.keep, num_layers)
         check_stages(self.plan.llm_stages)
-        self._plans: dict[int, Plan] = {}
+        self._plans: dict[tuple[int, tuple[int, int] | None], Plan] = {}
 
-    def unit_plan(self, n: int) -> Plan:
-        """The method's plan for one unit (an image, a LLaVA-NeXT crop) of n visual tokens."""
-        if n not in self._plans:
-            plan = self.method.plan(n, unit_keep(self.given, n, self.budget_unit), self.num_layers)
+    def unit_plan(self, n: int, grid: tuple[int, int] | None = None) -> Plan:
+        """The method's plan for one unit (an image, a LLaVA-NeXT crop) of n visual tokens, laid out as `grid`
+        (rows, columns; None where the family gives none)."""
+        if (n, grid) not in self._plans:
+            plan = self.method.unit_plan(n, unit_keep(self.given, n, self.budget_unit), self.num_layers, grid)
             nominal = {s.layer: s for s in self.plan.llm_stages}
             if any(nominal.get(s.layer, None) is None or nominal[s.layer].score_layer != s.score_layer for s in plan.llm_stages):
                 raise ValueError(f"method {self.method.name!r} plans other decoder stages for {n} tokens than for {self.plan.n_visual}")
-            self._plans[n] = plan
-        return self._plans[n]
+            self._plans[n, grid] = plan
+        return self._plans[n, grid]
 
     def schedule(self, plan: Plan, stages: tuple[LLMStage, ...]) -> list[int]:
         """A unit's visual tokens [from the encoder, entering the decoder, after each of `stages`] (the batch's

@@ -94,7 +94,7 @@ def enter(
         units, n = group.view.features.shape[:2]
         # Units of prompts with different budgets are scored together and kept apart.
         for budget in {id(budgets[row]): budgets[row] for row in group.rows}.values():
-            plan = budget.unit_plan(n)
+            plan = budget.unit_plan(n, group.view.grid)
             schedule = budget.schedule(plan, stages)
             tokens = tokens or (budgets[0].schedule(budgets[0].plan, stages) if adapter.n_visual else schedule)
             if plan.vision_keep < n:
@@ -116,8 +116,13 @@ def enter(
                 starts.append(filled[row])
                 filled[row] += kept
                 candidates[row] += n
-            # A merged token keeps the residuals of the place it takes.
-            residuals = None if group_residuals is None else gather_seq(group_residuals, index)
+            # A merged token keeps the residuals of the place it takes; a mixed one (Pool) their mix.
+            if group_residuals is None:
+                residuals = None
+            elif selection.mix is not None:
+                residuals = torch.einsum("kn,ined->iked", selection.mix.to(group_residuals.dtype), group_residuals)
+            else:
+                residuals = gather_seq(group_residuals, index)
             places = ordinals.gather(1, index)
             kept_units.append((rows, starts, places, adapter.project(features), residuals))
 
