@@ -1,0 +1,103 @@
+"""Pool against its references: torch's adaptive average pooling, a forward over a smaller image's tokens built by
+hand, and the reachable grids written out. (Every family's contract tests run it too: star.methods().)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import star
+from conftest import IMAGE_TOKEN as LLAVA_IMAGE_TOKEN, N_VISUAL, batch, prompt_ids
+from families import IMAGE_TOKEN, kept_of, next_inputs, qwen_inputs, tiny_llava_next, tiny_qwen
+from reference import forward_kept, greedy_by_recompute
+from star.methods import VisionView
+from star.methods.pool import Pool, pooled_grid
+
+
+@pytest.mark.parametrize(
+    "grid, keep, expected",
+    [
+        ((4, 4), 1, (1, 1)), ((4, 4), 2, (1, 1)), ((4, 4), 3, (2, 2)), ((4, 4), 7, (3, 3)), ((4, 4), 12, (3, 3)),
+        ((4, 4), 13, (4, 4)), ((2, 3), 1, (1, 2)), ((2, 3), 4, (1, 2)), ((2, 3), 5, (2, 3)), ((6, 3), 1, (2, 1)),
+        ((6, 3), 8, (4, 2)), ((24, 24), 109, (10, 10)), ((24, 24), 111, (11, 11)), ((24, 24), 576, (24, 24)),
+    ],
+)
+def test_keep_becomes_the_nearest_grid_of_the_same_aspect(grid, keep, expected):
+    assert pooled_grid(grid, keep) == expected  # a tie (2 or 6 for 4 of 2 x 3) goes to the smaller
+
+
+@pytest.mark.parametrize("grid, keep", [((5, 7), 12), ((4, 4), 4), ((4, 4), 9), ((6, 3), 8), ((3, 3), 9)])
+def test_pooled_states_are_torch_adaptive_average_pooling_and_places_the_window_centres(grid, keep):
+    features = torch.randn(2, grid[0] * grid[1], 3)
+    view = VisionView(features=features, n_prefix=0, qk=None, grid=grid)
+    k = Pool().unit_plan(features.shape[1], keep, 4, grid).vision_keep
+    selection = Pool().select_vision(view, k)
+    g_h, g_w = pooled_grid(grid, keep)
+    image = features.view(2, *grid, 3).permute(0, 3, 1, 2)
+    expected = F.adaptive_avg_pool2d(image, (g_h, g_w)).flatten(2).transpose(1, 2)
+    assert torch.allclose(selection.states, expected, atol=1e-6)
+    assert bool((selection.index[:, 1:] > selection.index[:, :-1]).all())
+    if grid == (4, 4):
+        assert selection.index[0].tolist() == {4: [0, 2, 8, 10], 9: [0, 1, 2, 4, 5, 6, 8, 9, 10]}[keep]
+
+
+def _pooled_projected(model, pixel_values: torch.Tensor, side: int) -> torch.Tensor:
+    """The feature layer of the tower, average-pooled as a side x side image by torch, then projected: [g * g, D]."""
+    patches = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-2][0, 1:]
+    grid = patches.T.reshape(1, -1, 4, 4)
+    pooled = F.adaptive_avg_pool2d(grid, (side, side)).flatten(2)[0].T
+    return model.model.multi_modal_projector(pooled)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("positions", ["original", "contiguous"])
+@pytest.mark.parametrize("keep, side, centres", [(4, 2, [0, 2, 8, 10]), (9, 3, [0, 1, 2, 4, 5, 6, 8, 9, 10])])
+def test_llava_prefill_and_generation_equal_a_forward_over_the_pooled_image(model, positions, keep, side, centres):
+    """The reference: the prompt with only the window centres' image tokens, each carrying the pooled feature torch
+    computes (contiguous: numbered as a smaller image's tokens; original: at the centres' own positions)."""
+    prompt = prompt_ids(3, 6, seed=1)
+    inputs = batch([prompt])
+    features = torch.zeros(N_VISUAL, model.config.text_config.hidden_size)
+    features[centres] = _pooled_projected(model, inputs["pixel_values"], side)
+    kept = [torch.tensor(centres)]
+    with star.apply(model, method="pool", keep=keep, positions=positions) as pruner:
+        logits = model(**inputs).logits[0, -1]
+        generated = model.generate(**inputs, max_new_tokens=5, do_sample=False, min_new_tokens=5)[0, len(prompt):]
+        stats = pruner.stats
+    assert stats.tokens == [N_VISUAL, keep] and stats.kept_patches[0][0].tolist() == centres
+    assert (logits - forward_kept(model, prompt, features, kept, [], positions)).abs().max() < 1e-4
+    assert generated.tolist() == greedy_by_recompute(model, prompt, features, kept, [], positions, steps=5)
+    assert prompt.count(LLAVA_IMAGE_TOKEN) == N_VISUAL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("version", ["2", "2.5"])
+@pytest.mark.parametrize("keep, per_image", [(1, [2, 1, 1]), (4, [2, 4, 4]), (0.5, [2, 9, 1])])
+def test_qwen_images_keep_the_grid_of_their_own_aspect(version, keep, per_image):
+    # merged grids 2 x 3, 4 x 4, 2 x 2: a 2 x 3 grid reaches 2 (1 x 2) and 6, a square one the squares; 0.5 asks
+    # for 3, 8 and 2 tokens
+    inputs = qwen_inputs([[(4, 6), (8, 8), (4, 4)]], [(2, 5)], seed=5)
+    model = tiny_qwen(version)
+    with torch.no_grad(), star.apply(model, method="pool", keep=keep) as pruner:
+        logits = model(**inputs).logits
+        stats = pruner.stats
+    assert stats.totals[0] == [26, sum(per_image)]
+    assert logits.shape[1] == inputs["input_ids"].shape[1] - 26 + sum(per_image)
+    assert len(kept_of(stats, 0)[0]) == sum(per_image)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("keep, expected", [(4, 4 + 2 + 2 + 5 * 4), (9, 9 + 2 + 2 + 5 * 9), (16, 16 + 8 + 8 + 5 * 16)])
+def test_llava_next_crops_shown_in_part_pool_their_shown_rectangle(keep, expected):
+    # the wide image's base crop (4 x 4) and two tiles showing 2 x 4 patches each (keep * 8 / 16 asks for 2, 4, 8:
+    # a 2 x 4 grid reaches 2 and 8), then a square image's five whole crops
+    model = tiny_llava_next()
+    inputs = next_inputs(model, [[(20, 70), (64, 64)]], [(2, 5)], seed=4)
+    n_image = int((inputs["input_ids"] == IMAGE_TOKEN).sum())
+    with star.apply(model, method="pool", keep=keep) as pruner:
+        logits = model(**inputs).logits
+        stats = pruner.stats
+    newlines = n_image - 112
+    assert stats.totals[0] == [16 + 8 + 8 + 5 * 16, expected]
+    assert logits.shape[1] == inputs["input_ids"].shape[1] - n_image + newlines + expected
