@@ -106,9 +106,9 @@ def checkpoint_model(args: argparse.Namespace):
 def table(rows: list[dict]) -> str:
     """The rows as one Markdown table, each compared with the unpruned row of its batch size (ratios added to the rows)."""
     lines = [
-        "| batch | method | keep | tokens | prefill ms | prompts/s | vs unpruned | vs oracle | decoder FLOPs vs unpruned "
-        "| counted FLOPs vs unpruned | decode tok/s | KV cache MB | peak memory GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | method | keep | tokens | prefill ms | vision tower ms (share) | prompts/s | vs unpruned | vs oracle "
+        "| decoder FLOPs vs unpruned | counted FLOPs vs unpruned | decode tok/s | KV cache MB | peak memory GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {row["batch"]: row for row in rows if row["method"] == "none"}
     for row in rows:
@@ -118,7 +118,7 @@ def table(rows: list[dict]) -> str:
         peak = None if row["peak_memory_bytes"] is None else row["peak_memory_bytes"] / 2**30
         lines.append(
             f"| {row['batch']} | {row['method']} | {row['keep']} | {' / '.join(map(str, row['tokens']))} | "
-            f"{row['prefill_s'] * 1e3:.1f} | {row['prefill_prompts_per_s']:.2f} | {row['prefill_vs_unpruned']:.3f} | "
+            f"{row['prefill_s'] * 1e3:.1f} | {row['tower_s'] * 1e3:.1f} ({row['tower_share']:.0%}) | {row['prefill_prompts_per_s']:.2f} | {row['prefill_vs_unpruned']:.3f} | "
             f"{row['prefill_vs_oracle']:.3f} | {row['flops_vs_unpruned']:.3f} | {row['counted_flops_vs_unpruned']:.3f} | "
             f"{or_na(row['decode_tokens_per_s'], '.1f')} | {row['kv_cache_bytes'] / 2**20:.2f} | {or_na(peak, '.2f')} |"
         )
