@@ -117,11 +117,11 @@ class Qwen2VLAdapter(Decoder):
         """The merger already projected the tokens into the decoder's space."""
         return features
 
-    def synthetic_inputs(self, before: torch.Tensor, after: torch.Tensor, generator: torch.Generator) -> dict:
-        """Prompts of text around one random square image of `synthetic_patches` patches a side, between its vision
-        start and end tokens."""
+    def synthetic_inputs(self, before: torch.Tensor, after: torch.Tensor, generator: torch.Generator, side: int | None = None) -> dict:
+        """Prompts of text around one random square image of `side` patches a side (default `synthetic_patches`; a
+        multiple of the merge size), between its vision start and end tokens."""
         config, vision = self.model.config, self.model.config.vision_config
-        side = self.synthetic_patches
+        side = side or self.synthetic_patches
         batch = before.shape[0]
         block = [config.vision_start_token_id] + [self.image_token_id] * (side * side // self.merge_unit) + [config.vision_end_token_id]
         prompt = around_image(before, after, block)

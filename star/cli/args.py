@@ -111,6 +111,23 @@ def method_names(text: str) -> list[str]:
     return names
 
 
+def setting_names(text: str) -> list[str]:
+    """--methods of eval and bench: method names, and `resize` beside them (a smaller image, star.resize: not a
+    method, a preprocessing option)."""
+    from star.resize import NAME
+
+    def known(name: str) -> str:
+        try:
+            return name if name == NAME else method_name(name)
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(f"{error}, and {NAME} (a smaller image)") from None
+
+    names = csv(text, known)
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no method: known methods are {', '.join(REGISTRY)}, and {NAME}")
+    return names
+
+
 def option(text: str) -> tuple[str, str]:
     """NAME=VALUE, as text: the value is typed per method, by its field, once the methods are known."""
     name, equals, value = (part.strip() for part in text.partition("="))
@@ -199,6 +216,11 @@ def settings(methods: list[str], keeps: list[int | float], given: list[tuple[str
         raise ValueError(f"option {names[0]!r} is given, but method 'none' has no options: add a pruning method")
     result = [Setting("none", 1.0)] if "none" in methods else []
     for method in pruning:
+        if method == "resize":  # a smaller image at each keep: no options, and no FLOPs budget (its images differ in size)
+            if flops:
+                raise ValueError("--flops is given with resize: resize takes --keep only (tokens per image, or a fraction of its own)")
+            result += [Setting(method, keep) for keep in keeps]
+            continue
         points = [{name: text if name == "positions" else parse_option(method, name, text) for name, text in given}]
         for name, values in grid:
             typed = [value if name == "positions" else parse_option(method, name, value) for value in values]
@@ -223,6 +245,9 @@ def check(args: argparse.Namespace, chosen: list) -> None:
     checks.check_device(args.device)
     skeleton = checks.model_skeleton(args.model)
     for setting in chosen:
+        if setting.method == "resize":
+            checks.check_resize(skeleton, setting.keep)
+            continue
         try:
             checks.check_setting(skeleton, setting.method, setting.keep, setting.options, args.positions, setting.flops_budget)
         except BudgetUnreachable:  # whether it is depends on the data's prompt length: star eval skips and says so

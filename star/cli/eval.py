@@ -8,7 +8,7 @@ import sys
 
 from star.cli.args import (
     add_model_options, add_option_argument, budget, check, command, csv, data, fraction, keeps_or_flops, list_of, load,
-    method_names, model_path, out_dir, positive, settings, split, sweep,
+    model_path, out_dir, positive, setting_names, settings, split, sweep,
 )
 
 
@@ -28,7 +28,8 @@ def add(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--data", type=data, default="scenes", help="scenes, easy-vqa, or a JSONL file of {image, question, answer[, type]}")
     sub.add_argument("--split", help="split of scenes / easy-vqa: train, validation (scenes only) or test (default test)")
     sub.add_argument(
-        "--methods", type=method_names, default="none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,random", help="comma-separated methods"
+        "--methods", type=setting_names, default="none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,random",
+        help="comma-separated methods, and resize (the image made smaller before the processor, Qwen families: star.resize)"
     )
     sub.add_argument("--keep", type=list_of(budget, "budget", "98,39,20,10"), help="comma-separated budgets (ints, or fractions in (0, 1]; default 98,39,20,10)")
     sub.add_argument(

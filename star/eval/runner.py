@@ -27,6 +27,7 @@ from star.eval import answers
 from star.eval.records import QUESTION_SUFFIX, Record, RecordError
 from star.eval.stats import wilson_interval
 from star.methods.base import layer_average
+from star.resize import NAME as RESIZE, check_model, resize_image
 from star.schedule import BudgetUnreachable
 from star.zoo.default_model import MANIFEST
 
@@ -59,9 +60,12 @@ def build_prompt(processor, question: str) -> str:
 
 
 @torch.no_grad()
-def answer_batch(model, processor, records: list[Record], max_new_tokens: int = 8) -> tuple[list[str], float]:
-    """Greedy answers for a batch of records, and the prefill time (until the first forward call returns)."""
+def answer_batch(model, processor, records: list[Record], max_new_tokens: int = 8, resize: int | float | None = None) -> tuple[list[str], float]:
+    """Greedy answers for a batch of records, and the prefill time (until the first forward call returns); with
+    `resize`, each image made smaller first, to about that many tokens (star.resize)."""
     images = [record.open_image() for record in records]
+    if resize is not None:
+        images = [resize_image(image, processor, resize) for image in images]
     prompts = [build_prompt(processor, record.question) for record in records]
     inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(model.device)
     marks: list[float] = []
@@ -103,8 +107,13 @@ def evaluate(
     for setting in settings:
         bar.set_postfix_str(setting.name)
         pending = todo[setting.name]
+        resized = setting.keep if setting.method == RESIZE else None  # the unpruned model on smaller images
         try:
-            pruner = star.apply(model, method=setting.method, **setting.budget(length), **{"positions": positions, **setting.options})
+            if resized is not None:
+                check_model(model)
+                pruner = star.apply(model, method="none", keep=1.0)
+            else:
+                pruner = star.apply(model, method=setting.method, **setting.budget(length), **{"positions": positions, **setting.options})
         except BudgetUnreachable as error:  # at equal FLOPs, a method that cannot get this cheap has no point here
             skipped.append(f"{setting.name}: {error}")
             unreachable.add(setting.name)
@@ -119,7 +128,7 @@ def evaluate(
             for start in range(0, len(pending), batch_size):
                 chunk = _readable(pending[start : start + batch_size], skipped)
                 if chunk:
-                    predictions, prefill_s = answer_batch(model, processor, chunk, max_new_tokens)
+                    predictions, prefill_s = answer_batch(model, processor, chunk, max_new_tokens, resized)
                     stats = pruner.stats
                     _append(path, [_row(record, answer, stats, prefill_s / len(chunk)) for record, answer in zip(chunk, predictions)])
                 bar.update(len(pending[start : start + batch_size]))

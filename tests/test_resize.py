@@ -1,0 +1,56 @@
+"""resize: the image made smaller before the processor, so that a dynamic-resolution encoder emits about keep tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPImageProcessor, Qwen2VLImageProcessor
+
+from conftest import tiny_llava
+from families import tiny_qwen
+from star import synthetic
+from star.cli.args import settings
+from star.resize import check_model, resize_image, resized_size
+
+
+@pytest.mark.parametrize(
+    "size, keep, expected",
+    [
+        ((448, 448), 64, (224, 224)),  # 16 x 16 tokens of 28 px to 8 x 8
+        ((280, 560), 50, (140, 280)),  # 10 x 20 to 5 x 10: the aspect kept
+        ((448, 448), 0.25, (224, 224)),  # a fraction of the image's own 256
+        ((448, 448), 1000, (448, 448)),  # never larger than the image
+        ((100, 3000), 1, (28, 140)),  # one row at least: 1 x 5 tokens, the columns scaled as they would be
+    ],
+)
+def test_resized_size_is_about_keep_tokens_of_the_same_aspect(size, keep, expected):
+    assert resized_size(*size, keep, 28) == expected
+
+
+@pytest.mark.parametrize("patch, keep, image, tokens", [(14, 64, (448, 448), 64), (14, 50, (560, 280), 50), (16, 36, (640, 640), 36)])
+def test_the_processor_encodes_the_resized_image_into_keep_tokens(patch, keep, image, tokens):
+    """Qwen2-VL's image processor itself (14 px patches; Qwen3-VL's 16 px), run on the resized image."""
+    processor = Qwen2VLImageProcessor(patch_size=patch, merge_size=2)
+    resized = resize_image(Image.new("RGB", image, (10, 200, 30)), processor, keep)
+    grid = processor(images=[resized], return_tensors="pt")["image_grid_thw"][0]
+    assert int(grid.prod()) // 4 == tokens
+
+
+def test_fixed_resolution_processors_and_models_are_refused():
+    with pytest.raises(ValueError, match="CLIPImageProcessor.*fixed size"):
+        resize_image(Image.new("RGB", (64, 64)), CLIPImageProcessor(), 16)
+    with pytest.raises(ValueError, match="LlavaForConditionalGeneration.*16 tokens each"):
+        check_model(tiny_llava())
+    check_model(tiny_qwen())
+    with pytest.raises(ValueError, match="--flops is given with resize"):
+        settings(["none", "resize"], [], [], flops=[0.3])
+
+
+@torch.no_grad()
+def test_synthetic_prompt_of_a_smaller_image_runs_the_unpruned_model():
+    model = tiny_qwen()
+    full = synthetic.synthetic_inputs(model, 1, text_tokens=6)
+    small = synthetic.synthetic_inputs(model, 1, text_tokens=6, resize=64)
+    assert int(full["image_grid_thw"].prod()) // 4 == 576 and int(small["image_grid_thw"].prod()) // 4 == 64
+    assert model(**small).logits.shape[1] == full["input_ids"].shape[1] - 576 + 64
