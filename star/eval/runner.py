@@ -41,15 +41,20 @@ class Setting:
     keep: int | float | None
     options: dict = field(default_factory=dict)
     flops_budget: float | None = None
+    # a time budget (a fraction of the unpruned prefill time) picked from `schedule`, a file `star calibrate` wrote
+    time_budget: float | None = None
+    schedule: str | None = None
 
     @property
     def name(self) -> str:
         extra = "".join(f"-{k}{v}" for k, v in sorted(self.options.items()))
-        budget = f"flops{self.flops_budget}" if self.flops_budget is not None else self.keep
+        budget = f"flops{self.flops_budget}" if self.flops_budget is not None else f"time{self.time_budget}" if self.time_budget is not None else self.keep
         return f"{self.method}-{budget}{extra}"
 
     def budget(self, text_tokens: float | None = None) -> dict:
         """The budget as star.apply takes it; a FLOPs budget for prompts of `text_tokens` text tokens."""
+        if self.time_budget is not None:
+            return {"time": self.time_budget, "schedule": self.schedule}
         return {"keep": self.keep} if self.flops_budget is None else {"flops": self.flops_budget, "text_tokens": text_tokens}
 
 
@@ -123,7 +128,7 @@ def evaluate(
         path.parent.mkdir(parents=True, exist_ok=True)
         with pruner:
             # what the folder answers, for a later report; a compute budget's pick with it
-            picked = {"picked": _pick(pruner, length)} if setting.flops_budget is not None else {}
+            picked = {"picked": _pick(pruner, length)} if setting.flops_budget is not None or setting.time_budget is not None else {}
             (path.parent / "setting.json").write_text(json.dumps({**asdict(setting), **picked}))
             for start in range(0, len(pending), batch_size):
                 chunk = _readable(pending[start : start + batch_size], skipped)
