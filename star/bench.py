@@ -59,6 +59,10 @@ class Recorder(Method):
     def unit_plan(self, n_visual: int, keep: int, num_layers: int, grid: tuple[int, int] | None) -> Plan:
         return self.method.unit_plan(n_visual, keep, num_layers, grid)
 
+    @property
+    def grid_positions(self) -> bool:
+        return self.method.grid_positions
+
     def select_vision(self, view: VisionView, k: int) -> Selection:
         self.made.append(self.method.select_vision(view, k))
         return self.made[-1]
@@ -91,6 +95,10 @@ class Replay(Method):
 
     def unit_plan(self, n_visual: int, keep: int, num_layers: int, grid: tuple[int, int] | None) -> Plan:
         return self.recorded.unit_plan(n_visual, keep, num_layers, grid)
+
+    @property
+    def grid_positions(self) -> bool:
+        return self.recorded.grid_positions
 
     def select_vision(self, view: VisionView, k: int) -> Selection:
         return next(self.calls)

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import star
+from star import compat
 from conftest import IMAGE_TOKEN as LLAVA_IMAGE_TOKEN, N_VISUAL, batch, prompt_ids
-from families import IMAGE_TOKEN, kept_of, next_inputs, qwen_inputs, tiny_llava_next, tiny_qwen
+from families import IMAGE_TOKEN, kept_of, next_inputs, qwen_inputs, tiny_llava_next, tiny_qwen, tiny_qwen3
 from reference import forward_kept, greedy_by_recompute
 from star.methods import VisionView
 from star.methods.pool import Pool, pooled_grid
@@ -101,3 +102,47 @@ def test_llava_next_crops_shown_in_part_pool_their_shown_rectangle(keep, expecte
     newlines = n_image - 112
     assert stats.totals[0] == [16 + 8 + 8 + 5 * 16, expected]
     assert logits.shape[1] == inputs["input_ids"].shape[1] - n_image + newlines + expected
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("version", ["2", "2.5", "3"])
+def test_qwen_prefill_and_generation_equal_the_model_on_an_image_that_small(version):
+    """The reference is the model itself, given a prompt with a 2 x 2 grid of image tokens (a 4 x 4-patch image) and
+    its tower's output replaced by torch's pooling of the full image's merged tokens (and of Qwen3-VL's DeepStack
+    features): its own 3-D positions, its own decode steps."""
+    model = tiny_qwen3() if version == "3" else tiny_qwen(version)
+    inputs = qwen_inputs([[(8, 8)]], [(3, 4)], seed=7)
+    ids = inputs["input_ids"][0].tolist()
+    first = ids.index(IMAGE_TOKEN)
+    small_ids = torch.tensor([ids[:first] + ids[first + 12 :]])  # the same words around a 2 x 2 grid of merged tokens
+    small = {
+        "input_ids": small_ids, "attention_mask": torch.ones_like(small_ids), "image_grid_thw": torch.tensor([[1, 4, 4]]),
+        "pixel_values": inputs["pixel_values"][:16], **compat.qwen_token_types(small_ids, IMAGE_TOKEN),
+    }
+    def pool(tokens: torch.Tensor) -> torch.Tensor:  # [16, D] merged tokens of a 4 x 4 grid -> [4, D]
+        return F.adaptive_avg_pool2d(tokens.T.reshape(1, -1, 4, 4), (2, 2)).flatten(2)[0].T
+
+    full = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+
+    def smaller_image(module, args, output):  # 4.57: a tensor (Qwen3-VL: with its DeepStack list); 5.x: an output
+        if isinstance(output, torch.Tensor):
+            return pool(full)
+        if isinstance(output, tuple):
+            return pool(full[0]), [pool(d) for d in full[1]]
+        output.pooler_output = pool(full.pooler_output)
+        if getattr(output, "deepstack_features", None) is not None:
+            output.deepstack_features = [pool(d) for d in full.deepstack_features]
+        return output
+
+    handle = model.model.visual.register_forward_hook(smaller_image)
+    try:
+        expected = model(**small).logits[0, -1]
+        expected_tokens = model.generate(**small, max_new_tokens=4, min_new_tokens=4, do_sample=False)[0, -4:]
+    finally:
+        handle.remove()
+    with star.apply(model, method="pool", keep=4) as pruner:
+        assert pruner.positions == "contiguous"
+        logits = model(**inputs).logits[0, -1]
+        tokens = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)[0, -4:]
+    assert (logits - expected).abs().max() < 1e-4
+    assert tokens.tolist() == expected_tokens.tolist()

@@ -51,6 +51,13 @@ class Qwen2VLAdapter(Decoder):
         """3-D positions of the full prompt, [3, B, S] (generate() gives [4, B, S], text positions first)."""
         return compat.qwen_prompt_positions(self.model, inputs, input_ids, mask)
 
+    def grid_positions(self, input_ids: torch.Tensor, mask: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+        """3-D positions, [3, B, S], of prompts whose images are `grids` of merged tokens (rows, columns), in order:
+        what the model's `get_rope_index` gives a prompt of images that small (pool's grids)."""
+        merge = self.visual.spatial_merge_size
+        thw = torch.tensor([[1, merge * rows, merge * cols] for rows, cols in grids], device=input_ids.device)
+        return compat.qwen_grid_positions(self.model, input_ids, mask, thw, self.image_token_id)
+
     def decode_positions(self, prompt_positions: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         """New tokens continue after the prompt's largest position, on all three axes: [3, B, n]."""
         rope = prompt_positions[-3:]

@@ -62,6 +62,7 @@ class Selection:
     index: torch.Tensor
     states: torch.Tensor | None = None
     mix: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None  # (rows, columns) of the kept tokens, where they form a grid (Pool)
 
 
 @dataclass
@@ -167,6 +168,9 @@ class Method:
     # Whether the vision stage reads the prompt's instruction (VisionView.instruction): a serving engine whose
     # encoder step never sees the prompt cannot run such a method as it is (star.integrations.vllm refuses it).
     reads_instruction: ClassVar[bool] = False
+    # Whether each unit's kept tokens form a grid of their own (Pool): an M-RoPE family can then number them as an
+    # image that size (positions="contiguous" there, the model's own 3-D positions of the smaller grid).
+    grid_positions: ClassVar[bool] = False
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         raise NotImplementedError

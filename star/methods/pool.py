@@ -7,9 +7,10 @@ becomes the nearest of them (`pooled_grid`; the smaller on a tie), and the plan,
 report that count. A pooled token takes the place of its window's centre patch (so `stats.kept_patches` lists
 the centres, in row-major order); by default the decoder numbers the pooled tokens without gaps
 (positions="contiguous"), as it numbers the tokens of an image that small, and positions="original" puts each at
-its centre patch's position. Families without a gap-free renumbering (Qwen's 3-D M-RoPE) keep the centres'
-positions: a grid of g_h x g_w positions strided over the image's own. Where the decoder adds features onto
-visual tokens (Qwen3-VL's DeepStack) a pooled token gets the mean of its window's.
+its centre patch's position. On Qwen's 3-D M-RoPE, where a subset of tokens has no gap-free renumbering, a pooled
+grid has one: the model's own positions of an image that small (`grid_positions`; the adapter's `grid_positions`
+asks the model's `get_rope_index`). Where the decoder adds features onto visual tokens (Qwen3-VL's DeepStack) a
+pooled token gets the mean of its window's (`Selection.mix`).
 
 VTC-Bench (ACL 2026) and UniPruneBench (arXiv 2511.02650) found that downsampling and random selection beat many
 token-pruning methods at equal cost: this is the downsampling side of that comparison, run on the same prompts.
@@ -62,6 +63,7 @@ class Pool(Method):
     name = "pool"
     summary = "each unit's token grid average-pooled to about keep tokens (a smaller image), before the decoder"
     positions = "contiguous"
+    grid_positions = True
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         side = round(n_visual**0.5)
@@ -86,4 +88,4 @@ class Pool(Method):
         weights, centres = pooling_matrix(grid, pooled)
         weights, centres = weights.to(view.features.device), centres.to(view.features.device)
         states = torch.einsum("kn,ind->ikd", weights, view.features.float()).to(view.features.dtype)
-        return Selection(centres.expand(images, k), states, weights)
+        return Selection(centres.expand(images, k), states, weights, pooled)

@@ -43,6 +43,9 @@ class Prompt:
     residuals: torch.Tensor | None = None  # [B, V, E, D] DeepStack features of the last frame's visual tokens
     cache_slots: int | None = None  # a StaticCache's slots per layer (every frame's cache has as many), or None
     picks: list[Point] | None = None  # each prompt's setting, where a budget picked it per prompt
+    # M-RoPE with each image a grid of its own (pool, positions="contiguous"): [B] what each row's text after the
+    # images moved back by, so that decode steps continue from the entry frame's positions; else None
+    position_shift: torch.Tensor | None = None
     stage_at: dict[int, int] = field(init=False)  # the stage that cuts at each of its layers
     early_scores: set[int] = field(init=False)  # the layers a stage scores at before its own layer
 
@@ -89,6 +92,7 @@ def enter(
     filled = [0] * batch  # kept visual tokens of each prompt
     candidates = [0] * batch  # and the image tokens stage 1 chose them from
     kept_units = []
+    grids = []  # each unit's kept grid, in prompt order (M-RoPE positions of images that small)
     tokens = None
     for group in encoded.groups:
         units, n = group.view.features.shape[:2]
@@ -110,6 +114,7 @@ def enter(
                 group_residuals = None if group_residuals is None else group_residuals[pick]
                 rows = [group.rows[unit] for unit in mine]
             kept = index.shape[1]
+            grids += [selection.grid or group.view.grid] * len(rows)
             starts = []
             for row in rows:
                 totals[row] = [total + count for total, count in zip(totals[row], schedule)]
@@ -161,11 +166,15 @@ def enter(
         embeds = torch.where((entry_slots == FIXED)[..., None], encoded.fixed.to(embeds.dtype), embeds)
 
     pads = (~entry_real).sum(dim=1)
+    entry_mask = mask.gather(1, entry_keep) * entry_real
+    shift = None
     if positions == "original":
         entry_positions = gather_positions(full_positions, entry_keep)
+    elif adapter.mrope:  # each image a grid of its own (pool): numbered as the model numbers an image that small
+        entry_positions = adapter.grid_positions(input_ids.gather(1, entry_keep), entry_mask, grids)
+        shift = full_positions[-3][:, -1] - entry_positions[0][:, -1]
     else:  # the padding slots added here do not count as tokens before the real ones
         entry_positions = contiguous_positions(full_positions, entry_keep) - pads[:, None]
-    entry_mask = mask.gather(1, entry_keep) * entry_real
     visual = ragged_rows(from_visual, width_v)
     patches = entry_slots.gather(1, visual.clamp_min(0)).masked_fill(visual < 0, -1)
     entry_cols = torch.arange(width, device=device).expand(batch, width)
@@ -178,7 +187,7 @@ def enter(
     stage_budgets = [[row[2 + s] if stage.layer in cuts[r] else None for r, row in enumerate(totals)] for s, stage in enumerate(stages)]
     prompt = Prompt(
         length, entry_keep, entry_real, pads, full_positions, [frame], layout, stages, [b.method for b in budgets],
-        stage_budgets, tokens or [0] * (2 + len(stages)), totals, residuals, cache_slots, picks,
+        stage_budgets, tokens or [0] * (2 + len(stages)), totals, residuals, cache_slots, picks, shift,
     )
     # Per-token inputs the model reads besides the ids (Gemma 3's token types), at the kept tokens; 0 at the
     # padding slots added here.
