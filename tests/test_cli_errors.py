@@ -116,6 +116,8 @@ EVAL = "eval --model {checkpoint} --data {data} --methods star --keep 4 --out {r
 EVAL_CASES = [
     ("--methods none,resize", ["resize", "LlavaForConditionalGeneration", "fixed size"]),
     ("--methods resise", ["--methods", "'resise'", "resize"]),
+    ("--time 0.5 --keep 4", ["--keep and --time"]),
+    ("--time 1.5", ["time='1.5'", "(0, 1]"]),
     ("--keep 0", ["--keep", "'0'"]),
     ("--keep 4,abc", ["--keep", "'abc'"]),
     ("--keep 17", ["keep=17", "[1, 16]"]),

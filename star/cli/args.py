@@ -94,14 +94,6 @@ def time_fraction(text: str) -> float:
     return value
 
 
-def folder(text: str) -> Path:
-    """A folder to read from, which must exist now."""
-    path = Path(text)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
-    return path
-
-
 def list_of(parse, what: str, example: str):
     """The argument type of a comma-separated list of `parse`'s values, at least one."""
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from star.cli.args import (
-    add_model_options, add_option_argument, budget, check, command, csv, data, folder, fraction, keeps_or_flops, list_of, load,
+    add_model_options, add_option_argument, budget, check, command, csv, data, fraction, keeps_or_flops, list_of, load,
     model_path, out_dir, positive, setting_names, settings, split, sweep, time_fraction,
 )
 
@@ -44,7 +45,7 @@ def add(commands: argparse._SubParsersAction) -> None:
         "from its schedule with measured times (--schedules), as apply(time=) does",
     )
     sub.add_argument(
-        "--schedules", type=folder, metavar="FOLDER",
+        "--schedules", type=Path, metavar="FOLDER",
         help="with --time: FOLDER/METHOD.json for every method, each written by `star calibrate --method METHOD` on this machine",
     )
     add_option_argument(sub)

@@ -150,7 +150,8 @@ def evaluate(
 
 def _pick(pruner, text_tokens: float) -> dict:
     """What a FLOPs budget picked, as setting.json records it (JSON's lists for tuples, so that a reread compares)."""
-    return json.loads(json.dumps({"keep": pruner.keep, "options": method_options(pruner.method), "text_tokens": round(text_tokens, 2)}))
+    length = {} if text_tokens is None else {"text_tokens": round(text_tokens, 2)}  # a time budget's pick is the schedule's
+    return json.loads(json.dumps({"keep": pruner.keep, "options": method_options(pruner.method), **length}))
 
 
 def _check_picks(model, settings: list[Setting], done: answers.Answers, out_dir: Path, length: float | None, positions: str | None) -> None:
