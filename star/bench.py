@@ -144,17 +144,17 @@ def measure(
         tick()
         stats = pruner.stats
     unpruned = NoPruning()
-    contenders = {  # what each run prunes with (a fresh oracle each run, replaying from the start), and its budget
-        "prefill_s": (lambda: chosen, keep),
-        "oracle_prefill_s": (lambda: Replay(recorder), keep),
-        "unpruned_prefill_s": (lambda: unpruned, 1.0),
+    contenders = {  # what each run prunes with (a fresh oracle each run, replaying from the start), its budget and positions
+        "prefill_s": (lambda: chosen, keep, positions),
+        "oracle_prefill_s": (lambda: Replay(recorder), keep, positions),
+        "unpruned_prefill_s": (lambda: unpruned, 1.0, resolve(model, "none", None)[1]),  # pool's M-RoPE grids are not its
     }
     times: dict[str, list[float]] = {key: [] for key in contenders}
     tower_times: dict[str, list[float]] = {key: [] for key in contenders}
     tower = TowerClock(vision_tower(model))
     for run in range(warmup + repeats):
-        for key, (make, budget) in contenders.items():
-            with Pruner(model, make(), keep=budget, positions=positions) as attached, tower:
+        for key, (make, budget, policy) in contenders.items():
+            with Pruner(model, make(), keep=budget, positions=policy) as attached, tower:
                 elapsed = _timed(lambda: model(**inputs, **compat.cache_kwargs(DynamicCache())))
                 if key != "unpruned_prefill_s" and not all(torch.equal(a, b) for a, b in zip(attached.stats.kept_patches, stats.kept_patches)):
                     raise RuntimeError(f"{'the oracle' if key == 'oracle_prefill_s' else method} did not keep the measured run's tokens")
