@@ -141,8 +141,8 @@ class Decoder:
 def vision_refusal(adapter: type[Decoder], method: Method) -> str | None:
     """Why `method`'s vision stage cannot run on the family of `adapter`, or None where it can (or has none).
 
-    The vision stage runs once on a four-patch stand-in view (a 2 x 2 grid) shaped like the family's ([CLS] or not, a [CLS]
-    feature for the decoder or not), so what it raises is what it would raise at the first prompt.
+    The vision stage runs once on a four-patch stand-in view (a 2 x 2 grid) shaped like the family's ([CLS] or
+    not, a [CLS] feature for the decoder or not), so what it raises is what it would raise at the first prompt.
     """
     prefix = 1 if adapter.has_cls else 0
     stand_in = torch.zeros(1, 1, prefix + 4, 1)

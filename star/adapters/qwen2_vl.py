@@ -73,10 +73,11 @@ class Qwen2VLAdapter(Decoder):
             raise ValueError("image_grid_thw is None: Qwen2-VL needs each image's patch grid")
         # Images of different sizes: their token counts, and the tower's bounds below, are this family's own
         # reads back from the device (docs/results.md, "Host syncs per prefill").
-        sizes = (grid.prod(dim=-1) // self.merge_unit).tolist()
+        thw = grid.tolist()
+        sizes = [t * h * w // self.merge_unit for t, h, w in thw]
         merge = self.visual.spatial_merge_size
         # Each image's merged tokens in row-major order of its (h, w) grid; a grid of several frames has none.
-        grids = [(h // merge, w // merge) if t == 1 else None for t, h, w in grid.tolist()]
+        grids = [(h // merge, w // merge) if t == 1 else None for t, h, w in thw]
         is_image = input_ids == self.image_token_id
         per_row = split_rows(layout.image_tokens, sizes, "t * h * w / merge_size**2 tokens each")
 
