@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor, Qwen2VLImageProcessor
 
 from conftest import tiny_llava
-from families import tiny_qwen
+from families import qwen_processor, tiny_qwen
 from star import synthetic
 from star.cli.args import settings
 from star.resize import check_model, resize_image, resized_size
@@ -54,3 +54,26 @@ def test_synthetic_prompt_of_a_smaller_image_runs_the_unpruned_model():
     small = synthetic.synthetic_inputs(model, 1, text_tokens=6, resize=64)
     assert int(full["image_grid_thw"].prod()) // 4 == 576 and int(small["image_grid_thw"].prod()) // 4 == 64
     assert model(**small).logits.shape[1] == full["input_ids"].shape[1] - 576 + 64
+
+
+def test_eval_answers_resize_beside_the_unpruned_model_on_smaller_images(tmp_path):
+    """star eval's loop with a Qwen2-VL and its processor (4 px patches, 2 x 2 merge: 8 px a token): 32 px images
+    give 16 tokens, resized to 16 px for keep=4 they give 4, and the decoder's FLOPs fall with them."""
+    from star.eval.records import read_jsonl
+    from star.eval.runner import Setting, evaluate
+    import json
+
+    for name, colour in (("red.png", (255, 0, 0)), ("blue.png", (0, 0, 255))):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / name)
+    rows = [{"image": "red.png", "question": "what color is the w20 ?", "answer": "red", "type": "color"},
+            {"image": "blue.png", "question": "what color is the w21 ?", "answer": "blue", "type": "color"}]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    records, _ = read_jsonl(tmp_path / "data.jsonl")
+    model = tiny_qwen()
+    model.generation_config.eos_token_id = 3
+    summary, skipped = evaluate(model, qwen_processor(), records, [Setting("none", 1.0), Setting("resize", 4)], tmp_path / "out",
+                                batch_size=2, max_new_tokens=2, progress=False)
+    none, resized = summary["settings"]
+    assert not skipped and none["n"] == resized["n"] == 2
+    assert none["tokens"] == [16, 16] and resized["tokens"] == [4, 4]
+    assert resized["flops"] < none["flops"]
