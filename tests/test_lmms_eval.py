@@ -20,7 +20,7 @@ from star.integrations import LMMS_MISSING
 pytest.importorskip("lmms_eval", reason=LMMS_MISSING)
 
 from conftest import llava_style_processor, save_checkpoint, tiny_checkpoint, tiny_tokenizer  # noqa: E402
-from families import CROP  # noqa: E402
+from families import CROP, qwen_processor  # noqa: E402
 from star.cli import main as star_main  # noqa: E402
 from star.eval import answers  # noqa: E402
 from star.data.scenes import scene_records  # noqa: E402
@@ -140,28 +140,6 @@ def next_checkpoint(directory) -> str:
 
     images = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS)
     return save_checkpoint(directory, tiny_llava_next(), llava_style_processor(LlavaNextProcessor, images, IMAGE_TOKEN))
-
-
-def qwen_processor():
-    """Qwen2-VL's processor without its video part: in transformers 4.57 the video processor needs torchvision,
-    which a CPU-only torch does not have. Images are processed exactly as by Qwen2VLProcessor."""
-    from transformers import ProcessorMixin, Qwen2VLImageProcessor, Qwen2VLProcessor
-
-    from families import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START
-
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-        attributes = ["image_processor", "tokenizer"]
-        tokenizer_class = "PreTrainedTokenizerFast"
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id, self.video_token_id = IMAGE_TOKEN, VIDEO_TOKEN
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    specials = {IMAGE_TOKEN: "<|image_pad|>", VIDEO_TOKEN: "<|video_pad|>", VISION_START: "<|vision_start|>", VISION_END: "<|vision_end|>"}
-    tokenizer, template = tiny_tokenizer(specials, image_block="<|vision_start|> <|image_pad|> <|vision_end|> ")
-    images = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=64 * 64)
-    return ImageOnlyQwen2VLProcessor(image_processor=images, tokenizer=tokenizer, chat_template=template)
 
 
 def qwen_checkpoint(directory) -> str:
