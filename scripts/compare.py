@@ -34,7 +34,7 @@ def load(done: Answers) -> tuple[list[Setting], set[str], list[str], dict[str, d
     each setting's answers (record id: correct) by setting name."""
     found, answers = [], {}
     for run, data in sorted(done.definitions.items()):
-        setting = Setting(data["method"], data["keep"], data.get("options", {}), data.get("flops_budget"))
+        setting = Setting(data["method"], data["keep"], data.get("options", {}), data.get("flops_budget"), data.get("time_budget"), data.get("schedule"))
         answers[setting.name] = {key: row["correct"] for key, row in done.rows.get(run, {}).items()}
         found.append((setting, set(answers[setting.name])))
     counts = sorted(len(ids) for _, ids in found)
@@ -44,7 +44,7 @@ def load(done: Answers) -> tuple[list[Setting], set[str], list[str], dict[str, d
     common = set.intersection(*(ids for s, ids in found if s in settings)) if settings else set()
     order = {"none": 0, "star": 1, "random": 99}
     settings.sort(key=lambda s: (order.get(s.method, 2), s.method, bool(s.options), sorted(s.options.items()),
-                                 -(s.keep if s.flops_budget is None else s.flops_budget)))
+                                 -(s.flops_budget if s.flops_budget is not None else s.time_budget if s.time_budget is not None else s.keep)))
     return settings, common, left_out, answers
 
 
@@ -53,16 +53,20 @@ def overlap(a: list[float], b: list[float]) -> bool:
 
 
 def budget(row: dict) -> int | float:
-    """What a row's column is: its FLOPs budget where it has one (`star eval --flops`), else its keep."""
-    return row["keep"] if row.get("flops_budget") is None else row["flops_budget"]
+    """What a row's column is: its FLOPs or time budget where it has one (`star eval --flops`, `--time`), else its keep."""
+    for kind in ("flops_budget", "time_budget"):
+        if row.get(kind) is not None:
+            return row[kind]
+    return row["keep"]
 
 
 def budget_name(value: int | float, rows: list[dict]) -> str:
-    return f"flops {value}" if any(r.get("flops_budget") is not None for r in rows) else f"keep {value}"
+    kind = next((k for k in ("flops", "time") if any(r.get(f"{k}_budget") is not None for r in rows)), "keep")
+    return f"{kind} {value}"
 
 
 def name(row: dict) -> str:
-    return Setting(row["method"], row["keep"], row["options"], row.get("flops_budget")).name
+    return Setting(row["method"], row["keep"], row["options"], row.get("flops_budget"), row.get("time_budget"), row.get("schedule")).name
 
 
 def grid(summary: dict) -> str:

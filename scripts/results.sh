@@ -9,6 +9,7 @@
 #   scripts/results.sh calibrate  # STAR's schedule on the scenes validation split, shipped in star/schedules/
 #   scripts/results.sh budgets  # COMPARE_METHODS at 0.2/0.3/0.4/0.5/0.7 of the unpruned FLOPs (STAR: its schedule)
 #   scripts/results.sh scale    # STAR's time against its FLOPs at 135M (default model) and 1.1B (random weights)
+#   scripts/results.sh equal-cost  # STAR, pool and random (then EQUAL_PEERS) at 0.6 / 0.35 / 0.2 of the FLOPs, n = 200
 #
 # Sizes are environment variables (per question type): MODEL_N (200 scene questions), EASY_N (100 easy-VQA
 # colour and shape questions), SWEEP_N (25), TABLE_N (25), BENCH_REPEATS (9), SCALE_REPEATS (3),
@@ -93,6 +94,20 @@ case "${1:-}" in
         --flops 0.2,0.3,0.4,0.5,0.7 --out $OUT/budgets-$data
       ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/budgets-$data "$title (test), at FLOPs budgets"
     done
+    ;;
+  equal-cost)
+    # one budget at a time, so that a run stopped early leaves whole budgets; two data-parallel processes
+    # (RANKS=2), one thread each, on a shared 2-core machine
+    RUN="${PYTHON:-.venv/bin/python} -m torch.distributed.run --nproc_per_node ${RANKS:-2} --no-python ${STAR} eval"
+    for methods in none,star,pool,random ${EQUAL_PEERS:-sparsevlm,divprune,visionzip,fastv}; do
+      for budget in 0.35 0.2 0.6; do
+        OMP_NUM_THREADS=1 $RUN --data scenes --split test --limit "${EQUAL_N:-50}" --methods $methods --flops $budget --out $OUT/equal-cost-scenes
+        OMP_NUM_THREADS=1 $RUN --data easy-vqa --split test --types color,shape --limit "$((2 * ${EQUAL_N:-50}))" --methods $methods \
+          --flops $budget --out $OUT/equal-cost-easy-vqa
+      done
+    done
+    ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/equal-cost-scenes "scenes (test), at equal FLOPs"
+    ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/equal-cost-easy-vqa "easy-VQA (test, colour and shape), at equal FLOPs"
     ;;
   scale)
     # float32 (on this CPU bfloat16 matrix products run slower than float32 ones) and one thread per process (on a

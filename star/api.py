@@ -38,8 +38,9 @@ def apply(
     for InternVL a 256-token tile; for Qwen2-VL and Qwen3-VL an image, whatever its size. positions:
     "original" keeps each token's rotary position, "contiguous" renumbers the kept tokens without gaps; None
     (the default) takes the policy of the method's authors (`star methods` lists it), or "original" on M-RoPE
-    models, which have no gap-free numbering. options: the method's own (e.g. layer=16, stage1_ratio=0.15
-    for "star"; see `star.methods()` and each method's file). Every argument is checked before any compute.
+    models, which have no gap-free numbering of a subset (but for pool, whose grids are numbered as smaller
+    images). options: the method's own (e.g. layer=16, stage1_ratio=0.15 for "star"; see `star.methods()` and
+    each method's file). Every argument is checked before any compute.
     Pruning happens once per prompt, at prefill; the decoder layers from a cut on cache only the kept tokens.
 
     flops (or time): a compute budget instead of keep, as a fraction of the unpruned model's decoder prefill
@@ -76,7 +77,8 @@ def apply(
 def resolve(model: nn.Module, method: str, positions: str | None, **options: object) -> tuple[Method, str]:
     """The method `apply` builds from its name and options, and the position policy it takes (see `apply`)."""
     chosen = registry.build(method, **options)
-    return chosen, positions or ("original" if adapter_for(model).mrope else chosen.positions)
+    mrope = adapter_for(model).mrope and not chosen.grid_positions  # pool's grids have M-RoPE positions of their own
+    return chosen, positions or ("original" if mrope else chosen.positions)
 
 
 def methods() -> list[str]:

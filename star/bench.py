@@ -56,6 +56,13 @@ class Recorder(Method):
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         return self.method.plan(n_visual, keep, num_layers)
 
+    def unit_plan(self, n_visual: int, keep: int, num_layers: int, grid: tuple[int, int] | None) -> Plan:
+        return self.method.unit_plan(n_visual, keep, num_layers, grid)
+
+    @property
+    def grid_positions(self) -> bool:
+        return self.method.grid_positions
+
     def select_vision(self, view: VisionView, k: int) -> Selection:
         self.made.append(self.method.select_vision(view, k))
         return self.made[-1]
@@ -85,6 +92,13 @@ class Replay(Method):
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         return self.recorded.plan(n_visual, keep, num_layers)
+
+    def unit_plan(self, n_visual: int, keep: int, num_layers: int, grid: tuple[int, int] | None) -> Plan:
+        return self.recorded.unit_plan(n_visual, keep, num_layers, grid)
+
+    @property
+    def grid_positions(self) -> bool:
+        return self.recorded.grid_positions
 
     def select_vision(self, view: VisionView, k: int) -> Selection:
         return next(self.calls)
@@ -139,24 +153,34 @@ def measure(
         tick()
         stats = pruner.stats
     unpruned = NoPruning()
-    contenders = {  # what each run prunes with (a fresh oracle each run, replaying from the start), and its budget
-        "prefill_s": (lambda: chosen, keep),
-        "oracle_prefill_s": (lambda: Replay(recorder), keep),
-        "unpruned_prefill_s": (lambda: unpruned, 1.0),
+    contenders = {  # what each run prunes with (a fresh oracle each run, replaying from the start), its budget and positions
+        "prefill_s": (lambda: chosen, keep, positions),
+        "oracle_prefill_s": (lambda: Replay(recorder), keep, positions),
+        "unpruned_prefill_s": (lambda: unpruned, 1.0, resolve(model, "none", None)[1]),  # pool's M-RoPE grids are not its
     }
     times: dict[str, list[float]] = {key: [] for key in contenders}
+    tower_times: dict[str, list[float]] = {key: [] for key in contenders}
+    tower = TowerClock(vision_tower(model))
     for run in range(warmup + repeats):
-        for key, (make, budget) in contenders.items():
-            with Pruner(model, make(), keep=budget, positions=positions) as attached:
+        for key, (make, budget, policy) in contenders.items():
+            with Pruner(model, make(), keep=budget, positions=policy) as attached, tower:
                 elapsed = _timed(lambda: model(**inputs, **compat.cache_kwargs(new_cache(model))))
                 if key != "unpruned_prefill_s" and not all(torch.equal(a, b) for a, b in zip(attached.stats.kept_patches, stats.kept_patches)):
                     raise RuntimeError(f"{'the oracle' if key == 'oracle_prefill_s' else method} did not keep the measured run's tokens")
             tick()
             if run >= warmup:
                 times[key].append(elapsed)
+                tower_times[key].append(tower.seconds)
     medians = {key: statistics.median(values) for key, values in times.items()}
     medians["prefill_vs_unpruned"] = statistics.median(p / u for p, u in zip(times["prefill_s"], times["unpruned_prefill_s"]))
     medians["prefill_vs_oracle"] = statistics.median(p / o for p, o in zip(times["prefill_s"], times["oracle_prefill_s"]))
+    # The vision tower's share of each prefill (the rest: the decoder, the projector and any scoring), so that a
+    # comparison at equal time counts a setting that changes the tower's work (a smaller image) where it is spent.
+    medians["tower_s"] = statistics.median(tower_times["prefill_s"])
+    medians["tower_share"] = statistics.median(t / p for t, p in zip(tower_times["prefill_s"], times["prefill_s"]))
+    medians["unpruned_tower_share"] = statistics.median(
+        t / p for t, p in zip(tower_times["unpruned_prefill_s"], times["unpruned_prefill_s"])
+    )
     with star.apply(model, method=method, keep=keep, positions=positions, **options):
         decode_s = decode_time(model, inputs, new_tokens, repeats, warmup, tick)
     return {
@@ -172,6 +196,45 @@ def measure(
         "kv_cache_bytes": kv_cache_bytes(cache),
         "peak_memory_bytes": peak_memory_bytes(device),
     }
+
+
+def vision_tower(model) -> torch.nn.Module:
+    """The vision encoder of a model of any supported family (its `vision_tower`, Qwen's `visual`)."""
+    inner = model.model
+    tower = getattr(inner, "vision_tower", None) or getattr(inner, "visual", None)
+    if tower is None:
+        raise ValueError(f"{type(model).__name__} has no vision_tower or visual module to time")
+    return tower
+
+
+class TowerClock:
+    """Inside a `with` block, the seconds a module's forward calls take, together (`seconds`), the device waited
+    for at each call's start and end; what runs between its calls is not counted."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def __enter__(self) -> TowerClock:
+        self.seconds = 0.0
+        self._handles = [
+            self.module.register_forward_pre_hook(lambda *_: self._begin()),
+            self.module.register_forward_hook(lambda *_: self._end()),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _begin(self) -> None:
+        _sync()
+        self._start = time.perf_counter()
+
+    def _end(self) -> None:
+        _sync()
+        self.seconds += time.perf_counter() - self._start
 
 
 def calls(repeats: int, warmup: int) -> int:

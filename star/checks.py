@@ -139,9 +139,22 @@ def check_memory(skeleton: nn.Module, dtype: str, device: str) -> None:
         )
 
 
-def check_setting(skeleton: nn.Module, method: str, keep: int | float | None, options: dict, positions: str, flops: float | None = None) -> None:
-    """A ValueError when star.apply would refuse this setting (a keep, or a FLOPs budget) on the real model."""
-    star.apply(skeleton, method=method, keep=keep, flops=flops, **{"positions": positions, **options}).remove()
+def check_setting(
+    skeleton: nn.Module, method: str, keep: int | float | None, options: dict, positions: str, flops: float | None = None,
+    time: float | None = None, schedule: str | None = None,
+) -> None:
+    """A ValueError when star.apply would refuse this setting (a keep, a FLOPs budget, or a time budget picked from
+    `schedule`) on the real model."""
+    budget = {"time": time, "schedule": schedule} if time is not None else {"flops": flops}
+    star.apply(skeleton, method=method, keep=keep, **budget, **{"positions": positions, **options}).remove()
+
+
+def check_resize(skeleton: nn.Module, keep: int | float) -> None:
+    """A ValueError where `resize` at `keep` cannot run on the model (a fixed-resolution encoder, a bad keep)."""
+    from star import resize
+
+    resize.check_keep(keep)
+    resize.check_model(skeleton)
 
 
 def check_viz(model: str | None) -> None:

@@ -183,6 +183,14 @@ def qwen_prompt_positions(model: nn.Module, inputs: dict, input_ids: torch.Tenso
     return given if given is not None else model.model.get_rope_index(input_ids, types, grid, None, mask)[0]
 
 
+def qwen_grid_positions(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, grid_thw: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """The model's 3-D positions, [3, B, S], of prompts `input_ids` whose images have the patch grids `grid_thw` (5.x
+    places them by token type, which image tokens are; 4.57 by id)."""
+    if not V5:
+        return model.model.get_rope_index(input_ids, grid_thw, None, mask)[0]
+    return model.model.get_rope_index(input_ids, (input_ids == image_token_id).int(), grid_thw, None, mask)[0]
+
+
 def qwen_token_types(input_ids: torch.Tensor, image_token_id: int) -> dict:
     """What a Qwen2-VL prompt carries beside its ids, as the processor returns it: 5.x's `mm_token_type_ids` (1 at
     image tokens), which its model and generate() read for 3-D positions; nothing in 4.57, which finds image

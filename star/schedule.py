@@ -178,7 +178,9 @@ def by_formula(
         fitting = bisect.bisect_right(keeps, budget, key=cost)  # cost grows with keep within a group
         if fitting:
             keep = keeps[fitting - 1]
-            return Point(keep=keep, options=chosen(keep), flops=cost(keep))
+            # the count the plan keeps: a method that reaches only some counts (Pool's grids) rounds keep to one
+            reached = build(method, **options, **chosen(keep)).plan(n_visual, keep, shape.num_layers).final_keep
+            return Point(keep=reached, options=chosen(keep), flops=cost(keep))
     least = {"keep": keeps[0], **chosen(keeps[0])}
     raise BudgetUnreachable(
         f"flops={budget} is below what {method} reaches on this model: its least is {cost(keeps[0]):.3f}, at "

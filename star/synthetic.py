@@ -18,6 +18,7 @@ from torch import nn
 
 from star import compat
 from star.adapters import adapter_for
+from star.resize import check_model, resized_size
 from star.flops import named_models
 
 TEXT_TOKENS = 79  # prompt tokens besides the image: FasterVLM's row of the paper's Table 3 gives 79 for LLaVA-1.5 on MME
@@ -70,17 +71,24 @@ def random_model(config, device: str, dtype: torch.dtype, attn: str, seed: int =
     return model.eval()
 
 
-def synthetic_inputs(model: nn.Module, batch: int, text_tokens: int = TEXT_TOKENS, seed: int = 0) -> dict:
+def synthetic_inputs(model: nn.Module, batch: int, text_tokens: int = TEXT_TOKENS, seed: int = 0, resize: int | float | None = None) -> dict:
     """`batch` prompts for `model`, on its device: each `text_tokens` random text tokens (TEXT_BEFORE_IMAGE of them,
     at most, before the image; at least one after, for the text-guided scores) around one random image of the
-    family's native size (the adapter's `synthetic_inputs`). Rows differ in text and pixels, not in length."""
+    family's native size (the adapter's `synthetic_inputs`), or with `resize`, of a smaller square image of about
+    that many tokens (star.resize; dynamic-resolution families only). Rows differ in text and pixels, not in length."""
     adapter = adapter_for(model)
     if not hasattr(adapter, "synthetic_inputs"):
         raise ValueError(f"{type(model).__name__} has no synthetic prompt: its adapter defines no synthetic_inputs")
+    size = {}
+    if resize is not None:
+        check_model(model)
+        merge = model.config.vision_config.spatial_merge_size
+        side = resized_size(adapter.synthetic_patches, adapter.synthetic_patches, resize, merge)[0]
+        size = {"side": side}
     generator = torch.Generator().manual_seed(seed)
     ids = _text_ids(model.config, generator, batch * text_tokens).view(batch, text_tokens)
     before = min(TEXT_BEFORE_IMAGE, text_tokens - 1)
-    inputs = adapter.synthetic_inputs(ids[:, :before], ids[:, before:], generator)
+    inputs = adapter.synthetic_inputs(ids[:, :before], ids[:, before:], generator, **size)
     device = next(model.parameters()).device
     return {name: value.to(device) for name, value in inputs.items()}
 

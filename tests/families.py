@@ -21,7 +21,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from conftest import left_pad, tiny_clip
+from conftest import left_pad, tiny_clip, tiny_tokenizer
 from star import compat
 from star.adapters.base import read_layout
 
@@ -327,3 +327,24 @@ def layout_of(pruner, inputs: dict):
     """The `Layout` the pruner reads at prefill, for calling an adapter's `encode_prompts` directly."""
     ids = inputs["input_ids"]
     return read_layout(ids, inputs.get("attention_mask", torch.ones_like(ids)), pruner.adapter.image_token_id, pruner.adapter.image_sizes(inputs))
+
+
+def qwen_processor():
+    """Qwen2-VL's processor without its video part: in transformers 4.57 the video processor needs torchvision,
+    which a CPU-only torch does not have. Images are processed exactly as by Qwen2VLProcessor."""
+    from transformers import ProcessorMixin, Qwen2VLImageProcessor, Qwen2VLProcessor
+
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        attributes = ["image_processor", "tokenizer"]
+        tokenizer_class = "PreTrainedTokenizerFast"
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id, self.video_token_id = IMAGE_TOKEN, VIDEO_TOKEN
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    specials = {IMAGE_TOKEN: "<|image_pad|>", VIDEO_TOKEN: "<|video_pad|>", VISION_START: "<|vision_start|>", VISION_END: "<|vision_end|>"}
+    tokenizer, template = tiny_tokenizer(specials, image_block="<|vision_start|> <|image_pad|> <|vision_end|> ")
+    images = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=64 * 64)
+    return ImageOnlyQwen2VLProcessor(image_processor=images, tokenizer=tokenizer, chat_template=template)

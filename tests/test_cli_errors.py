@@ -117,6 +117,10 @@ if not torch.cuda.is_available():
 
 EVAL = "eval --model {checkpoint} --data {data} --methods star --keep 4 --out {run}"
 EVAL_CASES = [
+    ("--methods none,resize", ["resize", "LlavaForConditionalGeneration", "fixed size"]),
+    ("--methods resise", ["--methods", "'resise'", "resize"]),
+    ("--time 0.5 --keep 4", ["--keep and --time"]),
+    ("--time 1.5", ["time='1.5'", "(0, 1]"]),
     ("--keep 0", ["--keep", "'0'"]),
     ("--keep 4,abc", ["--keep", "'abc'"]),
     ("--keep 17", ["keep=17", "[1, 16]"]),
@@ -171,6 +175,7 @@ BENCH_CASES = [
     ("--random-init", ["--random-init", "--config"]),
     ("--config llava-1.5-7b --random-init --keep 600", ["keep=600", "[1, 576]"]),
     ("--config qwen2.5-vl-7b --random-init --methods fastervlm --keep 58", ["method='fastervlm'", "[CLS]"]),
+    ("--config llava-1.5-7b --random-init --methods resize --keep 58", ["resize", "LlavaForConditionalGeneration", "576 tokens"]),
     ("--config llava-1.5-7b --random-init --option layer=32", ["layer=32", "1 to 31"]),
 ]
 if _available_gib() < 49:  # the 13B's weights in float32: more than this machine has

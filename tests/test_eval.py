@@ -225,3 +225,28 @@ def test_bad_grid_is_refused_before_the_model_loads(checkpoint, tmp_path, capsys
     assert "OPTION=V1,V2" in capsys.readouterr().err
     assert run_eval(checkpoint, data, tmp_path / "out", "--grid", "positions=diagonal", methods="star") == 2
     assert "positions='diagonal'" in capsys.readouterr().err
+
+
+def test_eval_at_equal_time_picks_each_method_from_its_own_schedule(checkpoint, tmp_path):
+    """--time with --schedules: each method's setting is the most accurate point of its own schedule (written by
+    hand here, with times) within the budget; a method without a schedule is refused before any compute."""
+    from transformers import AutoConfig
+
+    from star.flops import DecoderShape
+    from star.schedule import Point, Schedule, shape_key
+
+    shape = shape_key(DecoderShape.from_config(AutoConfig.from_pretrained(checkpoint).get_text_config()), 16)
+    folder = tmp_path / "schedules"
+    folder.mkdir()
+    for method, keeps in (("star", (8, 4)), ("pool", (9, 4)), ("random", (8, 4))):
+        points = (Point(keeps[0], {}, 0.6, time=0.7, accuracy=0.9), Point(keeps[1], {}, 0.4, time=0.45, accuracy=0.8))
+        Schedule(method, shape, 10.0, points, "by hand").save(folder / f"{method}.json")
+    data = write_data(tmp_path, GOOD)
+    common = ["eval", "--model", checkpoint, "--data", data, "--batch-size", "2", "--max-new-tokens", "2"]
+    assert main([*common, "--methods", "none,star,pool,random", "--time", "0.5,0.8", "--schedules", str(folder), "--out", str(tmp_path / "out")]) == 0
+    rows = {row["name"]: row for row in json.loads((tmp_path / "out" / "results.json").read_text())["settings"]}
+    assert set(rows) == {"none-1.0", *(f"{m}-time{t}" for m in ("star", "pool", "random") for t in (0.5, 0.8))}
+    for method, keeps in (("star", (8, 4)), ("pool", (9, 4)), ("random", (8, 4))):
+        assert rows[f"{method}-time0.8"]["picked"]["keep"] == keeps[0] and rows[f"{method}-time0.5"]["picked"]["keep"] == keeps[1]
+        assert rows[f"{method}-time0.5"]["tokens"][-1] == 4
+    assert main([*common, "--methods", "fastv", "--time", "0.5", "--schedules", str(folder), "--out", str(tmp_path / "x")]) == 2

@@ -40,7 +40,7 @@ def family(request):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method", ["star", "fastv", "cdpruner"])
+@pytest.mark.parametrize("method", ["star", "fastv", "cdpruner", "pool"])
 def test_generation_without_a_cache_gives_the_cached_answer(family, method):
     _, model, inputs = family
     options = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, suppress_tokens=SPECIAL)

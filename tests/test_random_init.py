@@ -176,6 +176,20 @@ def test_bench_reports_every_batch_size_against_unpruned_and_oracle(tmp_path, ca
     assert by[1, "star"]["kv_cache_bytes"] < by[1, "none"]["kv_cache_bytes"]
 
 
+def test_bench_times_resize_as_the_unpruned_model_on_a_smaller_image(tmp_path, capsys):
+    """resize beside a method: the unpruned model on an image of about keep tokens, its tower and counted FLOPs
+    smaller too."""
+    tiny_qwen().config.save_pretrained(tmp_path / "tiny")
+    argv = ["bench", "--model", str(tmp_path / "tiny"), "--random-init", "--methods", "pool,resize", "--keep", "64",
+            "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--text-tokens", "6"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| 1 | pool | 64 | 576 / 64 |" in printed and "| 1 | resize | 64 | 64 / 64 |" in printed
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in printed.splitlines() if line.startswith("| 1 |")}
+    counted = {method: float(cells[10]) for method, cells in rows.items()}  # counted FLOPs vs unpruned: the tower too
+    assert counted["resize"] < counted["pool"] < 1
+
+
 # A tiny version of a shipped architecture: every width and depth small (the vocabulary too, each special token id
 # moved to its top), the family's structure (tiling, pinpoints, merge, pooling, layer types) and its native image
 # size kept, and patches large enough that the image makes few tokens. Qwen3-VL's timing image is a number of

@@ -11,7 +11,7 @@ from star.integrations.vllm import CUT_ENGINE, engine_args, hf_overrides, parse_
 
 
 def test_vision_side_methods_are_those_without_a_decoder_stage():
-    assert vision_methods() == ["fastervlm", "visionzip", "vispruner", "divprune", "random", "star-vision"]
+    assert vision_methods() == ["fastervlm", "visionzip", "vispruner", "divprune", "random", "pool", "star-vision"]
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,7 @@ def test_a_setting_keeps_what_the_method_plans(raw, keep):
     [
         ({"method": "star", "keep": 39}, "here: method='star' at keep=39 prunes inside the decoder (a cut before layer 15)"),
         ({"method": "star", "keep": 39}, "method 'star-vision' runs STAR's vision stage at the same final budget"),
-        ({"method": "fastv", "keep": 39}, "vision-side methods run instead: fastervlm, visionzip, vispruner, divprune, random, star-vision"),
+        ({"method": "fastv", "keep": 39}, "vision-side methods run instead: fastervlm, visionzip, vispruner, divprune, random, pool, star-vision"),
         ({"method": "pdrop", "keep": 39}, "prunes inside the decoder"),
         ({"method": "sparsevlm", "keep": 39}, "prunes inside the decoder"),
         ({"method": "dart", "keep": 39}, "prunes inside the decoder"),

@@ -92,6 +92,9 @@ class Decoder:
     unpruned_inputs: dict[str, str] = {}
     # A sliding window some decoder layers attend within, or None (see `Gemma3Adapter`).
     window: int | None = None
+    # A smaller image gives fewer visual tokens (the encoder sees each image at its own resolution): star.resize
+    # runs. Elsewhere the tower or the processor brings every image to a fixed size or token budget.
+    resizable = False
     # Every image token is a visual token of a whole unit of n_visual: a prompt's units and text tokens follow from
     # its counts in the `Layout`, so a FLOPs budget per prompt (star.schedule.PromptBudget) is picked before the
     # tower runs; elsewhere (crops shown in part, newline tokens) from the sizes of its encoded units.
@@ -133,8 +136,9 @@ class Decoder:
         return self.rotary(hidden, positions - positions.gather(-1, first), layer_type)
 
     def image_sizes(self, inputs: dict) -> torch.Tensor | None:
-        """Tokens of each image [I] on the device, where images differ in size (read back with the `Layout`, so a
-        `keep` above an image's tokens is refused before the tower runs), else None."""
+        """Each image's tokens and the (rows, columns) of their grid, [I, 3] on the device (0, 0 where an image's
+        tokens form no grid), where images differ in size, else None: read back with the `Layout`, so a `keep` above
+        an image's tokens is refused before the tower runs, and a method that needs the grid (Pool) plans by it."""
         return None
 
     def norm(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -171,16 +175,17 @@ class Decoder:
 def vision_refusal(adapter: type[Decoder], method: Method) -> str | None:
     """Why `method`'s vision stage cannot run on the family of `adapter`, or None where it can (or has none).
 
-    The vision stage runs once on a two-patch stand-in view shaped like the family's ([CLS] or not, a [CLS]
-    feature for the decoder or not), so what it raises is what it would raise at the first prompt.
+    The vision stage runs once on a four-patch stand-in view (a 2 x 2 grid) shaped like the family's ([CLS] or
+    not, a [CLS] feature for the decoder or not), so what it raises is what it would raise at the first prompt.
     """
     prefix = 1 if adapter.has_cls else 0
-    stand_in = torch.zeros(1, 1, prefix + 2, 1)
+    stand_in = torch.zeros(1, 1, prefix + 4, 1)
     probe = VisionView(
-        features=torch.zeros(1, 2, 1),
+        features=torch.zeros(1, 4, 1),
         n_prefix=prefix,
         qk=lambda: (stand_in, stand_in),
         prefix_features=torch.zeros(1, 1) if adapter.projects_cls else None,
+        grid=(2, 2),
     )
     try:
         method.select_vision(probe, 1)
@@ -207,11 +212,12 @@ class Layout:
     n_text_device: torch.Tensor
     real_tokens: list[int]
     image_sizes: list[int] | None = None  # tokens of each image, where images differ in size (`Decoder.image_sizes`)
+    image_grids: list[tuple[int, int] | None] | None = None  # and the (rows, columns) of each one's tokens, or None
 
 
 def read_layout(input_ids: torch.Tensor, mask: torch.Tensor, image_token_id: int, image_sizes: torch.Tensor | None = None) -> Layout:
     """The batch's `Layout`, and a refusal of right padding, in one read back from the device (with the tokens of
-    each image, `image_sizes` [I], where the family's images differ in size)."""
+    each image and their grid, `image_sizes` [I, 3], where the family's images differ in size)."""
     is_image = input_ids == image_token_id
     length = input_ids.shape[1]
     last = torch.where(is_image, torch.arange(length, device=input_ids.device), -1).amax(dim=1)
@@ -219,15 +225,18 @@ def read_layout(input_ids: torch.Tensor, mask: torch.Tensor, image_token_id: int
     right_padded = (mask[:, 1:] < mask[:, :-1]).any(dim=1)
     counts = torch.stack([is_image.sum(dim=1), n_text, right_padded.long(), mask.sum(dim=1).long()])
     if image_sizes is not None:
-        counts = torch.cat([counts.flatten(), image_sizes.to(counts.device, torch.long)])
+        counts = torch.cat([counts.flatten(), image_sizes.to(counts.device, torch.long).flatten()])
     values = counts.tolist()
+    sizes = grids = None
     if image_sizes is not None:
         batch = input_ids.shape[0]
-        values, sizes = [values[i * batch : (i + 1) * batch] for i in range(4)], values[4 * batch :]
+        values, shapes = [values[i * batch : (i + 1) * batch] for i in range(4)], values[4 * batch :]
+        sizes = shapes[0::3]
+        grids = [(rows, cols) if rows else None for rows, cols in zip(shapes[1::3], shapes[2::3])]
     image_tokens, texts, right, real = values
     if any(right):
         raise ValueError("attention_mask pads on the right: prompts must be left-padded (padding_side='left')")
-    return Layout(image_tokens, texts, n_text, real, sizes if image_sizes is not None else None)
+    return Layout(image_tokens, texts, n_text, real, sizes, grids)
 
 
 def split_rows(image_tokens: list[int], per_image: list[int], what: str) -> list[int]:

@@ -87,7 +87,8 @@ class Gemma3Adapter(GemmaDecoder):
         # Patch p of the tower's row-major grid goes into pooled token token_of[p].
         side, kernel = self.projector.patches_per_image, self.projector.kernel_size
         rows = torch.arange(side) // kernel
-        self.token_of = (rows[:, None] * (side // kernel) + rows[None, :]).flatten()
+        self.pooled_side = side // kernel  # the pooled tokens' square grid
+        self.token_of = (rows[:, None] * self.pooled_side + rows[None, :]).flatten()
 
     def encode_prompts(self, inputs: dict, input_ids: torch.Tensor, layout: Layout) -> Encoded:
         """The images of a batch of prompts, each one unit of `n_visual` pooled tokens in one block."""
@@ -104,6 +105,7 @@ class Gemma3Adapter(GemmaDecoder):
             token_of=on_device(self.token_of, device),
             project=self.project,
             instruction=self.instruction(input_ids, rows, layout),
+            grid=(self.pooled_side, self.pooled_side),
         )
         image_in_row = on_device([image for count in per_row for image in range(count)], device)
         places = image_in_row[:, None] * self.n_visual + torch.arange(self.n_visual, device=device)

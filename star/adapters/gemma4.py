@@ -116,9 +116,12 @@ class Gemma4Adapter(GemmaDecoder):
         positions = inputs.get("image_position_ids")
         if positions is None:
             raise ValueError("image_position_ids is None: Gemma 4's tower places each patch by them (its processor returns them with pixel_values)")
-        # Images of different sizes: their real patches are this family's own read back from the device.
-        patches = (positions != -1).all(dim=-1).sum(dim=1).tolist()
+        # Images of different sizes: their real patches and widths (patches per row) are this family's own read
+        # back from the device. The tokens lie in row-major order of the pooled blocks (`pooled`): a grid of
+        # width / k columns.
+        patches, widths = torch.stack([(positions != -1).all(dim=-1).sum(dim=1), positions[..., 0].amax(dim=1) + 1]).tolist()
         sizes = [n // self.kernel**2 for n in patches]
+        columns = [width // self.kernel for width in widths]
         per_row = split_rows(layout.image_tokens, sizes, "real patches / pooling_kernel_size**2 tokens each")
 
         layer: dict[str, object] = {}
@@ -147,6 +150,7 @@ class Gemma4Adapter(GemmaDecoder):
                     token_of=self.pooled(grid),
                     project=self.project,
                     instruction=self.instruction(input_ids, [row], layout),
+                    grid=(n // columns[image], columns[image]),
                 )
                 groups.append(VisionGroup(view, [row], torch.arange(place, place + n, device=device)[None]))
                 start, place, image = start + n, place + n, image + 1

@@ -124,6 +124,7 @@ class InternVLAdapter(LlavaAdapter):
             sources=self.sources.to(feature.device),
             project=self.project,
             instruction=instruction,
+            grid=(shuffled.shape[1], shuffled.shape[2]),
         )
 
 

@@ -68,7 +68,8 @@ class LlavaAdapter(LlamaDecoder):
         self.image_token_id: int = config.image_token_id
         vision = config.vision_config
         # Tokens per image; `keep` counts per this many tokens.
-        self.n_visual: int = (vision.image_size // vision.patch_size) ** 2
+        self.side: int = vision.image_size // vision.patch_size  # patches per side of the square grid
+        self.n_visual: int = self.side**2
         self.budget_unit: int | None = self.n_visual
         num_vision_layers = vision.num_hidden_layers
         # hidden_states[i] is the input of encoder layer i; the feature is the output of layer `feature - 1`.
@@ -93,6 +94,7 @@ class LlavaAdapter(LlamaDecoder):
             prefix_features=feature[:, 0],
             project=self.project,
             instruction=instruction,
+            grid=(self.side, self.side),
         )
 
     def encode_prompts(self, inputs: dict, input_ids: torch.Tensor, layout: Layout) -> Encoded:

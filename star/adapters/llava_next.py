@@ -118,6 +118,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 project=self.project,
                 instruction=self.instruction(input_ids, [rows[crop]], layout),
                 columns=torch.cat([shown.new_zeros(1), 1 + shown]),
+                grid=_shown_grid(shown_host, self.side),
             )
             groups.append(VisionGroup(view, [rows[crop]], place_of[crop : crop + 1, shown_host].to(device)))
         return Encoded(groups, slots, self.newline)
@@ -127,6 +128,13 @@ class LlavaNextAdapter(LlavaAdapter):
         crop and a 2 x 2 grid of tiles)."""
         size = max(self.model.config.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
         return anyres_inputs(self, size, before, after, generator)
+
+
+def _shown_grid(shown: torch.Tensor, side: int) -> tuple[int, int]:
+    """The (rows, columns) of the patches a crop shows: unpadding cuts whole rows or whole columns, so they are a
+    rectangle of the crop's side x side grid, listed in row-major order."""
+    rows = len(torch.unique(shown // side))
+    return rows, len(shown) // rows
 
 
 def anyres_inputs(adapter, size: list[int], before: torch.Tensor, after: torch.Tensor, generator: torch.Generator) -> dict:

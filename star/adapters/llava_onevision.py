@@ -121,6 +121,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
                         qk=partial(_clip_qk, self.feature_layer, layer_input[tiles]),
                         to_tokens=partial(self.grid_tokens, image_size=image_sizes[image]),
                         instruction=self.instruction(input_ids, [row], layout),
+                        grid=_picture_grid(packing[self.n_visual :]),
                     )
                     groups.append(VisionGroup(view, [row], shown[None, self.n_visual :]))
                 offset += len(packing)
@@ -131,6 +132,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
             n_prefix=0,
             qk=partial(_clip_qk, self.feature_layer, layer_input[bases]),
             instruction=self.instruction(input_ids, base_rows, layout),
+            grid=(self.side, self.side),
         )
         groups.insert(0, VisionGroup(base_view, base_rows, torch.stack(base_places)))
         slots = ordinals(is_image)
@@ -150,3 +152,9 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         side = tiles * config.vision_config.image_size
         inputs = anyres_inputs(self, [side, side], before, after, generator)
         return {**inputs, "batch_num_images": torch.ones(before.shape[0], dtype=torch.long)}
+
+
+def _picture_grid(packing: torch.Tensor) -> tuple[int, int]:
+    """(rows, columns) of a tile grid's tokens from its packing (-1 for the newline that ends each row)."""
+    rows = int((packing < 0).sum())
+    return rows, (len(packing) - rows) // rows

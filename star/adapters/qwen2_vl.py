@@ -29,6 +29,7 @@ class Qwen2VLAdapter(Decoder):
     budget_note = "tokens per image (each image its own size; an int above an image's tokens is refused)"
     vision_inputs = ("pixel_values", "image_grid_thw")
     mrope = True
+    resizable = True
     has_cls = False
     n_visual = None  # images differ in size: plans are made per image
     budget_unit = None  # an int `keep` counts tokens per image
@@ -52,6 +53,13 @@ class Qwen2VLAdapter(Decoder):
         """3-D positions of the full prompt, [3, B, S] (generate() gives [4, B, S], text positions first)."""
         return compat.qwen_prompt_positions(self.model, inputs, input_ids, mask)
 
+    def grid_positions(self, input_ids: torch.Tensor, mask: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+        """3-D positions, [3, B, S], of prompts whose images are `grids` of merged tokens (rows, columns), in order:
+        what the model's `get_rope_index` gives a prompt of images that small (pool's grids)."""
+        merge = self.visual.spatial_merge_size
+        thw = torch.tensor([[1, merge * rows, merge * cols] for rows, cols in grids], device=input_ids.device)
+        return compat.qwen_grid_positions(self.model, input_ids, mask, thw, self.image_token_id)
+
     def decode_positions(self, prompt_positions: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         """New tokens continue after the prompt's largest position, on all three axes: [3, B, n]."""
         rope = prompt_positions[-3:]
@@ -63,9 +71,9 @@ class Qwen2VLAdapter(Decoder):
         if inputs.get("pixel_values_videos") is not None:
             raise ValueError("pixel_values_videos came with images: video tokens are not pruned, pass images alone")
         grid = inputs["image_grid_thw"]
-        # Images of different sizes: their token counts came with the layout; the tower's bounds below are this
-        # family's own read back from the device (docs/results.md, "Host syncs per prefill").
-        sizes = layout.image_sizes
+        # Images of different sizes: their token counts and grids came with the layout; the tower's bounds below
+        # are this family's own read back from the device (docs/results.md, "Host syncs per prefill").
+        sizes, grids = layout.image_sizes, layout.image_grids
         is_image = input_ids == self.image_token_id
         per_row = split_rows(layout.image_tokens, sizes, self.sizes_note)
 
@@ -95,6 +103,7 @@ class Qwen2VLAdapter(Decoder):
                     qk=qk,
                     instruction=self.instruction(input_ids, [row], layout),
                     token_of=(order[token_start : token_start + n] - token_start).repeat_interleave(self.merge_unit),
+                    grid=grids[image],
                 )
                 places = torch.arange(place, place + n, device=device)[None]
                 extra = None if residuals is None else residuals[None, token_start : token_start + n]
@@ -105,10 +114,15 @@ class Qwen2VLAdapter(Decoder):
         return Encoded(groups, ordinals(is_image), None)
 
     def image_sizes(self, inputs: dict) -> torch.Tensor:
+        """Each image's merged tokens, rows and columns, [I, 3]: its tokens lie in row-major order of its (h, w)
+        grid; an image of several frames (t > 1) has no grid of its own (0, 0)."""
         grid = inputs.get("image_grid_thw")
         if grid is None:
             raise ValueError("image_grid_thw is None: Qwen2-VL needs each image's patch grid")
-        return grid.prod(dim=-1) // self.merge_unit
+        frames, height, width = grid.unbind(dim=-1)
+        merge = self.visual.spatial_merge_size
+        single = (frames == 1).long()
+        return torch.stack([grid.prod(dim=-1) // self.merge_unit, height // merge * single, width // merge * single], dim=-1)
 
     def tower(self, pixel_values: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The merged tokens of every image, [T, D]; Qwen2-VL's decoder takes nothing else from the tower."""
@@ -118,11 +132,11 @@ class Qwen2VLAdapter(Decoder):
         """The merger already projected the tokens into the decoder's space."""
         return features
 
-    def synthetic_inputs(self, before: torch.Tensor, after: torch.Tensor, generator: torch.Generator) -> dict:
-        """Prompts of text around one random square image of `synthetic_patches` patches a side, between its vision
-        start and end tokens."""
+    def synthetic_inputs(self, before: torch.Tensor, after: torch.Tensor, generator: torch.Generator, side: int | None = None) -> dict:
+        """Prompts of text around one random square image of `side` patches a side (default `synthetic_patches`; a
+        multiple of the merge size), between its vision start and end tokens."""
         config, vision = self.model.config, self.model.config.vision_config
-        side = self.synthetic_patches
+        side = side or self.synthetic_patches
         batch = before.shape[0]
         block = [config.vision_start_token_id] + [self.image_token_id] * (side * side // self.merge_unit) + [config.vision_end_token_id]
         prompt = around_image(before, after, block)

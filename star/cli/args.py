@@ -84,6 +84,16 @@ def fraction(text: str) -> float:
     return value
 
 
+def time_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"time={text!r} is not a budget: give a fraction of the unpruned prefill time in (0, 1]")
+    return value
+
+
 def list_of(parse, what: str, example: str):
     """The argument type of a comma-separated list of `parse`'s values, at least one."""
 
@@ -108,6 +118,23 @@ def method_names(text: str) -> list[str]:
     names = csv(text, method_name)
     if not names:
         raise argparse.ArgumentTypeError(f"{text!r} holds no method: known methods are {', '.join(REGISTRY)}")
+    return names
+
+
+def setting_names(text: str) -> list[str]:
+    """--methods of eval and bench: method names, and `resize` beside them (a smaller image, star.resize: not a
+    method, a preprocessing option)."""
+    from star.resize import NAME
+
+    def known(name: str) -> str:
+        try:
+            return name if name == NAME else method_name(name)
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(f"{error}, and {NAME} (a smaller image)") from None
+
+    names = csv(text, known)
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no method: known methods are {', '.join(REGISTRY)}, and {NAME}")
     return names
 
 
@@ -185,7 +212,7 @@ def csv(text: str, cast=str) -> list:
 
 
 def settings(methods: list[str], keeps: list[int | float], given: list[tuple[str, str]], grid: list[tuple[str, list[str]]] = (),
-             flops: list[float] = ()) -> list:
+             flops: list[float] = (), times: list[float] = (), schedules: Path | None = None) -> list:
     """Every method at every budget (each keep, then each FLOPs budget) and grid point, with the options of --option
     and --grid typed by the method's fields; `none` once, first, unpruned (it has no options). Positions can be
     swept beside the method's options."""
@@ -199,20 +226,43 @@ def settings(methods: list[str], keeps: list[int | float], given: list[tuple[str
         raise ValueError(f"option {names[0]!r} is given, but method 'none' has no options: add a pruning method")
     result = [Setting("none", 1.0)] if "none" in methods else []
     for method in pruning:
+        if method == "resize":  # a smaller image at each keep: no options, and no FLOPs budget (its images differ in size)
+            if flops or times:
+                given_budget = "--flops" if flops else "--time"
+                raise ValueError(f"{given_budget} is given with resize: resize takes --keep only (tokens per image, or a fraction of its own)")
+            result += [Setting(method, keep) for keep in keeps]
+            continue
         points = [{name: text if name == "positions" else parse_option(method, name, text) for name, text in given}]
         for name, values in grid:
             typed = [value if name == "positions" else parse_option(method, name, value) for value in values]
             points = [{**point, name: value} for point in points for value in typed]
         result += [Setting(method, keep, point) for point in points for keep in keeps]
         result += [Setting(method, None, point, flops_budget=budget) for point in points for budget in flops]
+        if times:
+            schedule = schedule_of(schedules, method)
+            result += [Setting(method, None, point, time_budget=budget, schedule=schedule) for point in points for budget in times]
     return result
 
 
-def keeps_or_flops(keeps: list | None, flops: list | None, default: list) -> tuple[list, list]:
-    """--keep or --flops (one of them: each is a whole budget), the default keeps where neither is given."""
-    if keeps and flops:
-        raise ValueError("--keep and --flops are both given: a budget is tokens or compute, give one")
-    return (keeps or ([] if flops else default)), (flops or [])
+def schedule_of(folder: Path | None, method: str) -> str:
+    """--time's schedule for `method`: FOLDER/METHOD.json, which `star calibrate --method METHOD` writes, with times."""
+    if folder is None:
+        raise ValueError("--time needs --schedules FOLDER: each method's schedule with measured times, FOLDER/METHOD.json")
+    path = folder / f"{method}.json"
+    if not path.is_file():
+        raise ValueError(
+            f"--time needs {str(path)!r}, the schedule of {method} with measured times: run `star calibrate --method "
+            f"{method} --out {path}` on this machine first"
+        )
+    return str(path)
+
+
+def keeps_or_flops(keeps: list | None, flops: list | None, default: list, times: list | None = None) -> tuple[list, list]:
+    """--keep, --flops or --time (one of them: each is a whole budget), the default keeps where none is given."""
+    given = [name for name, value in (("--keep", keeps), ("--flops", flops), ("--time", times)) if value]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} are both given: a budget is tokens, FLOPs or time, give one")
+    return (keeps or ([] if flops or times else default)), (flops or [])
 
 
 def check(args: argparse.Namespace, chosen: list) -> None:
@@ -223,8 +273,12 @@ def check(args: argparse.Namespace, chosen: list) -> None:
     checks.check_device(args.device)
     skeleton = checks.model_skeleton(args.model)
     for setting in chosen:
+        if setting.method == "resize":
+            checks.check_resize(skeleton, setting.keep)
+            continue
         try:
-            checks.check_setting(skeleton, setting.method, setting.keep, setting.options, args.positions, setting.flops_budget)
+            checks.check_setting(skeleton, setting.method, setting.keep, setting.options, args.positions, setting.flops_budget,
+                                 setting.time_budget, setting.schedule)
         except BudgetUnreachable:  # whether it is depends on the data's prompt length: star eval skips and says so
             pass
 
@@ -244,6 +298,7 @@ def split(data: str, given: str | None) -> str:
 def label(setting) -> str:
     """A setting as the tables name it: `star keep=20 layer=8`."""
     budget = f"flops={setting.flops_budget}, picking" if setting.flops_budget is not None else ""
+    budget = f"time={setting.time_budget}, picking" if getattr(setting, "time_budget", None) is not None else budget
     return " ".join([setting.method, *([budget] if budget else []), f"keep={setting.keep}", *(f"{k}={v}" for k, v in setting.options.items())])
 
 

@@ -7,7 +7,7 @@ import json
 
 from star import synthetic
 from star.cli.args import (
-    add_model_options, add_option_argument, budget, command, count, label, list_of, load, method_names, new_file, positive,
+    add_model_options, add_option_argument, budget, command, count, label, list_of, load, new_file, positive, setting_names,
     settings,
 )
 
@@ -40,7 +40,10 @@ def add(commands: argparse._SubParsersAction) -> None:
         "--text-tokens", type=positive, default=synthetic.TEXT_TOKENS,
         help=f"text tokens of each random-init prompt besides the image (default {synthetic.TEXT_TOKENS}, the paper's for LLaVA-1.5)",
     )
-    sub.add_argument("--methods", type=method_names, default="star,fastv,fastervlm,pdrop", help="comma-separated methods")
+    sub.add_argument(
+        "--methods", type=setting_names, default="star,fastv,fastervlm,pdrop",
+        help="comma-separated methods, and resize (the unpruned model on an image made smaller to about keep tokens: Qwen families)",
+    )
     sub.add_argument("--keep", type=list_of(budget, "budget", "98,39,20,10"), default="98,39,20,10", help="comma-separated budgets")
     add_option_argument(sub)
     sub.add_argument("--repeats", type=positive, default=5)
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"star bench: building {args.config or args.model} ({parameters / 1e9:.2f} B parameters, {size:.1f} GiB "
               f"{args.dtype}) on {args.device} with random weights", flush=True)
         model = synthetic.random_model(config, args.device, getattr(torch, args.dtype), args.attn)
-        prompts = lambda batch: synthetic.synthetic_inputs(model, batch, args.text_tokens)  # noqa: E731
+        prompts = lambda batch, resize=None: synthetic.synthetic_inputs(model, batch, args.text_tokens, resize=resize)  # noqa: E731
     else:
         model, prompts = checkpoint_model(args)
     described = {"model": args.config or args.model, "weights": "random" if args.random_init else "checkpoint",
@@ -76,10 +79,16 @@ def run(args: argparse.Namespace) -> None:
         inputs = prompts(batch)
         for setting in timed:
             bar.set_postfix_str(f"batch {batch}, {label(setting)}")
-            rows.append({**measure(
-                model, inputs, setting.method, setting.keep, args.repeats, args.warmup, args.new_tokens, args.positions,
-                tick=lambda: bar.update(), **setting.options,
-            ), **described})
+            if setting.method == "resize":  # the unpruned model on the smaller image
+                measured = measure(model, prompts(batch, setting.keep), "none", 1.0, args.repeats, args.warmup, args.new_tokens,
+                                   tick=lambda: bar.update())
+                measured.update(method="resize", keep=setting.keep)
+            else:
+                measured = measure(
+                    model, inputs, setting.method, setting.keep, args.repeats, args.warmup, args.new_tokens, args.positions,
+                    tick=lambda: bar.update(), **setting.options,
+                )
+            rows.append({**measured, **described})
     bar.close()
     print(table(rows))
     if args.random_init:
@@ -92,13 +101,15 @@ def checkpoint_model(args: argparse.Namespace):
     """The checkpoint of --model and a function of the batch size: that many copies of one test-split scene prompt."""
     from star.eval.runner import build_prompt
     from star.eval.sources import load_records
+    from star.resize import resize_image
 
     model, processor = load(args)
     record = load_records("scenes", "test", 1)[0][0]
 
-    def prompts(batch: int) -> dict:
+    def prompts(batch: int, resize: int | float | None = None) -> dict:
         text = build_prompt(processor, record.question)
-        return processor(images=[[record.open_image()]] * batch, text=[text] * batch, return_tensors="pt").to(args.device)
+        image = record.open_image() if resize is None else resize_image(record.open_image(), processor, resize)
+        return processor(images=[[image]] * batch, text=[text] * batch, return_tensors="pt").to(args.device)
 
     return model, prompts
 
@@ -106,9 +117,9 @@ def checkpoint_model(args: argparse.Namespace):
 def table(rows: list[dict]) -> str:
     """The rows as one Markdown table, each compared with the unpruned row of its batch size (ratios added to the rows)."""
     lines = [
-        "| batch | method | keep | tokens | prefill ms | prompts/s | vs unpruned | vs oracle | decoder FLOPs vs unpruned "
-        "| counted FLOPs vs unpruned | decode tok/s | KV cache MB | peak memory GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | method | keep | tokens | prefill ms | vision tower ms (share) | prompts/s | vs unpruned | vs oracle "
+        "| decoder FLOPs vs unpruned | counted FLOPs vs unpruned | decode tok/s | KV cache MB | peak memory GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {row["batch"]: row for row in rows if row["method"] == "none"}
     for row in rows:
@@ -118,7 +129,7 @@ def table(rows: list[dict]) -> str:
         peak = None if row["peak_memory_bytes"] is None else row["peak_memory_bytes"] / 2**30
         lines.append(
             f"| {row['batch']} | {row['method']} | {row['keep']} | {' / '.join(map(str, row['tokens']))} | "
-            f"{row['prefill_s'] * 1e3:.1f} | {row['prefill_prompts_per_s']:.2f} | {row['prefill_vs_unpruned']:.3f} | "
+            f"{row['prefill_s'] * 1e3:.1f} | {row['tower_s'] * 1e3:.1f} ({row['tower_share']:.0%}) | {row['prefill_prompts_per_s']:.2f} | {row['prefill_vs_unpruned']:.3f} | "
             f"{row['prefill_vs_oracle']:.3f} | {row['flops_vs_unpruned']:.3f} | {row['counted_flops_vs_unpruned']:.3f} | "
             f"{or_na(row['decode_tokens_per_s'], '.1f')} | {row['kv_cache_bytes'] / 2**20:.2f} | {or_na(peak, '.2f')} |"
         )
@@ -139,7 +150,10 @@ def check_bench(args: argparse.Namespace, timed: list):
     checks.check_attention(args.attn, args.device)
     skeleton = checks.skeleton_of(config, f"--model {args.model!r}")
     for setting in timed:
-        checks.check_setting(skeleton, setting.method, setting.keep, setting.options, args.positions)
+        if setting.method == "resize":
+            checks.check_resize(skeleton, setting.keep)
+        else:
+            checks.check_setting(skeleton, setting.method, setting.keep, setting.options, args.positions)
     if args.random_init:
         checks.check_memory(skeleton, args.dtype, args.device)
     return config, skeleton

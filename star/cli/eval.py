@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from star.cli.args import (
     add_model_options, add_option_argument, budget, check, command, csv, data, fraction, keeps_or_flops, list_of, load,
-    method_names, model_path, out_dir, positive, settings, split, sweep,
+    model_path, out_dir, positive, setting_names, settings, split, sweep, time_fraction,
 )
 
 
@@ -22,6 +23,7 @@ def add(commands: argparse._SubParsersAction) -> None:
         "stopped. Unreadable records are skipped and listed at the end.",
         examples=["star eval --data scenes --methods none,star,fastv,fastervlm --keep 98,39,20,10 --limit 50 --out results/",
                   "star eval --data scenes --methods none,star,fastervlm --flops 0.2,0.3,0.5 --out at-equal-flops/",
+                  "star eval --data scenes --methods star,pool --time 0.3,0.5 --schedules schedules/ --out at-equal-time/",
                   "star eval --data scenes --split validation --methods star --keep 20 --grid layer=4,8,15",
                   "star eval --model OpenGVLab/InternVL3-8B-hf --device cuda --dtype bfloat16 --data scenes --methods none,star --keep 64"],
     )
@@ -29,13 +31,23 @@ def add(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--data", type=data, default="scenes", help="scenes, easy-vqa, or a JSONL file of {image, question, answer[, type]}")
     sub.add_argument("--split", help="split of scenes / easy-vqa: train, validation (scenes only) or test (default test)")
     sub.add_argument(
-        "--methods", type=method_names, default="none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,random", help="comma-separated methods"
+        "--methods", type=setting_names, default="none,star,fastv,fastervlm,visionzip,pdrop,sparsevlm,random",
+        help="comma-separated methods, and resize (the image made smaller before the processor, Qwen families: star.resize)"
     )
     sub.add_argument("--keep", type=list_of(budget, "budget", "98,39,20,10"), help="comma-separated budgets (ints, or fractions in (0, 1]; default 98,39,20,10)")
     sub.add_argument(
         "--flops", type=list_of(fraction, "fraction", "0.2,0.3,0.5"), metavar="F1,F2",
         help="compute budgets instead of --keep: fractions of the unpruned prefill FLOPs, each picking every method's "
         "keep (and STAR's layer and stage-1 ratio) from its schedule or the FLOPs formula, as apply(flops=) does",
+    )
+    sub.add_argument(
+        "--time", type=list_of(time_fraction, "fraction", "0.3,0.5"), metavar="T1,T2",
+        help="time budgets instead of --keep: fractions of the unpruned prefill time, each picking every method's setting "
+        "from its schedule with measured times (--schedules), as apply(time=) does",
+    )
+    sub.add_argument(
+        "--schedules", type=Path, metavar="FOLDER",
+        help="with --time: FOLDER/METHOD.json for every method, each written by `star calibrate --method METHOD` on this machine",
     )
     add_option_argument(sub)
     sub.add_argument("--limit", type=positive, help="at most this many questions (scenes: per question type)")
@@ -57,8 +69,8 @@ def run(args: argparse.Namespace) -> None:
     from star.eval.sources import load_records
 
     chosen = split(args.data, args.split)
-    keeps, flops = keeps_or_flops(args.keep, args.flops, [98, 39, 20, 10])
-    swept = settings(args.methods, keeps, args.option, args.grid, flops)
+    keeps, flops = keeps_or_flops(args.keep, args.flops, [98, 39, 20, 10], args.time)
+    swept = settings(args.methods, keeps, args.option, args.grid, flops, args.time or [], args.schedules)
     check(args, swept)
     records, skipped = load_records(args.data, chosen, args.limit, csv(args.types) if args.types else None)
     identity = {**model_identity(model_path(args)), "dtype": args.dtype, "positions": args.positions,

@@ -86,12 +86,13 @@ def plot(summary: dict, path: Path, title: str = "") -> None:
 
 
 def _keep(row: dict) -> str:
-    """The budget: keep, or a FLOPs budget with the keep and options it picked."""
-    if row.get("flops_budget") is None:
+    """The budget: keep, or a FLOPs or time budget with the keep and options it picked."""
+    kind = "flops" if row.get("flops_budget") is not None else "time" if row.get("time_budget") is not None else None
+    if kind is None:
         return str(row["keep"])
     picked = row.get("picked") or {}
     chosen = " ".join(f"{k}={v}" for k, v in sorted(picked.get("options", {}).items()) if v is not None)
-    return f"flops {row['flops_budget']}: {picked.get('keep')} {chosen}".strip()
+    return f"{kind} {row[kind + '_budget']}: {picked.get('keep')} {chosen}".strip()
 
 
 def _options(row: dict) -> str:

@@ -27,6 +27,7 @@ from star.eval import answers
 from star.eval.records import QUESTION_SUFFIX, Record, RecordError
 from star.eval.stats import wilson_interval
 from star.methods.base import layer_average
+from star.resize import NAME as RESIZE, check_model, resize_image
 from star.schedule import BudgetUnreachable
 from star.zoo.default_model import MANIFEST
 
@@ -40,15 +41,20 @@ class Setting:
     keep: int | float | None
     options: dict = field(default_factory=dict)
     flops_budget: float | None = None
+    # a time budget (a fraction of the unpruned prefill time) picked from `schedule`, a file `star calibrate` wrote
+    time_budget: float | None = None
+    schedule: str | None = None
 
     @property
     def name(self) -> str:
         extra = "".join(f"-{k}{v}" for k, v in sorted(self.options.items()))
-        budget = f"flops{self.flops_budget}" if self.flops_budget is not None else self.keep
+        budget = f"flops{self.flops_budget}" if self.flops_budget is not None else f"time{self.time_budget}" if self.time_budget is not None else self.keep
         return f"{self.method}-{budget}{extra}"
 
     def budget(self, text_tokens: float | None = None) -> dict:
         """The budget as star.apply takes it; a FLOPs budget for prompts of `text_tokens` text tokens."""
+        if self.time_budget is not None:
+            return {"time": self.time_budget, "schedule": self.schedule}
         return {"keep": self.keep} if self.flops_budget is None else {"flops": self.flops_budget, "text_tokens": text_tokens}
 
 
@@ -59,10 +65,14 @@ def build_prompt(processor, question: str) -> str:
 
 
 @torch.no_grad()
-def answer_batch(model, processor, records: list[Record], max_new_tokens: int = 8) -> tuple[list[str], float]:
-    """Greedy answers for a batch of records, and the prefill time (until the first forward call returns). The
-    images go to the processor one list per prompt, the form every family's processor takes (Gemma 3's needs it)."""
-    images = [[record.open_image()] for record in records]
+def answer_batch(model, processor, records: list[Record], max_new_tokens: int = 8, resize: int | float | None = None) -> tuple[list[str], float]:
+    """Greedy answers for a batch of records, and the prefill time (until the first forward call returns); with
+    `resize`, each image made smaller first, to about that many tokens (star.resize). The images go to the processor
+    one list per prompt, the form every family's processor takes (Gemma 3's needs it)."""
+    images = [record.open_image() for record in records]
+    if resize is not None:
+        images = [resize_image(image, processor, resize) for image in images]
+    images = [[image] for image in images]
     prompts = [build_prompt(processor, record.question) for record in records]
     inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(model.device)
     marks: list[float] = []
@@ -104,8 +114,13 @@ def evaluate(
     for setting in settings:
         bar.set_postfix_str(setting.name)
         pending = todo[setting.name]
+        resized = setting.keep if setting.method == RESIZE else None  # the unpruned model on smaller images
         try:
-            pruner = star.apply(model, method=setting.method, **setting.budget(length), **{"positions": positions, **setting.options})
+            if resized is not None:
+                check_model(model)
+                pruner = star.apply(model, method="none", keep=1.0)
+            else:
+                pruner = star.apply(model, method=setting.method, **setting.budget(length), **{"positions": positions, **setting.options})
         except BudgetUnreachable as error:  # at equal FLOPs, a method that cannot get this cheap has no point here
             skipped.append(f"{setting.name}: {error}")
             unreachable.add(setting.name)
@@ -115,12 +130,12 @@ def evaluate(
         path.parent.mkdir(parents=True, exist_ok=True)
         with pruner:
             # what the folder answers, for a later report; a compute budget's pick with it
-            picked = {"picked": _pick(pruner, length)} if setting.flops_budget is not None else {}
+            picked = {"picked": _pick(pruner, length)} if setting.flops_budget is not None or setting.time_budget is not None else {}
             (path.parent / "setting.json").write_text(json.dumps({**asdict(setting), **picked}))
             for start in range(0, len(pending), batch_size):
                 chunk = _readable(pending[start : start + batch_size], skipped)
                 if chunk:
-                    predictions, prefill_s = answer_batch(model, processor, chunk, max_new_tokens)
+                    predictions, prefill_s = answer_batch(model, processor, chunk, max_new_tokens, resized)
                     stats = pruner.stats
                     _append(path, [_row(record, answer, stats, prefill_s / len(chunk)) for record, answer in zip(chunk, predictions)])
                 bar.update(len(pending[start : start + batch_size]))
@@ -137,7 +152,8 @@ def evaluate(
 
 def _pick(pruner, text_tokens: float) -> dict:
     """What a FLOPs budget picked, as setting.json records it (JSON's lists for tuples, so that a reread compares)."""
-    return json.loads(json.dumps({"keep": pruner.keep, "options": method_options(pruner.method), "text_tokens": round(text_tokens, 2)}))
+    length = {} if text_tokens is None else {"text_tokens": round(text_tokens, 2)}  # a time budget's pick is the schedule's
+    return json.loads(json.dumps({"keep": pruner.keep, "options": method_options(pruner.method), **length}))
 
 
 def _check_picks(model, settings: list[Setting], done: answers.Answers, out_dir: Path, length: float | None, positions: str | None) -> None:

@@ -14,6 +14,7 @@ from star.methods.fastervlm import FasterVLM
 from star.methods.fastv import FastV
 from star.methods.none import NoPruning
 from star.methods.pdrop import PyramidDrop
+from star.methods.pool import Pool
 from star.methods.random import RandomPruning
 from star.methods.sparsevlm import SparseVLM
 from star.methods.star import Star, StarVision
@@ -24,7 +25,7 @@ REGISTRY: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (
         NoPruning, Star, FastV, FasterVLM, VisionZip, PyramidDrop, SparseVLM, VisPruner, DivPrune, CDPruner, Dart,
-        RandomPruning, StarVision,
+        RandomPruning, Pool, StarVision,
     )
 }
 

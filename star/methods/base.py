@@ -54,11 +54,15 @@ class Plan:
 class Selection:
     """Which tokens survive a stage: indices in ascending order, and optionally new states for them.
 
-    `states` is set by merging methods (VisionZip, SparseVLM), whose kept tokens carry merged content.
+    `states` is set by merging methods (VisionZip, SparseVLM), whose kept tokens carry merged content. `mix`, [k, N]
+    (the same for every unit), is set where each kept token is a fixed weighted mean of the candidates (Pool's
+    windows): what the family adds onto a token in the decoder (Qwen3-VL's DeepStack features) is mixed alike.
     """
 
     index: torch.Tensor
     states: torch.Tensor | None = None
+    mix: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None  # (rows, columns) of the kept tokens, where they form a grid (Pool)
 
 
 @dataclass
@@ -73,6 +77,8 @@ class VisionView:
     instruction: computes the decoder input embeddings of each unit's instruction, the prompt tokens after
     its last image token, as ([I, T, D_decoder], mask [I, T] False where a row has fewer); None where the
     view belongs to no prompt. Called only by methods that condition on the instruction.
+    grid: (rows, columns) of the units' tokens, whose features lie in row-major order of that grid; None where the
+    adapter gives none. Read only by methods that reshape the grid (Pool).
     """
 
     features: torch.Tensor
@@ -81,6 +87,7 @@ class VisionView:
     prefix_features: torch.Tensor | None = None
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
     instruction: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    grid: tuple[int, int] | None = None
 
     @cached_property
     def attention(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,9 +168,17 @@ class Method:
     # Whether the vision stage reads the prompt's instruction (VisionView.instruction): a serving engine whose
     # encoder step never sees the prompt cannot run such a method as it is (star.integrations.vllm refuses it).
     reads_instruction: ClassVar[bool] = False
+    # Whether each unit's kept tokens form a grid of their own (Pool): an M-RoPE family can then number them as an
+    # image that size (positions="contiguous" there, the model's own 3-D positions of the smaller grid).
+    grid_positions: ClassVar[bool] = False
 
     def plan(self, n_visual: int, keep: int, num_layers: int) -> Plan:
         raise NotImplementedError
+
+    def unit_plan(self, n_visual: int, keep: int, num_layers: int, grid: tuple[int, int] | None) -> Plan:
+        """The plan of one unit whose tokens form `grid` (None where the adapter gives none): the plan of its
+        count, for every method but those whose reachable counts depend on the grid's shape (Pool)."""
+        return self.plan(n_visual, keep, num_layers)
 
     def select_vision(self, view: VisionView, k: int) -> Selection:
         raise NotImplementedError(f"{self.name} has no vision stage")

@@ -64,20 +64,21 @@ class Budget:
         self.attention_layers = attention_layers
         self.plan = self._planned(n_visual or max(NOMINAL_TOKENS, self.keep), self.keep)
         check_stages(self.plan.llm_stages)
-        self._plans: dict[int, Plan] = {}
+        self._plans: dict[tuple[int, tuple[int, int] | None], Plan] = {}
 
-    def unit_plan(self, n: int) -> Plan:
-        """The method's plan for one unit (an image, a LLaVA-NeXT crop) of n visual tokens."""
-        if n not in self._plans:
-            plan = self._planned(n, unit_keep(self.given, n, self.budget_unit))
+    def unit_plan(self, n: int, grid: tuple[int, int] | None = None) -> Plan:
+        """The method's plan for one unit (an image, a LLaVA-NeXT crop) of n visual tokens, laid out as `grid`
+        (rows, columns; None where the family gives none)."""
+        if (n, grid) not in self._plans:
+            plan = self._planned(n, unit_keep(self.given, n, self.budget_unit), grid)
             nominal = {s.layer: s for s in self.plan.llm_stages}
             if any(nominal.get(s.layer, None) is None or nominal[s.layer].score_layer != s.score_layer for s in plan.llm_stages):
                 raise ValueError(f"method {self.method.name!r} plans other decoder stages for {n} tokens than for {self.plan.n_visual}")
-            self._plans[n] = plan
-        return self._plans[n]
+            self._plans[n, grid] = plan
+        return self._plans[n, grid]
 
-    def _planned(self, n: int, keep: int) -> Plan:
-        plan = self.method.plan(n, keep, self.num_layers)
+    def _planned(self, n: int, keep: int, grid: tuple[int, int] | None = None) -> Plan:
+        plan = self.method.unit_plan(n, keep, self.num_layers, grid)
         if self.attention_layers is None:
             return plan
         return on_attention_layers(self.method, plan, self.attention_layers, self.num_layers)

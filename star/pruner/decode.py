@@ -39,7 +39,9 @@ def step_inputs(adapter: Adapter, prompt: Prompt, positions: str, kwargs: dict, 
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
         position_ids = adapter.decode_positions(prompt.positions, cache_position + dropped)
-    if positions == "contiguous":
+    if prompt.position_shift is not None:  # M-RoPE images numbered as grids of their own (pool)
+        position_ids = position_ids - prompt.position_shift[:, None]
+    elif positions == "contiguous":
         position_ids = position_ids - dropped - prompt.entry_pads[:, None]
     mask = kwargs.get("attention_mask")
     if prompt.cache_slots is not None:

@@ -51,6 +51,9 @@ class Prompt:
     llm_selections: list[list[Selection]] = field(default_factory=list)
     replay: Prompt | None = None  # the prompt whose decisions this prefill reuses, or None
     source: tuple[torch.Tensor, torch.Tensor] | None = None  # the prompt's input_ids and pixel_values
+    # M-RoPE with each image a grid of its own (pool, positions="contiguous"): [B] what each row's text after the
+    # images moved back by, so that decode steps continue from the entry frame's positions; else None
+    position_shift: torch.Tensor | None = None
     stage_at: dict[int, int] = field(init=False)  # the stage that cuts at each of its layers
     early_scores: set[int] = field(init=False)  # the layers a stage scores at before its own layer
 
@@ -98,8 +101,8 @@ def enter(
     budgets, picks = (replay.row_budgets, replay.picks) if replay is not None else budgets_of(layout, encode)
     if layout.image_sizes is not None:  # images of their own sizes: each budget checked before the tower runs
         rows = rows_of(split_rows(layout.image_tokens, layout.image_sizes, adapter.sizes_note))
-        for row, n in zip(rows, layout.image_sizes):
-            budgets[row].unit_plan(n)
+        for row, n, grid in zip(rows, layout.image_sizes, layout.image_grids):
+            budgets[row].unit_plan(n, grid)
     stages = batch_stages(budgets) if len(set(map(id, budgets))) > 1 else budgets[0].plan.llm_stages
     encoded = encode()
     full_positions = adapter.prompt_positions(kwargs, input_ids, mask)
@@ -110,12 +113,13 @@ def enter(
     filled = [0] * batch  # kept visual tokens of each prompt
     candidates = [0] * batch  # and the image tokens stage 1 chose them from
     kept_units, selections = [], []
+    grids = []  # each unit's kept grid, in prompt order (M-RoPE positions of images that small)
     tokens = None
     for group in encoded.groups:
         units, n = group.view.features.shape[:2]
         # Units of prompts with different budgets are scored together and kept apart.
         for budget in {id(budgets[row]): budgets[row] for row in group.rows}.values():
-            plan = budget.unit_plan(n)
+            plan = budget.unit_plan(n, group.view.grid)
             schedule = budget.schedule(plan, stages)
             tokens = tokens or (budgets[0].schedule(budgets[0].plan, stages) if adapter.n_visual else schedule)
             if replay is not None:
@@ -134,14 +138,20 @@ def enter(
                 group_residuals = None if group_residuals is None else group_residuals[pick]
                 rows = [group.rows[unit] for unit in mine]
             kept = index.shape[1]
+            grids += [selection.grid or group.view.grid] * len(rows)
             starts = []
             for row in rows:
                 totals[row] = [total + count for total, count in zip(totals[row], schedule)]
                 starts.append(filled[row])
                 filled[row] += kept
                 candidates[row] += n
-            # A merged token keeps the residuals of the place it takes.
-            residuals = None if group_residuals is None else gather_seq(group_residuals, index)
+            # A merged token keeps the residuals of the place it takes; a mixed one (Pool) their mix.
+            if group_residuals is None:
+                residuals = None
+            elif selection.mix is not None:
+                residuals = torch.einsum("kn,ined->iked", selection.mix.to(group_residuals.dtype), group_residuals)
+            else:
+                residuals = gather_seq(group_residuals, index)
             places = ordinals.gather(1, index)
             kept_units.append((rows, starts, places, adapter.project(features), residuals))
 
@@ -180,11 +190,15 @@ def enter(
         embeds = torch.where((entry_slots == FIXED)[..., None], encoded.fixed.to(embeds.dtype), embeds)
 
     pads = (~entry_real).sum(dim=1)
+    entry_mask = mask.gather(1, entry_keep) * entry_real
+    shift = None
     if positions == "original":
         entry_positions = gather_positions(full_positions, entry_keep)
+    elif adapter.mrope:  # each image a grid of its own (pool): numbered as the model numbers an image that small
+        entry_positions = adapter.grid_positions(input_ids.gather(1, entry_keep), entry_mask, grids)
+        shift = full_positions[-3][:, -1] - entry_positions[0][:, -1]
     else:  # the padding slots added here do not count as tokens before the real ones
         entry_positions = contiguous_positions(full_positions, entry_keep) - pads[:, None]
-    entry_mask = mask.gather(1, entry_keep) * entry_real
     visual = ragged_rows(from_visual, width_v)
     patches = entry_slots.gather(1, visual.clamp_min(0)).masked_fill(visual < 0, -1)
     entry_cols = torch.arange(width, device=device).expand(batch, width)
@@ -198,7 +212,7 @@ def enter(
     prompt = Prompt(
         length, entry_keep, entry_real, pads, full_positions, [frame], layout, stages, [b.method for b in budgets],
         stage_budgets, tokens or [0] * (2 + len(stages)), totals, residuals, cache_slots, picks, budgets, selections,
-        replay=replay, source=(input_ids, kwargs["pixel_values"]),
+        replay=replay, source=(input_ids, kwargs["pixel_values"]), position_shift=shift,
     )
     # Per-token inputs the model reads besides the ids (Gemma 3's token types), at the kept tokens.
     token_inputs = adapter.entry_inputs(kwargs, input_ids, entry_keep, entry_real)

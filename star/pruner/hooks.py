@@ -88,11 +88,11 @@ class Pruner:
         self.adapter = adapter_for(model)
         if positions not in POSITION_POLICIES:
             raise ValueError(f"positions={positions!r} is unknown: allowed are {', '.join(POSITION_POLICIES)}")
-        if positions == "contiguous" and self.adapter.mrope:
+        if positions == "contiguous" and self.adapter.mrope and not method.grid_positions:
             raise ValueError(
                 f"positions='contiguous' is not defined for {type(model).__name__}: its M-RoPE positions are 3-D "
                 "(an image's tokens share one temporal position and span a height x width grid), so there is no "
-                "single gap-free renumbering; use positions='original'"
+                "single gap-free renumbering of a subset (pool's grids have one); use positions='original'"
             )
         implementation = model.config.get_text_config()._attn_implementation
         if implementation not in ATTENTION_IMPLEMENTATIONS:
