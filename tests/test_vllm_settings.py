@@ -11,7 +11,7 @@ from star.integrations.vllm import CUT_ENGINE, engine_args, hf_overrides, parse_
 
 
 def test_vision_side_methods_are_those_without_a_decoder_stage():
-    assert vision_methods() == ["fastervlm", "visionzip", "vispruner", "divprune", "random", "pool", "star-vision"]
+    assert vision_methods() == ["fastervlm", "visionzip", "vispruner", "divprune", "random", "star-vision"]
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,7 @@ def test_a_setting_keeps_what_the_method_plans(raw, keep):
     [
         ({"method": "star", "keep": 39}, "here: method='star' at keep=39 prunes inside the decoder (a cut before layer 15)"),
         ({"method": "star", "keep": 39}, "method 'star-vision' runs STAR's vision stage at the same final budget"),
-        ({"method": "fastv", "keep": 39}, "vision-side methods run instead: fastervlm, visionzip, vispruner, divprune, random, pool, star-vision"),
+        ({"method": "fastv", "keep": 39}, "vision-side methods run instead: fastervlm, visionzip, vispruner, divprune, random, star-vision"),
         ({"method": "pdrop", "keep": 39}, "prunes inside the decoder"),
         ({"method": "sparsevlm", "keep": 39}, "prunes inside the decoder"),
         ({"method": "dart", "keep": 39}, "prunes inside the decoder"),
@@ -112,3 +112,8 @@ def test_engine_args_add_the_cut_options_only_for_a_method_that_cuts():
         "--scheduler-cls", "star.integrations.vllm.cut.CutScheduler", "--no-enable-chunked-prefill",
         "--no-enable-prefix-caching", "--enforce-eager",
     ]
+
+
+def test_pool_is_refused_by_name_until_the_served_classes_lay_out_its_grid():
+    with pytest.raises(ValueError, match="method='pool' is not served: its tokens are averages over the patch grid"):
+        hf_overrides("pool", 64)
