@@ -17,7 +17,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Callable
 
-from star.flops import DecoderShape, prefill_flops, tokens_per_layer
+from star.flops import DecoderShape, prefill_flops
 from star.methods import Method, Plan, build
 from star.pruner.budget import unit_keep
 from star.synthetic import TEXT_TOKENS

@@ -66,7 +66,7 @@ def gemma4_inputs(grids: list[list[tuple[int, int]]], text: list[tuple[int, int]
         pixels[i, : h * w] = torch.rand(h * w, 3 * PATCH * PATCH, generator=g)
         ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         positions[i, : h * w] = torch.stack([xs.flatten(), ys.flatten()], dim=1)
-    prompts, image = [], 0
+    prompts = []
     for row, (before, after) in zip(grids, text):
         ids = _words(before, g)
         for h, w in row:

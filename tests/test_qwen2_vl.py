@@ -163,7 +163,6 @@ def test_vision_scores_equal_eager_attention_summed_per_merged_token(version, mo
     eager, sdpa = tiny_qwen(version, attn="eager"), tiny_qwen(version, attn="sdpa")
     inputs = qwen_inputs([[SMALL, LARGE]], [(2, 2)], seed=6)
     weights = _eager_vision_weights(eager, inputs, monkeypatch)
-    visual = eager.model.visual
     window = _window_order([SMALL, LARGE], merged_per_window=2) if version == "2.5" else torch.arange(22)
     with star.apply(sdpa, method="star", keep=2) as pruner:
         encoded = pruner.adapter.encode_prompts(inputs, inputs["input_ids"], layout_of(pruner, inputs))
