@@ -74,24 +74,23 @@ def budget(text: str) -> int | float:
     return value
 
 
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"flops={text!r} is not a budget: give a fraction of the unpruned prefill FLOPs in (0, 1]")
-    return value
+def share_of(name: str, of: str):
+    """The argument type of a budget `name` given as a fraction of the unpruned prefill's `of` (FLOPs, time)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not 0.0 < value <= 1.0:
+            raise argparse.ArgumentTypeError(f"{name}={text!r} is not a budget: give a fraction of the unpruned prefill {of} in (0, 1]")
+        return value
+
+    return parse
 
 
-def time_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"time={text!r} is not a budget: give a fraction of the unpruned prefill time in (0, 1]")
-    return value
+fraction = share_of("flops", "FLOPs")
+time_fraction = share_of("time", "time")
 
 
 def list_of(parse, what: str, example: str):
