@@ -11,7 +11,7 @@ from star.integrations.vllm import CUT_ENGINE, engine_args, hf_overrides, parse_
 
 
 def test_vision_side_methods_are_those_without_a_decoder_stage():
-    assert vision_methods() == ["fastervlm", "visionzip", "vispruner", "divprune", "random", "star-vision"]
+    assert vision_methods() == ["fastervlm", "visionzip", "vispruner", "divprune", "random", "pool", "star-vision"]
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,7 @@ def test_a_setting_keeps_what_the_method_plans(raw, keep):
     [
         ({"method": "star", "keep": 39}, "here: method='star' at keep=39 prunes inside the decoder (a cut before layer 15)"),
         ({"method": "star", "keep": 39}, "method 'star-vision' runs STAR's vision stage at the same final budget"),
-        ({"method": "fastv", "keep": 39}, "vision-side methods run instead: fastervlm, visionzip, vispruner, divprune, random, star-vision"),
+        ({"method": "fastv", "keep": 39}, "vision-side methods run instead: fastervlm, visionzip, vispruner, divprune, random, pool, star-vision"),
         ({"method": "pdrop", "keep": 39}, "prunes inside the decoder"),
         ({"method": "sparsevlm", "keep": 39}, "prunes inside the decoder"),
         ({"method": "dart", "keep": 39}, "prunes inside the decoder"),
@@ -114,6 +114,12 @@ def test_engine_args_add_the_cut_options_only_for_a_method_that_cuts():
     ]
 
 
-def test_pool_is_refused_by_name_until_the_served_classes_lay_out_its_grid():
-    with pytest.raises(ValueError, match="method='pool' is not served: its tokens are averages over the patch grid"):
-        hf_overrides("pool", 64)
+def test_pool_is_served_on_llava_only():
+    from transformers import AutoConfig, LlavaNextConfig
+
+    from star.integrations.vllm import config_setting
+
+    assert config_setting({"method": "pool", "keep": 64}, AutoConfig.for_model("llava"), "here").keep == 64
+    for config in (LlavaNextConfig(), AutoConfig.for_model("qwen2_5_vl")):
+        with pytest.raises(ValueError, match="here: method='pool' is served on LlavaForConditionalGeneration only"):
+            config_setting({"method": "pool", "keep": 64}, config, "here")

@@ -25,6 +25,7 @@ SETTINGS = [
     {"method": "random", "keep": 4, "seed": 3},
     {"method": "vispruner", "keep": 6},
     {"method": "divprune", "keep": 5},
+    {"method": "pool", "keep": 4},
     {"method": "star-vision", "keep": 0.5},
     {"method": "none", "keep": N_VISUAL},
 ]
@@ -93,7 +94,7 @@ def test_the_engine_setting_applies_when_a_request_gives_none(llm, hf):
 
 BAD = [
     ({"method": "star", "keep": 4}, "method='star' at keep=4 prunes inside the decoder (a cut before layer 2)"),
-    ({"method": "fastv", "keep": 4}, "vision-side methods run instead: fastervlm, visionzip, vispruner, divprune, random, star-vision"),
+    ({"method": "fastv", "keep": 4}, "vision-side methods run instead: fastervlm, visionzip, vispruner, divprune, random, pool, star-vision"),
     ({"method": "pdrop", "keep": 4}, "prunes inside the decoder"),
     ({"method": "sparsevlm", "keep": 4}, "prunes inside the decoder"),
     ({"method": "nope", "keep": 4}, "method='nope' is unknown"),

@@ -35,8 +35,9 @@ from star.pruner.budget import NOMINAL_TOKENS, unit_keep
 class Family:
     """A served family: the architecture (vLLM names its classes as transformers does), the pruned class (module in
     this package, class), the Hugging Face model type, the `star.adapters` class whose tower refusals apply, whether
-    its images differ in size with 3-D M-RoPE positions (an int `keep` counts per image), and whether an engine's
-    setting may cut inside its decoder."""
+    its images differ in size with 3-D M-RoPE positions (an int `keep` counts per image), whether an engine's
+    setting may cut inside its decoder, and whether its class serves `pool` (whose tokens are the pooled grid's,
+    numbered as an image that small)."""
 
     architecture: str
     pruned: str
@@ -44,6 +45,7 @@ class Family:
     adapter: str
     mrope: bool = False
     cuts: bool = False
+    pools: bool = False
 
     @property
     def pruned_class(self) -> str:
@@ -51,20 +53,13 @@ class Family:
 
 
 FAMILIES = (
-    Family("LlavaForConditionalGeneration", "llava:StarLlavaForConditionalGeneration", "llava", "LlavaAdapter", cuts=True),
+    Family("LlavaForConditionalGeneration", "llava:StarLlavaForConditionalGeneration", "llava", "LlavaAdapter", cuts=True, pools=True),
     Family("LlavaNextForConditionalGeneration", "llava_next:StarLlavaNextForConditionalGeneration", "llava_next", "LlavaNextAdapter"),
     Family("Qwen2VLForConditionalGeneration", "qwen2_vl:StarQwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLAdapter", mrope=True, cuts=True),
     Family("Qwen2_5_VLForConditionalGeneration", "qwen2_vl:StarQwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "Qwen2VLAdapter", mrope=True, cuts=True),
     Family("Qwen3VLForConditionalGeneration", "qwen3_vl:StarQwen3VLForConditionalGeneration", "qwen3_vl", "Qwen3VLAdapter", mrope=True, cuts=True),
 )
 ARCHITECTURES = {family.architecture: family.pruned_class for family in FAMILIES}
-# Vision-side methods of the Hugging Face path that the plugin does not serve yet, and why.
-NOT_SERVED_METHODS = {
-    "pool": (
-        "its tokens are averages over the patch grid, numbered as the pooled grid's own (on Qwen, its own 3-D "
-        "positions), which the served classes do not lay out yet"
-    ),
-}
 # Families of the Hugging Face path that the plugin does not serve yet, and why.
 NOT_SERVED = {
     "Qwen3VLMoeForConditionalGeneration": "the pruned Qwen3-VL class is not yet built on vLLM's mixture-of-experts variant",
@@ -232,7 +227,15 @@ def config_setting(raw: object, config, where: str, cuts: bool | None = None) ->
     from star.adapters.base import vision_refusal
 
     setting = parse_setting(raw, n_visual(config), num_layers(config), where, cuts=serves_cut(config) if cuts is None else cuts)
-    refusal = vision_refusal(getattr(star.adapters, _family(model_type=config.model_type).adapter), setting.method)
+    family = _family(model_type=config.model_type)
+    if setting.method.name == "pool" and not family.pools:
+        served = ", ".join(f.architecture for f in FAMILIES if f.pools)
+        raise ValueError(
+            f"{where}: method='pool' is served on {served} only: its tokens are averages over the patch grid, numbered as "
+            f"the pooled grid's own (on Qwen its own 3-D positions, on LLaVA-NeXT per crop), which {family.pruned_class} "
+            "does not lay out yet"
+        )
+    refusal = vision_refusal(getattr(star.adapters, family.adapter), setting.method)
     if refusal:
         raise ValueError(f"{where}: method={setting.method.name!r}: {refusal}")
     return setting
@@ -258,8 +261,6 @@ def check_method(raw: object) -> Method:
     name = raw["method"]
     if not isinstance(name, str) or name not in REGISTRY:
         raise ValueError(f"method={name!r} is unknown: vision-side methods are {', '.join(vision_methods())}")
-    if name in NOT_SERVED_METHODS:
-        raise ValueError(f"method={name!r} is not served: {NOT_SERVED_METHODS[name]}; vision-side methods that run here are {', '.join(vision_methods())}")
     if REGISTRY[name].reads_instruction:
         raise ValueError(
             f"method={name!r} weighs the visual tokens by the prompt's instruction, and vLLM's encoder step never sees the "
@@ -274,7 +275,7 @@ def vision_methods() -> list[str]:
     their plans for LLaVA-1.5's sizes (576 tokens, 58 kept, 32 layers; a plan's stages depend on the options)."""
     return [
         name for name, cls in REGISTRY.items()
-        if name != "none" and name not in NOT_SERVED_METHODS and not cls().plan(576, 58, 32).llm_stages and not cls.reads_instruction
+        if name != "none" and not cls().plan(576, 58, 32).llm_stages and not cls.reads_instruction
     ]
 
 

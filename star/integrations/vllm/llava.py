@@ -87,9 +87,10 @@ class PrunedClip(PrunedEncoder):
     def _view(self, feature: torch.Tensor, layer_input: torch.Tensor) -> VisionView:
         """The method's view of whole crops (images) [I, 1 + N, D], as `star.apply`'s: no instruction, which the
         encoder step does not see (CDPruner then weighs every token alike)."""
+        side = round((feature.shape[1] - 1) ** 0.5)
         return VisionView(
             features=feature[:, 1:], n_prefix=1, qk=partial(_clip_qk, self.feature_layer, layer_input),
-            prefix_features=feature[:, 0], project=self.multi_modal_projector,
+            prefix_features=feature[:, 0], project=self.multi_modal_projector, grid=(side, side),
         )
 
 
