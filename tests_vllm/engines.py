@@ -6,9 +6,17 @@ it to 1, enough for these prompts, so that a test engine takes about 2 GiB in al
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import socket
+import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
@@ -26,6 +34,36 @@ TINY_TEXT = dict(
 # same `run_server` with the same arguments.
 SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 ENGINE = dict(dtype="float32", enforce_eager=True, max_num_seqs=8, seed=0)
+START_TIMEOUT_S = 900  # a busy 2-core machine took over 10 minutes to start a vLLM server
+READY = re.compile(r"star serve: ready at (http://\S+/v1) \(OpenAI API; model '([^']+)'\)")
+
+
+@contextmanager
+def star_serve(arguments: list[str], log: Path):
+    """`star serve ARGUMENTS` on a free port, until its ready line: an OpenAI client of it and its model's name;
+    the server (its own process group) stopped after."""
+    import openai
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(Path(sys.executable).parent / "star"), "serve", *arguments, "--port", str(port)]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not (ready := READY.search(log.read_text())):
+        if process.poll() is not None or time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"star serve did not start:\n{log.read_text()[-4000:]}")
+        time.sleep(2)
+    try:
+        yield openai.OpenAI(base_url=ready.group(1), api_key="unused", max_retries=0, timeout=300), ready.group(2)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def tiny_llava_checkpoint(directory: Path, seed: int = 0) -> str:

@@ -5,54 +5,27 @@ sent one by one and as one concurrent burst with text-only requests; the usage c
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from engines import default_model, hf_generate, hf_model, scene_prompts
+from engines import default_model, hf_generate, hf_model, scene_prompts, star_serve
 from test_server import _ask
 
-START_TIMEOUT_S = 900
-READY = re.compile(r"star serve: ready at (http://\S+/v1) \(OpenAI API; model '([^']+)'\)")
 SETTING = {"method": "star", "keep": 39}
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    import openai
-
     path = default_model()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     log = tmp_path_factory.mktemp("serve-cut") / "star-serve.log"
-    command = [
-        str(Path(sys.executable).parent / "star"), "serve", "--method", "star", "--keep", "39", "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "8", "--seed", "0", "--trust-request-mm-kwargs",
+    arguments = [
+        "--method", "star", "--keep", "39", "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "8", "--seed", "0",
+        "--trust-request-mm-kwargs",
     ]
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not (ready := READY.search(log.read_text())):
-        if process.poll() is not None or time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            pytest.fail(f"star serve did not start:\n{log.read_text()[-4000:]}")
-        time.sleep(2)
-    assert "--scheduler-cls star.integrations.vllm.cut.CutScheduler" in log.read_text()
-    yield openai.OpenAI(base_url=ready.group(1), api_key="unused", max_retries=0, timeout=300), ready.group(2), path
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+    with star_serve(arguments, log) as (openai_client, model):
+        assert "--scheduler-cls star.integrations.vllm.cut.CutScheduler" in log.read_text()
+        yield openai_client, model, path
 
 
 @pytest.fixture(scope="module")

@@ -6,62 +6,30 @@ error and the server keeps serving."""
 
 from __future__ import annotations
 
-import base64
-import io
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 
-from engines import tiny_qwen_checkpoint
+from engines import star_serve, tiny_qwen_checkpoint
+from test_server import _image_url
 from test_tiny_qwen import PICTURES, hf_generate
 
-START_TIMEOUT_S = 900
-READY = re.compile(r"star serve: ready at (http://\S+/v1) \(OpenAI API; model '([^']+)'\)")
 QUESTION = "what color is the ?"
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    import openai
-
     path = tiny_qwen_checkpoint(tmp_path_factory.mktemp("tiny-qwen2.5"), "2.5")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     log = tmp_path_factory.mktemp("serve-qwen") / "star-serve.log"
-    command = [
-        str(Path(sys.executable).parent / "star"), "serve", "--model", path, "--method", "star-vision", "--keep", "0.5",
-        "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "4", "--seed", "0",
-        "--trust-request-mm-kwargs",
+    arguments = [
+        "--model", path, "--method", "star-vision", "--keep", "0.5", "--dtype", "float32", "--max-model-len", "512",
+        "--max-num-seqs", "4", "--seed", "0", "--trust-request-mm-kwargs",
     ]
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not (ready := READY.search(log.read_text())):
-        if process.poll() is not None or time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            pytest.fail(f"star serve did not start:\n{log.read_text()[-4000:]}")
-        time.sleep(2)
-    yield openai.OpenAI(base_url=ready.group(1), api_key="unused", max_retries=0, timeout=300), ready.group(2), path
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+    with star_serve(arguments, log) as (client, model):
+        yield client, model, path
 
 
 def _ask(client, model: str, image, setting: dict | None = None):
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
     content = [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}},
+        {"type": "image_url", "image_url": {"url": _image_url(image)}},
         {"type": "text", "text": QUESTION},
     ]
     extra = {"mm_processor_kwargs": {"star": setting}} if setting is not None else None
