@@ -307,8 +307,14 @@ def test_bad_inputs_are_named(model):
             star.apply(model, method=method, keep=3, **options)
         assert not model._forward_pre_hooks
     inputs = gemma4_inputs([[(4, 4)]], [(2, 2)])
-    with star.apply(model, method="star", keep=5), torch.no_grad(), pytest.raises(ValueError, match="keep=5 is above the 4 visual tokens"):
-        model(**inputs)
+    calls = []  # a budget the image cannot meet is refused before the tower's compute
+    handle = model.model.vision_tower.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with star.apply(model, method="star", keep=5), torch.no_grad(), pytest.raises(ValueError, match="keep=5 is above the 4 visual tokens"):
+            model(**inputs)
+        assert calls == []
+    finally:
+        handle.remove()
     with star.apply(model, method="star", keep=2), torch.no_grad():
         with pytest.raises(ValueError, match="image_position_ids is None"):
             model(**{**inputs, "image_position_ids": None})

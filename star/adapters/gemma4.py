@@ -49,6 +49,7 @@ class Gemma4Adapter(GemmaDecoder):
     unpruned_inputs = {"pixel_values_videos": "video frames, which are visual tokens this adapter does not prune"}
     n_visual = None  # images differ in size: plans are made per image
     budget_unit = None  # an int `keep` counts tokens per image
+    sizes_note = "real patches / pooling_kernel_size**2 tokens each"  # how an image's tokens are counted, for split_rows' errors
     synthetic_patches = 48  # per side of the timing image: 768 px at 16 px patches, 256 tokens (the default budget is 280)
 
     def __init__(self, model):
@@ -113,16 +114,10 @@ class Gemma4Adapter(GemmaDecoder):
                 "input_features (audio) came with images: the pruned prompt reaches the decoder as embeddings, into "
                 "which Gemma 4 cannot place its audio tokens; pass the images and the audio in separate requests"
             )
-        positions = inputs.get("image_position_ids")
-        if positions is None:
-            raise ValueError("image_position_ids is None: Gemma 4's tower places each patch by them (its processor returns them with pixel_values)")
-        # Images of different sizes: their real patches and widths (patches per row) are this family's own read
-        # back from the device. The tokens lie in row-major order of the pooled blocks (`pooled`): a grid of
-        # width / k columns.
-        patches, widths = torch.stack([(positions != -1).all(dim=-1).sum(dim=1), positions[..., 0].amax(dim=1) + 1]).tolist()
-        sizes = [n // self.kernel**2 for n in patches]
-        columns = [width // self.kernel for width in widths]
-        per_row = split_rows(layout.image_tokens, sizes, "real patches / pooling_kernel_size**2 tokens each")
+        positions = inputs["image_position_ids"]  # checked by `image_sizes`, which the layout read first
+        # Images of different sizes: their token counts and grids came with the layout (`image_sizes`)
+        sizes, grids = layout.image_sizes, layout.image_grids
+        per_row = split_rows(layout.image_tokens, sizes, self.sizes_note)
 
         layer: dict[str, object] = {}
 
@@ -141,8 +136,8 @@ class Gemma4Adapter(GemmaDecoder):
         for row, count in enumerate(per_row):
             place = 0
             for _ in range(count):
-                n, real = sizes[image], patches[image]
-                grid = positions[image, :real]
+                n = sizes[image]
+                grid = positions[image, : n * self.merge_unit]
                 view = MergedView(
                     features=tokens[None, start : start + n],
                     n_prefix=0,
@@ -150,11 +145,21 @@ class Gemma4Adapter(GemmaDecoder):
                     token_of=self.pooled(grid),
                     project=self.project,
                     instruction=self.instruction(input_ids, [row], layout),
-                    grid=(n // columns[image], columns[image]),
+                    grid=grids[image],
                 )
                 groups.append(VisionGroup(view, [row], torch.arange(place, place + n, device=device)[None]))
                 start, place, image = start + n, place + n, image + 1
         return Encoded(groups, ordinals(input_ids == self.image_token_id), None)
+
+    def image_sizes(self, inputs: dict) -> torch.Tensor:
+        """Each image's tokens, rows and columns, [I, 3]: its real patches (position ids not -1) pooled k x k, in
+        row-major order of a grid of width / k columns."""
+        positions = inputs.get("image_position_ids")
+        if positions is None:
+            raise ValueError("image_position_ids is None: Gemma 4's tower places each patch by them (its processor returns them with pixel_values)")
+        tokens = (positions != -1).all(dim=-1).sum(dim=1) // self.merge_unit
+        columns = (positions[..., 0].amax(dim=1) + 1) // self.kernel
+        return torch.stack([tokens, tokens // columns, columns], dim=-1)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """`embed_vision`: normalise the pooled tokens, project them into the decoder's space."""
