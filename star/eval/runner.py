@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields
@@ -300,7 +301,8 @@ def summarize(settings: list[Setting], done: answers.Answers, ids: set[str]) -> 
                 # the layer average of rows written before it was recorded is left out, not guessed
                 "average_tokens": _mean([r["average_tokens"] for r in values if "average_tokens" in r]),
                 "flops": sum(r["flops"] for r in values) / n if n else None,
-                "prefill_s": sum(r["prefill_s"] for r in values) / n if n else None,
+                # the median, so that a cold first batch (compilation, caches) does not set a setting's time
+                "prefill_s": statistics.median(r["prefill_s"] for r in values) if n else None,
             }
         )
     baseline = next((r for r in rows if r["method"] == "none" and r["accuracy"]), None)
