@@ -18,9 +18,9 @@ the device from a table indexed by the request's first block in the group (writt
 steps read nothing back for it.
 
 Requests without an image keep their prompt whole (D = 0). What the engine must not do with a cut request: split
-its prompt into chunks (the cut needs every text row), share cached prefixes (the layers after the cut hold what
-the question chose), or recompute it after a preemption (its answer would join the scoring rows): `CUT_ENGINE`
-turns off the first two, and a cut request the scheduler preempts ends with an error instead.
+its prompt into chunks (the cut needs every text row) or share cached prefixes (the layers after the cut hold what
+the question chose): `CUT_ENGINE` turns both off. A preempted cut request is recomputed as its prompt, then its
+answer so far (`CutScheduler`), so that its answer never joins the cut's scoring rows.
 """
 
 from __future__ import annotations
@@ -39,10 +39,8 @@ from vllm.v1.attention.backends.utils import PAD_SLOT_ID
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.utils.math_utils import cdiv
-from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
-from vllm.v1.request import RequestStatus
 
 from star.integrations.vllm import CUT_ENGINE, Setting, engine_setting, unit_tokens
 from star.methods import DecoderView, Selection
@@ -85,8 +83,9 @@ def register_kv_cache_spec() -> None:
 
 
 class CutScheduler(Scheduler):
-    """vLLM's scheduler, telling the cut group's managers what each request drops, and ending with an error a cut
-    request it preempts (recomputing it would score its own answer as part of the question)."""
+    """vLLM's scheduler, telling the cut group's managers what each request drops, and recomputing a preempted cut
+    request in two parts: its prompt alone first (so that the cut scores the question's rows, not its answer so far,
+    and drops what it dropped before), then its answer so far."""
 
     def __init__(self, vllm_config: VllmConfig, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
@@ -96,7 +95,6 @@ class CutScheduler(Scheduler):
         for manager in self.kv_cache_manager.coordinator.single_type_managers:
             if isinstance(manager, CutManager):
                 manager.dropped = self.dropped
-        self.preempted_cuts: set[str] = set()
 
     def add_request(self, request) -> None:
         super().add_request(request)
@@ -104,20 +102,14 @@ class CutScheduler(Scheduler):
         cut = self.setting.cut is not None
         self.dropped[request.request_id] = sum(self.setting.unit_keep(n) - self.setting.unit_cut(n) for n in units) if cut else 0
 
-    def _preempt_request(self, request, timestamp: float, drop_stale_output: bool = False) -> None:
-        super()._preempt_request(request, timestamp, drop_stale_output)
-        if self.dropped.get(request.request_id):
-            self.preempted_cuts.add(request.request_id)
-
-    def update_from_output(self, scheduler_output, model_runner_output) -> dict[int, EngineCoreOutputs]:
-        outputs = super().update_from_output(scheduler_output, model_runner_output)
-        if self.preempted_cuts:
-            ended = self.finish_requests(self.preempted_cuts, RequestStatus.FINISHED_ERROR)
-            self.preempted_cuts = set()
-            for request in ended:
-                output = EngineCoreOutput(request_id=request.request_id, new_token_ids=[], finish_reason=request.get_finished_reason())
-                outputs.setdefault(request.client_index, EngineCoreOutputs()).outputs.append(output)
-        return outputs
+    def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
+        """vLLM 0.32's last clip of the tokens a step computes for a request, before their blocks are allocated:
+        here a cut request's prefill stops at its prompt's end (the step's sampled token is then vLLM's to discard,
+        as for any prefill chunk that does not reach the request's end)."""
+        num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        if self.dropped.get(request.request_id) and num_computed_tokens < request.num_prompt_tokens:
+            return min(num_new_tokens, request.num_prompt_tokens - num_computed_tokens)
+        return num_new_tokens
 
     def _free_request(self, request, *args, **kwargs):
         self.dropped.pop(request.request_id, None)
