@@ -31,6 +31,13 @@ def shipped_configs() -> list[str]:
     return [name for name in named_models() if "architecture" in _shipped(name)]
 
 
+def buildable_configs() -> list[str]:
+    """The shipped architectures this transformers has the model classes of (4.57 has no Gemma 4 or Qwen3.5)."""
+    from transformers import CONFIG_MAPPING
+
+    return [name for name in shipped_configs() if _shipped(name)["architecture"]["model_type"] in CONFIG_MAPPING]
+
+
 def shipped_config(name: str):
     """The transformers config of a shipped architecture, or a ValueError naming the ones that exist."""
     if name not in shipped_configs():

@@ -255,3 +255,12 @@ def test_the_processor_is_the_checkpoints_own(family, data):
         ours = processor(images=images, text=texts, return_tensors="pt", padding=True)
         reference = theirs(images=images, text=texts, return_tensors="pt", padding=True)
         assert sorted(ours) == sorted(reference) and all(torch.equal(ours[key], reference[key]) for key in ours), name
+
+
+@pytest.mark.skipif(compat.GEMMA4_MISSING is not None, reason=str(compat.GEMMA4_MISSING or ""))
+def test_star_flops_on_a_shipped_shape_refuses_what_star_apply_refuses(capsys):
+    """The shipped Gemma 4 E4B shares its last 18 layers' keys and values: PyramidDrop's cut at layer 31 is refused
+    as star.apply refuses it, naming the layers, where a cut at 21 (STAR's) is costed."""
+    assert main(["flops", "--model", "gemma-4-e4b", "--method", "star,pdrop", "--keep", "64"]) == 2
+    assert "method 'pdrop' cuts at decoder layer 31" in capsys.readouterr().err
+    assert main(["flops", "--model", "gemma-4-e4b", "--method", "star", "--keep", "64"]) == 0

@@ -74,6 +74,10 @@ def model_shape(model: str, chosen: list) -> tuple:
         for setting in chosen:
             if setting.method in refused:
                 raise ValueError(f"--method {setting.method!r} cannot prune {model}: {refused[setting.method]}")
+        if model in synthetic.buildable_configs():  # the family's own refusals too (e.g. Gemma 4's shared layers)
+            skeleton = checks.skeleton_of(synthetic.shipped_config(model), f"--model {model!r}")
+            for setting in chosen:
+                checks.check_setting(skeleton, setting.method, setting.keep, setting.options, None)
         return (flops_model.DecoderShape.named(model), flops_model.visual_tokens(model), flops_model.crops_per_image(model),
                 flops_model.fixed_image_tokens(model))
     if "/" not in model and not Path(model).expanduser().exists():
