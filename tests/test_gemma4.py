@@ -375,3 +375,19 @@ def test_sdpa_equals_eager_in_a_padded_batch(positions):
             outputs.append((generated, model(**inputs, logits_to_keep=1).logits))
     assert torch.equal(outputs[0][0], outputs[1][0])
     assert (outputs[0][1] - outputs[1][1]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["star", "fastv", "pool", "dart"])
+@torch.no_grad()
+def test_a_pruned_prefill_reads_back_the_layout_once(model, method):
+    """Images of three sizes in two prompts: the pruner reads back one thing, the layout with each image's tokens
+    and grid (`tolist` once); the rest are the tower's own reads, which the unpruned model makes too."""
+    from star.bench import host_reads
+
+    inputs = gemma4_inputs([[(4, 6), (4, 4)], [(2, 4)]], [(3, 6), (1, 2)])
+    model(**inputs)
+    unpruned = host_reads(lambda: model(**inputs))
+    with star.apply(model, method=method, keep=0.5):
+        model(**inputs)
+        pruned = host_reads(lambda: model(**inputs))
+    assert pruned["tolist"] == 1 and sum(pruned.values()) <= sum(unpruned.values()), (pruned, unpruned)
