@@ -38,16 +38,23 @@ def runs_folder(out: Path) -> Path:
     return out.with_name(out.stem + "-runs")
 
 
-def calibrate(model, processor, records, method: str, keeps: list, grid: dict[str, list], out: Path, source: str,
-              batch_size: int = 8, max_new_tokens: int = 8, positions: str | None = None) -> tuple[Schedule, list[str]]:
-    """Sweep the grid on `records`, write the schedule to `out` and its picture beside it; return both the
-    schedule and the messages of the records that could not be read."""
+def schedule_unit(model) -> int:
+    """The visual tokens a schedule's keeps count (per image, or per crop or tile), or a ValueError for a family
+    whose images differ in size (a model without weights will do, to refuse before loading)."""
     from star.adapters import adapter_for
 
     adapter = adapter_for(model)
     n_visual = adapter.budget_unit or adapter.n_visual
     if n_visual is None:
         raise ValueError(f"a schedule needs the same number of visual tokens in every image, and {type(model).__name__}'s images differ in size")
+    return n_visual
+
+
+def calibrate(model, processor, records, method: str, keeps: list, grid: dict[str, list], out: Path, source: str,
+              batch_size: int = 8, max_new_tokens: int = 8, positions: str | None = None) -> tuple[Schedule, list[str]]:
+    """Sweep the grid on `records`, write the schedule to `out` and its picture beside it; return both the
+    schedule and the messages of the records that could not be read."""
+    n_visual = schedule_unit(model)
     settings = grid_settings(method, keeps, grid)
     summary, skipped = evaluate(model, processor, records, settings, runs_folder(out), batch_size, max_new_tokens, positions)
     rows = summary["settings"]

@@ -226,10 +226,17 @@ SERVE_CASES = [
     ("--port 0", ["--port", "'0'"]),
 ]
 
+CALIBRATE = "calibrate --out {root}/schedule.json"
+CALIBRATE_CASES = [
+    ("--method none", ["--method 'none'", "nothing to calibrate"]),
+    ("--model {qwen}", ["same number of visual tokens in every image", "Qwen2VLForConditionalGeneration"]),
+    ("--keep 500", ["keep=500", "[1, 196]"]),
+]
+
 CASES = [
     (base, extra, named)
     for base, cases in ((RUN, RUN_CASES), (EVAL, EVAL_CASES), (BENCH, BENCH_CASES), (DEMO, DEMO_CASES), (FLOPS, FLOPS_CASES),
-                        (SERVE, SERVE_CASES))
+                        (SERVE, SERVE_CASES), (CALIBRATE, CALIBRATE_CASES))
     for extra, named in cases
 ]
 

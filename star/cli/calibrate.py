@@ -41,7 +41,7 @@ def add(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from star import checks
-    from star.calibrate import calibrate, default_grid, grid_settings, runs_folder
+    from star.calibrate import calibrate, default_grid, grid_settings, runs_folder, schedule_unit
     from star.schedule import frontier
     from star.eval.runner import check_identity, model_identity
     from star.eval.sources import load_records
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> None:
     chosen = split(args.data, args.split or {"scenes": "validation", "easy-vqa": "train"}.get(args.data))
     checks.check_device(args.device)
     skeleton = checks.model_skeleton(args.model)
+    schedule_unit(skeleton)
     if args.grid:
         grid = {name: [parse_option(args.method, name, value) for value in values] for name, values in args.grid}
     else:
