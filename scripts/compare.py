@@ -82,7 +82,8 @@ def grid(summary: dict) -> str:
             mine = dict.fromkeys(keeps, first)
         cells = [f"{report._with_interval(mine[k])} [{cost(mine[k])}]" if k in mine else "" for k in keeps]
         lines.append(f"| {first['method']} | {report._options(first)} | " + " | ".join(cells) + " |")
-    note = "decoder prefill TFLOPs per prompt" + ("; the keep a FLOPs budget picked" if keeps and isinstance(keeps[0], float) else "")
+    kind = budget_name(0, rows).split()[0]
+    note = "decoder prefill TFLOPs per prompt" + (f"; the keep a {'FLOPs' if kind == 'flops' else kind} budget picked" if kind != "keep" else "")
     return "\n".join(lines) + f"\n\nAccuracy in % (95% Wilson interval) [{note}]; `none` is unpruned, repeated.\n"
 
 
