@@ -10,6 +10,7 @@
 #   scripts/results.sh budgets  # COMPARE_METHODS at 0.2/0.3/0.4/0.5/0.7 of the unpruned FLOPs (STAR: its schedule)
 #   scripts/results.sh scale    # STAR's time against its FLOPs at 135M (default model) and 1.1B (random weights)
 #   scripts/results.sh equal-cost  # STAR, pool and random (then EQUAL_PEERS) at 0.6 / 0.35 / 0.2 of the FLOPs, n = 200
+#   scripts/results.sh equal-time  # STAR, pool and random calibrated on this machine, then at TIME_BUDGETS of its prefill time
 #
 # Sizes are environment variables (per question type): MODEL_N (200 scene questions), EASY_N (100 easy-VQA
 # colour and shape questions), SWEEP_N (25), TABLE_N (25), BENCH_REPEATS (9), SCALE_REPEATS (3),
@@ -108,6 +109,24 @@ case "${1:-}" in
     done
     ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/equal-cost-scenes "scenes (test), at equal FLOPs"
     ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/equal-cost-easy-vqa "easy-VQA (test, colour and shape), at equal FLOPs"
+    ;;
+  equal-time)
+    # the schedules keep this machine's measured times (so they are not shipped): run on an otherwise idle machine
+    SCHEDULES=$OUT/equal-time-schedules
+    mkdir -p $SCHEDULES
+    $STAR calibrate --data scenes --split validation --limit "${CALIBRATE_N:-10}" --method star --out $SCHEDULES/star.json
+    for method in pool random; do
+      $STAR calibrate --data scenes --split validation --limit "${CALIBRATE_N:-10}" --method $method \
+        --keep 144,100,81,64,49,36,25,16,9 --out $SCHEDULES/$method.json
+    done
+    RUN="${PYTHON:-.venv/bin/python} -m torch.distributed.run --nproc_per_node ${RANKS:-2} --no-python ${STAR} eval"
+    budgets=${TIME_BUDGETS:-0.85,0.7,0.55}
+    OMP_NUM_THREADS=1 $RUN --data scenes --split test --limit "${EQUAL_N:-50}" --methods none,star,pool,random \
+      --time $budgets --schedules $SCHEDULES --out $OUT/equal-time-scenes
+    OMP_NUM_THREADS=1 $RUN --data easy-vqa --split test --types color,shape --limit "$((2 * ${EQUAL_N:-50}))" \
+      --methods none,star,pool,random --time $budgets --schedules $SCHEDULES --out $OUT/equal-time-easy-vqa
+    ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/equal-time-scenes "scenes (test), at equal prefill time"
+    ${PYTHON:-.venv/bin/python} scripts/compare.py $OUT/equal-time-easy-vqa "easy-VQA (test, colour and shape), at equal prefill time"
     ;;
   scale)
     # float32 (on this CPU bfloat16 matrix products run slower than float32 ones) and one thread per process (on a

@@ -93,7 +93,8 @@ def plot(schedule: Schedule, path: Path) -> None:
         axis.plot([p.cost(kind) for p in best], [100 * p.accuracy for p in best], "-o", color="C3", label="frontier")
         for p in best:
             axis.annotate(_label(p), (p.cost(kind), 100 * p.accuracy), fontsize=6, xytext=(3, -9), textcoords="offset points")
-        axis.set_xlabel(f"decoder prefill {'FLOPs' if kind == 'flops' else 'time'}, fraction of the unpruned model's")
+        cost = "decoder prefill FLOPs" if kind == "flops" else "prefill time (vision tower and decoder, median)"
+        axis.set_xlabel(f"{cost}, fraction of the unpruned model's")
         axis.set_ylabel("accuracy (%)")
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
