@@ -21,10 +21,11 @@ no chunked prefill, no prefix caching, eager execution; the shared engine keeps 
 CUDA graphs). The layers after a cut run on vLLM's own attention backend. STAR's two stages end with the same visual tokens per image as star-vision at the same `--keep`
 (its vision stage keeps more, its cut the rest), so a cut row also gives its ratio to that row of its mode.
 
-Columns: prompt tokens as vLLM counts them (a cut row's vision-stage count, e.g. 27 text + 167 of 196 image
-tokens for STAR on the default model, and in brackets what the layers after its cut keep); requests/s and prompt
-tokens/s over the burst's wall time; time to first token (median over the burst's requests: the engine's own
-`first_token_latency` offline, the first streamed chunk for the server); the KV cache a request holds at its end,
+Columns: answer tokens (each `--max-tokens` in bursts of its own, in the same engines); prompt tokens as vLLM
+counts them (a cut row's vision-stage count, e.g. 27 text + 167 of 196 image tokens for STAR on the default model,
+and in brackets what the layers after its cut keep); requests/s and prompt tokens/s over the burst's wall time;
+time to first token (median over the burst's requests: the engine's own `first_token_latency` offline, the first
+streamed chunk with a token for the server); the KV cache a request holds at its end,
 computed from its token counts, not read from the engine: its tokens (prompt + answer, as vLLM counts them) and
 the blocks of vLLM's paged allocation, ceil(tokens / block size) with every request's image being different. A
 cut engine's KV cache is two groups, the layers before the cut and the layers after it, given as
