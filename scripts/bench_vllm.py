@@ -3,6 +3,9 @@
 
     .venv-vllm/bin/python scripts/bench_vllm.py                      # the CPU table of docs/results.md
     .venv-vllm/bin/python scripts/bench_vllm.py --gpu --model llava-hf/llava-1.5-7b-hf --keep 288,115,58,29 --requests 256
+    .venv-vllm/bin/python scripts/bench_vllm.py --config qwen2.5-vl-7b --image-pixels 50000,100000 --max-tokens 1,16 \
+        --requests 4 --repeats 1 --modes offline                     # Qwen2.5-VL-shaped, random weights, on a CPU
+    .venv-vllm/bin/python scripts/bench_vllm.py --gpu --config qwen2.5-vl-7b --decoder full --requests 64
 
 Each burst is N scene questions (one image each), every request submitted at once, so that the engine batches
 them; every burst has images of its own (so no encoder or prefix cache serves one burst from another), and every
@@ -18,10 +21,11 @@ no chunked prefill, no prefix caching, eager execution; the shared engine keeps 
 CUDA graphs). The layers after a cut run on vLLM's own attention backend. STAR's two stages end with the same visual tokens per image as star-vision at the same `--keep`
 (its vision stage keeps more, its cut the rest), so a cut row also gives its ratio to that row of its mode.
 
-Columns: prompt tokens as vLLM counts them (a cut row's vision-stage count, e.g. 27 text + 167 of 196 image
-tokens for STAR on the default model, and in brackets what the layers after its cut keep); requests/s and prompt
-tokens/s over the burst's wall time; time to first token (median over the burst's requests: the engine's own
-`first_token_latency` offline, the first streamed chunk for the server); the KV cache a request holds at its end,
+Columns: answer tokens (each `--max-tokens` in bursts of its own, in the same engines); prompt tokens as vLLM
+counts them (a cut row's vision-stage count, e.g. 27 text + 167 of 196 image tokens for STAR on the default model,
+and in brackets what the layers after its cut keep); requests/s and prompt tokens/s over the burst's wall time;
+time to first token (median over the burst's requests: the engine's own `first_token_latency` offline, the first
+streamed chunk with a token for the server); the KV cache a request holds at its end,
 computed from its token counts, not read from the engine: its tokens (prompt + answer, as vLLM counts them) and
 the blocks of vLLM's paged allocation, ceil(tokens / block size) with every request's image being different. A
 cut engine's KV cache is two groups, the layers before the cut and the layers after it, given as
@@ -33,6 +37,22 @@ layer counts: STAR's cut at the middle layer gives exactly the two; a cut at lay
 before and 14 alike after it on a 30-layer decoder, each holding the blocks given for "after", which the sum
 counts once (the MiB column counts every layer). On a CPU vLLM reserves its KV cache up front:
 VLLM_CPU_KVCACHE_SPACE (GiB), 2 here unless set.
+
+FLOPs: each row's prefill FLOPs over the unpruned row's on the same requests. The decoder's (star.flops, the
+paper's formula) for every request from its prompt as vLLM counts it and the setting's plan for its image; with
+`--config qwen2.5-vl-7b` also with the vision tower's (its windowed and full-attention blocks, patch embedding and
+merger, by the same rule), which every setting runs whole (the pruning comes after it). The scores' own small
+products are in neither. Prefill efficiency: (1 - time ratio) / (1 - FLOPs ratio), the time a burst's wall time.
+
+`--config NAME` (qwen2.5-vl-7b): a shipped architecture (star/configs) built with random weights and saved as a
+checkpoint (once, in a cache folder): its vision tower exactly (but for the merger's output width, the decoder's),
+its decoder (`--decoder`) that of the config or a small one of the same layout (Qwen2 layers, M-RoPE: Qwen2.5-0.5B's
+width and depth). Its processor is Qwen2.5-VL-
+7B-Instruct's image processor settings and chat template, over the default model's BPE tokenizer with Qwen's
+vision tokens added (no hub here to fetch Qwen's own). Each request's image is a scene stretched to its own size,
+multiples of 28 px from the low to the high `--image-pixels` (1-2 megapixels unless given), so images differ in
+size and a budget is best a fraction (`--keep 0.5,0.2,0.1`, the default there). Answers are meaningless, and so
+is which tokens a score keeps; how many it keeps, and what that costs, are real.
 """
 
 from __future__ import annotations
@@ -62,26 +82,70 @@ SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MIB = 2**20
 IMAGES = 1  # images per request: every scene question shows one
+RANDOM_CONFIGS = ("qwen2.5-vl-7b",)  # --config: shipped architectures this script builds with random weights
+# --decoder small: Qwen2.5-0.5B's decoder (Qwen2 layers), with M-RoPE sections in Qwen2.5-VL's proportions for its
+# 64-wide heads (16, 24, 24 of 128 halved)
+SMALL_DECODER = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2)
+SMALL_MROPE = [8, 12, 12]
+# Qwen2.5-VL-7B-Instruct's preprocessor_config.json (its image processor), and its chat template's form for images
+QWEN_IMAGES = dict(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=3136, max_pixels=12845056,
+                   image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+QWEN_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] in ('image', 'image_url') -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+QWEN_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     summary, _, method = __doc__.partition("\n\n")
     parser = argparse.ArgumentParser(description=summary, epilog=method, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint directory or hub name (default: the project's default model)")
+    parser.add_argument("--config", default=None, choices=RANDOM_CONFIGS,
+                        help="instead of --model: this shipped architecture with random weights (see below)")
+    parser.add_argument("--decoder", default="small", choices=("small", "full"),
+                        help="with --config: a small decoder of the config's layout (Qwen2.5-0.5B's 24 layers of 896; default) or the config's own")
+    parser.add_argument("--image-pixels", default="1000000,2000000",
+                        help="with --config: the images' sizes, LOW,HIGH pixels (each request's its own between them; default 1000000,2000000)")
     parser.add_argument("--method", default="star-vision", help="the vision-side method of the pruned rows, served per request by one engine (default star-vision)")
     parser.add_argument("--cut-method", default="star",
-                        help="the method of the rows that also prune inside the decoder (one cut; LLaVA-1.5 only), served as an engine's own "
+                        help="the method of the rows that also prune inside the decoder (one cut; LLaVA-1.5 and the Qwen families), served as an engine's own "
                              "setting, one engine per budget per mode: star (default; rows 'star (two stages)'), fastv or dart; "
                              "none: no such rows")
-    parser.add_argument("--keep", default="98,39,20", help="budgets of the pruned rows, visual tokens per image after all pruning, comma-separated (default 98,39,20)")
+    parser.add_argument("--keep", default=None,
+                        help="budgets of the pruned rows, visual tokens per image after all pruning (or fractions of each image's), "
+                             "comma-separated (default 98,39,20; with --config 0.5,0.2,0.1)")
     parser.add_argument("--requests", type=int, default=16, help="requests per burst (default 16)")
     parser.add_argument("--repeats", type=int, default=3, help="timed bursts per setting after one warm-up (default 3)")
-    parser.add_argument("--max-tokens", type=int, default=8, help="answer tokens per request (default 8)")
+    parser.add_argument("--max-tokens", default="8", help="answer tokens per request, comma-separated: each in bursts of its own (default 8)")
     parser.add_argument("--modes", default="offline,server", help="offline, server or both (default both)")
     parser.add_argument("--gpu", action="store_true", help="bfloat16, CUDA graphs (not in a cut engine) and a larger batch (a GPU machine with vllm installed)")
-    parser.add_argument("--out", type=Path, default=Path("docs/results/vllm-cpu.json"), help="where the measurements go (JSON)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the measurements go (JSON; default docs/results/vllm-cpu.json, with --config docs/results/vllm-cpu-CONFIG.json)")
     args = parser.parse_args(argv)
-    args.keeps = [int(k) for k in args.keep.split(",")]
+    if args.config and args.model:
+        parser.error("--config builds a model with random weights: give it or --model, not both")
+    args.keep = args.keep or ("0.5,0.2,0.1" if args.config else "98,39,20")
+    try:
+        args.keeps = [float(k) if "." in k else int(k) for k in args.keep.split(",")]
+        args.max_tokens = [int(k) for k in args.max_tokens.split(",")]
+        args.image_pixels = [int(k) for k in args.image_pixels.split(",")]
+    except ValueError as error:
+        parser.error(f"--keep, --max-tokens and --image-pixels take comma-separated numbers ({error})")
+    if min(args.max_tokens) < 1:
+        parser.error(f"--max-tokens={args.max_tokens} must be at least 1")
+    if len(args.image_pixels) != 2 or not 28 * 28 <= args.image_pixels[0] <= args.image_pixels[1]:
+        parser.error(f"--image-pixels={args.image_pixels}: give LOW,HIGH with {28 * 28} <= LOW <= HIGH")
+    args.out = args.out or Path(f"docs/results/vllm-cpu{'-' + args.config if args.config else ''}.json")
     args.modes = args.modes.split(",")
     for mode in args.modes:
         if mode not in ("offline", "server"):
@@ -93,19 +157,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def engine_args(args: argparse.Namespace) -> dict:
     if args.gpu:
-        return {"dtype": "bfloat16", "max_model_len": 4096, "max_num_seqs": 256, "seed": 0}
-    # 32-token blocks, the CPU backend's smallest (its default is 128): the blocks the cut saves show at these sizes
-    return {"dtype": "float32", "max_model_len": 1024, "max_num_seqs": args.requests, "enforce_eager": True, "seed": 0, "block_size": 32}
+        options = {"dtype": "bfloat16", "max_model_len": 4096, "max_num_seqs": 256, "seed": 0}
+    else:
+        # 32-token blocks, the CPU backend's smallest (its default is 128): the blocks the cut saves show at these sizes
+        options = {"dtype": "float32", "max_model_len": 1024, "max_num_seqs": args.requests, "enforce_eager": True, "seed": 0, "block_size": 32}
+    if args.config:  # vLLM profiles its encoder with the largest image the processor allows: the run's largest, not Qwen's 12.8 MP
+        tokens = args.image_pixels[1] // (28 * 28)
+        options.update(max_model_len=max(options["max_model_len"], 256 * math.ceil((tokens + 256) / 256)),
+                       mm_processor_kwargs={"max_pixels": args.image_pixels[1]})
+    return options
 
 
 @dataclass
 class Engine:
     """One engine of a mode and the settings it serves: `star` (the plugin's engine_args: hf_overrides, and a cut's
-    engine options) and its rows; `per_request`: each row's setting goes with its requests (else it is the
-    engine's own); `cut`: the engine's decoder cut (layer, vision-stage count, tokens it drops per image)."""
+    engine options) and its rows (each a setting's dict, and the plugin's `Setting` of it, whose plan per image
+    gives its token counts); `per_request`: each row's setting goes with its requests (else it is the engine's own);
+    `cut`: the engine's decoder cut (its layer; with images of one size, the vision-stage count and the tokens it
+    drops per image)."""
 
     star: dict
-    rows: list[dict]
+    rows: list[tuple[dict, object]]
     per_request: bool
     cut: dict | None = None
     layers: tuple[int, ...] = ()  # the decoder layers of each KV-cache group
@@ -113,29 +185,33 @@ class Engine:
 
 def engines(args: argparse.Namespace, config) -> list[Engine]:
     """The shared engine (unpruned and --method, per request), then one engine per --keep for --cut-method."""
+    from star.integrations.vllm import config_setting, serves_cut
     from star.integrations.vllm import engine_args as star_engine_args
-    from star.integrations.vllm import hf_overrides, parse_setting
+    from star.integrations.vllm import hf_overrides
     from star.integrations.vllm import n_visual, num_layers
 
     n, layers = n_visual(config), num_layers(config)
-    rows = [{"method": "none", "keep": n}] + [{"method": args.method, "keep": k} for k in args.keeps]
-    shared = Engine({"hf_overrides": hf_overrides("none", n)}, rows, per_request=True, layers=(layers,))
+    architecture = (config.architectures or ["?"])[0]
+    full = n or 1.0  # the unpruned setting: every token (a fraction where images differ in size)
+    raws = [{"method": "none", "keep": full}] + [{"method": args.method, "keep": k} for k in args.keeps]
+    rows = [(raw, config_setting(raw, config, f"--method {raw['method']} --keep {raw['keep']}", cuts=False)) for raw in raws]
+    shared = Engine({"hf_overrides": hf_overrides("none", full, architecture)}, rows, per_request=True, layers=(layers,))
     if args.cut_method == "none":
         return [shared]
-    architecture = (config.architectures or ["?"])[0]
-    if architecture != "LlavaForConditionalGeneration":
-        raise SystemExit(f"--cut-method {args.cut_method}: the plugin serves a decoder cut on LLaVA-1.5 only, not {architecture}; "
+    if not serves_cut(config):
+        raise SystemExit(f"--cut-method {args.cut_method}: the plugin serves no decoder cut on {architecture}; "
                          "--cut-method none runs the other rows")
     cuts = []
     for keep in args.keeps:
         raw = {"method": args.cut_method, "keep": keep}
-        setting = parse_setting(raw, n, layers, f"--cut-method {args.cut_method} --keep {keep}", cuts=True)
+        setting = config_setting(raw, config, f"--cut-method {args.cut_method} --keep {keep}", cuts=True)
         if setting.cut is None:
             raise SystemExit(f"--cut-method {args.cut_method} at --keep {keep} does not prune inside this model's decoder: "
                              "a vision-side setting belongs in --method")
         layer = setting.cut.layer
-        cut = {"layer": layer, "vision_keep": setting.keep, "dropped_per_image": setting.keep - setting.cut.keep}
-        cuts.append(Engine(star_engine_args(args.cut_method, keep, architecture), [raw], per_request=False, cut=cut, layers=(layer, layers - layer)))
+        cut = {"layer": layer} if n is None else {"layer": layer, "vision_keep": setting.keep, "dropped_per_image": setting.keep - setting.cut.keep}
+        cuts.append(Engine(star_engine_args(args.cut_method, keep, architecture), [(raw, setting)], per_request=False, cut=cut,
+                           layers=(layer, layers - layer)))
     return [shared, *cuts]
 
 
@@ -147,15 +223,119 @@ def label(row: dict) -> str:
     return f"{row['method']} {row['keep']}"
 
 
-def scene_requests(path: str, count: int) -> tuple[list[str], list]:
+@dataclass
+class Workload:
+    """What every setting serves: the prompts, their questions and images (one each), each image's tokens from the
+    encoder, the decoder's shape, and each image's tower FLOPs (None where not modelled). Burst b of a max_tokens is
+    requests [b * requests, (b + 1) * requests) of that max_tokens' own slice: no image is served twice."""
+
+    prompts: list[str]
+    questions: list[str]
+    images: list
+    units: list[int]
+    texts: list[int]  # the prompt's other tokens
+    shape: object
+    tower_flops: list[float] | None
+
+    def burst(self, args, answer: int, repeat: int) -> slice:
+        start = (args.max_tokens.index(answer) * (args.repeats + 1) + repeat) * args.requests
+        return slice(start, start + args.requests)
+
+
+def workload(args, path: str, config) -> Workload:
+    """Scene questions, as many as the run serves; with --config, each image stretched to its own size (multiples of
+    28 px, its pixels evenly from the low to the high --image-pixels, at most the high, its aspect from 3:4 to 4:3)."""
     from transformers import AutoProcessor
 
     from star.data.scenes import TYPES, scene_records
     from star.eval.runner import build_prompt
+    from star.flops import DecoderShape
+    from star.integrations.vllm import n_visual
 
+    count = args.requests * (args.repeats + 1) * len(args.max_tokens)
     processor = AutoProcessor.from_pretrained(path)
     records = scene_records("test", per_type=-(-count // len(TYPES)))[:count]
-    return [build_prompt(processor, r.question) for r in records], records
+    images = [r.image for r in records]
+    units = [n_visual(config)] * count
+    tower = None
+    if args.config:
+        low, high = args.image_pixels
+        images, units, tower = [], [], []
+        for i, record in enumerate(records):
+            pixels = low + (high - low) * i / max(count - 1, 1)
+            aspect = (3 / 4, 1.0, 4 / 3)[i % 3]
+            height = max(2, round(math.sqrt(pixels / aspect) / 28))
+            width = max(2, min(round(height * aspect), high // (28 * 28 * height)))
+            images.append(record.image.resize((28 * width, 28 * height)))
+            units.append(height * width)
+            tower.append(qwen2_5_vision_flops(config.vision_config, 2 * height, 2 * width))
+    prompts = [build_prompt(processor, r.question) for r in records]
+    texts = [len(processor.tokenizer(p)["input_ids"]) - IMAGES for p in prompts]  # each image is one placeholder token here
+    return Workload(prompts, [r.question for r in records], images, units, texts, DecoderShape.from_config(config.get_text_config()), tower)
+
+
+def qwen2_5_vision_flops(vision, rows: int, columns: int) -> float:
+    """FLOPs (2 x multiply-accumulates) of Qwen2.5-VL's vision tower on one image of rows x columns patches (a frame
+    pair): the patch embedding; per block q/k/v and output projections, the gated FFN, and attention's two products,
+    within windows of `window_size` px (whole merged units, the grid's last windows cut short) in most blocks and over
+    the whole image in `fullatt_block_indexes`; the merger's two-layer MLP over merged units. Norms, biases and
+    rotary embeddings are not counted (star.flops's rule for the decoder)."""
+    d, patches, merge = vision.hidden_size, rows * columns, vision.spatial_merge_size
+    embed = patches * vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 * d
+    units_per_window = vision.window_size // merge // vision.patch_size
+    merged_rows, merged_columns = rows // merge, columns // merge
+    windows = [min(units_per_window, merged_rows - r) * min(units_per_window, merged_columns - c) * merge**2
+               for r in range(0, merged_rows, units_per_window) for c in range(0, merged_columns, units_per_window)]
+    linear = patches * (4 * d * d + 3 * d * vision.intermediate_size)
+    full = set(vision.fullatt_block_indexes)
+    attention = sum(2 * d * (patches**2 if block in full else sum(w * w for w in windows)) for block in range(vision.depth))
+    wide = d * merge**2
+    merger = patches // merge**2 * (wide * wide + wide * vision.out_hidden_size)
+    return 2.0 * (embed + vision.depth * linear + attention + merger)
+
+
+def random_checkpoint(args) -> str:
+    """The --config architecture with random weights (--decoder: its own or the small one), saved with a Qwen2.5-VL
+    processor (see the module's docstring) in the engine's dtype, in a cache folder reused while complete."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    from star.synthetic import random_model, shipped_config
+    from star.zoo import build_default_model
+
+    dtype = engine_args(args)["dtype"]
+    home = Path(os.environ.get("STAR_HOME", Path.home() / ".cache" / "star"))
+    folder = home / "bench" / f"{args.config}-{args.decoder}-{dtype}-random"
+    if (folder / "complete").is_file():
+        return str(folder)
+    tokenizer = AutoTokenizer.from_pretrained(build_default_model(progress=False))
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
+    config = shipped_config(args.config)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
+           (("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"))}
+    text = config.text_config
+    fields = {**text.to_dict(), **(SMALL_DECODER if args.decoder == "small" else {}), "vocab_size": 64 * math.ceil(len(tokenizer) / 64),
+              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    fields.pop("layer_types", None)  # one per layer: the config makes them anew for the new depth
+    config.text_config = text = type(text)(**fields)
+    if args.decoder == "small":  # the rotary dict (rope_parameters in transformers 5, rope_scaling in 4) in place
+        (getattr(text, "rope_parameters", None) or text.rope_scaling)["mrope_section"] = SMALL_MROPE
+    config.vision_config.out_hidden_size = text.hidden_size  # the merger's output is the decoder's width (Qwen2.5-VL-3B's 2048 likewise)
+    for name, value in {**ids, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}.items():
+        setattr(config, name, value)
+    device = "cuda" if args.gpu else "cpu"
+    model = random_model(config, device, getattr(torch, dtype), "sdpa")
+    images = Qwen2VLImageProcessor(**QWEN_IMAGES)
+    videos = Qwen2VLVideoProcessor(**{k: v for k, v in QWEN_IMAGES.items() if k not in ("min_pixels", "max_pixels")})
+    processor = Qwen2_5_VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=videos, chat_template=QWEN_TEMPLATE)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    (folder / "complete").write_text(json.dumps({"config": args.config, "decoder": args.decoder, "dtype": dtype}) + "\n")
+    del model
+    gc.collect()
+    return str(folder)
 
 
 def kv_blocks(prompt_tokens: int, answer_tokens: int, block_size: int, dropped: int | None = None) -> tuple[int, ...]:
@@ -172,36 +352,36 @@ def kv_blocks(prompt_tokens: int, answer_tokens: int, block_size: int, dropped: 
 
 def kv_bytes_per_token_layer(config, dtype: str) -> int:
     """K and V of one token in one decoder layer: 2 x key-value heads x head size x the dtype's bytes."""
-    text = config.text_config
+    text = config.get_text_config()
     head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return 2 * text.num_key_value_heads * head * DTYPE_BYTES[dtype]
 
 
-def run_offline(args, path: str, engine: Engine, kv_unit: int) -> list[dict]:
+def run_offline(args, path: str, engine: Engine, kv_unit: int, work: Workload) -> list[dict]:
     from vllm import LLM, SamplingParams
 
-    prompts, records = scene_requests(path, args.requests * (args.repeats + 1))
     llm = LLM(path, disable_log_stats=False, **{**engine_args(args), **engine.star})
     try:
         block_size = llm.llm_engine.vllm_config.cache_config.block_size
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
         results = []
-        for setting in engine.rows:
-            own = {"mm_processor_kwargs": {"star": setting}} if engine.per_request else {}
-            requests = [{"prompt": p, "multi_modal_data": {"image": r.image}, **own} for p, r in zip(prompts, records)]
-            bursts = []
-            for repeat in range(args.repeats + 1):
-                burst = requests[repeat * args.requests : (repeat + 1) * args.requests]
-                start = time.perf_counter()
-                outputs = llm.generate(burst, params, use_tqdm=False)
-                wall = time.perf_counter() - start
-                answers = [len(o.outputs[0].token_ids) for o in outputs]
-                _check_answers(answers, [o.outputs[0].finish_reason for o in outputs], args.max_tokens, setting)
-                if repeat:
-                    bursts.append(_burst(wall, [len(o.prompt_token_ids) for o in outputs], [o.metrics.first_token_latency for o in outputs],
-                                         answers, block_size, engine, kv_unit))
-            results.append(_row("offline", setting, engine, bursts))
-            print(json.dumps(results[-1]), flush=True)
+        for answer in args.max_tokens:
+            params = SamplingParams(max_tokens=answer, temperature=0.0, ignore_eos=True)
+            for raw, setting in engine.rows:
+                own = {"mm_processor_kwargs": {"star": raw}} if engine.per_request else {}
+                bursts = []
+                for repeat in range(args.repeats + 1):
+                    burst = work.burst(args, answer, repeat)
+                    requests = [{"prompt": p, "multi_modal_data": {"image": i}, **own} for p, i in zip(work.prompts[burst], work.images[burst])]
+                    start = time.perf_counter()
+                    outputs = llm.generate(requests, params, use_tqdm=False)
+                    wall = time.perf_counter() - start
+                    answers = [len(o.outputs[0].token_ids) for o in outputs]
+                    _check_answers(answers, [o.outputs[0].finish_reason for o in outputs], answer, raw)
+                    if repeat:
+                        bursts.append(_burst(wall, [len(o.prompt_token_ids) for o in outputs], [o.metrics.first_token_latency for o in outputs],
+                                             answers, block_size, engine, setting, kv_unit, work, burst))
+                results.append(_row("offline", answer, raw, engine, bursts))
+                print(json.dumps(results[-1]), flush=True)
         return results
     finally:  # the engine core's process ends here, its KV cache with it, before the next engine starts
         llm.llm_engine.engine_core.shutdown()
@@ -209,13 +389,12 @@ def run_offline(args, path: str, engine: Engine, kv_unit: int) -> list[dict]:
         gc.collect()
 
 
-def run_server(args, path: str, engine: Engine, kv_unit: int) -> list[dict]:
+def run_server(args, path: str, engine: Engine, kv_unit: int, work: Workload) -> list[dict]:
     import openai
 
     from star.eval.records import QUESTION_SUFFIX
     from star.integrations.vllm import server_flags
 
-    _, records = scene_requests(path, args.requests * (args.repeats + 1))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -224,60 +403,66 @@ def run_server(args, path: str, engine: Engine, kv_unit: int) -> list[dict]:
     log = tempfile.NamedTemporaryFile("w", prefix="vllm-serve-", suffix=".log", delete=False)
     print(f"vllm serve's log: {log.name}", file=sys.stderr)
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=3600)
     try:
         _wait(client, process)
         block_size = _block_size(port)
-        images = [_image_url(r.image) for r in records]
+        images = [_image_url(i) for i in work.images]
         results = []
-        for setting in engine.rows:
-            own = setting if engine.per_request else None
-            bursts = []
-            for repeat in range(args.repeats + 1):
-                burst = slice(repeat * args.requests, (repeat + 1) * args.requests)
-                start = time.perf_counter()
-                replies = _burst_requests(client, path, records[burst], images[burst], own, args.max_tokens, QUESTION_SUFFIX, start)
-                wall = time.perf_counter() - start
-                _check_answers([r[2] for r in replies], [r[3] for r in replies], args.max_tokens, setting)
-                if repeat:
-                    bursts.append(_burst(wall, [r[0] for r in replies], [r[1] for r in replies], [r[2] for r in replies], block_size, engine, kv_unit))
-            results.append(_row("server", setting, engine, bursts))
-            print(json.dumps(results[-1]), flush=True)
+        for answer in args.max_tokens:
+            for raw, setting in engine.rows:
+                own = raw if engine.per_request else None
+                bursts = []
+                for repeat in range(args.repeats + 1):
+                    burst = work.burst(args, answer, repeat)
+                    start = time.perf_counter()
+                    replies = _burst_requests(client, path, work.questions[burst], images[burst], own, answer, QUESTION_SUFFIX, start)
+                    wall = time.perf_counter() - start
+                    _check_answers([r[2] for r in replies], [r[3] for r in replies], answer, raw)
+                    if repeat:
+                        bursts.append(_burst(wall, [r[0] for r in replies], [r[1] for r in replies], [r[2] for r in replies], block_size, engine,
+                                             setting, kv_unit, work, burst))
+                results.append(_row("server", answer, raw, engine, bursts))
+                print(json.dumps(results[-1]), flush=True)
         return results
     finally:  # the server's process group: its engine and worker processes stop with it, before the next starts
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=120)
 
 
-def _burst_requests(client, model, records, images, setting, max_tokens, suffix, start) -> list[tuple[int, float, int, str]]:
+def _burst_requests(client, model, questions, images, setting, max_tokens, suffix, start) -> list[tuple[int, float, int, str]]:
     """Every request at once, one thread each, streamed: (prompt tokens, time to first token, answer tokens, finish
-    reason). `setting`: the requests' own (`mm_processor_kwargs`), or None for the engine's."""
-    replies: list = [None] * len(records)
-    extra = {"ignore_eos": True, **({"mm_processor_kwargs": {"star": setting}} if setting is not None else {})}
+    reason). `setting`: the requests' own (`mm_processor_kwargs`), or None for the engine's. The first token is the
+    first chunk that carries token ids (`return_token_ids`), whether or not its text is empty (a token that decodes
+    to nothing yet, which random weights give)."""
+    replies: list = [None] * len(questions)
+    extra = {"ignore_eos": True, "return_token_ids": True, **({"mm_processor_kwargs": {"star": setting}} if setting is not None else {})}
 
     def ask(index: int) -> None:
         content = [{"type": "image_url", "image_url": {"url": images[index]}},
-                   {"type": "text", "text": f"{records[index].question}\n{suffix}"}]
+                   {"type": "text", "text": f"{questions[index]}\n{suffix}"}]
         stream = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0.0, stream=True,
             stream_options={"include_usage": True}, extra_body=extra,
         )
         first, usage, finish = None, None, None
         for chunk in stream:
-            if first is None and chunk.choices and chunk.choices[0].delta.content:
+            if first is None and chunk.choices and (chunk.choices[0].model_extra or {}).get("token_ids"):
                 first = time.perf_counter() - start
             if chunk.choices and chunk.choices[0].finish_reason:
                 finish = chunk.choices[0].finish_reason
             usage = chunk.usage or usage
         replies[index] = (usage.prompt_tokens, first, usage.completion_tokens, finish)
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(records))]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     if None in replies:
         raise RuntimeError(f"{replies.count(None)} of {len(replies)} streamed requests failed (their threads' errors are above)")
+    if any(r[1] is None for r in replies):
+        raise RuntimeError("a streamed answer carried no token ids: its time to first token is unknown")
     return replies
 
 
@@ -290,33 +475,54 @@ def _check_answers(answers: list[int], reasons: list, max_tokens: int, setting: 
                            f"(tokens, finish reason: {short[:4]}); a cut request ends so when its KV cache runs short")
 
 
-def _burst(wall: float, prompt: list[int], ttft: list[float], answer: list[int], block_size: int, engine: Engine, kv_unit: int) -> dict:
-    dropped = IMAGES * engine.cut["dropped_per_image"] if engine.cut else None
-    groups = [kv_blocks(p, a, block_size, dropped) for p, a in zip(prompt, answer)]
-    burst = {
+def _burst(wall: float, prompt: list[int], ttft: list[float], answer: list[int], block_size: int, engine: Engine, setting, kv_unit: int,
+           work: Workload, burst: slice) -> dict:
+    """A timed burst's figures. Each request's plan for its image (the setting's `unit_plan`) gives its vision-stage
+    count, which with its text must be vLLM's prompt count (else the run stops: what vLLM served is not what is
+    counted), the tokens its cut drops and its decoder FLOPs."""
+    from star.flops import prefill_flops, tokens_per_layer
+
+    units, texts = work.units[burst], work.texts[burst]
+    plans = [setting.unit_plan(n) for n in units]
+    expected = [t + plan.vision_keep * IMAGES for t, plan in zip(texts, plans)]
+    if expected != prompt:
+        raise RuntimeError(f"{setting.text}: vLLM counted prompts of {prompt} tokens where the plans give {expected} (text + vision stage)")
+    dropped = [IMAGES * (plan.vision_keep - plan.llm_stages[0].keep) for plan in plans] if engine.cut else [None] * len(prompt)
+    groups = [kv_blocks(p, a, block_size, d) for p, a, d in zip(prompt, answer, dropped)]
+    decoder = [prefill_flops(work.shape, tokens_per_layer(work.shape.num_layers, t, plan.vision_keep * IMAGES,
+                                                          [(s.layer, s.keep * IMAGES) for s in plan.llm_stages]))
+               for t, plan in zip(texts, plans)]
+    result = {
         "wall_s": wall, "requests_per_s": len(prompt) / wall, "prompt_tokens_per_s": sum(prompt) / wall,
-        "ttft_s": statistics.median(ttft), "prompt_tokens": statistics.median(prompt),
+        "ttft_s": statistics.median(ttft), "prompt_tokens": statistics.median(prompt), "text_tokens": statistics.median(texts),
+        "image_tokens_unpruned": statistics.median(units),
         "kv_tokens": statistics.median(p + a for p, a in zip(prompt, answer)),
         "kv_blocks": statistics.median(sum(g) for g in groups), "block_size": block_size,
         "kv_mib": statistics.median(sum(b * block_size * n * kv_unit for b, n in zip(g, engine.layers)) / MIB for g in groups),
+        "decoder_flops": sum(decoder),
     }
+    if work.tower_flops is not None:
+        result["tower_flops"] = sum(work.tower_flops[burst])
     if engine.cut:
-        burst["prompt_tokens_after_cut"] = statistics.median(p - dropped for p in prompt)
-        burst["kv_blocks_before_cut"] = statistics.median(g[0] for g in groups)
-        burst["kv_blocks_after_cut"] = statistics.median(g[1] for g in groups)
-    return burst
+        result["prompt_tokens_after_cut"] = statistics.median(p - d for p, d in zip(prompt, dropped))
+        result["kv_blocks_before_cut"] = statistics.median(g[0] for g in groups)
+        result["kv_blocks_after_cut"] = statistics.median(g[1] for g in groups)
+    return result
 
 
-def _row(mode: str, setting: dict, engine: Engine, bursts: list[dict]) -> dict:
-    median = {key: statistics.median(b[key] for b in bursts) for key in bursts[0]}
-    row = {"mode": mode, "method": setting["method"], "keep": setting["keep"], "repeats": len(bursts), **median}
+def _row(mode: str, answer: int, raw: dict, engine: Engine, bursts: list[dict]) -> dict:
+    """Medians over the bursts; FLOPs summed over them (the same requests for every setting of a mode)."""
+    summed = ("decoder_flops", "tower_flops")
+    median = {key: statistics.median(b[key] for b in bursts) for key in bursts[0] if key not in summed}
+    row = {"mode": mode, "max_tokens": answer, "method": raw["method"], "keep": raw["keep"], "repeats": len(bursts), **median,
+           **{key: sum(b[key] for b in bursts) for key in summed if key in bursts[0]}}
     if engine.cut:
         row.update(cut=engine.cut, kv_group_layers=list(engine.layers),
                    engine_options={k: v for k, v in engine.star.items() if k != "hf_overrides"})
     return row
 
 
-def _wait(client, process, timeout: float = 900) -> None:
+def _wait(client, process, timeout: float = 1800) -> None:
     import openai
 
     deadline = time.monotonic() + timeout
@@ -347,19 +553,38 @@ def _image_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def flops_ratios(row: dict, base: dict) -> tuple[float, float | None]:
+    """A row's prefill FLOPs over the unpruned row's: the decoder's, and with the tower's (None where not modelled)."""
+    decoder = row["decoder_flops"] / base["decoder_flops"]
+    if "tower_flops" not in row:
+        return decoder, None
+    return decoder, (row["decoder_flops"] + row["tower_flops"]) / (base["decoder_flops"] + base["tower_flops"])
+
+
+def efficiency(time_ratio: float, flops_ratio: float | None) -> str:
+    """(1 - time ratio) / (1 - FLOPs ratio): the share of the FLOPs saved that the time saved."""
+    if flops_ratio is None or flops_ratio >= 1:
+        return "-"
+    return f"{(1 - time_ratio) / (1 - flops_ratio):.2f}"
+
+
 def table(results: list[dict], vision_method: str = "star-vision") -> str:
-    """The markdown table: per mode the unpruned row, then per budget the vision-side row and the cut row."""
+    """The markdown table: per mode and answer length the unpruned row, then per budget the vision-side row and the
+    cut row."""
     lines = [
-        f"| mode | setting | prompt tokens | requests/s (x unpruned; x {vision_method}) | prompt tokens/s | TTFT (s) (x unpruned; x {vision_method}) "
-        "| KV cache / request: tokens; blocks (before + after cut = sum) of block size; MiB |",
-        "|---|---|---|---|---|---|---|",
+        f"| mode | answer tokens | setting | prompt tokens | requests/s (x unpruned; x {vision_method}) | prompt tokens/s | TTFT (s) (x unpruned; x {vision_method}) "
+        "| KV cache / request: tokens; blocks (before + after cut = sum) of block size; MiB "
+        "| FLOPs x unpruned: decoder; with tower | prefill efficiency (wall time): decoder; with tower |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    modes = list(dict.fromkeys(r["mode"] for r in results))
+    groups = list(dict.fromkeys((r["mode"], r["max_tokens"]) for r in results))
     keeps = list(dict.fromkeys(r["keep"] for r in results if r["method"] != "none"))
-    order = sorted(results, key=lambda r: (modes.index(r["mode"]), r["method"] != "none", keeps.index(r["keep"]) if r["method"] != "none" else 0, bool(r.get("cut"))))
+    order = sorted(results, key=lambda r: (groups.index((r["mode"], r["max_tokens"])), r["method"] != "none",
+                                           keeps.index(r["keep"]) if r["method"] != "none" else 0, bool(r.get("cut"))))
     for row in order:
-        base = next(r for r in results if r["mode"] == row["mode"] and r["method"] == "none")
-        vision = next((r for r in results if r["mode"] == row["mode"] and r["method"] == vision_method and r["keep"] == row["keep"] and not r.get("cut")), None)
+        same = [r for r in results if (r["mode"], r["max_tokens"]) == (row["mode"], row["max_tokens"])]
+        base = next(r for r in same if r["method"] == "none")
+        vision = next((r for r in same if r["method"] == vision_method and r["keep"] == row["keep"] and not r.get("cut")), None)
 
         def cell(key: str, digits: int) -> str:
             ratios = f"{row[key] / base[key]:.2f}x" + (f"; {row[key] / vision[key]:.2f}x" if row.get("cut") and vision else "")
@@ -370,10 +595,36 @@ def table(results: list[dict], vision_method: str = "star-vision") -> str:
             held = f"{row['kv_blocks_before_cut']:.0f} + {row['kv_blocks_after_cut']:.0f} = {row['kv_blocks']:.0f}"
         else:
             prompt, held = f"{row['prompt_tokens']:.0f}", f"{row['kv_blocks']:.0f}"
+        decoder, whole = flops_ratios(row, base)
+        time_ratio = row["wall_s"] / base["wall_s"]
+        flops = f"{decoder:.2f}; {'-' if whole is None else f'{whole:.2f}'}"
         lines.append(
-            f"| {row['mode']} | {label(row)} | {prompt} | {cell('requests_per_s', 2)} | {row['prompt_tokens_per_s']:.0f} | {cell('ttft_s', 2)} "
-            f"| {row['kv_tokens']:.0f}; {held} of {row['block_size']}; {row['kv_mib']:.1f} |"
+            f"| {row['mode']} | {row['max_tokens']} | {label(row)} | {prompt} | {cell('requests_per_s', 2)} | {row['prompt_tokens_per_s']:.0f} "
+            f"| {cell('ttft_s', 2)} | {row['kv_tokens']:.0f}; {held} of {row['block_size']}; {row['kv_mib']:.1f} "
+            f"| {flops} | {efficiency(time_ratio, decoder)}; {efficiency(time_ratio, whole)} |"
         )
+    return "\n".join(lines)
+
+
+def equal_flops(results: list[dict], vision_method: str = "star-vision") -> str:
+    """Each cut row beside the vision-side method at the same decoder FLOPs: its requests/s and TTFT interpolated
+    linearly in the decoder FLOPs ratio between the two rows of the same mode and answer length (vision-side or
+    unpruned) around the cut row's ratio; none where the cut row's ratio is below every vision-side row's."""
+    lines = [f"| mode | answer tokens | setting | decoder FLOPs x unpruned | requests/s x {vision_method} at equal FLOPs | TTFT x {vision_method} at equal FLOPs |",
+             "|---|---|---|---|---|---|"]
+    for row in (r for r in results if r.get("cut")):
+        same = [r for r in results if (r["mode"], r["max_tokens"]) == (row["mode"], row["max_tokens"]) and not r.get("cut")]
+        base = next(r for r in same if r["method"] == "none")
+        points = sorted((flops_ratios(r, base)[0], r) for r in same if r["method"] in ("none", vision_method))
+        ratio = flops_ratios(row, base)[0]
+        around = [(a, b) for a, b in zip(points, points[1:]) if a[0] <= ratio <= b[0]]
+        if not around:
+            continue
+        (x0, r0), (x1, r1) = around[0]
+        weight = (ratio - x0) / (x1 - x0) if x1 > x0 else 0.0
+        at = {key: r0[key] + weight * (r1[key] - r0[key]) for key in ("requests_per_s", "ttft_s")}
+        lines.append(f"| {row['mode']} | {row['max_tokens']} | {label(row)} | {ratio:.2f} | {row['requests_per_s'] / at['requests_per_s']:.2f}x "
+                     f"| {row['ttft_s'] / at['ttft_s']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -383,23 +634,33 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoConfig
 
     path = args.model
-    if path is None:
+    if args.config:
+        path = random_checkpoint(args)
+    elif path is None:
         from star.zoo import build_default_model
 
         path = str(build_default_model())
     config = AutoConfig.from_pretrained(path)
     plan = engines(args, config)
+    work = workload(args, path, config)
     kv_unit = kv_bytes_per_token_layer(config, engine_args(args)["dtype"])
+    text = config.get_text_config()
     record = {"command": " ".join(["scripts/bench_vllm.py", *(argv if argv is not None else sys.argv[1:])]), "model": path,
+              "config": args.config, "decoder": args.decoder if args.config else None,
+              "decoder_shape": {k: getattr(text, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")},
+              "image_pixels": args.image_pixels if args.config else None,
               "requests": args.requests, "max_tokens": args.max_tokens, "method": args.method, "cut_method": args.cut_method,
-              "kv_cache_gib": None if args.gpu else os.environ["VLLM_CPU_KVCACHE_SPACE"], "results": []}
+              "kv_cache_gib": None if args.gpu else os.environ["VLLM_CPU_KVCACHE_SPACE"], "load_average_at_start": os.getloadavg(), "results": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for mode, run in (("offline", run_offline), ("server", run_server)):
         if mode in args.modes:
             for engine in plan:  # one at a time: each is shut down before the next starts
-                record["results"] += run(args, path, engine, kv_unit)
+                record["results"] += run(args, path, engine, kv_unit, work)
+                record["load_average"] = os.getloadavg()
                 args.out.write_text(json.dumps(record, indent=1) + "\n")  # what has run so far, should a later engine fail
     print(table(record["results"], args.method))
+    print()
+    print(equal_flops(record["results"], args.method))
 
 
 if __name__ == "__main__":
