@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from star.methods import REGISTRY, LLMStage, Method, Plan, build
+from star.methods.pool import pooled_grid
 from star.pruner import resolve_keep
 from star.pruner.budget import NOMINAL_TOKENS, unit_keep
 
@@ -54,10 +55,10 @@ class Family:
 
 FAMILIES = (
     Family("LlavaForConditionalGeneration", "llava:StarLlavaForConditionalGeneration", "llava", "LlavaAdapter", cuts=True, pools=True),
-    Family("LlavaNextForConditionalGeneration", "llava_next:StarLlavaNextForConditionalGeneration", "llava_next", "LlavaNextAdapter"),
-    Family("Qwen2VLForConditionalGeneration", "qwen2_vl:StarQwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLAdapter", mrope=True, cuts=True),
-    Family("Qwen2_5_VLForConditionalGeneration", "qwen2_vl:StarQwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "Qwen2VLAdapter", mrope=True, cuts=True),
-    Family("Qwen3VLForConditionalGeneration", "qwen3_vl:StarQwen3VLForConditionalGeneration", "qwen3_vl", "Qwen3VLAdapter", mrope=True, cuts=True),
+    Family("LlavaNextForConditionalGeneration", "llava_next:StarLlavaNextForConditionalGeneration", "llava_next", "LlavaNextAdapter", pools=True),
+    Family("Qwen2VLForConditionalGeneration", "qwen2_vl:StarQwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLAdapter", mrope=True, cuts=True, pools=True),
+    Family("Qwen2_5_VLForConditionalGeneration", "qwen2_vl:StarQwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "Qwen2VLAdapter", mrope=True, cuts=True, pools=True),
+    Family("Qwen3VLForConditionalGeneration", "qwen3_vl:StarQwen3VLForConditionalGeneration", "qwen3_vl", "Qwen3VLAdapter", mrope=True, cuts=True, pools=True),
 )
 ARCHITECTURES = {family.architecture: family.pruned_class for family in FAMILIES}
 # Families of the Hugging Face path that the plugin does not serve yet, and why.
@@ -148,19 +149,27 @@ class Setting:
     num_layers: int
     cut: LLMStage | None = None  # the decoder cut, where the setting has one: `cut.keep` per image after it
 
-    def unit_plan(self, n: int) -> Plan:
-        """The method's plan for a unit of n tokens (a LLaVA-NeXT tile that unpadding cuts, a Qwen image), its
-        budget as `star.apply` counts it (`star.pruner.budget.unit_keep`); a ValueError where an int `keep` is above
-        a Qwen image's tokens, or where the unit would be cut inside the decoder other than at the setting's cut."""
-        plan = self.method.plan(n, unit_keep(self.given, n, self.n_visual), self.num_layers)
+    def unit_plan(self, n: int, grid: tuple[int, int] | None = None) -> Plan:
+        """The method's plan for a unit of n tokens laid out as `grid` (rows, columns; a LLaVA-NeXT tile that unpadding
+        cuts, a Qwen image), its budget as `star.apply` counts it (`star.pruner.budget.unit_keep`); a ValueError where
+        an int `keep` is above a Qwen image's tokens, or where the unit would be cut inside the decoder other than at
+        the setting's cut."""
+        plan = self.method.unit_plan(n, unit_keep(self.given, n, self.n_visual), self.num_layers, grid)
         stages = plan.llm_stages
         if stages and (self.cut is None or len(stages) > 1 or stages[0].layer != self.cut.layer):
             raise ValueError(_refusal(self.method, self.given, stages[0].layer))
         return plan
 
-    def unit_keep(self, n: int) -> int:
-        """The tokens a unit of n tokens keeps in the vision stage (its placeholder count)."""
-        return self.keep if n == self.n_visual else self.unit_plan(n).vision_keep
+    def unit_keep(self, n: int, grid: tuple[int, int] | None = None) -> int:
+        """The tokens a unit of n tokens (laid out as `grid`) keeps in the vision stage (its placeholder count)."""
+        return self.keep if n == self.n_visual else self.unit_plan(n, grid).vision_keep
+
+    def kept_grid(self, n: int, grid: tuple[int, int]) -> tuple[int, int]:
+        """The grid whose own positions a unit's kept tokens take: pool's pooled grid (`Method.grid_positions`), known
+        from the setting and the unit's grid before the encoder runs; the unit's own grid for every other method."""
+        if not self.method.grid_positions:
+            return grid
+        return pooled_grid(grid, unit_keep(self.given, n, self.n_visual))
 
     def unit_cut(self, n: int) -> int:
         """The tokens a unit of n tokens keeps after the decoder cut (its vision stage's, where it has no cut)."""
