@@ -116,10 +116,12 @@ def test_a_batch_gives_what_each_prompt_gives_alone(llm, hf, setting):
 
 
 def test_unpruned_blocks_are_vllms_own_count(llm):
-    """With `none` the placeholder count is vLLM's own LLaVA-NeXT count (`get_num_image_tokens`) for each size."""
+    """With `none` the placeholder count is vLLM's own LLaVA-NeXT count (`get_num_image_tokens`) for each size.
+    Images no earlier test sent, so that the encoder runs (vLLM's encoder cache would serve a seen one)."""
     from operator import attrgetter
 
-    [ours] = vllm_generate(llm, PROMPTS[2:], PICTURES[2:], {"method": "none", "keep": N_VISUAL}, 1)
+    fresh = [picture(90, CUT), picture(91, WHOLE)]
+    [ours] = vllm_generate(llm, PROMPTS[2:], [fresh], {"method": "none", "keep": N_VISUAL}, 1)
     assert ours["prompt_tokens"] == len(PROMPTS[2].split()) - 2 + FULL[CUT] + FULL[WHOLE]
     assert [len(k) for k in llm.apply_model(attrgetter("star_kept"))[0]] == [FULL[CUT] - 6, FULL[WHOLE] - 4]
 
