@@ -14,7 +14,7 @@ own (`star.integrations.vllm.cut`), and `engine_args` gives the engine options i
 are numbered without gaps, as `star.apply(..., positions="contiguous")` does.
 
 On Qwen2-VL, Qwen2.5-VL and Qwen3-VL the kept tokens keep their original 3-D M-RoPE positions, as `star.apply`
-gives them on M-RoPE models (`star.integrations.vllm.qwen2_vl`).
+gives them on M-RoPE models, but for `pool`'s, which take their pooled grid's own (`star.integrations.vllm.qwen2_vl`).
 
 The package mirrors `star/adapters/`: this module (settings, no vLLM import), `served` (what every served family
 shares), one module per family (`llava`, `llava_next`, `qwen2_vl`, `qwen3_vl`), and `cut` (the decoder cut, which
@@ -36,9 +36,8 @@ from star.pruner.budget import NOMINAL_TOKENS, unit_keep
 class Family:
     """A served family: the architecture (vLLM names its classes as transformers does), the pruned class (module in
     this package, class), the Hugging Face model type, the `star.adapters` class whose tower refusals apply, whether
-    its images differ in size with 3-D M-RoPE positions (an int `keep` counts per image), whether an engine's
-    setting may cut inside its decoder, and whether its class serves `pool` (whose tokens are the pooled grid's,
-    numbered as an image that small)."""
+    its images differ in size with 3-D M-RoPE positions (an int `keep` counts per image), and whether an engine's
+    setting may cut inside its decoder."""
 
     architecture: str
     pruned: str
@@ -46,7 +45,6 @@ class Family:
     adapter: str
     mrope: bool = False
     cuts: bool = False
-    pools: bool = False
 
     @property
     def pruned_class(self) -> str:
@@ -54,11 +52,11 @@ class Family:
 
 
 FAMILIES = (
-    Family("LlavaForConditionalGeneration", "llava:StarLlavaForConditionalGeneration", "llava", "LlavaAdapter", cuts=True, pools=True),
-    Family("LlavaNextForConditionalGeneration", "llava_next:StarLlavaNextForConditionalGeneration", "llava_next", "LlavaNextAdapter", pools=True),
-    Family("Qwen2VLForConditionalGeneration", "qwen2_vl:StarQwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLAdapter", mrope=True, cuts=True, pools=True),
-    Family("Qwen2_5_VLForConditionalGeneration", "qwen2_vl:StarQwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "Qwen2VLAdapter", mrope=True, cuts=True, pools=True),
-    Family("Qwen3VLForConditionalGeneration", "qwen3_vl:StarQwen3VLForConditionalGeneration", "qwen3_vl", "Qwen3VLAdapter", mrope=True, cuts=True, pools=True),
+    Family("LlavaForConditionalGeneration", "llava:StarLlavaForConditionalGeneration", "llava", "LlavaAdapter", cuts=True),
+    Family("LlavaNextForConditionalGeneration", "llava_next:StarLlavaNextForConditionalGeneration", "llava_next", "LlavaNextAdapter"),
+    Family("Qwen2VLForConditionalGeneration", "qwen2_vl:StarQwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLAdapter", mrope=True, cuts=True),
+    Family("Qwen2_5_VLForConditionalGeneration", "qwen2_vl:StarQwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "Qwen2VLAdapter", mrope=True, cuts=True),
+    Family("Qwen3VLForConditionalGeneration", "qwen3_vl:StarQwen3VLForConditionalGeneration", "qwen3_vl", "Qwen3VLAdapter", mrope=True, cuts=True),
 )
 ARCHITECTURES = {family.architecture: family.pruned_class for family in FAMILIES}
 # Families of the Hugging Face path that the plugin does not serve yet, and why.
@@ -237,13 +235,6 @@ def config_setting(raw: object, config, where: str, cuts: bool | None = None) ->
 
     setting = parse_setting(raw, n_visual(config), num_layers(config), where, cuts=serves_cut(config) if cuts is None else cuts)
     family = _family(model_type=config.model_type)
-    if setting.method.name == "pool" and not family.pools:
-        served = ", ".join(f.architecture for f in FAMILIES if f.pools)
-        raise ValueError(
-            f"{where}: method='pool' is served on {served} only: its tokens are averages over the patch grid, numbered as "
-            f"the pooled grid's own (on Qwen its own 3-D positions, on LLaVA-NeXT per crop), which {family.pruned_class} "
-            "does not lay out yet"
-        )
     refusal = vision_refusal(getattr(star.adapters, family.adapter), setting.method)
     if refusal:
         raise ValueError(f"{where}: method={setting.method.name!r}: {refusal}")
