@@ -114,12 +114,24 @@ def test_engine_args_add_the_cut_options_only_for_a_method_that_cuts():
     ]
 
 
-def test_pool_is_served_on_llava_only():
-    from transformers import AutoConfig, LlavaNextConfig
+def test_pool_is_served_on_every_family_its_counts_and_grids_from_each_units_grid():
+    """pool's placeholder count and the grid whose positions its tokens take, known before the encoder from the
+    setting and the unit's grid (a Qwen image, a LLaVA-NeXT tile that unpadding cuts), as `Pool.unit_plan` gives them."""
+    from transformers import AutoConfig
 
-    from star.integrations.vllm import config_setting
+    from star.integrations.vllm import FAMILIES, config_setting, engine_setting
 
+    for family in FAMILIES:
+        config = AutoConfig.for_model(family.model_type)
+        config.star = {"method": "pool", "keep": 64}
+        assert engine_setting(config).method.name == "pool", family.architecture
     assert config_setting({"method": "pool", "keep": 64}, AutoConfig.for_model("llava"), "here").keep == 64
-    for config in (LlavaNextConfig(), AutoConfig.for_model("qwen2_5_vl")):
-        with pytest.raises(ValueError, match="here: method='pool' is served on LlavaForConditionalGeneration only"):
-            config_setting({"method": "pool", "keep": 64}, config, "here")
+    qwen = AutoConfig.for_model("qwen2_5_vl")
+    for keep, grids in ((6, {(6, 4): (3, 2), (4, 8): (2, 4), (4, 4): (2, 2)}), (0.6, {(6, 4): (4, 3), (4, 8): (3, 6), (4, 4): (3, 3)})):
+        setting = config_setting({"method": "pool", "keep": keep}, qwen, "here")
+        for (rows, columns), (g_h, g_w) in grids.items():
+            assert setting.kept_grid(rows * columns, (rows, columns)) == (g_h, g_w)
+            assert setting.unit_keep(rows * columns, (rows, columns)) == g_h * g_w
+    assert config_setting({"method": "star-vision", "keep": 6}, qwen, "here").kept_grid(24, (6, 4)) == (6, 4)
+    next_ = config_setting({"method": "pool", "keep": 0.5}, AutoConfig.for_model("llava_next"), "here")
+    assert next_.keep == 289 and next_.unit_keep(12, (3, 4)) == 6  # a crop of 24 x 24 to 17 x 17; a cut tile's 6 to 2 x 3

@@ -207,7 +207,9 @@ def tiny_qwen_checkpoint(directory: Path, version: str, seed: int = 0) -> str:
     torch.manual_seed(seed)
     ids = dict(image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123)
     common = dict(in_channels=3, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_heads=4)
-    text = dict(TINY_TEXT, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})
+    # rope_theta 100 (the default is 1e6): the (h, w) sections take the low frequencies of a 32-wide head, where a
+    # 1e6 base turns a few rows of an image into angles too small to tell one position from another to 1e-4.
+    text = dict(TINY_TEXT, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]}, rope_theta=100.0)
     if version == "2":
         config = tf.Qwen2VLConfig(vision_config=dict(depth=3, embed_dim=32, hidden_size=128, mlp_ratio=2, **common), text_config=text, **ids)
         model, processor = tf.Qwen2VLForConditionalGeneration(config), tf.Qwen2VLProcessor

@@ -1,8 +1,8 @@
 """A Qwen checkpoint through a real server: `star serve --model QWEN --method star-vision --keep 0.5` on a tiny random
 Qwen2.5-VL and the OpenAI client. Checked: the answer to a chat request with an image is the Hugging Face path's
-(star.apply, original positions) for the prompt the chat template builds, with the engine's setting and with the
-request's own; the usage counts the pruned prompt; a request whose int `keep` is above its image's tokens gets an
-error and the server keeps serving."""
+(star.apply, original positions; pool's, its 2 x 4 grid's own) for the prompt the chat template builds, with the
+engine's setting and with the request's own; the usage counts the pruned prompt; a request whose int `keep` is
+above its image's tokens gets an error and the server keeps serving."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ def _ask(client, model: str, image, setting: dict | None = None):
     )
 
 
-@pytest.mark.parametrize("setting", [None, {"method": "random", "keep": 4, "seed": 3}], ids=["engine", "request"])
+@pytest.mark.parametrize(
+    "setting", [None, {"method": "random", "keep": 4, "seed": 3}, {"method": "pool", "keep": 6}], ids=["engine", "request", "pool"]
+)
 def test_a_chat_request_gets_the_hf_answer_from_the_pruned_prompt(served, setting):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor

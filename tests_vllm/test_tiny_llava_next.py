@@ -4,7 +4,8 @@ Two image sizes: 32 x 64 px (a 1 x 2 grid of whole tiles) and 40 x 56 px (a 2 x 
 of each tile's 16 patches, so each tile keeps its share: round(keep * 12 / 16)). The reference is `star.apply(...,
 positions="contiguous")` on the same checkpoint: the same kept tokens (their places among the prompt's image
 tokens, newlines counted there), the same placeholder count, the same greedy tokens and their log-probabilities to
-1e-4, for single prompts and for batches of prompts with one or two images of either size.
+1e-4, for single prompts and for batches of prompts with one or two images of either size; pool per crop, a cut
+tile pooled over the rectangle of patches it shows.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ SETTINGS = [
     {"method": "divprune", "keep": 5},
     {"method": "star-vision", "keep": 0.5},
     {"method": "none", "keep": N_VISUAL},
+    {"method": "pool", "keep": 9},
+    {"method": "pool", "keep": 4},
 ]
+POOL = SETTINGS[-2]
 STEPS = 6
 
 
@@ -47,8 +51,15 @@ SIZES = [[WHOLE], [CUT], [CUT, WHOLE]]
 PICTURES = [[picture(10 * row + i, size) for i, size in enumerate(sizes)] for row, sizes in enumerate(SIZES)]
 
 
-def pruned(size: tuple[int, int], keep: int | float) -> int:
+# pool's blocks, counted by hand: keep=9 pools the 4 x 4 crops to 3 x 3 and a cut tile's 3 x 4 patches (a budget of
+# round(9 * 12 / 16) = 7) to 2 x 3; keep=4 pools crops to 2 x 2 and a cut tile (a budget of 3) to 1 x 1.
+POOLED = {(WHOLE, 9): 9 + 2 * 9 + 4, (CUT, 9): 9 + 4 * 6 + 6, (WHOLE, 4): 4 + 2 * 4 + 4, (CUT, 4): 4 + 4 * 1 + 6}
+
+
+def pruned(size: tuple[int, int], keep: int | float, method: str = "star-vision") -> int:
     """The block's tokens at `keep`, counted by hand: the base crop's and each tile's budget, and the newlines."""
+    if method == "pool":
+        return POOLED[size, keep]
     tile = 16 if size == WHOLE else 12
     share = max(1, round(keep * tile)) if isinstance(keep, float) else min(tile, max(1, round(keep * tile / 16)))
     base = max(1, round(keep * 16)) if isinstance(keep, float) else keep
@@ -91,11 +102,11 @@ def test_each_prompt_alone_keeps_the_hf_tokens_and_gives_its_answer(llm, hf, set
         offsets = np.cumsum([0] + [FULL[size] for size in SIZES[row]])
         assert [offsets[image] + p for image, places in enumerate(kept) for p in places] == reference[row]["kept"]
         words = len(prompt.split()) - len(SIZES[row])
-        assert ours["prompt_tokens"] == words + sum(pruned(size, setting["keep"]) for size in SIZES[row])
+        assert ours["prompt_tokens"] == words + sum(pruned(size, setting["keep"], setting["method"]) for size in SIZES[row])
         _same(ours, reference[row])
 
 
-@pytest.mark.parametrize("setting", SETTINGS[:4], ids=lambda s: s["method"])
+@pytest.mark.parametrize("setting", [*SETTINGS[:4], POOL], ids=lambda s: s["method"])
 def test_a_batch_gives_what_each_prompt_gives_alone(llm, hf, setting):
     """vLLM schedules the three prompts (four images of two sizes) together; each must give the Hugging Face
     path's answer for it."""
@@ -105,10 +116,12 @@ def test_a_batch_gives_what_each_prompt_gives_alone(llm, hf, setting):
 
 
 def test_unpruned_blocks_are_vllms_own_count(llm):
-    """With `none` the placeholder count is vLLM's own LLaVA-NeXT count (`get_num_image_tokens`) for each size."""
+    """With `none` the placeholder count is vLLM's own LLaVA-NeXT count (`get_num_image_tokens`) for each size.
+    Images no earlier test sent, so that the encoder runs (vLLM's encoder cache would serve a seen one)."""
     from operator import attrgetter
 
-    [ours] = vllm_generate(llm, PROMPTS[2:], PICTURES[2:], {"method": "none", "keep": N_VISUAL}, 1)
+    fresh = [picture(90, CUT), picture(91, WHOLE)]
+    [ours] = vllm_generate(llm, PROMPTS[2:], [fresh], {"method": "none", "keep": N_VISUAL}, 1)
     assert ours["prompt_tokens"] == len(PROMPTS[2].split()) - 2 + FULL[CUT] + FULL[WHOLE]
     assert [len(k) for k in llm.apply_model(attrgetter("star_kept"))[0]] == [FULL[CUT] - 6, FULL[WHOLE] - 4]
 

@@ -2,9 +2,10 @@
 per family.
 
 Every setting runs as a request's own `mm_processor_kwargs`. The reference is `star.apply` on the same checkpoint
-(original positions, as on every M-RoPE model): the same kept tokens, the same greedy tokens and their
-log-probabilities to 1e-4, for prompts with one image and with two of different sizes, alone and batched with a
-text-only prompt; `prompt_tokens` counts the pruned prompt.
+(original positions, as on every M-RoPE model; pool's tokens numbered as their pooled grid's own): the same kept
+tokens (pool's: its windows' centres), the same greedy tokens and their log-probabilities to 1e-4, for prompts with
+one image and with two of different sizes, alone and batched with a text-only prompt; `prompt_tokens` counts the
+pruned prompt.
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ SETTINGS = [
     {"method": "divprune", "keep": 5},
     {"method": "star-vision", "keep": 0.5},
     {"method": "none", "keep": 1.0},
+    # pool's grids: 16 tokens (4 x 4) pool to 2 x 2 / 3 x 3, 24 (6 x 4) to 3 x 2 / 4 x 3, 32 (4 x 8) to 2 x 4 / 3 x 6
+    {"method": "pool", "keep": 6},
+    {"method": "pool", "keep": 0.6},
 ]
+POOL = SETTINGS[-2]
 STEPS = 6
 
 
@@ -110,7 +115,7 @@ def test_each_prompt_alone_keeps_the_hf_tokens_and_gives_its_answer(llm, hf, set
         _same(ours, reference)
 
 
-@pytest.mark.parametrize("setting", SETTINGS[:2], ids=lambda s: s["method"])
+@pytest.mark.parametrize("setting", [*SETTINGS[:2], POOL], ids=lambda s: s["method"])
 def test_a_batch_with_a_text_prompt_gives_what_each_prompt_gives_alone(llm, hf, setting):
     for ours, prompt, images in zip(vllm_generate(llm, PROMPTS, PICTURES, setting), PROMPTS, PICTURES):
         _same(ours, hf_generate(hf, prompt, images, setting))

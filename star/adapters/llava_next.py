@@ -118,7 +118,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 project=self.project,
                 instruction=self.instruction(input_ids, [rows[crop]], layout),
                 columns=torch.cat([shown.new_zeros(1), 1 + shown]),
-                grid=_shown_grid(shown_host, self.side),
+                grid=shown_grid(shown_host, self.side),
             )
             groups.append(VisionGroup(view, [rows[crop]], place_of[crop : crop + 1, shown_host].to(device)))
         return Encoded(groups, slots, self.newline)
@@ -130,7 +130,7 @@ class LlavaNextAdapter(LlavaAdapter):
         return anyres_inputs(self, size, before, after, generator)
 
 
-def _shown_grid(shown: torch.Tensor, side: int) -> tuple[int, int]:
+def shown_grid(shown: torch.Tensor, side: int) -> tuple[int, int]:
     """The (rows, columns) of the patches a crop shows: unpadding cuts whole rows or whole columns, so they are a
     rectangle of the crop's side x side grid, listed in row-major order."""
     rows = len(torch.unique(shown // side))

@@ -14,7 +14,7 @@ own (`star.integrations.vllm.cut`), and `engine_args` gives the engine options i
 are numbered without gaps, as `star.apply(..., positions="contiguous")` does.
 
 On Qwen2-VL, Qwen2.5-VL and Qwen3-VL the kept tokens keep their original 3-D M-RoPE positions, as `star.apply`
-gives them on M-RoPE models (`star.integrations.vllm.qwen2_vl`).
+gives them on M-RoPE models, but for `pool`'s, which take their pooled grid's own (`star.integrations.vllm.qwen2_vl`).
 
 The package mirrors `star/adapters/`: this module (settings, no vLLM import), `served` (what every served family
 shares), one module per family (`llava`, `llava_next`, `qwen2_vl`, `qwen3_vl`), and `cut` (the decoder cut, which
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from star.methods import REGISTRY, LLMStage, Method, Plan, build
+from star.methods.pool import pooled_grid
 from star.pruner import resolve_keep
 from star.pruner.budget import NOMINAL_TOKENS, unit_keep
 
@@ -35,9 +36,8 @@ from star.pruner.budget import NOMINAL_TOKENS, unit_keep
 class Family:
     """A served family: the architecture (vLLM names its classes as transformers does), the pruned class (module in
     this package, class), the Hugging Face model type, the `star.adapters` class whose tower refusals apply, whether
-    its images differ in size with 3-D M-RoPE positions (an int `keep` counts per image), whether an engine's
-    setting may cut inside its decoder, and whether its class serves `pool` (whose tokens are the pooled grid's,
-    numbered as an image that small)."""
+    its images differ in size with 3-D M-RoPE positions (an int `keep` counts per image), and whether an engine's
+    setting may cut inside its decoder."""
 
     architecture: str
     pruned: str
@@ -45,7 +45,6 @@ class Family:
     adapter: str
     mrope: bool = False
     cuts: bool = False
-    pools: bool = False
 
     @property
     def pruned_class(self) -> str:
@@ -53,7 +52,7 @@ class Family:
 
 
 FAMILIES = (
-    Family("LlavaForConditionalGeneration", "llava:StarLlavaForConditionalGeneration", "llava", "LlavaAdapter", cuts=True, pools=True),
+    Family("LlavaForConditionalGeneration", "llava:StarLlavaForConditionalGeneration", "llava", "LlavaAdapter", cuts=True),
     Family("LlavaNextForConditionalGeneration", "llava_next:StarLlavaNextForConditionalGeneration", "llava_next", "LlavaNextAdapter"),
     Family("Qwen2VLForConditionalGeneration", "qwen2_vl:StarQwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLAdapter", mrope=True, cuts=True),
     Family("Qwen2_5_VLForConditionalGeneration", "qwen2_vl:StarQwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "Qwen2VLAdapter", mrope=True, cuts=True),
@@ -148,19 +147,27 @@ class Setting:
     num_layers: int
     cut: LLMStage | None = None  # the decoder cut, where the setting has one: `cut.keep` per image after it
 
-    def unit_plan(self, n: int) -> Plan:
-        """The method's plan for a unit of n tokens (a LLaVA-NeXT tile that unpadding cuts, a Qwen image), its
-        budget as `star.apply` counts it (`star.pruner.budget.unit_keep`); a ValueError where an int `keep` is above
-        a Qwen image's tokens, or where the unit would be cut inside the decoder other than at the setting's cut."""
-        plan = self.method.plan(n, unit_keep(self.given, n, self.n_visual), self.num_layers)
+    def unit_plan(self, n: int, grid: tuple[int, int] | None = None) -> Plan:
+        """The method's plan for a unit of n tokens laid out as `grid` (rows, columns; a LLaVA-NeXT tile that unpadding
+        cuts, a Qwen image), its budget as `star.apply` counts it (`star.pruner.budget.unit_keep`); a ValueError where
+        an int `keep` is above a Qwen image's tokens, or where the unit would be cut inside the decoder other than at
+        the setting's cut."""
+        plan = self.method.unit_plan(n, unit_keep(self.given, n, self.n_visual), self.num_layers, grid)
         stages = plan.llm_stages
         if stages and (self.cut is None or len(stages) > 1 or stages[0].layer != self.cut.layer):
             raise ValueError(_refusal(self.method, self.given, stages[0].layer))
         return plan
 
-    def unit_keep(self, n: int) -> int:
-        """The tokens a unit of n tokens keeps in the vision stage (its placeholder count)."""
-        return self.keep if n == self.n_visual else self.unit_plan(n).vision_keep
+    def unit_keep(self, n: int, grid: tuple[int, int] | None = None) -> int:
+        """The tokens a unit of n tokens (laid out as `grid`) keeps in the vision stage (its placeholder count)."""
+        return self.keep if n == self.n_visual else self.unit_plan(n, grid).vision_keep
+
+    def kept_grid(self, n: int, grid: tuple[int, int]) -> tuple[int, int]:
+        """The grid whose own positions a unit's kept tokens take: pool's pooled grid (`Method.grid_positions`), known
+        from the setting and the unit's grid before the encoder runs; the unit's own grid for every other method."""
+        if not self.method.grid_positions:
+            return grid
+        return pooled_grid(grid, unit_keep(self.given, n, self.n_visual))
 
     def unit_cut(self, n: int) -> int:
         """The tokens a unit of n tokens keeps after the decoder cut (its vision stage's, where it has no cut)."""
@@ -228,13 +235,6 @@ def config_setting(raw: object, config, where: str, cuts: bool | None = None) ->
 
     setting = parse_setting(raw, n_visual(config), num_layers(config), where, cuts=serves_cut(config) if cuts is None else cuts)
     family = _family(model_type=config.model_type)
-    if setting.method.name == "pool" and not family.pools:
-        served = ", ".join(f.architecture for f in FAMILIES if f.pools)
-        raise ValueError(
-            f"{where}: method='pool' is served on {served} only: its tokens are averages over the patch grid, numbered as "
-            f"the pooled grid's own (on Qwen its own 3-D positions, on LLaVA-NeXT per crop), which {family.pruned_class} "
-            "does not lay out yet"
-        )
     refusal = vision_refusal(getattr(star.adapters, family.adapter), setting.method)
     if refusal:
         raise ValueError(f"{where}: method={setting.method.name!r}: {refusal}")

@@ -145,10 +145,10 @@ class StarLlavaForConditionalGeneration(PrunedClip, LlavaForConditionalGeneratio
         for text in dict.fromkeys(texts):  # the images of one encoder call, grouped by setting
             setting = self._setting(text)
             rows = torch.tensor([i for i, t in enumerate(texts) if t == text], device=feature.device)
-            index, states = self._select(setting, self._view(feature[rows], layer_input[rows]), setting.keep)
-            projected = self.multi_modal_projector(states)
+            selection = self._select(setting, self._view(feature[rows], layer_input[rows]), setting.keep)
+            projected = self.multi_modal_projector(selection.states)
             for unit, row in enumerate(rows.tolist()):
-                embeds[row], kept[row] = projected[unit], index[unit].cpu()
+                embeds[row], kept[row] = projected[unit], selection.index[unit].cpu()
         self.star_kept = kept
         return embeds
 

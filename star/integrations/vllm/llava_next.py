@@ -34,7 +34,7 @@ from vllm.multimodal.inputs import MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from star.adapters.llava_next import PartialCropView
+from star.adapters.llava_next import PartialCropView, shown_grid
 from star.integrations.vllm import Setting, n_visual
 from star.integrations.vllm.llava import CLIP_LEVEL, PrunedClip, _clip_qk
 from star.integrations.vllm.served import SettingInfo, SettingProcessor
@@ -78,17 +78,21 @@ def crops_of(config, height: int, width: int) -> int:
     return image_size_to_num_patches((height, width), config.image_grid_pinpoints, config.vision_config.image_size)
 
 
-def shown(config, height: int, width: int) -> list[int]:
-    """How many patches of each crop the prompt shows (n_visual for the base crop and uncut tiles)."""
+def shown(config, height: int, width: int) -> list[torch.Tensor]:
+    """The patches of each crop the prompt shows (all n_visual for the base crop and uncut tiles), in order."""
     tokens = layout(config, height, width)
-    return torch.bincount(tokens[tokens >= 0] // n_visual(config), minlength=crops_of(config, height, width)).tolist()
+    patches = tokens[tokens >= 0]
+    n = n_visual(config)
+    return [patches[patches // n == crop] % n for crop in range(crops_of(config, height, width))]
 
 
 def pruned_tokens(config, setting: Setting, height: int, width: int) -> int:
-    """The image's placeholder count under `setting`: each shown crop's budget, and every newline."""
+    """The image's placeholder count under `setting`: each shown crop's budget (for pool, that of the grid of the
+    patches it shows), and every newline."""
     tokens = layout(config, height, width)
     newlines = int((tokens < 0).sum())
-    return newlines + sum(setting.unit_keep(n) for n in shown(config, height, width) if n)
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    return newlines + sum(setting.unit_keep(len(p), shown_grid(p, side)) for p in shown(config, height, width) if len(p))
 
 
 class StarLlavaNextProcessingInfo(SettingInfo, LlavaNextProcessingInfo):
@@ -159,21 +163,22 @@ class StarLlavaNextForConditionalGeneration(PrunedClip, LlavaNextForConditionalG
                     row = first[image] + crop
                     setting = settings[texts[image]]
                     columns = torch.cat([patches.new_zeros(1), 1 + patches]).to(device)
+                    grid = shown_grid(patches, self.config.vision_config.image_size // self.config.vision_config.patch_size)
                     view = PartialCropView(
                         features=feature[row : row + 1, columns[1:]], n_prefix=1,
                         qk=partial(_clip_qk, self.feature_layer, layer_input[row : row + 1]),
-                        prefix_features=feature[row : row + 1, 0], project=self.multi_modal_projector, columns=columns,
+                        prefix_features=feature[row : row + 1, 0], project=self.multi_modal_projector, columns=columns, grid=grid,
                     )
-                    index, states = self._select(setting, view, setting.unit_keep(len(patches)))
-                    places[image].append(place_of[image][crop, patches[index[0].cpu()]])
-                    embeds[image].append(self.multi_modal_projector(states)[0])
+                    selection = self._select(setting, view, setting.unit_keep(len(patches), grid))
+                    places[image].append(place_of[image][crop, patches[selection.index[0].cpu()]])
+                    embeds[image].append(self.multi_modal_projector(selection.states)[0])
         for text, units in whole.items():
             setting = settings[text]
             rows = torch.tensor([first[image] + crop for image, crop in units], device=device)
-            index, states = self._select(setting, self._view(feature[rows], layer_input[rows]), setting.keep)
-            projected = self.multi_modal_projector(states)
+            selection = self._select(setting, self._view(feature[rows], layer_input[rows]), setting.keep)
+            projected = self.multi_modal_projector(selection.states)
             for unit, (image, crop) in enumerate(units):
-                places[image].append(place_of[image][crop, index[unit].cpu()])
+                places[image].append(place_of[image][crop, selection.index[unit].cpu()])
                 embeds[image].append(projected[unit])
 
         # Each image's tokens in the packing's order (a merged token may share its place with another: the

@@ -15,6 +15,12 @@ and keys vLLM's own attention kernel receives there. The kept tokens keep their 
 - `embed_input_ids` takes them off the step's image rows, and `forward` adds the (t, h, w) to those rows'
   positions; the image's size gives a decoder cut each image's own budget.
 
+Under `pool` an image's kept tokens are its pooled grid (each the mean of a window of its merged tokens) and take
+that grid's own 3-D positions, as `star.apply` numbers them on these models (the model's positions of an image that
+small): the placeholder count and the grid come from the setting and the image's grid alone (`Setting.kept_grid`),
+so `get_mrope_input_positions` numbers the text after the image from the pooled grid, and `embed_multimodal` gives
+each pooled token its (t, h, w) in it, in row-major order.
+
 Where the engine's setting cuts inside the decoder, `forward` runs the cut
 (`star.integrations.vllm.cut`) with the kept tokens' original positions.
 
@@ -51,7 +57,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from star.adapters.base import MergedView
 from star.integrations.vllm import engine_setting
 from star.integrations.vllm.cut import cut_decoder
-from star.integrations.vllm.served import PrunedEncoder, SettingInfo, SettingProcessor
+from star.integrations.vllm.served import FIELD, PrunedEncoder, SettingInfo, SettingProcessor, setting_text
 
 # What follows a kept token's embedding: its (t, h, w) within its image and the image's tokens from the encoder, each
 # as two base-256 digits, exact in bfloat16 and float16 (8 and 11 significant bits) up to 65535.
@@ -77,11 +83,10 @@ class PrunedQwenProcessor(SettingProcessor):
         self._images(mm_items)
         setting = self.info.setting(hf_processor_mm_kwargs)
         config = self.info.get_hf_config()
-        unit = config.vision_config.spatial_merge_size**2
 
         def replacement(item: int) -> list[int]:
-            grid = out_mm_kwargs["image"][item]["image_grid_thw"].data
-            return [config.image_token_id] * setting.unit_keep(int(grid.prod()) // unit)
+            n, grid = merged_grid(out_mm_kwargs["image"][item]["image_grid_thw"].data, config.vision_config.spatial_merge_size)
+            return [config.image_token_id] * setting.unit_keep(n, grid)
 
         return [PromptReplacement(modality="image", target=[config.image_token_id], replacement=replacement)]
 
@@ -107,16 +112,19 @@ class PrunedQwen(PrunedEncoder):
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
         """The prompt's 3-D positions before the encoder: each text token's as in the unpruned prompt, each image row
-        its image's first position (`forward` moves each kept token to its own)."""
+        its image's first position (`forward` moves each kept token to its own). Under pool an image's tokens are a
+        grid of their own, numbered as an image that small: the text after it follows that grid, not the image's."""
         merge = self.config.vision_config.spatial_merge_size
         pieces, start, position = [], 0, 0
         for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
             t, h, w = feature.data["image_grid_thw"].data.tolist()
+            n, grid = merged_grid(feature.data["image_grid_thw"].data, merge)
+            rows, columns = self._setting(setting_text(feature.data[FIELD].data)).kept_grid(n, grid) if grid else (h // merge, w // merge)
             offset, length = feature.mm_position.offset, feature.mm_position.length
             pieces.append(torch.arange(position, position + offset - start))
             position += offset - start
             pieces.append(torch.full((length,), position))
-            position += max(t, h // merge, w // merge)
+            position += max(t, rows, columns)
             start = offset + length
         pieces.append(torch.arange(position, position + len(input_tokens) - start))
         position += len(input_tokens) - start
@@ -166,16 +174,21 @@ class PrunedQwen(PrunedEncoder):
             setting, n = self._setting(text), output.shape[0]
             tokens, extra = self._features(output)
             patches = slice(patch, patch + n * unit)
+            _, image_grid = merged_grid(grid[image], merge)
             view = MergedView(
                 features=tokens[None], n_prefix=0, qk=partial(_heads_first, layer["q"][patches], layer["k"][patches]),
-                token_of=(order[token : token + n] - token).repeat_interleave(unit).to(tokens.device),
+                token_of=(order[token : token + n] - token).repeat_interleave(unit).to(tokens.device), grid=image_grid,
             )
-            index, states = self._select(setting, view, setting.unit_keep(n))
-            index = index[0]
+            selection = self._select(setting, view, setting.unit_keep(n, image_grid))
+            index, states = selection.index[0], selection.states[0]
             t, h, w = grid[image].tolist()
-            rows, columns = h // merge, w // merge
-            place = torch.stack([index // (rows * columns), index // columns % rows, index % columns, torch.full_like(index, n)], dim=1)
-            parts = [states[0]] + ([extra[index]] if extra is not None else []) + [(place // DIGIT).to(states.dtype), (place % DIGIT).to(states.dtype)]
+            rows, columns = selection.grid or (h // merge, w // merge)
+            # A pooled image's tokens take the places of its pooled grid, in row-major order: an image that small's.
+            within = index if selection.grid is None else torch.arange(len(index), device=index.device)
+            place = torch.stack([within // (rows * columns), within // columns % rows, within % columns, torch.full_like(within, n)], dim=1)
+            if extra is not None:  # what goes with each kept token: its own, or (pool) the mean of its window's
+                extra = extra[index] if selection.mix is None else selection.mix.to(extra) @ extra
+            parts = [states] + ([extra] if extra is not None else []) + [(place // DIGIT).to(states.dtype), (place % DIGIT).to(states.dtype)]
             embeds.append(torch.cat(parts, dim=-1))
             kept.append(index.cpu())
             patch, token = patch + n * unit, token + n
@@ -194,6 +207,13 @@ class PrunedQwen(PrunedEncoder):
         """The token each group of `merge_size**2` patches in the tower's layer order goes into: the identity for a
         tower without windows."""
         return torch.arange(int(grid.prod(dim=-1).sum()) // self.visual.spatial_merge_size**2)
+
+
+def merged_grid(thw: torch.Tensor, merge: int) -> tuple[int, tuple[int, int] | None]:
+    """An image's merged tokens and their (rows, columns) grid, from its patch grid (t, h, w); an image of several
+    frames has no grid of its own (None), as `star/adapters/qwen2_vl.py` gives none."""
+    t, h, w = (int(v) for v in thw)
+    return t * h * w // merge**2, ((h // merge, w // merge) if t == 1 else None)
 
 
 def _heads_first(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

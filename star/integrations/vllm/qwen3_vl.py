@@ -4,7 +4,8 @@ Qwen2-VL's layout (`qwen2_vl.py`: one unit per image, scores from the tower's la
 through vLLM's multimodal-pruning interface) with DeepStack: vLLM's tower gives each merged token its DeepStack
 features after its own embedding, in one row; a kept token keeps its row whole, so each kept token's features reach
 decoder layers 0-2 with it, as in `star.apply` (`star/adapters/qwen3_vl.py`), and a dropped token's go with it;
-a decoder cut before layer 3 (FastV's, or STAR's on a short decoder) carries them on with the kept rows.
+a decoder cut before layer 3 (FastV's, or STAR's on a short decoder) carries them on with the kept rows. Under
+`pool` a pooled token's features are the mean of its window's, as its embedding is (`Selection.mix`).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 from transformers import BatchFeature
@@ -85,19 +86,26 @@ class PrunedEncoder:
             return None, []
         if image_input["type"] != "pixel_values" or settings is None:
             raise ValueError(f"{image_input['type']} reached the pruned model without its {FIELD}: it cannot be pruned")
-        return image_input, [bytes(row.tolist()).decode() for row in settings]
+        return image_input, [setting_text(row) for row in settings]
 
     def _setting(self, text: str) -> Setting:
         return config_setting(json.loads(text), self.config, FIELD)
 
     @staticmethod
-    def _select(setting: Setting, view: VisionView, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kept tokens [I, keep] of a view's units (an index into its features) and their features (the
-        tokens', or a method's merged states)."""
+    def _select(setting: Setting, view: VisionView, keep: int) -> Selection:
+        """The method's selection of `keep` tokens from each of a view's units, its `states` always set: the kept
+        tokens' features (the tokens', or a method's merged states), [I, keep, D]; its `index` [I, keep] into the
+        view's features, and where the kept tokens are means of windows (pool) their `mix` and `grid`."""
         n = view.features.shape[1]
         if keep < n:
             selection = setting.method.select_vision(view, keep)
         else:
             selection = Selection(torch.arange(n, device=view.features.device).expand(view.features.shape[0], n))
-        states = selection.states if selection.states is not None else gather_seq(view.features, selection.index)
-        return selection.index, states
+        if selection.states is None:
+            selection = replace(selection, states=gather_seq(view.features, selection.index))
+        return selection
+
+
+def setting_text(field: torch.Tensor) -> str:
+    """A setting's JSON from an image's `star_setting` field."""
+    return bytes(field.tolist()).decode()
