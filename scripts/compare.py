@@ -60,9 +60,13 @@ def budget(row: dict) -> int | float:
     return row["keep"]
 
 
+def budget_kind(rows: list[dict]) -> str:
+    """What the rows' budgets are: flops or time where a row has such a budget, else keep."""
+    return next((k for k in ("flops", "time") if any(r.get(f"{k}_budget") is not None for r in rows)), "keep")
+
+
 def budget_name(value: int | float, rows: list[dict]) -> str:
-    kind = next((k for k in ("flops", "time") if any(r.get(f"{k}_budget") is not None for r in rows)), "keep")
-    return f"{kind} {value}"
+    return f"{budget_kind(rows)} {value}"
 
 
 def name(row: dict) -> str:
@@ -82,7 +86,7 @@ def grid(summary: dict) -> str:
             mine = dict.fromkeys(keeps, first)
         cells = [f"{report._with_interval(mine[k])} [{cost(mine[k])}]" if k in mine else "" for k in keeps]
         lines.append(f"| {first['method']} | {report._options(first)} | " + " | ".join(cells) + " |")
-    kind = budget_name(0, rows).split()[0]
+    kind = budget_kind(rows)
     note = "decoder prefill TFLOPs per prompt" + (f"; the keep a {'FLOPs' if kind == 'flops' else kind} budget picked" if kind != "keep" else "")
     return "\n".join(lines) + f"\n\nAccuracy in % (95% Wilson interval) [{note}]; `none` is unpruned, repeated.\n"
 

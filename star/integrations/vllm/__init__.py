@@ -211,7 +211,14 @@ def unit_tokens(config, data) -> int:
         return n_visual(config)
     if data is None or "image_grid_thw" not in data:
         raise RuntimeError("an image reached the cut's scheduler without its image_grid_thw: its dropped tokens cannot be counted")
-    return int(data["image_grid_thw"].data.prod()) // config.vision_config.spatial_merge_size**2
+    return merged_grid(data["image_grid_thw"].data, config.vision_config.spatial_merge_size)[0]
+
+
+def merged_grid(thw, merge: int) -> tuple[int, tuple[int, int] | None]:
+    """A Qwen image's merged tokens and their (rows, columns) grid, from its patch grid (t, h, w); an image of
+    several frames has no grid of its own (None), as `star/adapters/qwen2_vl.py` gives none."""
+    t, h, w = (int(v) for v in thw)
+    return t * h * w // merge**2, ((h // merge, w // merge) if t == 1 else None)
 
 
 def engine_setting(config) -> Setting:

@@ -55,7 +55,7 @@ from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from star.adapters.base import MergedView
-from star.integrations.vllm import engine_setting
+from star.integrations.vllm import engine_setting, merged_grid
 from star.integrations.vllm.cut import cut_decoder
 from star.integrations.vllm.served import FIELD, PrunedEncoder, SettingInfo, SettingProcessor, setting_text
 
@@ -207,13 +207,6 @@ class PrunedQwen(PrunedEncoder):
         """The token each group of `merge_size**2` patches in the tower's layer order goes into: the identity for a
         tower without windows."""
         return torch.arange(int(grid.prod(dim=-1).sum()) // self.visual.spatial_merge_size**2)
-
-
-def merged_grid(thw: torch.Tensor, merge: int) -> tuple[int, tuple[int, int] | None]:
-    """An image's merged tokens and their (rows, columns) grid, from its patch grid (t, h, w); an image of several
-    frames has no grid of its own (None), as `star/adapters/qwen2_vl.py` gives none."""
-    t, h, w = (int(v) for v in thw)
-    return t * h * w // merge**2, ((h // merge, w // merge) if t == 1 else None)
 
 
 def _heads_first(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
