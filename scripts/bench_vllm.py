@@ -17,8 +17,8 @@ engine, each setting as the requests' own `mm_processor_kwargs`; the unpruned ro
 in that engine. `--cut-method` (star: `star (two stages)`) at each `--keep` prunes inside the decoder as well,
 which vLLM serves only as an engine's own setting: each budget gets an engine of its own (one per mode, each shut
 down before the next starts), with the options a cut needs (`star.integrations.vllm.engine_args`: its scheduler,
-no chunked prefill, no prefix caching, eager execution; the shared engine keeps vLLM's defaults, and on a GPU its
-CUDA graphs). The layers after a cut run on vLLM's own attention backend. STAR's two stages end with the same visual tokens per image as star-vision at the same `--keep`
+no chunked prefill, no prefix caching). Every engine is compiled as vLLM compiles on the platform (`--eager`: none
+is); the layers after a cut run on vLLM's own attention backend. STAR's two stages end with the same visual tokens per image as star-vision at the same `--keep`
 (its vision stage keeps more, its cut the rest), so a cut row also gives its ratio to that row of its mode.
 
 Columns: answer tokens (each `--max-tokens` in bursts of its own, in the same engines); prompt tokens as vLLM
@@ -128,7 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed bursts per setting after one warm-up (default 3)")
     parser.add_argument("--max-tokens", default="8", help="answer tokens per request, comma-separated: each in bursts of its own (default 8)")
     parser.add_argument("--modes", default="offline,server", help="offline, server or both (default both)")
-    parser.add_argument("--gpu", action="store_true", help="bfloat16, CUDA graphs (not in a cut engine) and a larger batch (a GPU machine with vllm installed)")
+    parser.add_argument("--gpu", action="store_true", help="bfloat16, CUDA graphs and a larger batch (a GPU machine with vllm installed)")
+    parser.add_argument("--eager", action="store_true", help="every engine without vLLM's compilation (enforce_eager); default: compiled")
     parser.add_argument("--out", type=Path, default=None,
                         help="where the measurements go (JSON; default docs/results/vllm-cpu.json, with --config docs/results/vllm-cpu-CONFIG.json)")
     args = parser.parse_args(argv)
@@ -160,7 +161,8 @@ def engine_args(args: argparse.Namespace) -> dict:
         options = {"dtype": "bfloat16", "max_model_len": 4096, "max_num_seqs": 256, "seed": 0}
     else:
         # 32-token blocks, the CPU backend's smallest (its default is 128): the blocks the cut saves show at these sizes
-        options = {"dtype": "float32", "max_model_len": 1024, "max_num_seqs": args.requests, "enforce_eager": True, "seed": 0, "block_size": 32}
+        options = {"dtype": "float32", "max_model_len": 1024, "max_num_seqs": args.requests, "seed": 0, "block_size": 32}
+    options["enforce_eager"] = args.eager
     if args.config:  # vLLM profiles its encoder with the largest image the processor allows: the run's largest, not Qwen's 12.8 MP
         tokens = args.image_pixels[1] // (28 * 28)
         options.update(max_model_len=max(options["max_model_len"], 256 * math.ceil((tokens + 256) / 256)),

@@ -110,7 +110,7 @@ def test_engine_args_add_the_cut_options_only_for_a_method_that_cuts():
     assert "scheduler_cls" not in engine_args("star", 39, "LlavaNextForConditionalGeneration")  # refused by the engine
     assert server_flags(CUT_ENGINE) == [
         "--scheduler-cls", "star.integrations.vllm.cut.CutScheduler", "--no-enable-chunked-prefill",
-        "--no-enable-prefix-caching", "--enforce-eager",
+        "--no-enable-prefix-caching",
     ]
 
 

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engines import ENGINE, hf_generate, hf_model, tiny_llava_checkpoint, vllm_generate
+from engines import COMPILED, hf_generate, hf_model, tiny_llava_checkpoint, vllm_generate
 from test_tiny_model import PICTURES, PROMPTS
 
 # The tiny model: 16 patches per image, 4 decoder layers. STAR's stage 1 keeps 14, its cut before layer 2 keeps 5.
@@ -53,7 +53,7 @@ def engine(request, checkpoint):
 
     setting = request.param
     options = {k: v for k, v in setting.items() if k not in ("method", "keep")}
-    llm = LLM(checkpoint, max_model_len=512, limit_mm_per_prompt={"image": 2}, **{**ENGINE, **engine_args(setting["method"], setting["keep"], **options)})
+    llm = LLM(checkpoint, max_model_len=512, limit_mm_per_prompt={"image": 2}, **{**COMPILED, **engine_args(setting["method"], setting["keep"], **options)})
     yield llm, setting
     llm.llm_engine.engine_core.shutdown()
 
@@ -120,7 +120,7 @@ def test_an_engine_without_the_cut_options_is_stopped_naming_them():
     config = SimpleNamespace(
         scheduler_config=SimpleNamespace(scheduler_cls=None, enable_chunked_prefill=True),
         cache_config=SimpleNamespace(enable_prefix_caching=True, cache_dtype="auto"),
-        model_config=SimpleNamespace(enforce_eager=True, hf_text_config=SimpleNamespace(num_key_value_heads=3)),
+        model_config=SimpleNamespace(hf_text_config=SimpleNamespace(num_key_value_heads=3)),
         parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
         speculative_config=None,
     )
@@ -149,7 +149,7 @@ def test_two_ranks_give_the_hf_answers(checkpoint, hf, monkeypatch):
         monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     setting = SETTINGS[0]
     llm = LLM(checkpoint, max_model_len=512, limit_mm_per_prompt={"image": 2}, tensor_parallel_size=2, mm_encoder_tp_mode="data",
-              **{**ENGINE, **engine_args(setting["method"], setting["keep"])})
+              **{**COMPILED, **engine_args(setting["method"], setting["keep"])})
     try:
         ours = vllm_generate(llm, PROMPTS + TEXT_ONLY, PICTURES + [[]] * len(TEXT_ONLY), None, STEPS)
     finally:
@@ -160,54 +160,82 @@ def test_two_ranks_give_the_hf_answers(checkpoint, hf, monkeypatch):
 
 
 # Five images of 16 patches: stage 1 keeps 5 x 14 = 70, the cut keeps 5 x 1, so D = 65 tokens are dropped.
+# Per step the child records the scheduler's blocks per request and group, and, on the model runner (in the same
+# process): the calls of the cut's own forward, the reads back to the host inside the model's forward, and those
+# of the metadata builders of the two KV-cache groups (before the cut: vLLM's; after it: `cut_backend`'s).
 CHILD = """
 import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: its scheduler is readable
 sys.path.insert(0, {tests!r})
-from engines import ENGINE
+from engines import COMPILED
 from test_tiny_model import images
 from vllm import LLM, SamplingParams
+from star.bench import host_reads
 from star.integrations.vllm import engine_args
+
+def spy(owner, name, record, key, reads=True):
+    inner, record[key] = getattr(owner, name), [0, 0]
+    def counted(*args, **kwargs):
+        out = []
+        count = sum(host_reads(lambda: out.append(inner(*args, **kwargs))).values()) if reads else (out.append(inner(*args, **kwargs)) or 0)
+        record[key] = [record[key][0] + 1, record[key][1] + count]
+        return out[0]
+    setattr(owner, name, counted)
 
 def main():
     llm = LLM({checkpoint!r}, max_model_len=160, limit_mm_per_prompt={{"image": 5}}, block_size=32,
-              num_gpu_blocks_override={blocks}, **{{**ENGINE, **engine_args("star", {keep})}})
-    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+              num_gpu_blocks_override={blocks}, **{{**COMPILED, **engine_args({method!r}, {keep})}})
+    engine = llm.llm_engine.engine_core.engine_core
+    scheduler, runner = engine.scheduler, engine.model_executor.driver_worker.worker.model_runner
     managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    record = {{}}
+    spy(runner.model, "forward", record, "model")
+    if runner.model.decoder_cut is not None:
+        spy(runner.model.decoder_cut, "forward", record, "cut", reads=False)  # inside the model's forward: counted there
+    for group, groups in enumerate(runner.attn_groups):
+        spy(groups[0].get_metadata_builder(), "build", record, f"builder {{group}}")
     params = SamplingParams(max_tokens={tokens}, temperature=0.0, ignore_eos=True)
     prompt = "<image> <image> <image> <image> <image> what shape . answer :"
     for i in range({requests}):
         llm.llm_engine.add_request(str(i), {{"prompt": prompt, "multi_modal_data": {{"image": images(10 + i, 5)}}}}, params)
     llm.llm_engine.add_request("text", {{"prompt": "what color is it ? answer :"}}, params)
-    steps, ended, preempted = [], {{}}, {{}}
+    steps, probes, ended, preempted = [], [], {{}}, {{}}
     while llm.llm_engine.has_unfinished_requests():
+        record.update({{key: [0, 0] for key in record}})
         for out in llm.llm_engine.step():
             if out.finished:
                 ended[out.request_id] = [out.outputs[0].finish_reason, len(out.outputs[0].token_ids), len(out.prompt_token_ids),
                                          list(out.outputs[0].token_ids)]
         steps.append({{rid.split("-")[0]: [sum(not b.is_null for b in m.req_to_blocks.get(rid, [])) for m in managers]
                       for rid in scheduler.requests}})
+        probes.append(dict(record))
         preempted.update({{rid.split("-")[0]: r.num_preemptions for rid, r in scheduler.requests.items()}})
-    print("RESULT" + json.dumps({{"managers": [type(m).__name__ for m in managers], "steps": steps, "ended": ended,
-                                  "preempted": preempted}}))
+    print("RESULT" + json.dumps({{"managers": [type(m).__name__ for m in managers], "steps": steps, "probes": probes,
+                                  "ended": ended, "preempted": preempted}}))
 
 if __name__ == "__main__":
     main()
 """
 
 
-def _child(checkpoint: str, blocks: int, requests: int, tokens: int, keep: int = 1) -> dict:
-    code = CHILD.format(tests=str(Path(__file__).parent), checkpoint=checkpoint, blocks=blocks, requests=requests, tokens=tokens, keep=keep)
+def _child(checkpoint: str, blocks: int, requests: int, tokens: int, keep: int = 1, method: str = "star") -> dict:
+    code = CHILD.format(tests=str(Path(__file__).parent), checkpoint=checkpoint, blocks=blocks, requests=requests, tokens=tokens, keep=keep, method=method)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=os.environ.copy())
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
     assert run.returncode == 0 and lines, run.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT") :])
 
 
-def test_the_dropped_tokens_never_hold_a_block(checkpoint):
+@pytest.fixture(scope="module")
+def one_request(checkpoint) -> dict:
+    """One cut request (5 images) and one text-only request, 4 tokens each, in a KV cache that preempts nothing."""
+    return _child(checkpoint, blocks=256, requests=1, tokens=4)
+
+
+def test_the_dropped_tokens_never_hold_a_block(one_request):
     """75 prompt tokens as vLLM counts them (70 image tokens, 5 others), 65 of them dropped by the cut: 3 blocks of
     32 before the cut, and from the start 1 after it (the 10 kept tokens, then the answer's)."""
-    result = _child(checkpoint, blocks=256, requests=1, tokens=4)
+    result = one_request
     assert result["managers"] == ["FullAttentionManager", "CutManager"]
     first, second = result["steps"][0], result["steps"][1]
     assert first["0"] == [3, 1] and second["0"] == [3, 1]
@@ -228,3 +256,17 @@ def test_a_preempted_cut_request_gives_its_unpreempted_answer(checkpoint):
     assert {rid: ended[0] for rid, ended in result["ended"].items()} == dict.fromkeys(["0", "1", "2", "text"], "length")
     for rid, ended in unpreempted["ended"].items():
         assert result["ended"][rid][3] == ended[3], rid
+
+
+def test_a_step_that_cuts_nothing_is_vllms_own_forward_reading_nothing_more(checkpoint, one_request):
+    """The first step prefills both prompts and cuts the one with images (the cut's forward runs once). Every later
+    step only decodes: the cut's forward does not run, the model's forward (vLLM's, compiled) reads back exactly
+    what the same step of an engine without a cut reads (the CPU backend's matrix products read their own shapes),
+    and the cut group's metadata builder reads back nothing more than vLLM's builder of the group before the cut."""
+    uncut = _child(checkpoint, blocks=256, requests=1, tokens=4, method="star-vision")
+    first, *decoding = one_request["probes"]
+    assert first["cut"] == [1, 0] and len(decoding) == len(uncut["probes"]) - 1 >= 2
+    for step, (probe, reference) in enumerate(zip(decoding, uncut["probes"][1:]), start=1):
+        assert probe["cut"] == [0, 0], step
+        assert probe["model"] == reference["model"], step
+        assert probe["builder 1"] == [1, probe["builder 0"][1]] and probe["builder 0"] == reference["builder 0"], step

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from engines import ENGINE, hf_generate, scene_prompts, vllm_generate
+from engines import COMPILED, hf_generate, scene_prompts, vllm_generate
 from test_decoder_cut import text_generate
 from test_default_model import _same, hf, path  # noqa: F401 (the default model's fixtures, and its tolerance)
 
@@ -27,7 +27,7 @@ def llm(path):
 
     from star.integrations.vllm import engine_args
 
-    engine = LLM(path, max_model_len=1024, **{**ENGINE, **engine_args(SETTING["method"], SETTING["keep"])})
+    engine = LLM(path, max_model_len=1024, **{**COMPILED, **engine_args(SETTING["method"], SETTING["keep"])})
     yield engine
     engine.llm_engine.engine_core.shutdown()
 

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from engines import ENGINE, tiny_qwen_checkpoint
+from engines import COMPILED, tiny_qwen_checkpoint
 from test_tiny_qwen import ARCHITECTURES, PICTURES, PROMPTS, _same, hf_generate, vllm_generate
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
@@ -37,7 +37,7 @@ def test_the_cut_gives_the_hf_answers_in_a_batch_and_alone(checkpoints, version,
     path = checkpoints[version]
     hf = AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path, padding_side="left")
     reference = [hf_generate(hf, prompt, images, setting) for prompt, images in zip(PROMPTS, PICTURES)]
-    llm = LLM(path, max_model_len=512, limit_mm_per_prompt={"image": 2}, **{**ENGINE, **engine_args(setting["method"], setting["keep"], ARCHITECTURES[version])})
+    llm = LLM(path, max_model_len=512, limit_mm_per_prompt={"image": 2}, **{**COMPILED, **engine_args(setting["method"], setting["keep"], ARCHITECTURES[version])})
     try:
         for ours, expected in zip(vllm_generate(llm, PROMPTS, PICTURES, None), reference):
             _same(ours, expected)

@@ -86,13 +86,12 @@ def register() -> None:
 
 
 # The engine options a decoder cut needs (docs/serving.md, "The decoder cut"): the scheduler that tells the cut
-# layers' KV-cache manager what each request drops, each prompt prefilled whole, no prefix caching (the layers
-# after the cut cache what the question chose), and eager execution (the cut's sizes are known only at run time).
+# layers' KV-cache manager what each request drops, each prompt prefilled whole, and no prefix caching (the layers
+# after the cut cache what the question chose).
 CUT_ENGINE = {
     "scheduler_cls": "star.integrations.vllm.cut.CutScheduler",
     "enable_chunked_prefill": False,
     "enable_prefix_caching": False,
-    "enforce_eager": True,
 }
 
 

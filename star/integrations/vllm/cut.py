@@ -1,4 +1,4 @@
-"""One decoder cut inside vLLM (STAR's stage 2, FastV's, DART's) on a Llama-layer decoder (LLaVA-1.5), with
+"""One decoder cut inside vLLM (STAR's stage 2, FastV's, DART's) on a Llama or Qwen decoder, with
 the layers after the cut on vLLM's own attention backend over a KV cache that holds only the kept tokens.
 
 vLLM gives a request one token count: its positions, and the KV cache of the layers before the cut, run over the
@@ -10,12 +10,14 @@ setting and the request's images before anything runs: `CutScheduler` tells it),
 hold a block. The kept tokens keep positions D..S-1 and the answer vLLM's own, so every query-key distance, all
 RoPE sees, is that of `star.apply(..., positions="contiguous")`.
 
-`CutDecoder` runs the layers from the cut on as vLLM's own decoder layers, their attention vLLM's `Attention` on
-the active backend: for each step it builds that group's attention metadata with the backend's own builder from
-the compacted counts (each request's queries after the cut, its sequence length less D, the slots of its new
-tokens) and puts it in the step's forward context for those layers. D of a request decoding this step is read on
-the device from a table indexed by the request's first block in the group (written at its prefill), so decode
-steps read nothing back for it.
+The layers from the cut on are vLLM's own decoder layers, their attention vLLM's `Attention` on the active
+backend, whose metadata builder `cut_backend` wraps: every step, vLLM's model runner builds that group's metadata
+with each request's sequence length less D and the slots of its new tokens at index i - D, D read on the device
+from a table indexed by the request's first block in the group. So a step that cuts no prompt (decode steps,
+text-only prompts) is vLLM's own forward of the model, compiled as vLLM compiles it, and reads nothing back. A
+step that holds a prompt with images (`cuts`) runs `CutDecoder`: layers 0..K-1, the method's selection per
+request at the cut (its D written to the table), and the layers after it on the kept rows, with the group's
+metadata rebuilt by the same builder for the compacted rows.
 
 Requests without an image keep their prompt whole (D = 0). What the engine must not do with a cut request: split
 its prompt into chunks (the cut needs every text row) or share cached prefixes (the layers after the cut hold what
@@ -28,13 +30,14 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from functools import cache
 
+import numpy as np
 import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_gather
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
-from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backend import AttentionBackend, AttentionCGSupport, CommonAttentionMetadata, subclass_attention_backend
 from vllm.v1.attention.backends.utils import PAD_SLOT_ID
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
@@ -116,23 +119,86 @@ class CutScheduler(Scheduler):
         return super()._free_request(request, *args, **kwargs)
 
 
+class DroppedCounts:
+    """D of each request, on the device, at the index of the request's first block in the cut group (which it holds
+    from its prefill to its end): written at a prompt's cut, read by every later step's metadata. One per engine,
+    shared by the cut group's layers and so by every builder of the group's metadata."""
+
+    def __init__(self) -> None:
+        self.of_block: torch.Tensor | None = None
+
+    def table(self, layer: Attention, block_bytes: int, device: torch.device) -> torch.Tensor:
+        """The table, made at the first step (when the layer's KV cache, whatever its backend's layout, is bound)."""
+        if self.of_block is None:
+            cache = layer.kv_cache[0] if isinstance(layer.kv_cache, list) else layer.kv_cache
+            self.of_block = torch.zeros(cache.numel() * cache.element_size() // block_bytes, dtype=torch.int32, device=device)
+        return self.of_block
+
+
+@cache
+def cut_backend(backend: type[AttentionBackend]) -> type[AttentionBackend]:
+    """The active backend with a metadata builder for the cut group: each request's sequence length less its D,
+    and its new tokens' slots at index i - D, computed on the device before the backend's own builder runs. vLLM's
+    model runner builds every step's metadata with it (so a step that cuts nothing needs no more), and
+    `CutDecoder` rebuilds it for a step whose prompts the cut shortens."""
+
+    class CutMetadataBuilder(backend.get_builder_cls()):
+        @classmethod
+        def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec) -> AttentionCGSupport:
+            return AttentionCGSupport.NEVER  # lengths in new tensors each step, not in buffers a graph could replay
+
+        def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device) -> None:
+            super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+            self.layer = vllm_config.compilation_config.static_forward_context[layer_names[0]]
+
+        def dropped(self) -> torch.Tensor:
+            """The engine's table of D per block (`DroppedCounts`), which every builder of the group shares."""
+            return self.layer.dropped.table(self.layer, self.kv_cache_spec.page_size_bytes, self.device)
+
+        def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
+            """common_attn_metadata: each request's rows in this group's batch and its length as vLLM counts it;
+            its slot mapping (the step's, for this group's layers) is written over with the cut's."""
+            common, size = common_attn_metadata, self.kv_cache_spec.block_size
+            n, table, device = common.num_reqs, common.block_table_tensor, common.seq_lens.device
+            dropped = self.dropped()
+            first = table[:n, 0]
+            query_lens = common.query_start_loc[1 : n + 1] - common.query_start_loc[:n]
+            seq_lens = common.seq_lens.clone()
+            # a prompt computed from its start keeps itself whole until its cut, if it has one (which then writes its D)
+            dropped[first] = torch.where(query_lens == seq_lens[:n], 0, dropped[first])
+            seq_lens[:n] -= dropped[first]
+            starts = common.query_start_loc_cpu[: n + 1].numpy()  # the host's copy, which vLLM gives every builder
+            owner = np.repeat(np.arange(n), np.diff(starts))
+            within = np.arange(owner.shape[0]) - starts[owner]
+            owner, within = (torch.from_numpy(a).to(device, non_blocking=True) for a in (owner, within))
+            index = (seq_lens[:n] - query_lens)[owner] + within  # token i of a request at index i - D of its blocks
+            common.slot_mapping[: owner.shape[0]] = table[owner, index // size].long() * size + index % size
+            return super().build(common_prefix_len, common.replace(seq_lens=seq_lens, seq_lens_cpu_upper_bound=None), fast_build)
+
+    return subclass_attention_backend("Cut", backend, CutMetadataBuilder)
+
+
 class CutAttention(Attention):
-    """vLLM's attention for a layer after the cut, its KV cache a `CutSpec` group (whose metadata `CutDecoder`
-    builds for each step)."""
+    """vLLM's attention for a layer after the cut: its KV cache a `CutSpec` group, its metadata `cut_backend`'s."""
+
+    def __init__(self, *args, dropped: DroppedCounts, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.dropped = dropped
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> CutSpec:
         spec = super().get_kv_cache_spec(vllm_config)
         return CutSpec(**{f.name: getattr(spec, f.name) for f in fields(AttentionSpec)})
 
 
-def use_cut_attention(self_attn: nn.Module, vllm_config: VllmConfig) -> None:
-    """Give a Llama attention module a `CutAttention` in place of the `Attention` its constructor made (whose
-    registration under the layer's name it takes over)."""
+def use_cut_attention(self_attn: nn.Module, vllm_config: VllmConfig, dropped: DroppedCounts) -> None:
+    """Give a Llama or Qwen attention module a `CutAttention` in place of the `Attention` its constructor made (whose
+    backend it wraps and whose registration under the layer's name it takes over)."""
     name = self_attn.attn.layer_name
     vllm_config.compilation_config.static_forward_context.pop(name)
     self_attn.attn = CutAttention(
         self_attn.num_heads, self_attn.head_dim, self_attn.scaling, num_kv_heads=self_attn.num_kv_heads,
         cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config, prefix=name,
+        attn_backend=cut_backend(self_attn.attn.attn_backend), dropped=dropped,
     )
 
 
@@ -142,8 +208,9 @@ def cut_decoder(model: nn.Module, setting: Setting, vllm_config: VllmConfig) -> 
     if setting.cut is None:
         return None
     check_engine(vllm_config, setting)
+    dropped = DroppedCounts()
     for layer in model.layers[setting.cut.layer :]:
-        use_cut_attention(layer.self_attn, vllm_config)
+        use_cut_attention(layer.self_attn, vllm_config, dropped)
     return CutDecoder(model, setting, vllm_config)
 
 
@@ -154,7 +221,6 @@ def check_engine(vllm_config: VllmConfig, setting: Setting) -> None:
         "scheduler_cls": scheduler.scheduler_cls if isinstance(scheduler.scheduler_cls, str) else getattr(scheduler.scheduler_cls, "__qualname__", None),
         "enable_chunked_prefill": scheduler.enable_chunked_prefill,
         "enable_prefix_caching": cache.enable_prefix_caching,
-        "enforce_eager": model.enforce_eager,
     }
     if found["scheduler_cls"] in ("CutScheduler", CutScheduler.__module__ + ".CutScheduler"):
         found["scheduler_cls"] = CUT_ENGINE["scheduler_cls"]
@@ -177,12 +243,20 @@ def check_engine(vllm_config: VllmConfig, setting: Setting) -> None:
         raise ValueError("the decoder cut runs without speculative decoding and with kv_cache_dtype='auto'")
 
 
+def cuts(visual: torch.Tensor | None) -> bool:
+    """Whether a step holds image rows (vLLM's `is_multimodal`, on the host on every platform: read as the host's
+    array, which a tensor on a device refuses), so that the cut shortens a prompt in it. A step that cuts nothing
+    is vLLM's own forward: the metadata of the layers after the cut, which vLLM builds with `cut_backend`'s
+    builder, already counts what earlier steps dropped."""
+    return visual is not None and bool(visual.numpy().any())
+
+
 @dataclass
 class StepRequest:
-    """One request of a step: its rows in the batch before the cut [start, end) and after it [new_start, new_end),
-    its length so far (seq_len, in vLLM's count), its image rows (offsets in its prompt; set at its prefill, which
-    is then its cut), and D, the tokens its cut dropped (known here at its prefill; None while decoding, when the
-    device table holds it)."""
+    """One request of a step that cuts: its rows in the batch before the cut [start, end) and after it
+    [new_start, new_end), its length so far (seq_len, in vLLM's count), its image rows (offsets in its prompt;
+    set at its prefill, which is then its cut), and D, the tokens its cut drops (0 for a request that does not cut
+    this step)."""
 
     start: int
     end: int
@@ -191,7 +265,7 @@ class StepRequest:
     units: list[int] | None = None  # each image row's image tokens from the encoder (None: the setting's per image)
     new_start: int = 0
     new_end: int = 0
-    dropped: int | None = 0
+    dropped: int = 0
 
     @property
     def prefill(self) -> bool:
@@ -199,18 +273,17 @@ class StepRequest:
 
 
 class CutDecoder:
-    """The language model's forward when the engine's setting cuts before layer K: layers 0..K-1 as vLLM runs
-    them, the method's selection per request at the cut, layers K.. (vLLM's own) on the kept rows, over the cut
-    group's cache through attention metadata built for the kept rows."""
+    """The language model's forward at a step that cuts (`cuts`): layers 0..K-1 as vLLM runs them, the method's
+    selection per request at the cut, layers K.. (vLLM's own) on the kept rows, over the cut group's cache through
+    attention metadata rebuilt for the kept rows. Such a step is a prefill with images, read to the host once."""
 
     def __init__(self, model: nn.Module, setting: Setting, vllm_config: VllmConfig) -> None:
         self.model, self.setting, self.stage, self.vllm_config = model, setting, setting.cut, vllm_config
         self.cut_layers = [layer.self_attn.attn for layer in model.layers[setting.cut.layer :]]
-        self.builder = None  # the backend's metadata builder for the cut group, made at the first step
-        self.dropped_of_block: torch.Tensor | None = None  # D of the request that owns each block of the cut group
+        self.builder = None  # the cut group's metadata builder (`cut_backend`'s), made at the first step that cuts
 
     def forward(
-        self, positions: torch.Tensor, embeds: torch.Tensor, visual: torch.Tensor | None, units: torch.Tensor | None = None,
+        self, positions: torch.Tensor, embeds: torch.Tensor, visual: torch.Tensor, units: torch.Tensor | None = None,
         added: list[torch.Tensor] = (),
     ) -> torch.Tensor:
         """The last norm's output for every input row (rows the cut dropped: zeros, never read by the LM head).
@@ -229,31 +302,24 @@ class CutDecoder:
         x = _true(hidden, residual)
         score_input = x if score_input is None else score_input
         kept, positions = self._cut(requests, positions, score_input, x)
-        x = x[kept] if kept is not None else x
-        if requests is not None:
-            self._bind(requests, x.shape[0])
+        x = x[kept]
+        self._bind(requests, x.shape[0])
         hidden, residual = x, None
         for index, layer in enumerate(layers[stage.layer :], start=stage.layer):
             hidden, residual = layer(positions, hidden, residual)
             if index < len(added):
-                hidden = hidden + (added[index][kept] if kept is not None else added[index])
+                hidden = hidden + added[index][kept]
         hidden, _ = self.model.norm(hidden, residual)
-        if kept is None:
-            return hidden
         out = hidden.new_zeros(embeds.shape[0], hidden.shape[-1])
         out[kept] = hidden
         return out
 
-    def _requests(self, visual: torch.Tensor | None, units: torch.Tensor | None) -> list[StepRequest] | None:
-        """The step's requests, from the first layer's attention metadata (None: a profiling run, one sequence),
-        read to the host once, with the step's image rows (vLLM's `is_multimodal`, already on the host) and their
-        images' sizes."""
-        metadata = get_forward_context().attn_metadata
-        if not metadata:
-            return None
-        first = metadata[self.model.layers[0].self_attn.attn.layer_name]
+    def _requests(self, visual: torch.Tensor, units: torch.Tensor | None) -> list[StepRequest]:
+        """The step's requests, from the first layer's attention metadata read to the host, with the step's image
+        rows (vLLM's `is_multimodal`, on the host) and their images' sizes."""
+        first = get_forward_context().attn_metadata[self.model.layers[0].self_attn.attn.layer_name]
         starts, seq_lens = first.query_start_loc.tolist(), first.seq_lens.tolist()
-        flags = visual.tolist() if visual is not None else []
+        flags = visual.tolist()
         sizes = units.tolist() if units is not None else None
         requests = []
         for r, seq_len in enumerate(seq_lens):
@@ -265,14 +331,11 @@ class CutDecoder:
                     f"a prompt with images reached the decoder cut in part ({request.end - request.start} of {seq_len} tokens): "
                     "the cut needs the whole prompt at once (enable_chunked_prefill=False, enable_prefix_caching=False)"
                 )
-            request.dropped = 0 if request.prefill else None  # a prefill keeps its prompt whole until its cut, if it has one
             requests.append(request)
         return requests
 
-    def _cut(self, requests, positions, score_input, x) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _cut(self, requests, positions, score_input, x) -> tuple[torch.Tensor, torch.Tensor]:
         """Each cutting request's selection: the rows kept (an index into the batch) and their positions."""
-        if requests is None:
-            return None, positions
         kept, new_positions, offset = [], [], 0
         for request in requests:
             part, length = slice(request.start, request.end), request.end - request.start
@@ -290,49 +353,34 @@ class CutDecoder:
                 new_positions.append(positions[..., part])
             request.new_start, request.new_end = offset, offset + kept[-1].shape[0]
             offset = request.new_end
-        if offset == x.shape[0] and not any(request.visual for request in requests):
-            return None, positions  # no prompt cut this step (decoding, text alone): every row stays where it is
         return torch.cat(kept), torch.cat(new_positions, dim=-1)
 
     def _bind(self, requests: list[StepRequest], rows: int) -> None:
-        """The cut group's attention metadata for this step's kept rows, built by the backend's own builder, in the
-        step's forward context for every layer after the cut: each request's queries after the cut, its length
-        less its D, and the slots of its new tokens (token i at index i - D of its blocks)."""
-        context, first = get_forward_context(), self.cut_layers[0].layer_name
-        stock = context.attn_metadata[first]
-        table, device = stock.block_table, stock.seq_lens.device
+        """The cut group's attention metadata for this step's kept rows, in the step's forward context for every
+        layer after the cut: each cutting request's D written to the table, then the group's builder on each
+        request's queries after the cut (padding rows past them get no slot)."""
+        context = get_forward_context()
+        counted = context.attn_metadata[self.model.layers[0].self_attn.attn.layer_name]  # lengths as vLLM counts them
+        table, device = context.attn_metadata[self.cut_layers[0].layer_name].block_table, counted.seq_lens.device
         if self.builder is None:
-            self._start(device)
-        prefill = on_device([r for r, request in enumerate(requests) if request.prefill], device)
-        self.dropped_of_block[table[prefill, 0]] = on_device([request.dropped for request in requests if request.prefill], device)
-        seq_lens = (stock.seq_lens - self.dropped_of_block[table[:, 0]]).to(stock.seq_lens.dtype)
+            attn = self.cut_layers[0]
+            names = [a.layer_name for a in self.cut_layers]
+            self.builder = attn.attn_backend.get_builder_cls()(attn.get_kv_cache_spec(self.vllm_config), names, self.vllm_config, device)
+        cutting = [r for r, request in enumerate(requests) if request.visual]
+        dropped = self.builder.dropped()
+        dropped[table[on_device(cutting, device), 0]] = on_device([requests[r].dropped for r in cutting], device).to(dropped.dtype)
         lengths = [request.new_end - request.new_start for request in requests]
-        counts, real = on_device(lengths, device), sum(lengths)
         starts = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
-        owner = torch.repeat_interleave(torch.arange(len(requests), device=device), counts)
-        index = (seq_lens - counts)[owner] + torch.arange(real, device=device) - starts.to(device)[owner]  # i - D
-        size = self.vllm_config.cache_config.block_size
-        slots = torch.full((rows,), PAD_SLOT_ID, dtype=torch.long, device=device)  # rows past the requests: padding
-        slots[:real] = table[owner, index // size].long() * size + index % size
+        slots = torch.full((rows,), PAD_SLOT_ID, dtype=torch.long, device=device)
         common = CommonAttentionMetadata(
-            query_start_loc=starts.to(device), query_start_loc_cpu=starts, seq_lens=seq_lens, num_reqs=len(requests),
-            num_actual_tokens=real, max_query_len=max(lengths), max_seq_len=stock.max_seq_len, block_table_tensor=table,
+            query_start_loc=starts.to(device), query_start_loc_cpu=starts, seq_lens=counted.seq_lens, num_reqs=len(requests),
+            num_actual_tokens=sum(lengths), max_query_len=max(lengths), max_seq_len=counted.max_seq_len, block_table_tensor=table,
             slot_mapping=slots,
         )
         metadata = self.builder.build(0, common)
         for attn in self.cut_layers:
             context.attn_metadata[attn.layer_name] = metadata
             context.slot_mapping[attn.layer_name] = slots
-
-    def _start(self, device: torch.device) -> None:
-        """The cut group's metadata builder (the backend's own) and its table of D per block."""
-        attn = self.cut_layers[0]
-        spec = attn.get_kv_cache_spec(self.vllm_config)
-        names = [a.layer_name for a in self.cut_layers]
-        self.builder = attn.attn_backend.get_builder_cls()(spec, names, self.vllm_config, device)
-        cache = attn.kv_cache[0] if isinstance(attn.kv_cache, list) else attn.kv_cache
-        blocks = cache.numel() * cache.element_size() // spec.page_size_bytes  # whatever the backend's layout
-        self.dropped_of_block = torch.zeros(blocks, dtype=torch.long, device=device)
 
     def _budget(self, request: StepRequest) -> int:
         """The image tokens a prompt keeps after the cut: each image's own budget (`Setting.unit_cut`), summed."""

@@ -36,7 +36,7 @@ from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from star.integrations.vllm import engine_setting
-from star.integrations.vllm.cut import check_engine, cut_decoder
+from star.integrations.vllm.cut import check_engine, cut_decoder, cuts
 from star.integrations.vllm.served import PrunedEncoder, SettingInfo, SettingProcessor
 from star.methods import VisionView
 
@@ -128,11 +128,9 @@ class StarLlavaForConditionalGeneration(PrunedClip, LlavaForConditionalGeneratio
         return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        if self.decoder_cut is None:
-            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         visual, self.visual_rows = self.visual_rows, None
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_input_ids(input_ids)
+        if not cuts(visual):
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         return self.decoder_cut.forward(positions, inputs_embeds, visual)
 
     def embed_multimodal(self, **kwargs: object):
