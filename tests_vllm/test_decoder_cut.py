@@ -28,7 +28,7 @@ SETTINGS = [
     {"method": "star", "keep": 5},
     {"method": "fastv", "keep": 6},
     {"method": "dart", "keep": 6},
-    {"method": "pdrop", "keep": 6, "layers": [2]},
+    {"method": "pdrop", "keep": 6, "layers": [1]},  # vLLM splits the 3 layers after this cut into 3 KV-cache groups
     {"method": "sparsevlm", "keep": 6, "layers": [1]},  # merges: its kept tokens carry recycled states
 ]
 TEXT_ONLY = ["what color is the sky ? answer :", "say one word :"]
@@ -168,7 +168,6 @@ import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: its scheduler is readable
 sys.path.insert(0, {tests!r})
 from engines import COMPILED
-from test_tiny_model import images
 from vllm import LLM, SamplingParams
 from star.bench import host_reads
 from star.integrations.vllm import engine_args
@@ -182,9 +181,10 @@ def spy(owner, name, record, key, reads=True):
         return out[0]
     setattr(owner, name, counted)
 
+{pictures}
 def main():
-    llm = LLM({checkpoint!r}, max_model_len=160, limit_mm_per_prompt={{"image": 5}}, block_size=32,
-              num_gpu_blocks_override={blocks}, **{{**COMPILED, **engine_args({method!r}, {keep})}})
+    llm = LLM({checkpoint!r}, max_model_len={max_len}, limit_mm_per_prompt={{"image": 5}}, block_size=32,
+              num_gpu_blocks_override={blocks}, **{{**COMPILED, **engine_args({method!r}, {keep}, {architecture!r})}})
     engine = llm.llm_engine.engine_core.engine_core
     scheduler, runner = engine.scheduler, engine.model_executor.driver_worker.worker.model_runner
     managers = scheduler.kv_cache_manager.coordinator.single_type_managers
@@ -195,9 +195,8 @@ def main():
     for group, groups in enumerate(runner.attn_groups):
         spy(groups[0].get_metadata_builder(), "build", record, f"builder {{group}}")
     params = SamplingParams(max_tokens={tokens}, temperature=0.0, ignore_eos=True)
-    prompt = "<image> <image> <image> <image> <image> what shape . answer :"
     for i in range({requests}):
-        llm.llm_engine.add_request(str(i), {{"prompt": prompt, "multi_modal_data": {{"image": images(10 + i, 5)}}}}, params)
+        llm.llm_engine.add_request(str(i), {{"prompt": {prompt!r}, "multi_modal_data": {{"image": pictures(i)}}}}, params)
     llm.llm_engine.add_request("text", {{"prompt": "what color is it ? answer :"}}, params)
     steps, probes, ended, preempted = [], [], {{}}, {{}}
     while llm.llm_engine.has_unfinished_requests():
@@ -218,8 +217,18 @@ if __name__ == "__main__":
 """
 
 
-def _child(checkpoint: str, blocks: int, requests: int, tokens: int, keep: int = 1, method: str = "star") -> dict:
-    code = CHILD.format(tests=str(Path(__file__).parent), checkpoint=checkpoint, blocks=blocks, requests=requests, tokens=tokens, keep=keep, method=method)
+# The requests of the tiny LLaVA: five images of 16 patches each.
+LLAVA = dict(
+    architecture="LlavaForConditionalGeneration", max_len=160, prompt="<image> <image> <image> <image> <image> what shape . answer :",
+    pictures="from test_tiny_model import images\ndef pictures(i):\n    return images(10 + i, 5)\n",
+)
+
+
+def _child(checkpoint: str, blocks: int, requests: int, tokens: int, keep: int = 1, method: str = "star", family: dict = LLAVA) -> dict:
+    """An in-process engine of `method` at `keep` on `family`'s requests (`requests` with images, one text-only) with
+    `blocks` KV-cache blocks of 32 tokens, run to their ends: what CHILD prints."""
+    code = CHILD.format(tests=str(Path(__file__).parent), checkpoint=checkpoint, blocks=blocks, requests=requests, tokens=tokens,
+                        keep=keep, method=method, **family)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=os.environ.copy())
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
     assert run.returncode == 0 and lines, run.stderr[-3000:]

@@ -13,6 +13,7 @@ import os
 import pytest
 
 from engines import COMPILED, tiny_qwen_checkpoint
+from test_decoder_cut import _child
 from test_tiny_qwen import ARCHITECTURES, PICTURES, PROMPTS, _same, hf_generate, vllm_generate
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
@@ -57,3 +58,26 @@ def test_the_cut_changes_the_answer(checkpoints):
     two = [hf_generate(hf, p, i, {"method": "star", "keep": 4})["logprobs"] for p, i in zip(PROMPTS[:2], PICTURES[:2])]
     one = [hf_generate(hf, p, i, {"method": "star-vision", "keep": 4})["logprobs"] for p, i in zip(PROMPTS[:2], PICTURES[:2])]
     assert two != one
+
+
+# Three images of 32 tokens (32 x 64 px) per request on the tiny Qwen2.5-VL: STAR keeps 27 of each in its vision
+# stage and 4 at its cut, so a 92-token prompt holds 3 blocks of 32 before the cut and 1 after it, and 7 in all
+# once its 40 answer tokens are in: three such requests and a text-only one need 25 of the 16 blocks.
+QWEN = dict(
+    architecture=ARCHITECTURES["2.5"], max_len=160,
+    prompt="<|vision_start|> <|image_pad|> <|vision_end|> " * 3 + "what shape ? answer :",
+    pictures="from test_tiny_qwen import picture\ndef pictures(i):\n    return [picture(10 + 3 * i + j, 32, 64) for j in range(3)]\n",
+)
+
+
+def test_a_preempted_cut_request_gives_its_unpreempted_answer(checkpoints):
+    """As on LLaVA (test_decoder_cut.py), on M-RoPE positions: three cut requests and a text-only one in a KV cache
+    too small for all of them, so vLLM preempts one; recomputed (its prompt, then its answer so far), every request
+    finishes with the tokens it gives when nothing is preempted."""
+    unpreempted = _child(checkpoints["2.5"], blocks=256, requests=3, tokens=40, keep=4, family=QWEN)
+    result = _child(checkpoints["2.5"], blocks=16, requests=3, tokens=40, keep=4, family=QWEN)
+    assert not any(unpreempted["preempted"].values())
+    assert any(result["preempted"][rid] for rid in ("0", "1", "2")), result["preempted"]
+    assert {rid: ended[0] for rid, ended in result["ended"].items()} == dict.fromkeys(["0", "1", "2", "text"], "length")
+    for rid, ended in unpreempted["ended"].items():
+        assert result["ended"][rid][3] == ended[3], rid

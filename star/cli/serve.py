@@ -42,7 +42,7 @@ def add(commands: argparse._SubParsersAction) -> None:
         f"vLLM serves the vision-side methods ({', '.join(vision_methods())}, none) on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, "
         "Qwen2.5-VL and Qwen3-VL (the kept tokens keep their original M-RoPE positions on Qwen) and, on LLaVA-1.5, Qwen2-VL, Qwen2.5-VL and Qwen3-VL, a method "
         "with one cut inside the decoder (star, fastv, dart; pdrop and sparsevlm with one layer), for which star serve "
-        "adds the engine options the cut needs (its scheduler, no chunked prefill, no prefix caching, eager mode); "
+        "adds the engine options the cut needs (its scheduler, no chunked prefill, no prefix caching); "
         "the setting is checked against the model before vLLM starts. Every other argument goes to vLLM unchanged "
         "(e.g. --max-model-len 4096, --dtype float32, or --trust-request-mm-kwargs to let each request choose its "
         "own setting). Without a GPU, vLLM's KV cache gets 1 GiB unless VLLM_CPU_KVCACHE_SPACE (GiB), "

@@ -2,21 +2,22 @@
 the layers after the cut on vLLM's own attention backend over a KV cache that holds only the kept tokens.
 
 vLLM gives a request one token count: its positions, and the KV cache of the layers before the cut, run over the
-prompt as the vision stage left it (S tokens). The layers from the cut on (K..L-1) are a KV-cache group of their
-own (`CutSpec`, registered with vLLM's `KVCacheSpecRegistry`), in which a request whose prompt the cut shortens by
-D tokens holds S - D + its answer: its token i (in vLLM's count) sits at index i - D, its kept prompt tokens at
-0..S-D-1 in order. `CutManager` allocates that group's blocks for those tokens alone (D follows from the engine's
-setting and the request's images before anything runs: `CutScheduler` tells it), so the dropped tokens never
-hold a block. The kept tokens keep positions D..S-1 and the answer vLLM's own, so every query-key distance, all
-RoPE sees, is that of `star.apply(..., positions="contiguous")`.
+prompt as the vision stage left it (S tokens). The layers from the cut on (K..L-1) are KV-cache groups of their
+own (`CutSpec`, registered with vLLM's `KVCacheSpecRegistry`; vLLM makes groups of as many layers as the group
+before the cut, so a cut at layer 2 of 30 gives 14, each with its own blocks), in which a request whose prompt the
+cut shortens by D tokens holds S - D + its answer: its token i (in vLLM's count) sits at index i - D, its kept
+prompt tokens at 0..S-D-1 in order. `CutManager` allocates each such group's blocks for those tokens alone (D
+follows from the engine's setting and the request's images before anything runs: `CutScheduler` tells it), so the
+dropped tokens never hold a block. The kept tokens keep positions D..S-1 and the answer vLLM's own, so every
+query-key distance, all RoPE sees, is that of `star.apply(..., positions="contiguous")`.
 
 The layers from the cut on are vLLM's own decoder layers, their attention vLLM's `Attention` on the active
-backend, whose metadata builder `cut_backend` wraps: every step, vLLM's model runner builds that group's metadata
+backend, whose metadata builder `cut_backend` wraps: every step, vLLM's model runner builds each group's metadata
 with each request's sequence length less D and the slots of its new tokens at index i - D, D read on the device
 from a table indexed by the request's first block in the group. So a step that cuts no prompt (decode steps,
 text-only prompts) is vLLM's own forward of the model, compiled as vLLM compiles it, and reads nothing back. A
 step that holds a prompt with images (`cuts`) runs `CutDecoder`: layers 0..K-1, the method's selection per
-request at the cut (its D written to the table), and the layers after it on the kept rows, with the group's
+request at the cut (its D written to the table), and the layers after it on the kept rows, with each group's
 metadata rebuilt by the same builder for the compacted rows.
 
 Requests without an image keep their prompt whole (D = 0). What the engine must not do with a cut request: split
@@ -120,9 +121,10 @@ class CutScheduler(Scheduler):
 
 
 class DroppedCounts:
-    """D of each request, on the device, at the index of the request's first block in the cut group (which it holds
-    from its prefill to its end): written at a prompt's cut, read by every later step's metadata. One per engine,
-    shared by the cut group's layers and so by every builder of the group's metadata."""
+    """D of each request, on the device, at the index of the request's first block in each group after the cut
+    (which it holds from its prefill to its end; block ids are unique over the groups): written at a prompt's cut,
+    read by every later step's metadata. One per engine, shared by the layers after the cut and so by every builder
+    of their metadata."""
 
     def __init__(self) -> None:
         self.of_block: torch.Tensor | None = None
@@ -143,6 +145,8 @@ def cut_backend(backend: type[AttentionBackend]) -> type[AttentionBackend]:
     `CutDecoder` rebuilds it for a step whose prompts the cut shortens."""
 
     class CutMetadataBuilder(backend.get_builder_cls()):
+        supports_update_block_table = False  # each group after the cut has its own blocks, so its own slots: built whole
+
         @classmethod
         def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec) -> AttentionCGSupport:
             return AttentionCGSupport.NEVER  # lengths in new tensors each step, not in buffers a graph could replay
@@ -274,13 +278,13 @@ class StepRequest:
 
 class CutDecoder:
     """The language model's forward at a step that cuts (`cuts`): layers 0..K-1 as vLLM runs them, the method's
-    selection per request at the cut, layers K.. (vLLM's own) on the kept rows, over the cut group's cache through
+    selection per request at the cut, layers K.. (vLLM's own) on the kept rows, over their groups' caches through
     attention metadata rebuilt for the kept rows. Such a step is a prefill with images, read to the host once."""
 
     def __init__(self, model: nn.Module, setting: Setting, vllm_config: VllmConfig) -> None:
         self.model, self.setting, self.stage, self.vllm_config = model, setting, setting.cut, vllm_config
         self.cut_layers = [layer.self_attn.attn for layer in model.layers[setting.cut.layer :]]
-        self.builder = None  # the cut group's metadata builder (`cut_backend`'s), made at the first step that cuts
+        self.builders: list = []  # a metadata builder (`cut_backend`'s) per KV-cache group after the cut, made at the first cut
 
     def forward(
         self, positions: torch.Tensor, embeds: torch.Tensor, visual: torch.Tensor, units: torch.Tensor | None = None,
@@ -356,31 +360,36 @@ class CutDecoder:
         return torch.cat(kept), torch.cat(new_positions, dim=-1)
 
     def _bind(self, requests: list[StepRequest], rows: int) -> None:
-        """The cut group's attention metadata for this step's kept rows, in the step's forward context for every
-        layer after the cut: each cutting request's D written to the table, then the group's builder on each
-        request's queries after the cut (padding rows past them get no slot)."""
+        """The attention metadata of this step's kept rows for the layers after the cut, in the step's forward
+        context: per KV-cache group of theirs (vLLM splits them into groups as many layers as the group before the
+        cut, each with its own blocks), each cutting request's D written at its first block there, then the group's
+        builder on each request's queries after the cut (padding rows past them get no slot)."""
         context = get_forward_context()
         counted = context.attn_metadata[self.model.layers[0].self_attn.attn.layer_name]  # lengths as vLLM counts them
-        table, device = context.attn_metadata[self.cut_layers[0].layer_name].block_table, counted.seq_lens.device
-        if self.builder is None:
-            attn = self.cut_layers[0]
-            names = [a.layer_name for a in self.cut_layers]
-            self.builder = attn.attn_backend.get_builder_cls()(attn.get_kv_cache_spec(self.vllm_config), names, self.vllm_config, device)
+        device = counted.seq_lens.device
         cutting = [r for r, request in enumerate(requests) if request.visual]
-        dropped = self.builder.dropped()
-        dropped[table[on_device(cutting, device), 0]] = on_device([requests[r].dropped for r in cutting], device).to(dropped.dtype)
+        cutting, dropped = on_device(cutting, device), on_device([requests[r].dropped for r in cutting], device)
         lengths = [request.new_end - request.new_start for request in requests]
         starts = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
-        slots = torch.full((rows,), PAD_SLOT_ID, dtype=torch.long, device=device)
-        common = CommonAttentionMetadata(
-            query_start_loc=starts.to(device), query_start_loc_cpu=starts, seq_lens=counted.seq_lens, num_reqs=len(requests),
-            num_actual_tokens=sum(lengths), max_query_len=max(lengths), max_seq_len=counted.max_seq_len, block_table_tensor=table,
-            slot_mapping=slots,
-        )
-        metadata = self.builder.build(0, common)
+        groups: dict[int, list[str]] = {}  # the runner gives the layers of one group one metadata object
         for attn in self.cut_layers:
-            context.attn_metadata[attn.layer_name] = metadata
-            context.slot_mapping[attn.layer_name] = slots
+            groups.setdefault(id(context.attn_metadata[attn.layer_name]), []).append(attn.layer_name)
+        for index, names in enumerate(groups.values()):
+            if index == len(self.builders):
+                spec = self.cut_layers[0].get_kv_cache_spec(self.vllm_config)
+                self.builders.append(self.cut_layers[0].attn_backend.get_builder_cls()(spec, names, self.vllm_config, device))
+            builder, table = self.builders[index], context.attn_metadata[names[0]].block_table
+            builder.dropped()[table[cutting, 0]] = dropped.to(torch.int32)
+            slots = torch.full((rows,), PAD_SLOT_ID, dtype=torch.long, device=device)
+            common = CommonAttentionMetadata(
+                query_start_loc=starts.to(device), query_start_loc_cpu=starts, seq_lens=counted.seq_lens, num_reqs=len(requests),
+                num_actual_tokens=sum(lengths), max_query_len=max(lengths), max_seq_len=counted.max_seq_len, block_table_tensor=table,
+                slot_mapping=slots,
+            )
+            metadata = builder.build(0, common)
+            for name in names:
+                context.attn_metadata[name] = metadata
+                context.slot_mapping[name] = slots
 
     def _budget(self, request: StepRequest) -> int:
         """The image tokens a prompt keeps after the cut: each image's own budget (`Setting.unit_cut`), summed."""
