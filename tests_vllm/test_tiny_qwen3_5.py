@@ -20,6 +20,7 @@ is to `star.apply` on the same checkpoint (original positions), with the prompts
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import numpy as np
 import pytest
@@ -57,19 +58,40 @@ def start(path: str, **options):
     return LLM(path, tokenizer=f"{path}/{QWEN3_5_TOKENIZER}", **options, **ENGINE)
 
 
+def record_positions(model) -> None:
+    """(Run in the engine.) Keep the 3-D positions of each step the decoder runs, in `model.star_test_positions`
+    (as its first layer receives them: the decoder module itself is called past its hooks)."""
+    model.star_test_positions = []
+    model.language_model.model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: model.star_test_positions.append(kwargs["positions"].clone()), with_kwargs=True
+    )
+
+
+def taken_positions(model, length: int) -> list[torch.Tensor]:
+    """(Run in the engine.) The recorded steps of `length` rows, the record emptied."""
+    steps, model.star_test_positions = model.star_test_positions, []
+    return [p for p in steps if p.shape[-1] == length]
+
+
+def prefill_positions(llm, length: int) -> torch.Tensor:
+    """The positions [3, length] of the last request's prefill (the last step of that many rows)."""
+    return llm.apply_model(partial(taken_positions, length=length))[0][-1]
+
+
 @pytest.fixture(scope="module")
 def llm(path):
     from star.integrations.vllm import engine_args
 
     engine = start(path, **engine_args("star-vision", 5, ARCHITECTURE))
+    engine.apply_model(record_positions)
     yield engine
     engine.llm_engine.engine_core.shutdown()
 
 
 def reference(hf: tuple, prompt: str, images: list, setting: dict | None, tokens: list[int]) -> dict:
     """The reference's log-probabilities [steps, vocab] of each next token along `prompt` + `tokens` (teacher-forced,
-    one forward), under `star.apply` with `setting` (None: unpruned), and the kept tokens of the prompt's images
-    (places among its image tokens)."""
+    one forward), under `star.apply` with `setting` (None: unpruned), the kept tokens of the prompt's images
+    (places among its image tokens), and the 3-D positions its decoder receives [3, rows]."""
     import star
 
     model, processor = hf
@@ -78,14 +100,22 @@ def reference(hf: tuple, prompt: str, images: list, setting: dict | None, tokens
     for name in [k for k, v in inputs.items() if torch.is_tensor(v) and v.shape == (1, width)]:  # ids, mask, token types
         extra = torch.tensor([tokens]) if name == "input_ids" else inputs[name].new_full((1, len(tokens)), int(name == "attention_mask"))
         inputs[name] = torch.cat([inputs[name], extra], dim=1)
-    if setting is None:
-        with torch.no_grad():
-            return {"logprobs": model(**inputs).logits[0, -len(tokens) - 1 : -1].float().log_softmax(-1), "kept": None}
-    options = {k: v for k, v in setting.items() if k not in ("method", "keep")}
-    with torch.no_grad(), star.apply(model, setting["method"], setting["keep"], **options) as pruner:
-        logits = model(**inputs).logits[0, -len(tokens) - 1 : -1]
-        kept = pruner.stats.kept_patches[0][0] if images else torch.zeros(0)
-    return {"logprobs": logits.float().log_softmax(-1), "kept": kept[kept >= 0].tolist()}
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["position_ids"]), with_kwargs=True)
+    try:
+        if setting is None:
+            with torch.no_grad():
+                logits, kept = model(**inputs).logits[0, -len(tokens) - 1 : -1], None
+        else:
+            options = {k: v for k, v in setting.items() if k not in ("method", "keep")}
+            with torch.no_grad(), star.apply(model, setting["method"], setting["keep"], **options) as pruner:
+                logits = model(**inputs).logits[0, -len(tokens) - 1 : -1]
+                kept = pruner.stats.kept_patches[0][0] if images else torch.zeros(0)
+                kept = kept[kept >= 0].tolist()
+    finally:
+        hook.remove()
+    positions = seen[0][-3:, 0] if seen[0] is not None else None  # [4, B, S] (text positions first); None for text alone
+    return {"logprobs": logits.float().log_softmax(-1), "kept": kept, "positions": positions}
 
 
 def gap(ours: dict, scored: dict) -> float:
@@ -110,6 +140,7 @@ def test_each_prompt_alone_keeps_the_hf_tokens_and_gives_its_answer(llm, hf, set
         kept, sizes = kept_patches(llm), [image.width * image.height // 64 for image in images]
         assert [sum(sizes[:i]) + j for i, row in enumerate(kept) for j in row] == scored["kept"]  # places among the prompt's image tokens
         assert ours["prompt_tokens"] == len(prompt.split()) - len(images) + len(scored["kept"])
+        assert torch.equal(prefill_positions(llm, ours["prompt_tokens"]), scored["positions"][:, : ours["prompt_tokens"]])
         assert gap(ours, scored) <= TOL
 
 
