@@ -6,15 +6,17 @@ is to `star.apply` on the same checkpoint (original positions), with the prompts
 `test_tiny_qwen.py` (one image, and two of different sizes; alone and batched with a text-only prompt):
 
 - the kept tokens are star.apply's on the checkpoint with its tower in bfloat16, as the engine runs it, exactly
-  (in float32, one of the 16 cases here, vispruner on the two images, keeps another of two near-tied tokens);
+  (with the tower in float32, one of the 16 cases here, vispruner on the two images, keeps another token);
+- each prefill's 3-D positions are those star.apply's decoder receives, exactly, and `prompt_tokens` counts the
+  pruned prompt;
 - the log-probabilities, teacher-forced: the reference (that bfloat16 tower, the decoder in float32) scores the
   engine's greedy tokens, each within TOL of the engine's and within TOL of the reference's own greedy choice (a
   near-tie may go either way in bfloat16). TOL holds the bfloat16 noise with room to spare and no wrong selection:
-  vLLM's own class, unpruned, stays within TOL / 2 of the reference on these prompts (measured 0.005), while
-  another kept set of the same size moves the reference's log-probabilities by more than TOL (measured 0.055 and
-  more over these settings);
-- `prompt_tokens` counts the pruned prompt; bad requests are refused while the engine keeps serving, and a decoder
-  cut (never served on Qwen3.5's hybrid decoder) stops the model before its weights load, saying why.
+  vLLM's own class, unpruned, stays within TOL / 2 of the reference on these prompts (measured 0.0049; the pruned
+  engine 0.0079), while another kept set of the same size moves the reference's log-probabilities by more than TOL
+  (measured 0.21 and 0.37);
+- bad requests are refused while the engine keeps serving, and a decoder cut (never served on Qwen3.5's hybrid
+  decoder) stops the model before its weights load, saying why, as does another dtype on a CPU.
 """
 
 from __future__ import annotations
