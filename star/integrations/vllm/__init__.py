@@ -13,12 +13,13 @@ is an engine's own, on LLaVA-1.5, Qwen2-VL, Qwen2.5-VL and Qwen3-VL: its layers 
 own (`star.integrations.vllm.cut`), and `engine_args` gives the engine options it needs. On LLaVA the kept tokens
 are numbered without gaps, as `star.apply(..., positions="contiguous")` does.
 
-On Qwen2-VL, Qwen2.5-VL and Qwen3-VL the kept tokens keep their original 3-D M-RoPE positions, as `star.apply`
-gives them on M-RoPE models, but for `pool`'s, which take their pooled grid's own (`star.integrations.vllm.qwen2_vl`).
+On Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 the kept tokens keep their original 3-D M-RoPE positions, as
+`star.apply` gives them on M-RoPE models, but for `pool`'s, which take their pooled grid's own
+(`star.integrations.vllm.qwen2_vl`). Qwen3.5's hybrid decoder is never cut (`Family.no_cut`).
 
 The package mirrors `star/adapters/`: this module (settings, no vLLM import), `served` (what every served family
-shares), one module per family (`llava`, `llava_next`, `qwen2_vl`, `qwen3_vl`), and `cut` (the decoder cut, which
-knows no family).
+shares), one module per family (`llava`, `llava_next`, `qwen2_vl`, `qwen3_vl`, `qwen3_5`), and `cut` (the decoder
+cut, which knows no family).
 """
 
 from __future__ import annotations
