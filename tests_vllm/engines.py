@@ -198,7 +198,7 @@ QWEN_TOKENS = {120: "<|image_pad|>", 121: "<|video_pad|>", 122: "<|vision_start|
 
 
 def tiny_qwen_checkpoint(directory: Path, version: str, seed: int = 0) -> str:
-    """A random Qwen2-VL ("2"), Qwen2.5-VL ("2.5") or Qwen3-VL ("3") of the real classes, with its processor
+    """A random Qwen2-VL ("2"), Qwen2.5-VL ("2.5"), Qwen3-VL ("3") or Qwen3.5 ("3.5") of the real classes, with its processor
     (image, video and chat template, as a real checkpoint ships them), saved."""
     import transformers as tf
 
@@ -225,7 +225,8 @@ def tiny_qwen_checkpoint(directory: Path, version: str, seed: int = 0) -> str:
         model, processor = tf.Qwen3VLForConditionalGeneration(config), tf.Qwen3VLProcessor
     else:
         # Qwen3.5: three gated-delta-net layers per full-attention layer (full attention at 3 and 7 of 8), rotary on
-        # half of each 32-wide head, linear heads 128 wide (the only width vLLM's CPU kernel takes), Qwen3-VL's tower without DeepStack.
+        # half of each 32-wide head (rope_theta 100, as above), linear heads 128 wide as the real ones (vLLM's CPU
+        # kernel refuses 32: "Unexpected head dim size"), Qwen3-VL's tower without DeepStack.
         rope = {"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True, "rope_theta": 100.0, "partial_rotary_factor": 0.5}
         linear = dict(linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=1, linear_num_value_heads=2)
         text = dict(TINY_TEXT, num_hidden_layers=8, head_dim=32, rope_parameters=rope, **linear)
