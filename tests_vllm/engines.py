@@ -201,7 +201,7 @@ QWEN_TOKENS = {120: "<|image_pad|>", 121: "<|video_pad|>", 122: "<|vision_start|
 
 
 def tiny_qwen_checkpoint(directory: Path, version: str, seed: int = 0) -> str:
-    """A random Qwen2-VL ("2"), Qwen2.5-VL ("2.5") or Qwen3-VL ("3") of the real classes, with its processor
+    """A random Qwen2-VL ("2"), Qwen2.5-VL ("2.5"), Qwen3-VL ("3") or Qwen3.5 ("3.5") of the real classes, with its processor
     (image, video and chat template, as a real checkpoint ships them), saved."""
     import transformers as tf
 
@@ -220,15 +220,35 @@ def tiny_qwen_checkpoint(directory: Path, version: str, seed: int = 0) -> str:
         vision = dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=128, window_size=16, fullatt_block_indexes=[1], **common)
         config = tf.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
         model, processor = tf.Qwen2_5_VLForConditionalGeneration(config), tf.Qwen2_5_VLProcessor
-    else:
+    elif version == "3":
         rope = {"rope_type": "default", "mrope_section": [8, 4, 4], "mrope_interleaved": True, "rope_theta": 10000.0}
         text = dict(TINY_TEXT, head_dim=32, rope_parameters=rope)
         vision = dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=128, num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2], **common)
         config = tf.Qwen3VLConfig(vision_config=vision, text_config=text, **ids)
         model, processor = tf.Qwen3VLForConditionalGeneration(config), tf.Qwen3VLProcessor
+    else:
+        # Qwen3.5: three gated-delta-net layers per full-attention layer (full attention at 3 and 7 of 8), rotary on
+        # half of each 32-wide head (rope_theta 100, as above), linear heads 128 wide as the real ones (vLLM's CPU
+        # kernel refuses 32: "Unexpected head dim size"), Qwen3-VL's tower without DeepStack.
+        rope = {"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True, "rope_theta": 100.0, "partial_rotary_factor": 0.5}
+        linear = dict(linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=1, linear_num_value_heads=2)
+        text = dict(TINY_TEXT, num_hidden_layers=8, head_dim=32, rope_parameters=rope, **linear)
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=128, num_position_embeddings=16, **common)
+        config = tf.Qwen3_5Config(vision_config=vision, text_config=text, **ids)
+        model, processor = tf.Qwen3_5ForConditionalGeneration(config), tf.Qwen3VLProcessor
     model.config.eos_token_id = model.config.get_text_config().eos_token_id = 3
     tokenizer, template = tiny_tokenizer(QWEN_TOKENS, image_block="<|vision_start|> <|image_pad|> <|vision_end|> ")
     pixels = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=64 * 64)
     image_processor = tf.Qwen2VLImageProcessor(**pixels)
-    video_processor = (tf.Qwen2VLVideoProcessor if version != "3" else tf.Qwen3VLVideoProcessor)(**pixels)
-    return save_checkpoint(directory, model.eval(), processor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=template))
+    video_processor = (tf.Qwen2VLVideoProcessor if version not in ("3", "3.5") else tf.Qwen3VLVideoProcessor)(**pixels)
+    path = save_checkpoint(directory, model.eval(), processor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=template))
+    if version == "3.5":
+        tokenizer.save_pretrained(Path(path) / QWEN3_5_TOKENIZER)
+    return path
+
+
+# transformers 5 loads a qwen3_5 checkpoint's tokenizer as Qwen3_5Tokenizer whatever tokenizer_config.json names (a
+# byte-level BPE rebuilt around the vocabulary, which the 128 words cannot hold: "what color is the ? answer :"
+# becomes 2 tokens), so the tiny Qwen3.5 also saves its word-level tokenizer alone in this folder, for vLLM's
+# `tokenizer` option and the Hugging Face processor's.
+QWEN3_5_TOKENIZER = "tokenizer"

