@@ -3,9 +3,11 @@
 A cut is an engine's own setting, so each method runs in an engine of its own (`engine_args`). The reference is
 `star.apply(..., positions="contiguous")` on the same checkpoint: the same greedy tokens and log-probabilities
 (to 1e-4) for prompts with one and two images, in one batch with text-only prompts (which no cut touches) and
-each alone, and over two tensor-parallel ranks. A child process with an in-process engine (whose scheduler a test can read) checks the KV cache:
-the dropped tokens holding no block, and a preempted cut request recomputed (its prompt, then its answer so far)
-to the tokens it gives unpreempted.
+each alone, and over two tensor-parallel ranks. Every cut engine runs compiled, as `star serve` runs it. A child
+process with an in-process engine (whose scheduler and model runner a test can read) checks the KV cache (the
+dropped tokens holding no block; a preempted cut request recomputed, its prompt then its answer so far, to the
+tokens it gives unpreempted) and the decode steps (vLLM's own forward, reading back nothing more than an engine
+without a cut).
 """
 
 from __future__ import annotations
