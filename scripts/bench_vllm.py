@@ -39,9 +39,10 @@ counts once (the MiB column counts every layer). On a CPU vLLM reserves its KV c
 VLLM_CPU_KVCACHE_SPACE (GiB), 2 here unless set.
 
 FLOPs: each row's prefill FLOPs over the unpruned row's on the same requests. The decoder's (star.flops, the
-paper's formula) for every request from its prompt as vLLM counts it and the setting's plan for its image; with
-`--config qwen2.5-vl-7b` also with the vision tower's (its windowed and full-attention blocks, patch embedding and
-merger, by the same rule), which every setting runs whole (the pruning comes after it). The scores' own small
+paper's formula) for every request from its prompt as vLLM counts it and the setting's plan for its image; for
+LLaVA-1.5 and `--config qwen2.5-vl-7b` also with the vision tower's (star.flops, by the same rule: CLIP up to its
+feature layer and the projector over the tokens the vision stage keeps; Qwen's windowed and full-attention blocks,
+patch embedding and merger), which every setting runs whole (the pruning comes after it). The scores' own small
 products are in neither. Prefill efficiency: (1 - time ratio) / (1 - FLOPs ratio), the time a burst's wall time.
 
 `--config NAME` (qwen2.5-vl-7b): a shipped architecture (star/configs) built with random weights and saved as a
@@ -74,6 +75,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 
 # `vllm serve`'s server by its module: vllm-cpu 0.32.0's `vllm` command fails before parsing (it reads the version
@@ -228,7 +230,7 @@ def label(row: dict) -> str:
 @dataclass
 class Workload:
     """What every setting serves: the prompts, their questions and images (one each), each image's tokens from the
-    encoder, the decoder's shape, and each image's tower FLOPs (None where not modelled). Burst b of a max_tokens is
+    encoder, the decoder's shape, and the tower's FLOPs per image (None where not modelled). Burst b of a max_tokens is
     requests [b * requests, (b + 1) * requests) of that max_tokens' own slice: no image is served twice."""
 
     prompts: list[str]
@@ -237,7 +239,7 @@ class Workload:
     units: list[int]
     texts: list[int]  # the prompt's other tokens
     shape: object
-    tower_flops: list[float] | None
+    tower_flops: Callable[[int, int], float] | None  # (image's index, its tokens entering the decoder) -> its tower's FLOPs
 
     def burst(self, args, answer: int, repeat: int) -> slice:
         start = (args.max_tokens.index(answer) * (args.repeats + 1) + repeat) * args.requests
@@ -246,12 +248,13 @@ class Workload:
 
 def workload(args, path: str, config) -> Workload:
     """Scene questions, as many as the run serves; with --config, each image stretched to its own size (multiples of
-    28 px, its pixels evenly from the low to the high --image-pixels, at most the high, its aspect from 3:4 to 4:3)."""
+    28 px, its pixels evenly from the low to the high --image-pixels, at most the high, its aspect from 3:4 to 4:3).
+    The tower's FLOPs are modelled for LLaVA-1.5 (CLIP) and --config (Qwen2.5-VL), else left out."""
     from transformers import AutoProcessor
 
     from star.data.scenes import TYPES, scene_records
     from star.eval.runner import build_prompt
-    from star.flops import DecoderShape
+    from star.flops import DecoderShape, clip_tower_flops, qwen2_5_vision_flops
     from star.integrations.vllm import n_visual
 
     count = args.requests * (args.repeats + 1) * len(args.max_tokens)
@@ -260,9 +263,15 @@ def workload(args, path: str, config) -> Workload:
     images = [r.image for r in records]
     units = [n_visual(config)] * count
     tower = None
+    if (config.architectures or [None])[0] == "LlavaForConditionalGeneration":
+        layers = config.vision_feature_layer % (config.vision_config.num_hidden_layers + 1)
+        width = config.get_text_config().hidden_size
+
+        def tower(image: int, projected: int) -> float:
+            return clip_tower_flops(config.vision_config, layers, projected, width)
     if args.config:
         low, high = args.image_pixels
-        images, units, tower = [], [], []
+        images, units, flops = [], [], []
         for i, record in enumerate(records):
             pixels = low + (high - low) * i / max(count - 1, 1)
             aspect = (3 / 4, 1.0, 4 / 3)[i % 3]
@@ -270,30 +279,13 @@ def workload(args, path: str, config) -> Workload:
             width = max(2, min(round(height * aspect), high // (28 * 28 * height)))
             images.append(record.image.resize((28 * width, 28 * height)))
             units.append(height * width)
-            tower.append(qwen2_5_vision_flops(config.vision_config, 2 * height, 2 * width))
+            flops.append(qwen2_5_vision_flops(config.vision_config, 2 * height, 2 * width))
+
+        def tower(image: int, projected: int) -> float:  # the merger runs before the pruning: every setting alike
+            return flops[image]
     prompts = [build_prompt(processor, r.question) for r in records]
     texts = [len(processor.tokenizer(p)["input_ids"]) - IMAGES for p in prompts]  # each image is one placeholder token here
     return Workload(prompts, [r.question for r in records], images, units, texts, DecoderShape.from_config(config.get_text_config()), tower)
-
-
-def qwen2_5_vision_flops(vision, rows: int, columns: int) -> float:
-    """FLOPs (2 x multiply-accumulates) of Qwen2.5-VL's vision tower on one image of rows x columns patches (a frame
-    pair): the patch embedding; per block q/k/v and output projections, the gated FFN, and attention's two products,
-    within windows of `window_size` px (whole merged units, the grid's last windows cut short) in most blocks and over
-    the whole image in `fullatt_block_indexes`; the merger's two-layer MLP over merged units. Norms, biases and
-    rotary embeddings are not counted (star.flops's rule for the decoder)."""
-    d, patches, merge = vision.hidden_size, rows * columns, vision.spatial_merge_size
-    embed = patches * vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 * d
-    units_per_window = vision.window_size // merge // vision.patch_size
-    merged_rows, merged_columns = rows // merge, columns // merge
-    windows = [min(units_per_window, merged_rows - r) * min(units_per_window, merged_columns - c) * merge**2
-               for r in range(0, merged_rows, units_per_window) for c in range(0, merged_columns, units_per_window)]
-    linear = patches * (4 * d * d + 3 * d * vision.intermediate_size)
-    full = set(vision.fullatt_block_indexes)
-    attention = sum(2 * d * (patches**2 if block in full else sum(w * w for w in windows)) for block in range(vision.depth))
-    wide = d * merge**2
-    merger = patches // merge**2 * (wide * wide + wide * vision.out_hidden_size)
-    return 2.0 * (embed + vision.depth * linear + attention + merger)
 
 
 def random_checkpoint(args) -> str:
@@ -504,7 +496,7 @@ def _burst(wall: float, prompt: list[int], ttft: list[float], answer: list[int],
         "decoder_flops": sum(decoder),
     }
     if work.tower_flops is not None:
-        result["tower_flops"] = sum(work.tower_flops[burst])
+        result["tower_flops"] = sum(work.tower_flops(i, plan.vision_keep) for i, plan in zip(range(burst.start, burst.stop), plans))
     if engine.cut:
         result["prompt_tokens_after_cut"] = statistics.median(p - d for p, d in zip(prompt, dropped))
         result["kv_blocks_before_cut"] = statistics.median(g[0] for g in groups)

@@ -14,6 +14,10 @@ A hybrid decoder's linear-attention layers (Qwen3.5's gated delta net) have no n
 - the FFN as above.
 Qwen3.5's full-attention layers gate their output from a second q-width half of q_proj: their q projection
 counts twice.
+
+Vision towers, which every setting runs whole (the pruning comes after them), by the same rule: LLaVA's CLIP
+(`clip_tower_flops`) and Qwen2.5-VL's windowed ViT (`qwen2_5_vision_flops`). Norms, biases, activations and
+rotary or position embeddings are counted nowhere.
 """
 
 from __future__ import annotations
@@ -210,3 +214,35 @@ def count_flops(fn: Callable[[], object], module: nn.Module) -> dict[str, float]
         if name.startswith(root + "."):
             result[name.removeprefix(root + ".")] = float(sum(ops.values()))
     return result
+
+
+def clip_tower_flops(vision, layers: int, projected: int, text_width: int) -> float:
+    """FLOPs of LLaVA's image encoding, one image: the CLIP tower's patch embedding and its first `layers` encoder
+    layers (up to the feature layer, what vLLM builds) over the [CLS] token and every patch, then the two-layer
+    projector (vision width to text_width, text_width to text_width) over the `projected` tokens that enter the
+    decoder (the vision stage's kept ones: the projector runs after the pruning)."""
+    d, patches = vision.hidden_size, (vision.image_size // vision.patch_size) ** 2
+    tokens = patches + 1
+    embed = patches * vision.num_channels * vision.patch_size**2 * d
+    layer = tokens * (4 * d * d + 2 * d * vision.intermediate_size) + 2 * tokens * tokens * d
+    projector = projected * (d * text_width + text_width * text_width)
+    return 2.0 * (embed + layers * layer + projector)
+
+
+def qwen2_5_vision_flops(vision, rows: int, columns: int) -> float:
+    """FLOPs of Qwen2.5-VL's vision tower on one image of rows x columns patches (a frame pair): the patch
+    embedding; per block the q/k/v and output projections, the gated FFN, and attention's two products, within
+    windows of `window_size` px (whole merged units, the grid's last windows cut short) in most blocks and over the
+    whole image in `fullatt_block_indexes`; the merger's two-layer MLP over merged units (before any pruning)."""
+    d, patches, merge = vision.hidden_size, rows * columns, vision.spatial_merge_size
+    embed = patches * vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 * d
+    units_per_window = vision.window_size // merge // vision.patch_size
+    merged_rows, merged_columns = rows // merge, columns // merge
+    windows = [min(units_per_window, merged_rows - r) * min(units_per_window, merged_columns - c) * merge**2
+               for r in range(0, merged_rows, units_per_window) for c in range(0, merged_columns, units_per_window)]
+    linear = patches * (4 * d * d + 3 * d * vision.intermediate_size)
+    full = set(vision.fullatt_block_indexes)
+    attention = sum(2 * d * (patches**2 if block in full else sum(w * w for w in windows)) for block in range(vision.depth))
+    wide = d * merge**2
+    merger = patches // merge**2 * (wide * wide + wide * vision.out_hidden_size)
+    return 2.0 * (embed + vision.depth * linear + attention + merger)

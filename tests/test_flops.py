@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -10,9 +11,12 @@ from transformers import LlamaConfig, LlamaModel
 
 import star
 from conftest import batch, prompt_ids, tiny_llava
-from families import gemma_inputs, qwen_inputs, tiny_gemma3, tiny_qwen3
+from families import PATCH_DIM, gemma_inputs, qwen_inputs, tiny_gemma3, tiny_qwen, tiny_qwen3
 from star.cli import main
-from star.flops import DecoderShape, LinearAttention, count_flops, layer_flops, named_models, prefill_flops, tokens_per_layer
+from star.flops import (
+    DecoderShape, LinearAttention, clip_tower_flops, count_flops, layer_flops, named_models, prefill_flops, qwen2_5_vision_flops,
+    tokens_per_layer,
+)
 
 
 @pytest.mark.parametrize("keep, paper", [(288, 0.713), (58, 0.536), (29, 0.514)])
@@ -116,3 +120,36 @@ def test_flops_of_a_mixture_of_experts_decoder_count_the_routed_experts():
     assert DecoderShape.from_config(moe).intermediate_size == 2 * 32
     with pytest.raises(ValueError, match="mlp_only_layers"):
         DecoderShape.from_config(type(moe)(**{**moe.to_dict(), "mlp_only_layers": [0]}))
+
+
+@pytest.mark.parametrize("feature_layer, projected", [(-2, 16), (-1, 5), (1, 9)])
+def test_clip_tower_formula_equals_the_counted_tower_and_projector(feature_layer, projected):
+    """LLaVA's image encoding as vLLM runs it: the tower up to its feature layer, the projector over the kept."""
+    from transformers import CLIPVisionModel
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    llava = tiny_llava(attn="eager")
+    llava.config.vision_feature_layer = feature_layer
+    vision = llava.config.vision_config
+    layers = feature_layer % (vision.num_hidden_layers + 1)
+    vision = copy.deepcopy(vision)
+    vision.num_hidden_layers = layers  # what vLLM builds of the tower
+    tower = CLIPVisionModel._from_config(vision, attn_implementation="eager").eval()
+    projector = LlavaMultiModalProjector(llava.config).eval()
+    pixels = torch.randn(1, 3, vision.image_size, vision.image_size)
+    states = torch.randn(1, projected, vision.hidden_size)
+    with torch.no_grad():
+        counted = count_flops(lambda: (tower(pixels), projector(states)), tower)["total"]
+    assert clip_tower_flops(vision, layers, projected, llava.config.text_config.hidden_size) == counted
+
+
+@pytest.mark.parametrize("rows, columns", [(4, 4), (6, 10), (10, 6), (2, 14)])
+def test_qwen2_5_vision_formula_equals_the_counted_tower_with_its_windows_cut_short(rows, columns):
+    """Windows of 2 x 2 merged units in blocks 0 and 2, block 1 over the whole image: grids whose last windows are
+    cut short in either direction, and a grid of one window's height."""
+    model = tiny_qwen("2.5", attn="eager")
+    visual = model.model.visual
+    pixels = torch.randn(rows * columns, PATCH_DIM)
+    with torch.no_grad():
+        counted = count_flops(lambda: visual(pixels, grid_thw=torch.tensor([[1, rows, columns]])), visual)["total"]
+    assert qwen2_5_vision_flops(model.config.vision_config, rows, columns) == counted
