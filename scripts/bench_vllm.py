@@ -17,9 +17,11 @@ engine, each setting as the requests' own `mm_processor_kwargs`; the unpruned ro
 in that engine. `--cut-method` (star: `star (two stages)`) at each `--keep` prunes inside the decoder as well,
 which vLLM serves only as an engine's own setting: each budget gets an engine of its own (one per mode, each shut
 down before the next starts), with the options a cut needs (`star.integrations.vllm.engine_args`: its scheduler,
-no chunked prefill, no prefix caching). Every engine is compiled as vLLM compiles on the platform (`--eager`: none
-is); the layers after a cut run on vLLM's own attention backend. STAR's two stages end with the same visual tokens per image as star-vision at the same `--keep`
-(its vision stage keeps more, its cut the rest), so a cut row also gives its ratio to that row of its mode.
+no chunked prefill, no prefix caching), which the shared engine then takes as well, so that every engine batches
+a burst alike and only the cut differs. Every engine is compiled as vLLM compiles on the platform (`--eager`: none
+is); the layers after a cut run on vLLM's own attention backend. STAR's two stages end with the same visual
+tokens per image as star-vision at the same `--keep` (its vision stage keeps more, its cut the rest), so a cut row
+also gives its ratio to that row of its mode.
 
 Columns: answer tokens (each `--max-tokens` in bursts of its own, in the same engines); prompt tokens as vLLM
 counts them (a cut row's vision-stage count, e.g. 27 text + 167 of 196 image tokens for STAR on the default model,
@@ -188,8 +190,12 @@ class Engine:
 
 
 def engines(args: argparse.Namespace, config) -> list[Engine]:
-    """The shared engine (unpruned and --method, per request), then one engine per --keep for --cut-method."""
-    from star.integrations.vllm import config_setting, serves_cut
+    """The shared engine (unpruned and --method, per request), then one engine per --keep for --cut-method. Where
+    there are cut rows, the shared engine takes the options a cut needs too (`CUT_ENGINE`: the cut's scheduler, no
+    chunked prefill, no prefix caching), so that every engine batches a burst alike and only the cut differs: with
+    vLLM's defaults the shared engine would take a burst in one step of up to 4096 tokens where a cut engine takes
+    it in steps of up to 2048."""
+    from star.integrations.vllm import CUT_ENGINE, config_setting, serves_cut
     from star.integrations.vllm import engine_args as star_engine_args
     from star.integrations.vllm import hf_overrides
     from star.integrations.vllm import n_visual, num_layers
@@ -202,6 +208,7 @@ def engines(args: argparse.Namespace, config) -> list[Engine]:
     shared = Engine({"hf_overrides": hf_overrides("none", full, architecture)}, rows, per_request=True, layers=(layers,))
     if args.cut_method == "none":
         return [shared]
+    shared.star.update(CUT_ENGINE)
     if not serves_cut(config):
         raise SystemExit(f"--cut-method {args.cut_method}: the plugin serves no decoder cut on {architecture}; "
                          "--cut-method none runs the other rows")

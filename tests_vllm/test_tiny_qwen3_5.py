@@ -45,14 +45,18 @@ def path(tmp_path_factory) -> str:
     return tiny_qwen_checkpoint(tmp_path_factory.mktemp("tiny-qwen3.5"), "3.5")
 
 
-@pytest.fixture(scope="module")
-def hf(path) -> tuple:
+def reference_model(path: str) -> tuple:
     """The reference: the checkpoint in float32 with its tower in bfloat16 (the engine's), and its processor."""
     from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     model.model.visual.to(torch.bfloat16)
     return model, AutoProcessor.from_pretrained(path, tokenizer=AutoTokenizer.from_pretrained(f"{path}/{QWEN3_5_TOKENIZER}"))
+
+
+@pytest.fixture(scope="module")
+def hf(path) -> tuple:
+    return reference_model(path)
 
 
 def start(path: str, **options):
