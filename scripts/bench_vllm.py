@@ -272,10 +272,10 @@ def workload(args, path: str, config) -> Workload:
     tower = None
     if (config.architectures or [None])[0] == "LlavaForConditionalGeneration":
         layers = config.vision_feature_layer % (config.vision_config.num_hidden_layers + 1)
-        width = config.get_text_config().hidden_size
+        text_width = config.get_text_config().hidden_size
 
         def tower(image: int, projected: int) -> float:
-            return clip_tower_flops(config.vision_config, layers, projected, width)
+            return clip_tower_flops(config.vision_config, layers, projected, text_width)
     if args.config:
         low, high = args.image_pixels
         images, units, flops = [], [], []

@@ -129,10 +129,8 @@ def test_clip_tower_formula_equals_the_counted_tower_and_projector(feature_layer
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     llava = tiny_llava(attn="eager")
-    llava.config.vision_feature_layer = feature_layer
-    vision = llava.config.vision_config
-    layers = feature_layer % (vision.num_hidden_layers + 1)
-    vision = copy.deepcopy(vision)
+    vision = copy.deepcopy(llava.config.vision_config)
+    layers = feature_layer % (vision.num_hidden_layers + 1)  # hidden state -2 of 3 layers: after layer 2
     vision.num_hidden_layers = layers  # what vLLM builds of the tower
     tower = CLIPVisionModel._from_config(vision, attn_implementation="eager").eval()
     projector = LlavaMultiModalProjector(llava.config).eval()
