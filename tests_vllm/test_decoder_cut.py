@@ -190,6 +190,8 @@ def main():
     engine = llm.llm_engine.engine_core.engine_core
     scheduler, runner = engine.scheduler, engine.model_executor.driver_worker.worker.model_runner
     managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    cut = runner.model.decoder_cut
+    compiled = [getattr(m, "aot_compiled_fn", None) is not None or m.compiled for m in (cut.before, cut.after)] if cut else None
     record = {{}}
     spy(runner.model, "forward", record, "model")
     if runner.model.decoder_cut is not None:
@@ -212,7 +214,7 @@ def main():
         probes.append(dict(record))
         preempted.update({{rid.split("-")[0]: r.num_preemptions for rid, r in scheduler.requests.items()}})
     print("RESULT" + json.dumps({{"managers": [type(m).__name__ for m in managers], "steps": steps, "probes": probes,
-                                  "ended": ended, "preempted": preempted}}))
+                                  "ended": ended, "preempted": preempted, "compiled": compiled}}))
 
 if __name__ == "__main__":
     main()
@@ -253,6 +255,11 @@ def test_the_dropped_tokens_never_hold_a_block(one_request):
     assert first["text"] == [1, 1] and second["text"] == [1, 1]  # a text-only prompt keeps its blocks
     assert result["ended"]["0"][0] == "length" and result["ended"]["text"][0] == "length"
     assert result["ended"]["0"][2] == 75  # the prompt as vLLM holds it: 5 x 14 image tokens and 5 others
+
+
+def test_the_layers_around_the_cut_compile_when_the_engine_starts(one_request):
+    """Both layer ranges of a step that cuts are compiled by vLLM at its profile run, before any request."""
+    assert one_request["compiled"] == [True, True]
 
 
 def test_a_preempted_cut_request_gives_its_unpreempted_answer(checkpoint):

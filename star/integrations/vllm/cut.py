@@ -18,7 +18,8 @@ from a table indexed by the request's first block in the group. So a step that c
 text-only prompts) is vLLM's own forward of the model, compiled as vLLM compiles it, and reads nothing back. A
 step that holds a prompt with images (`cuts`) runs `CutDecoder`: layers 0..K-1, the method's selection per
 request at the cut (its D written to the table), and the layers after it on the kept rows, with each group's
-metadata rebuilt by the same builder for the compacted rows.
+metadata rebuilt by the same builder for the compacted rows; the two layer ranges compiled as vLLM compiles the
+model (`LayersBeforeCut`, `LayersAfterCut`), the selection eager.
 
 Requests without an image keep their prompt whole (D = 0). What the engine must not do with a cut request: split
 its prompt into chunks (the cut needs every text row) or share cached prefixes (the layers after the cut hold what
@@ -28,13 +29,16 @@ answer so far (`CutScheduler`), so that its answer never joins the cut's scoring
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from functools import cache
 
 import numpy as np
 import torch
 from torch import nn
-from vllm.config import VllmConfig
+from vllm.compilation.backends import set_model_tag
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import CompilationMode, CUDAGraphMode, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_gather
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
@@ -247,6 +251,12 @@ def check_engine(vllm_config: VllmConfig, setting: Setting) -> None:
         raise ValueError("the decoder cut runs without speculative decoding and with kv_cache_dtype='auto'")
 
 
+def profile_run() -> bool:
+    """Whether this forward is vLLM's profile run (no attention metadata, no CUDA graph), where the model compiles."""
+    context = get_forward_context()
+    return context.attn_metadata is None and context.cudagraph_runtime_mode == CUDAGraphMode.NONE
+
+
 def cuts(visual: torch.Tensor | None) -> bool:
     """Whether a step holds image rows (vLLM's `is_multimodal`, on the host on every platform: read as the host's
     array, which a tensor on a device refuses), so that the cut shortens a prompt in it. A step that cuts nothing
@@ -276,15 +286,69 @@ class StepRequest:
         return self.seq_len == self.end - self.start
 
 
+@support_torch_compile(dynamic_arg_dims={"positions": -1, "hidden": 0, "added": 1})
+class LayersBeforeCut(nn.Module):
+    """Layers 0..K-1 at a step that cuts, compiled as vLLM compiles the model (`support_torch_compile`, as vLLM's
+    Gemma3n compiles its self- and cross-decoder apart). Returns the residual stream at the cut and at the score
+    layer's input."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layers: nn.ModuleList, score_layer: int) -> None:
+        super().__init__()
+        self.layers, self.score_layer = layers, score_layer
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, added: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        residual, score_input = None, None
+        for index, layer in enumerate(self.layers):
+            if index == self.score_layer:
+                score_input = _true(hidden, residual)
+            hidden, residual = layer(positions, hidden, residual)
+            if added is not None and index < added.shape[0]:
+                hidden = hidden + added[index]
+        x = _true(hidden, residual)
+        return x, x if score_input is None else score_input
+
+
+@support_torch_compile(dynamic_arg_dims={"positions": -1, "hidden": 0, "added": 1})
+class LayersAfterCut(nn.Module):
+    """Layers K.. and the last norm over the kept rows, compiled as `LayersBeforeCut` (a class of its own: vLLM keys
+    a compiled module's cache on its `forward`'s name and line)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layers: nn.ModuleList, norm: nn.Module) -> None:
+        super().__init__()
+        self.layers, self.norm = layers, norm
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, added: torch.Tensor | None) -> torch.Tensor:
+        residual = None
+        for index, layer in enumerate(self.layers):
+            hidden, residual = layer(positions, hidden, residual)
+            if added is not None and index < added.shape[0]:
+                hidden = hidden + added[index]
+        return self.norm(hidden, residual)[0]
+
+
 class CutDecoder:
-    """The language model's forward at a step that cuts (`cuts`): layers 0..K-1 as vLLM runs them, the method's
-    selection per request at the cut, layers K.. (vLLM's own) on the kept rows, over their groups' caches through
-    attention metadata rebuilt for the kept rows. Such a step is a prefill with images, read to the host once."""
+    """The language model's forward at a step that cuts (`cuts`): layers 0..K-1, the method's selection per request
+    at the cut, layers K.. (vLLM's own) on the kept rows, over their groups' caches through attention metadata
+    rebuilt for the kept rows. The two layer ranges are compiled as vLLM compiles the model (at its profile run,
+    `compile`); the selection runs eagerly. Such a step is a prefill with images, read to the host once."""
 
     def __init__(self, model: nn.Module, setting: Setting, vllm_config: VllmConfig) -> None:
         self.model, self.setting, self.stage, self.vllm_config = model, setting, setting.cut, vllm_config
         self.cut_layers = [layer.self_attn.attn for layer in model.layers[setting.cut.layer :]]
         self.builders: list = []  # a metadata builder (`cut_backend`'s) per KV-cache group after the cut, made at the first cut
+        with set_model_tag("star_before_cut"):
+            self.before = LayersBeforeCut(vllm_config=vllm_config, layers=model.layers[: setting.cut.layer], score_layer=setting.cut.score_layer)
+        with set_model_tag("star_after_cut"):
+            self.after = LayersAfterCut(vllm_config=vllm_config, layers=model.layers[setting.cut.layer :], norm=model.norm)
+
+    def compile(self, positions: torch.Tensor, embeds: torch.Tensor, added: list[torch.Tensor] = ()) -> None:
+        """At vLLM's profile run (`profile_run`), both layer ranges over its rows (no attention metadata: the kernels
+        skip), so that they compile when the model does, not in the first request that cuts."""
+        if self.vllm_config.compilation_config.mode == CompilationMode.NONE:
+            return
+        with _no_graphs():
+            x, _ = self.before(positions, embeds, _stack(added[: self.stage.layer]))
+            self.after(positions, x, _stack(added[self.stage.layer :]))
 
     def forward(
         self, positions: torch.Tensor, embeds: torch.Tensor, visual: torch.Tensor, units: torch.Tensor | None = None,
@@ -294,26 +358,13 @@ class CutDecoder:
         positions: vLLM's ([S], or [3, S] for M-RoPE); visual: the image rows; units: each row's image's tokens
         from the encoder, where images differ in size (Qwen); added: what the model adds to every row's hidden state
         after each of its first layers (Qwen3-VL's DeepStack features), which go with the kept rows."""
-        layers, stage = self.model.layers, self.stage
         requests = self._requests(visual, units)
-        hidden, residual, score_input = embeds, None, None
-        for index, layer in enumerate(layers[: stage.layer]):
-            if index == stage.score_layer:
-                score_input = _true(hidden, residual)
-            hidden, residual = layer(positions, hidden, residual)
-            if index < len(added):
-                hidden = hidden + added[index]
-        x = _true(hidden, residual)
-        score_input = x if score_input is None else score_input
-        kept, positions = self._cut(requests, positions, score_input, x)
-        x = x[kept]
-        self._bind(requests, x.shape[0])
-        hidden, residual = x, None
-        for index, layer in enumerate(layers[stage.layer :], start=stage.layer):
-            hidden, residual = layer(positions, hidden, residual)
-            if index < len(added):
-                hidden = hidden + added[index][kept]
-        hidden, _ = self.model.norm(hidden, residual)
+        cut = self.stage.layer
+        with _no_graphs():
+            x, score_input = self.before(positions, embeds, _stack(added[:cut]))
+            kept, positions = self._cut(requests, positions, score_input, x)
+            self._bind(requests, kept.shape[0])
+            hidden = self.after(positions, x[kept], _stack(added[cut:], kept))
         out = hidden.new_zeros(embeds.shape[0], hidden.shape[-1])
         out[kept] = hidden
         return out
@@ -450,6 +501,26 @@ def _qk(layer: nn.Module, x: torch.Tensor, positions: torch.Tensor) -> tuple[tor
     if get_tensor_model_parallel_world_size() > 1:  # each rank holds its share of the heads: the scores read them all
         q, k = tensor_model_parallel_all_gather(q.contiguous(), dim=1), tensor_model_parallel_all_gather(k.contiguous(), dim=1)
     return q, k
+
+
+def _stack(added: list[torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor | None:
+    """A layer range's additions as one tensor [layers, rows, D] (of the kept rows), or None where it has none."""
+    if not added:
+        return None
+    stacked = torch.stack(list(added))
+    return stacked if rows is None else stacked[:, rows]
+
+
+@contextmanager
+def _no_graphs():
+    """The step's CUDA-graph mode off while the cut's layer ranges run: vLLM's graphs are captured for the step's
+    rows before the cut, and the rows after it are as many as the cut keeps."""
+    context = get_forward_context()
+    mode, context.cudagraph_runtime_mode = context.cudagraph_runtime_mode, CUDAGraphMode.NONE
+    try:
+        yield
+    finally:
+        context.cudagraph_runtime_mode = mode
 
 
 def _true(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

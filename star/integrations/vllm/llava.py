@@ -36,7 +36,7 @@ from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from star.integrations.vllm import engine_setting
-from star.integrations.vllm.cut import check_engine, cut_decoder, cuts
+from star.integrations.vllm.cut import check_engine, cut_decoder, cuts, profile_run
 from star.integrations.vllm.served import PrunedEncoder, SettingInfo, SettingProcessor
 from star.methods import VisionView
 
@@ -129,9 +129,11 @@ class StarLlavaForConditionalGeneration(PrunedClip, LlavaForConditionalGeneratio
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         visual, self.visual_rows = self.visual_rows, None
-        if not cuts(visual):
-            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        return self.decoder_cut.forward(positions, inputs_embeds, visual)
+        if cuts(visual):
+            return self.decoder_cut.forward(positions, inputs_embeds, visual)
+        if self.decoder_cut is not None and profile_run():
+            self.decoder_cut.compile(positions, inputs_embeds)
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
     def embed_multimodal(self, **kwargs: object):
         image_input, texts = self._pixel_input(kwargs)

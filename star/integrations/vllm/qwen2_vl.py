@@ -56,7 +56,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from star.adapters.base import MergedView
 from star.integrations.vllm import engine_setting, merged_grid
-from star.integrations.vllm.cut import cut_decoder, cuts
+from star.integrations.vllm.cut import cut_decoder, cuts, profile_run
 from star.integrations.vllm.served import FIELD, PrunedEncoder, SettingInfo, SettingProcessor, setting_text
 
 # What follows a kept token's embedding: its (t, h, w) within its image and the image's tokens from the encoder, each
@@ -145,9 +145,12 @@ class PrunedQwen(PrunedEncoder):
         if places is not None:  # each image row moves from its image's first position to its own
             positions = positions.clone()
             positions[:, : places.shape[0]] += places[:, :3].T
-        if self.decoder_cut is None or not cuts(visual):
-            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        return self.decoder_cut.forward(positions, inputs_embeds, visual, None if places is None else places[:, 3], self._added(inputs_embeds.shape[0]))
+        if self.decoder_cut is not None and cuts(visual):
+            return self.decoder_cut.forward(positions, inputs_embeds, visual, None if places is None else places[:, 3], self._added(inputs_embeds.shape[0]))
+        hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        if self.decoder_cut is not None and profile_run():
+            self.decoder_cut.compile(positions, inputs_embeds, self._added(inputs_embeds.shape[0]))
+        return hidden
 
     def embed_multimodal(self, **kwargs: object):
         image_input, texts = self._pixel_input(kwargs)
