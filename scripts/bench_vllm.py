@@ -515,6 +515,7 @@ def _row(mode: str, answer: int, raw: dict, engine: Engine, bursts: list[dict]) 
     """Medians over the bursts; FLOPs summed over them (the same requests for every setting of a mode)."""
     summed = ("decoder_flops", "tower_flops")
     median = {key: statistics.median(b[key] for b in bursts) for key in bursts[0] if key not in summed}
+    median["block_size"] = bursts[0]["block_size"]  # the engine's, not a median (which of two is a float)
     row = {"mode": mode, "max_tokens": answer, "method": raw["method"], "keep": raw["keep"], "repeats": len(bursts), **median,
            **{key: sum(b[key] for b in bursts) for key in summed if key in bursts[0]}}
     if engine.cut:

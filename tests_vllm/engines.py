@@ -6,6 +6,8 @@ it to 1, enough for these prompts, so that a test engine takes about 2 GiB in al
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import re
 import signal
@@ -252,3 +254,23 @@ def tiny_qwen_checkpoint(directory: Path, version: str, seed: int = 0) -> str:
 # becomes 2 tokens), so the tiny Qwen3.5 also saves its word-level tokenizer alone in this folder, for vLLM's
 # `tokenizer` option and the Hugging Face processor's.
 QWEN3_5_TOKENIZER = "tokenizer"
+
+
+def image_url(image) -> str:
+    """An image as the data URL a chat request carries."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def ask(client, model: str, image, text: str, setting: dict | None = None, max_tokens: int = 6, logprobs: bool = False):
+    """A greedy chat request with one image and a text, through the OpenAI client; `setting`: the request's own;
+    `logprobs`: each answer token's id (`token_id:N`) and log-probability with the reply."""
+    content = [{"type": "image_url", "image_url": {"url": image_url(image)}}, {"type": "text", "text": text}]
+    extra = {"mm_processor_kwargs": {"star": setting}} if setting is not None else {}
+    if logprobs:
+        extra["return_tokens_as_token_ids"] = True
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0.0, logprobs=logprobs,
+        extra_body=extra,
+    )

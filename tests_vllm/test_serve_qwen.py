@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from engines import star_serve, tiny_qwen_checkpoint
-from test_server import _image_url
+from engines import ask, star_serve, tiny_qwen_checkpoint
 from test_tiny_qwen import PICTURES, hf_generate
 
 QUESTION = "what color is the ?"
@@ -27,17 +26,6 @@ def served(tmp_path_factory):
         yield client, model, path
 
 
-def _ask(client, model: str, image, setting: dict | None = None):
-    content = [
-        {"type": "image_url", "image_url": {"url": _image_url(image)}},
-        {"type": "text", "text": QUESTION},
-    ]
-    extra = {"mm_processor_kwargs": {"star": setting}} if setting is not None else None
-    return client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0.0, extra_body=extra
-    )
-
-
 @pytest.mark.parametrize(
     "setting", [None, {"method": "random", "keep": 4, "seed": 3}, {"method": "pool", "keep": 6}], ids=["engine", "request", "pool"]
 )
@@ -52,7 +40,7 @@ def test_a_chat_request_gets_the_hf_answer_from_the_pruned_prompt(served, settin
                                            add_generation_prompt=True)
     hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval(), processor
     expected = hf_generate(hf, prompt, [image], setting or {"method": "star-vision", "keep": 0.5})
-    reply = _ask(client, model, image, setting)
+    reply = ask(client, model, image, QUESTION, setting)
     # the same words (vLLM's incremental detokenizer puts a space before the first word of this word-level vocabulary)
     assert reply.choices[0].message.content.strip() == processor.tokenizer.decode(expected["tokens"], skip_special_tokens=True)
     unpruned = processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
@@ -64,5 +52,5 @@ def test_a_budget_above_an_images_tokens_is_an_error_and_the_server_keeps_servin
 
     client, model, _ = served
     with pytest.raises(openai.BadRequestError, match="keep=40 is above the 16 visual tokens of an image"):
-        _ask(client, model, PICTURES[0][0], {"method": "star-vision", "keep": 40})
-    assert _ask(client, model, PICTURES[0][0]).choices[0].message.content is not None
+        ask(client, model, PICTURES[0][0], QUESTION, {"method": "star-vision", "keep": 40})
+    assert ask(client, model, PICTURES[0][0], QUESTION).choices[0].message.content is not None

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engines import QWEN3_5_TOKENIZER, star_serve, tiny_qwen_checkpoint
-from test_server import _image_url
+from engines import QWEN3_5_TOKENIZER, ask, star_serve, tiny_qwen_checkpoint
 from test_tiny_qwen import PICTURES
 from test_tiny_qwen3_5 import TOL, gap, reference, reference_model
 
@@ -40,19 +39,11 @@ def hf(path) -> tuple:
     return reference_model(path)
 
 
-def _ask(client, model: str, image, setting: dict | None = None):
-    content = [{"type": "image_url", "image_url": {"url": _image_url(image)}}, {"type": "text", "text": QUESTION}]
-    extra = {"return_tokens_as_token_ids": True, **({"mm_processor_kwargs": {"star": setting}} if setting is not None else {})}
-    return client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0.0, logprobs=True, extra_body=extra
-    )
-
-
 @pytest.mark.parametrize("setting", [None, {"method": "random", "keep": 4, "seed": 3}], ids=["engine", "request"])
 def test_a_chat_request_is_scored_by_the_hf_path_on_the_pruned_prompt(served, hf, setting):
     client, model = served
     image = PICTURES[1][1]  # 32 x 64 px: 32 tokens
-    reply = _ask(client, model, image, setting)
+    reply = ask(client, model, image, QUESTION, setting, logprobs=True)
     steps = reply.choices[0].logprobs.content
     ours = {"tokens": [int(step.token.removeprefix("token_id:")) for step in steps], "logprobs": [step.logprob for step in steps]}
     processor = hf[1]
@@ -69,8 +60,8 @@ def test_a_bad_request_is_an_error_and_the_server_keeps_serving(served):
 
     client, model = served
     with pytest.raises(openai.BadRequestError, match="keep=40 is above the 16 visual tokens of an image"):
-        _ask(client, model, PICTURES[0][0], {"method": "star-vision", "keep": 40})
-    assert _ask(client, model, PICTURES[0][0]).choices[0].message.content is not None
+        ask(client, model, PICTURES[0][0], QUESTION, {"method": "star-vision", "keep": 40}, logprobs=True)
+    assert ask(client, model, PICTURES[0][0], QUESTION, logprobs=True).choices[0].message.content is not None
 
 
 def test_a_decoder_cut_is_refused_before_vllm_starts(path):

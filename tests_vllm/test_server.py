@@ -7,8 +7,6 @@ exactly the dropped image tokens, and bad requests get an error while the server
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import signal
@@ -18,7 +16,7 @@ import time
 
 import pytest
 
-from engines import SERVE, default_model, hf_generate, hf_model, overrides, scene_prompts
+from engines import SERVE, ask, default_model, hf_generate, hf_model, overrides, scene_prompts
 
 N_VISUAL = 196
 START_TIMEOUT_S = 900  # a busy 2-core machine took over 10 minutes to start one
@@ -71,23 +69,11 @@ def _stop(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def _image_url(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def _ask(client, model: str, record, setting: dict | None = None):
+    """A scene question with its image, as the evaluation asks it."""
     from star.eval.records import QUESTION_SUFFIX
 
-    content = [
-        {"type": "image_url", "image_url": {"url": _image_url(record.image)}},
-        {"type": "text", "text": f"{record.question}\n{QUESTION_SUFFIX}"},
-    ]
-    extra = {"mm_processor_kwargs": {"star": setting}} if setting is not None else None
-    return client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0.0, extra_body=extra
-    )
+    return ask(client, model, record.image, f"{record.question}\n{QUESTION_SUFFIX}", setting, max_tokens=8)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ The server gets none of `make test-vllm`'s VLLM_CPU_KVCACHE_SPACE: on a CPU, sta
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import re
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from engines import default_model, hf_generate, hf_model, scene_prompts
+from engines import default_model, hf_generate, hf_model, image_url, scene_prompts
 
 README = Path(__file__).parents[1] / "README.md"
 N_VISUAL = 196
@@ -67,12 +65,6 @@ def served(tmp_path_factory):
         pass
 
 
-def _image_url(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def test_the_readme_command_serves_the_pruned_model(served):
     from star.eval.records import QUESTION_SUFFIX
 
@@ -82,7 +74,7 @@ def test_the_readme_command_serves_the_pruned_model(served):
     path = default_model()
     prompts, images, [record] = scene_prompts(path, 1)
     content = [
-        {"type": "image_url", "image_url": {"url": _image_url(record.image)}},
+        {"type": "image_url", "image_url": {"url": image_url(record.image)}},
         {"type": "text", "text": f"{record.question}\n{QUESTION_SUFFIX}"},
     ]
     body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0.0}
