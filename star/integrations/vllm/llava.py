@@ -131,9 +131,10 @@ class StarLlavaForConditionalGeneration(PrunedClip, LlavaForConditionalGeneratio
         visual, self.visual_rows = self.visual_rows, None
         if cuts(visual):
             return self.decoder_cut.forward(positions, inputs_embeds, visual)
+        hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         if self.decoder_cut is not None and profile_run():
             self.decoder_cut.compile(positions, inputs_embeds)
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        return hidden
 
     def embed_multimodal(self, **kwargs: object):
         image_input, texts = self._pixel_input(kwargs)
