@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import star
 from conftest import IMAGE_TOKEN, N_VISUAL, batch, prompt_ids, tiny_llava
-from star.scoring import top_k_in_order
+from star.scoring import attention_probs, key_attention, received_attention, top_k_in_order
 
 PROMPTS = [prompt_ids(3, 6, seed=1), prompt_ids(7, 4, seed=2), prompt_ids(1, 9, seed=3)]
 
@@ -103,3 +103,17 @@ def test_top_k_in_order_is_the_top_set_with_lowest_index_ties(case):
     kept = top_k_in_order(torch.tensor(values, dtype=torch.float), k).tolist()
     expected = sorted(sorted(range(len(values)), key=lambda i: (-values[i], i))[:k])
     assert kept == expected
+
+
+@pytest.mark.parametrize("rows, chunk, spread", [(37, 8, 1.0), (37, 64, 1.0), (50, 7, 40.0)])
+def test_key_attention_is_the_mean_of_the_softmax_over_rows_and_heads(rows, chunk, spread):
+    """Chunked in place, as a large image is scored: the chunks' sum equals the whole matrix's mean, also where
+    the logits are large enough that an exponential without its row's maximum would overflow."""
+    generator = torch.Generator().manual_seed(rows + chunk)
+    q = spread * torch.randn(2, 3, rows, 8, generator=generator)
+    k = torch.randn(2, 3, 45, 8, generator=generator)
+    expected = received_attention(attention_probs(q, k))
+    got = key_attention(q, k, chunk)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, expected, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(got.sum(dim=-1), torch.ones(2))

@@ -36,11 +36,8 @@ class MergedView(VisionView):
     def received(self) -> torch.Tensor:
         """Attention each token's patches receive, mean over query rows and heads, summed per token: [I, N]."""
         q, k = self.qk()
-        total = q.new_zeros(q.shape[0], k.shape[2], dtype=torch.float32)
-        for start in range(0, q.shape[2], QUERY_CHUNK):
-            total += scoring.attention_probs(q[:, :, start : start + QUERY_CHUNK], k).sum(dim=2).mean(dim=1)
-        per_token = total.new_zeros(q.shape[0], self.features.shape[1])
-        return per_token.index_add_(1, self.token_of, total / q.shape[2])
+        received = scoring.key_attention(q, k, QUERY_CHUNK)
+        return received.new_zeros(q.shape[0], self.features.shape[1]).index_add_(1, self.token_of, received)
 
 
 @dataclass
