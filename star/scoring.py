@@ -49,7 +49,8 @@ def key_attention(q: torch.Tensor, k: torch.Tensor, chunk: int) -> torch.Tensor:
     """received_attention(attention_probs(q, k)) without a mask (a vision encoder's attention), `chunk` query rows at
     a time and in place: each chunk's logits are written once, exponentiated where they lie and summed over rows
     by one product with the rows' 1 / sum. For a 2-megapixel image (9,700 patches) that is half the time of a
-    softmax and its copies, and the [H, R, T] matrix never exists whole. q, k: [B, H, R, d], [B, H, T, d] -> [B, T]."""
+    softmax and its copies, and the [H, R, T] matrix never exists whole. q, k: [B, H, R, d], [B, H, T, d] (the same
+    heads, as in a vision tower) -> [B, T]."""
     q, keys = q.float() * q.shape[-1] ** -0.5, k.float().transpose(-1, -2)
     total = q.new_zeros(q.shape[0], q.shape[1], 1, k.shape[2])
     for start in range(0, q.shape[2], chunk):
