@@ -512,16 +512,25 @@ def _burst(wall: float, prompt: list[int], ttft: list[float], answer: list[int],
 
 
 def _row(mode: str, answer: int, raw: dict, engine: Engine, bursts: list[dict]) -> dict:
-    """Medians over the bursts; FLOPs summed over them (the same requests for every setting of a mode)."""
+    """Medians over the bursts; FLOPs summed over them (the same requests for every setting of a mode). Each burst's
+    wall time, the load average and the memory left at the row's end go with it: what a drift between engines
+    that ran one after another would show in."""
     summed = ("decoder_flops", "tower_flops")
     median = {key: statistics.median(b[key] for b in bursts) for key in bursts[0] if key not in summed}
     median["block_size"] = bursts[0]["block_size"]  # the engine's, not a median (which of two is a float)
     row = {"mode": mode, "max_tokens": answer, "method": raw["method"], "keep": raw["keep"], "repeats": len(bursts), **median,
-           **{key: sum(b[key] for b in bursts) for key in summed if key in bursts[0]}}
+           **{key: sum(b[key] for b in bursts) for key in summed if key in bursts[0]},
+           "burst_wall_s": [b["wall_s"] for b in bursts], "load_average": os.getloadavg(), "mem_available_gib": _mem_available_gib()}
     if engine.cut:
         row.update(cut=engine.cut, kv_group_layers=list(engine.layers),
                    engine_options={k: v for k, v in engine.star.items() if k != "hf_overrides"})
     return row
+
+
+def _mem_available_gib() -> float:
+    with open("/proc/meminfo") as meminfo:
+        kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
+    return round(kib / 2**20, 2)
 
 
 def _wait(client, process, timeout: float = 1800) -> None:

@@ -105,15 +105,21 @@ def test_top_k_in_order_is_the_top_set_with_lowest_index_ties(case):
     assert kept == expected
 
 
-@pytest.mark.parametrize("rows, chunk, spread", [(37, 8, 1.0), (37, 64, 1.0), (50, 7, 40.0)])
-def test_key_attention_is_the_mean_of_the_softmax_over_rows_and_heads(rows, chunk, spread):
-    """Chunked in place, as a large image is scored: the chunks' sum equals the whole matrix's mean, also where
-    the logits are large enough that an exponential without its row's maximum would overflow."""
-    generator = torch.Generator().manual_seed(rows + chunk)
-    q = spread * torch.randn(2, 3, rows, 8, generator=generator)
+@pytest.mark.parametrize(
+    "rows, block, spread",
+    [(37, 10, 1.0), (37, 8 * 45, 1.0), (37, 64 * 45, 1.0), (37, 4 * 37 * 45, 1.0), (50, 7 * 45, 40.0)],
+    ids=["a row per block", "spans of 8 rows", "a head per block", "4 of the 6 heads per block", "large logits"],
+)
+def test_key_attention_is_the_mean_of_the_softmax_over_rows_and_heads(rows, block, spread):
+    """Blocked in place, as a large image is scored: the blocks' sum equals the whole matrix's mean, for spans of
+    a head's rows and for groups of heads that do not divide the batch's heads, also where the logits are large
+    enough that an exponential without its row's maximum would overflow, and where the tower's q needs a gradient
+    (a forward outside no_grad)."""
+    generator = torch.Generator().manual_seed(rows + block)
+    q = (spread * torch.randn(2, 3, rows, 8, generator=generator)).requires_grad_()
     k = torch.randn(2, 3, 45, 8, generator=generator)
     expected = received_attention(attention_probs(q, k))
-    got = key_attention(q, k, chunk)
+    got = key_attention(q, k, block)
     assert torch.isfinite(got).all()
     assert torch.allclose(got, expected, atol=1e-6, rtol=1e-5)
     assert torch.allclose(got.sum(dim=-1), torch.ones(2))

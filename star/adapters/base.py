@@ -17,7 +17,10 @@ from star import scoring
 from star.decoder import on_device
 from star.methods.base import Method, VisionView
 
-QUERY_CHUNK = 1024  # query rows scored at once: a large image's full attention matrix never exists at once
+# Logits of a vision score computed at once (scoring.key_attention): on a CPU a block that stays in cache (4 MiB),
+# elsewhere few large kernels (512 MiB); a large image's whole attention matrix never exists
+SCORE_BLOCK = {"cpu": 2**20}
+SCORE_BLOCK_ELSEWHERE = 2**27
 TEXT = -1  # a prompt token that is no image token
 FIXED = -2  # an image token that is always kept and never counted as visual (LLaVA-NeXT's image newline)
 
@@ -36,7 +39,7 @@ class MergedView(VisionView):
     def received(self) -> torch.Tensor:
         """Attention each token's patches receive, mean over query rows and heads, summed per token: [I, N]."""
         q, k = self.qk()
-        received = scoring.key_attention(q, k, QUERY_CHUNK)
+        received = scoring.key_attention(q, k, SCORE_BLOCK.get(q.device.type, SCORE_BLOCK_ELSEWHERE))
         return received.new_zeros(q.shape[0], self.features.shape[1]).index_add_(1, self.token_of, received)
 
 
