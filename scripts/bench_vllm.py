@@ -38,7 +38,8 @@ x K and V per token and layer (key-value heads x head size, the engine's dtype).
 layer counts: STAR's cut at the middle layer gives exactly the two; a cut at layer 2 (FastV, DART) gives one group
 before and 14 alike after it on a 30-layer decoder, each holding the blocks given for "after", which the sum
 counts once (the MiB column counts every layer). On a CPU vLLM reserves its KV cache up front:
-VLLM_CPU_KVCACHE_SPACE (GiB), 2 here unless set.
+VLLM_CPU_KVCACHE_SPACE (GiB), 2 here unless set. A step that encodes two 2-megapixel images can outlast vLLM's
+300 s limit on a model step on a slower CPU: VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS is 3600 here unless set.
 
 FLOPs: each row's prefill FLOPs over the unpruned row's on the same requests. The decoder's (star.flops, the
 paper's formula) for every request from its prompt as vLLM counts it and the setting's plan for its image; for
@@ -642,6 +643,7 @@ def equal_flops(results: list[dict], vision_method: str = "star-vision") -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
     from transformers import AutoConfig
 
     path = args.model
