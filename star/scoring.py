@@ -54,16 +54,18 @@ def key_attention(q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
     of every head, and the [H, R, T] matrix never exists whole.
     q, k: [B, H, R, d], [B, H, T, d] (the same heads, as in a vision tower) -> [B, T]."""
     batch, heads, rows, width = q.shape
+    tokens = k.shape[2]
     q = (q.detach().float() * width**-0.5).flatten(0, 1)  # a score only selects: no gradient goes through it
     keys = k.detach().float().flatten(0, 1).transpose(-1, -2)
-    span = max(1, block // k.shape[2])  # query rows per block
+    span = max(1, block // tokens)  # query rows per block
     group = max(1, span // rows)  # heads per block
-    total = q.new_zeros(batch * heads, 1, k.shape[2])
-    buffer = q.new_empty(min(group, batch * heads) * min(span, rows) * k.shape[2])  # one allocation: a CPU's are page faults
+    total = q.new_zeros(batch * heads, 1, tokens)
+    buffer = q.new_empty(min(group, batch * heads) * min(span, rows) * tokens)  # one allocation: a CPU's are page faults
     for head in range(0, batch * heads, group):
         for start in range(0, rows, span):
             queries = q[head : head + group, start : start + span]
-            out = buffer[: queries.shape[:2].numel() * k.shape[2]].view(*queries.shape[:2], -1)
+            blocks, block_rows = queries.shape[:2]
+            out = buffer[: blocks * block_rows * tokens].view(blocks, block_rows, tokens)
             weights = torch.matmul(queries, keys[head : head + group], out=out)
             weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
             total[head : head + group] += torch.matmul(weights.sum(dim=-1, keepdim=True).reciprocal_().transpose(-1, -2), weights)
