@@ -9,8 +9,11 @@
 
 Each burst is N scene questions (one image each), every request submitted at once, so that the engine batches
 them; every burst has images of its own (so no encoder or prefix cache serves one burst from another), and every
-setting serves the same bursts. A setting is timed after a warm-up burst of its engine, `--repeats` times; the
-table gives medians, and each row's ratio to the unpruned row of the same mode.
+setting serves the same bursts. A setting is timed after a warm-up burst of its engine, `--repeats` times, the
+settings of one engine taking turns burst by burst, so that a machine whose speed drifts during the run slows them
+alike (the engines of the cut run one after another: a drift between them stays in their rows, whose bursts' wall
+times, load average and free memory the JSON keeps); the table gives medians, and each row's ratio to the unpruned
+row of the same mode.
 
 Rows, per mode. `unpruned` and `--method` (star-vision: STAR's vision stage alone) at each `--keep` share one
 engine, each setting as the requests' own `mm_processor_kwargs`; the unpruned row is the plugin's `none` setting
@@ -365,26 +368,19 @@ def run_offline(args, path: str, engine: Engine, kv_unit: int, work: Workload) -
     llm = LLM(path, disable_log_stats=False, **{**engine_args(args), **engine.star})
     try:
         block_size = llm.llm_engine.vllm_config.cache_config.block_size
-        results = []
-        for answer in args.max_tokens:
-            params = SamplingParams(max_tokens=answer, temperature=0.0, ignore_eos=True)
-            for raw, setting in engine.rows:
-                own = {"mm_processor_kwargs": {"star": raw}} if engine.per_request else {}
-                bursts = []
-                for repeat in range(args.repeats + 1):
-                    burst = work.burst(args, answer, repeat)
-                    requests = [{"prompt": p, "multi_modal_data": {"image": i}, **own} for p, i in zip(work.prompts[burst], work.images[burst])]
-                    start = time.perf_counter()
-                    outputs = llm.generate(requests, params, use_tqdm=False)
-                    wall = time.perf_counter() - start
-                    answers = [len(o.outputs[0].token_ids) for o in outputs]
-                    _check_answers(answers, [o.outputs[0].finish_reason for o in outputs], answer, raw)
-                    if repeat:
-                        bursts.append(_burst(wall, [len(o.prompt_token_ids) for o in outputs], [o.metrics.first_token_latency for o in outputs],
-                                             answers, block_size, engine, setting, kv_unit, work, burst))
-                results.append(_row("offline", answer, raw, engine, bursts))
-                print(json.dumps(results[-1]), flush=True)
-        return results
+
+        def serve(answer: int, raw: dict, setting, burst: slice) -> dict:
+            own = {"mm_processor_kwargs": {"star": raw}} if engine.per_request else {}
+            requests = [{"prompt": p, "multi_modal_data": {"image": i}, **own} for p, i in zip(work.prompts[burst], work.images[burst])]
+            start = time.perf_counter()
+            outputs = llm.generate(requests, SamplingParams(max_tokens=answer, temperature=0.0, ignore_eos=True), use_tqdm=False)
+            wall = time.perf_counter() - start
+            answers = [len(o.outputs[0].token_ids) for o in outputs]
+            _check_answers(answers, [o.outputs[0].finish_reason for o in outputs], answer, raw)
+            return _burst(wall, [len(o.prompt_token_ids) for o in outputs], [o.metrics.first_token_latency for o in outputs],
+                          answers, block_size, engine, setting, kv_unit, work, burst)
+
+        return _alternate(args, "offline", engine, work, serve)
     finally:  # the engine core's process ends here, its KV cache with it, before the next engine starts
         llm.llm_engine.engine_core.shutdown()
         del llm
@@ -410,26 +406,39 @@ def run_server(args, path: str, engine: Engine, kv_unit: int, work: Workload) ->
         _wait(client, process)
         block_size = _block_size(port)
         images = [_image_url(i) for i in work.images]
-        results = []
-        for answer in args.max_tokens:
-            for raw, setting in engine.rows:
-                own = raw if engine.per_request else None
-                bursts = []
-                for repeat in range(args.repeats + 1):
-                    burst = work.burst(args, answer, repeat)
-                    start = time.perf_counter()
-                    replies = _burst_requests(client, path, work.questions[burst], images[burst], own, answer, QUESTION_SUFFIX, start)
-                    wall = time.perf_counter() - start
-                    _check_answers([r[2] for r in replies], [r[3] for r in replies], answer, raw)
-                    if repeat:
-                        bursts.append(_burst(wall, [r[0] for r in replies], [r[1] for r in replies], [r[2] for r in replies], block_size, engine,
-                                             setting, kv_unit, work, burst))
-                results.append(_row("server", answer, raw, engine, bursts))
-                print(json.dumps(results[-1]), flush=True)
-        return results
+
+        def serve(answer: int, raw: dict, setting, burst: slice) -> dict:
+            start = time.perf_counter()
+            replies = _burst_requests(client, path, work.questions[burst], images[burst], raw if engine.per_request else None, answer,
+                                      QUESTION_SUFFIX, start)
+            wall = time.perf_counter() - start
+            _check_answers([r[2] for r in replies], [r[3] for r in replies], answer, raw)
+            return _burst(wall, [r[0] for r in replies], [r[1] for r in replies], [r[2] for r in replies], block_size, engine, setting,
+                          kv_unit, work, burst)
+
+        return _alternate(args, "server", engine, work, serve)
     finally:  # the server's process group: its engine and worker processes stop with it, before the next starts
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=120)
+
+
+def _alternate(args, mode: str, engine: Engine, work: Workload, serve: Callable[[int, dict, object, slice], dict]) -> list[dict]:
+    """An engine's rows, its settings taking turns burst by burst (a warm-up burst of each, then each setting's
+    first timed burst, then its second, ...), so that a machine whose speed drifts over the run slows every setting
+    of the engine alike. `serve(max_tokens, raw, setting, burst)` serves one burst and returns its figures."""
+    results = []
+    for answer in args.max_tokens:
+        bursts: list[list[dict]] = [[] for _ in engine.rows]
+        for repeat in range(args.repeats + 1):
+            burst = work.burst(args, answer, repeat)
+            for timed, (raw, setting) in zip(bursts, engine.rows):
+                figures = serve(answer, raw, setting, burst)
+                if repeat:
+                    timed.append(figures)
+        for (raw, _), timed in zip(engine.rows, bursts):
+            results.append(_row(mode, answer, raw, engine, timed))
+            print(json.dumps(results[-1]), flush=True)
+    return results
 
 
 def _burst_requests(client, model, questions, images, setting, max_tokens, suffix, start) -> list[tuple[int, float, int, str]]:
@@ -514,7 +523,7 @@ def _burst(wall: float, prompt: list[int], ttft: list[float], answer: list[int],
 
 def _row(mode: str, answer: int, raw: dict, engine: Engine, bursts: list[dict]) -> dict:
     """Medians over the bursts; FLOPs summed over them (the same requests for every setting of a mode). Each burst's
-    wall time, the load average and the memory left at the row's end go with it: what a drift between engines
+    wall time, the load average and the memory left at its engine's end go with it: what a drift between engines
     that ran one after another would show in."""
     summed = ("decoder_flops", "tower_flops")
     median = {key: statistics.median(b[key] for b in bursts) for key in bursts[0] if key not in summed}
@@ -598,9 +607,9 @@ def table(results: list[dict], vision_method: str = "star-vision") -> str:
         base = next(r for r in same if r["method"] == "none")
         vision = next((r for r in same if r["method"] == vision_method and r["keep"] == row["keep"] and not r.get("cut")), None)
 
-        def cell(key: str, digits: int) -> str:
+        def cell(key: str) -> str:  # three significant digits: a 2-megapixel request on a CPU is 0.00426 requests/s
             ratios = f"{row[key] / base[key]:.2f}x" + (f"; {row[key] / vision[key]:.2f}x" if row.get("cut") and vision else "")
-            return f"{row[key]:.{digits}f} ({ratios})"
+            return f"{row[key]:.3g} ({ratios})"
 
         if row.get("cut"):
             prompt = f"{row['prompt_tokens']:.0f} ({row['prompt_tokens_after_cut']:.0f} after the cut)"
@@ -611,8 +620,8 @@ def table(results: list[dict], vision_method: str = "star-vision") -> str:
         time_ratio = row["wall_s"] / base["wall_s"]
         flops = f"{decoder:.2f}; {'-' if whole is None else f'{whole:.2f}'}"
         lines.append(
-            f"| {row['mode']} | {row['max_tokens']} | {label(row)} | {prompt} | {cell('requests_per_s', 2)} | {row['prompt_tokens_per_s']:.0f} "
-            f"| {cell('ttft_s', 2)} | {row['kv_tokens']:.0f}; {held} of {row['block_size']}; {row['kv_mib']:.1f} "
+            f"| {row['mode']} | {row['max_tokens']} | {label(row)} | {prompt} | {cell('requests_per_s')} | {row['prompt_tokens_per_s']:.3g} "
+            f"| {cell('ttft_s')} | {row['kv_tokens']:.0f}; {held} of {row['block_size']}; {row['kv_mib']:.1f} "
             f"| {flops} | {efficiency(time_ratio, decoder)}; {efficiency(time_ratio, whole)} |"
         )
     return "\n".join(lines)
