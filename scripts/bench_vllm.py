@@ -425,7 +425,8 @@ def run_server(args, path: str, engine: Engine, kv_unit: int, work: Workload) ->
 def _alternate(args, mode: str, engine: Engine, work: Workload, serve: Callable[[int, dict, object, slice], dict]) -> list[dict]:
     """An engine's rows, its settings taking turns burst by burst (a warm-up burst of each, then each setting's
     first timed burst, then its second, ...), so that a machine whose speed drifts over the run slows every setting
-    of the engine alike. `serve(max_tokens, raw, setting, burst)` serves one burst and returns its figures."""
+    of the engine alike. `serve(max_tokens, raw, setting, burst)` serves one burst and returns its figures; a line
+    on stderr per burst shows the run's progress (the rows come only once every setting's last burst is served)."""
     results = []
     for answer in args.max_tokens:
         bursts: list[list[dict]] = [[] for _ in engine.rows]
@@ -433,6 +434,8 @@ def _alternate(args, mode: str, engine: Engine, work: Workload, serve: Callable[
             burst = work.burst(args, answer, repeat)
             for timed, (raw, setting) in zip(bursts, engine.rows):
                 figures = serve(answer, raw, setting, burst)
+                print(f"{mode}, {answer} answer tokens, {raw['method']} {raw['keep']}: "
+                      f"{f'timed burst {repeat} of {args.repeats}' if repeat else 'warm-up'}, {figures['wall_s']:.1f} s", file=sys.stderr, flush=True)
                 if repeat:
                     timed.append(figures)
         for (raw, _), timed in zip(engine.rows, bursts):
@@ -523,7 +526,7 @@ def _burst(wall: float, prompt: list[int], ttft: list[float], answer: list[int],
 
 def _row(mode: str, answer: int, raw: dict, engine: Engine, bursts: list[dict]) -> dict:
     """Medians over the bursts; FLOPs summed over them (the same requests for every setting of a mode). Each burst's
-    wall time, the load average and the memory left at its engine's end go with it: what a drift between engines
+    wall time, the load average and the memory left when the row is written go with it: what a drift between engines
     that ran one after another would show in."""
     summed = ("decoder_flops", "tower_flops")
     median = {key: statistics.median(b[key] for b in bursts) for key in bursts[0] if key not in summed}
