@@ -48,8 +48,12 @@ FLOPs: each row's prefill FLOPs over the unpruned row's on the same requests. Th
 paper's formula) for every request from its prompt as vLLM counts it and the setting's plan for its image; for
 LLaVA-1.5 and `--config qwen2.5-vl-7b` also with the vision tower's (star.flops, by the same rule: CLIP up to its
 feature layer and the projector over the tokens the vision stage keeps; Qwen's windowed and full-attention blocks,
-patch embedding and merger), which every setting runs whole (the pruning comes after it). The scores' own small
-products are in neither. Prefill efficiency: (1 - time ratio) / (1 - FLOPs ratio), the time a burst's wall time.
+patch embedding and merger), which every setting runs whole (the pruning comes after it). With --config the
+tower's figure also holds what the vision-side method computes to choose (`star.flops.vision_selection_flops`, the
+method's own code counted from the shapes: STAR's score is one more Q K^T over the score layer's patches, 0.9-1.8%
+of the tower at 1-2 megapixels); on LLaVA-1.5 the selection is left out (STAR's score there: 0.2% of the tower),
+and so is the cut's score in the decoder everywhere (its text rows against the prompt at one layer). Prefill
+efficiency: (1 - time ratio) / (1 - FLOPs ratio), the time a burst's wall time.
 
 `--config NAME` (qwen2.5-vl-7b): a shipped architecture (star/configs) built with random weights and saved as a
 checkpoint (once, in a cache folder): its vision tower exactly (but for the merger's output width, the decoder's),
@@ -242,7 +246,8 @@ def label(row: dict) -> str:
 class Workload:
     """What every setting serves: the prompts, their questions and images (one each), each image's tokens from the
     encoder, the decoder's shape, and the tower's FLOPs per image (None where not modelled). Burst b of a max_tokens is
-    requests [b * requests, (b + 1) * requests) of that max_tokens' own slice: no image is served twice."""
+    requests [b * requests, (b + 1) * requests) of that max_tokens' own slice: no image is served twice. Where the
+    selection is modelled (--config), `selection_view` gives what the vision-side method selects from, by shape."""
 
     prompts: list[str]
     questions: list[str]
@@ -251,6 +256,7 @@ class Workload:
     texts: list[int]  # the prompt's other tokens
     shape: object
     tower_flops: Callable[[int, int], float] | None  # (image's index, its tokens entering the decoder) -> its tower's FLOPs
+    selection_view: Callable[[int], object] | None = None  # image's index -> its feature layer as a VisionView of meta tensors
 
     def burst(self, args, answer: int, repeat: int) -> slice:
         start = (args.max_tokens.index(answer) * (args.repeats + 1) + repeat) * args.requests
@@ -261,8 +267,10 @@ def workload(args, path: str, config) -> Workload:
     """Scene questions, as many as the run serves; with --config, each image stretched to its own size (multiples of
     28 px, its pixels evenly from the low to the high --image-pixels, at most the high, its aspect from 3:4 to 4:3).
     The tower's FLOPs are modelled for LLaVA-1.5 (CLIP) and --config (Qwen2.5-VL), else left out."""
+    import torch
     from transformers import AutoProcessor
 
+    from star.adapters.base import MergedView
     from star.data.scenes import TYPES, scene_records
     from star.eval.runner import build_prompt
     from star.flops import DecoderShape, clip_tower_flops, qwen2_5_vision_flops
@@ -273,7 +281,7 @@ def workload(args, path: str, config) -> Workload:
     records = scene_records("test", per_type=-(-count // len(TYPES)))[:count]
     images = [r.image for r in records]
     units = [n_visual(config)] * count
-    tower = None
+    tower = selection_view = None
     if (config.architectures or [None])[0] == "LlavaForConditionalGeneration":
         layers = config.vision_feature_layer % (config.vision_config.num_hidden_layers + 1)
         text_width = config.get_text_config().hidden_size
@@ -282,7 +290,7 @@ def workload(args, path: str, config) -> Workload:
             return clip_tower_flops(config.vision_config, layers, projected, text_width)
     if args.config:
         low, high = args.image_pixels
-        images, units, flops = [], [], []
+        images, units, flops, grids = [], [], [], []
         for i, record in enumerate(records):
             pixels = low + (high - low) * i / max(count - 1, 1)
             aspect = (3 / 4, 1.0, 4 / 3)[i % 3]
@@ -290,13 +298,26 @@ def workload(args, path: str, config) -> Workload:
             width = max(2, min(round(height * aspect), high // (28 * 28 * height)))
             images.append(record.image.resize((28 * width, 28 * height)))
             units.append(height * width)
+            grids.append((height, width))
             flops.append(qwen2_5_vision_flops(config.vision_config, 2 * height, 2 * width))
 
         def tower(image: int, projected: int) -> float:  # the merger runs before the pruning: every setting alike
             return flops[image]
+
+        vision = config.vision_config
+        heads, patch_width = vision.num_heads, vision.hidden_size // vision.num_heads
+
+        def selection_view(image: int) -> MergedView:  # the merged tokens, and the score layer's queries and keys of their patches
+            rows, columns = grids[image]
+            tokens, merge = rows * columns, vision.spatial_merge_size**2
+            q, k = (torch.empty(1, heads, tokens * merge, patch_width, device="meta") for _ in range(2))
+            features = torch.empty(1, tokens, vision.out_hidden_size, device="meta")
+            token_of = torch.arange(tokens, device="meta").repeat_interleave(merge)
+            return MergedView(features=features, n_prefix=0, qk=lambda: (q, k), token_of=token_of, grid=(rows, columns))
     prompts = [build_prompt(processor, r.question) for r in records]
     texts = [len(processor.tokenizer(p)["input_ids"]) - IMAGES for p in prompts]  # each image is one placeholder token here
-    return Workload(prompts, [r.question for r in records], images, units, texts, DecoderShape.from_config(config.get_text_config()), tower)
+    return Workload(prompts, [r.question for r in records], images, units, texts, DecoderShape.from_config(config.get_text_config()), tower,
+                    selection_view if args.config else None)
 
 
 def random_checkpoint(args) -> str:
@@ -494,7 +515,7 @@ def _burst(wall: float, prompt: list[int], ttft: list[float], answer: list[int],
     """A timed burst's figures. Each request's plan for its image (the setting's `unit_plan`) gives its vision-stage
     count, which with its text must be vLLM's prompt count (else the run stops: what vLLM served is not what is
     counted), the tokens its cut drops and its decoder FLOPs."""
-    from star.flops import prefill_flops, tokens_per_layer
+    from star.flops import prefill_flops, tokens_per_layer, vision_selection_flops
 
     units, texts = work.units[burst], work.texts[burst]
     plans = [setting.unit_plan(n) for n in units]
@@ -517,6 +538,9 @@ def _burst(wall: float, prompt: list[int], ttft: list[float], answer: list[int],
     }
     if work.tower_flops is not None:
         result["tower_flops"] = sum(work.tower_flops(i, plan.vision_keep) for i, plan in zip(range(burst.start, burst.stop), plans))
+    if work.selection_view is not None:  # the plugin selects where the vision stage keeps fewer than the image's tokens
+        result["selection_flops"] = sum(vision_selection_flops(setting.method, work.selection_view(i), plan.vision_keep)
+                                        for i, plan in zip(range(burst.start, burst.stop), plans) if plan.vision_keep < plan.n_visual)
     if engine.cut:
         result["prompt_tokens_after_cut"] = statistics.median(p - d for p, d in zip(prompt, dropped))
         result["kv_blocks_before_cut"] = statistics.median(g[0] for g in groups)
@@ -528,7 +552,7 @@ def _row(mode: str, answer: int, raw: dict, engine: Engine, bursts: list[dict]) 
     """Medians over the bursts; FLOPs summed over them (the same requests for every setting of a mode). Each burst's
     wall time, the load average and the memory left when the row is written go with it: what a drift between engines
     that ran one after another would show in."""
-    summed = ("decoder_flops", "tower_flops")
+    summed = ("decoder_flops", "tower_flops", "selection_flops")
     median = {key: statistics.median(b[key] for b in bursts) for key in bursts[0] if key not in summed}
     median["block_size"] = bursts[0]["block_size"]  # the engine's, not a median (which of two is a float)
     row = {"mode": mode, "max_tokens": answer, "method": raw["method"], "keep": raw["keep"], "repeats": len(bursts), **median,
@@ -578,11 +602,13 @@ def _image_url(image) -> str:
 
 
 def flops_ratios(row: dict, base: dict) -> tuple[float, float | None]:
-    """A row's prefill FLOPs over the unpruned row's: the decoder's, and with the tower's (None where not modelled)."""
+    """A row's prefill FLOPs over the unpruned row's: the decoder's, and with the tower's and the selection's where
+    modelled (None where the tower is not)."""
     decoder = row["decoder_flops"] / base["decoder_flops"]
     if "tower_flops" not in row:
         return decoder, None
-    return decoder, (row["decoder_flops"] + row["tower_flops"]) / (base["decoder_flops"] + base["tower_flops"])
+    whole = ("decoder_flops", "tower_flops", "selection_flops")
+    return decoder, sum(row.get(key, 0.0) for key in whole) / sum(base.get(key, 0.0) for key in whole)
 
 
 def efficiency(time_ratio: float, flops_ratio: float | None) -> str:

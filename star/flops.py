@@ -17,7 +17,8 @@ counts twice.
 
 Vision towers, which every setting runs whole (the pruning comes after them), by the same rule: LLaVA's CLIP
 (`clip_tower_flops`) and Qwen2.5-VL's windowed ViT (`qwen2_5_vision_flops`). Norms, biases, activations and
-rotary or position embeddings are counted nowhere.
+rotary or position embeddings are counted nowhere. What a method computes to choose the kept tokens (a score
+over the tower's attention, a similarity) is its own cost beside them: `vision_selection_flops` counts it.
 """
 
 from __future__ import annotations
@@ -214,6 +215,15 @@ def count_flops(fn: Callable[[], object], module: nn.Module) -> dict[str, float]
         if name.startswith(root + "."):
             result[name.removeprefix(root + ".")] = float(sum(ops.values()))
     return result
+
+
+def vision_selection_flops(method, view, keep: int) -> float:
+    """FLOPs of `method`'s vision-stage selection of `keep` tokens from `view` (a `VisionView`), its own code counted
+    by FlopCounterMode: what the setting computes beyond the tower (STAR's score is one more Q K^T over the feature
+    layer's tokens). A view of meta tensors counts it from the shapes alone, without computing anything."""
+    with FlopCounterMode(display=False) as counter:
+        method.select_vision(view, keep)
+    return float(counter.get_total_flops())
 
 
 def clip_tower_flops(vision, layers: int, projected: int, text_width: int) -> float:

@@ -12,11 +12,13 @@ from transformers import LlamaConfig, LlamaModel
 import star
 from conftest import batch, prompt_ids, tiny_llava
 from families import PATCH_DIM, gemma_inputs, qwen_inputs, tiny_gemma3, tiny_qwen, tiny_qwen3
+from star.adapters.base import MergedView
 from star.cli import main
 from star.flops import (
     DecoderShape, LinearAttention, clip_tower_flops, count_flops, layer_flops, named_models, prefill_flops, qwen2_5_vision_flops,
-    tokens_per_layer,
+    tokens_per_layer, vision_selection_flops,
 )
+from star.methods import REGISTRY
 
 
 @pytest.mark.parametrize("keep, paper", [(288, 0.713), (58, 0.536), (29, 0.514)])
@@ -139,6 +141,30 @@ def test_clip_tower_formula_equals_the_counted_tower_and_projector(feature_layer
     with torch.no_grad():
         counted = count_flops(lambda: (tower(pixels), projector(states)), tower)["total"]
     assert clip_tower_flops(vision, layers, projected, llava.config.text_config.hidden_size) == counted
+
+
+def _merged_view(device: str, heads: int = 2, width: int = 8, grid: tuple[int, int] = (4, 6)) -> MergedView:
+    """A Qwen-like view (2 x 2 patches per token, no [CLS]) of random tensors moved to `device`."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = grid[0] * grid[1]
+    q, k = (torch.randn(1, heads, 4 * tokens, width, generator=generator).to(device) for _ in range(2))
+    features = torch.randn(1, tokens, 16, generator=generator).to(device)
+    return MergedView(features=features, n_prefix=0, qk=lambda: (q, k), token_of=torch.arange(tokens).repeat_interleave(4).to(device), grid=grid)
+
+
+@pytest.mark.parametrize("name", ["star-vision", "vispruner", "divprune", "random", "pool"])
+def test_vision_selection_flops_from_meta_tensors_equal_a_real_selections(name):
+    """The served methods on a merged tower: counting from the shapes alone (meta) gives what the real run counts."""
+    method = REGISTRY[name]()
+    assert vision_selection_flops(method, _merged_view("meta"), 6) == vision_selection_flops(method, _merged_view("cpu"), 6)
+
+
+def test_vision_selection_flops_of_star_are_its_score_and_of_random_nothing():
+    """STAR's stage 1 scores with Q K^T over every patch (2 T^2 H d) and one product of each head's probabilities with
+    their rows' 1 / sum (2 T^2 H); random chooses without computing."""
+    heads, width, patches = 2, 8, 96
+    assert vision_selection_flops(REGISTRY["star-vision"](), _merged_view("meta"), 6) == 2 * patches**2 * heads * (width + 1)
+    assert vision_selection_flops(REGISTRY["random"](), _merged_view("meta"), 6) == 0
 
 
 @pytest.mark.parametrize("rows, columns", [(4, 4), (6, 10), (10, 6), (2, 14)])
