@@ -13,7 +13,8 @@ setting serves the same bursts. A setting is timed after a warm-up burst of its 
 settings of one engine taking turns burst by burst, so that a machine whose speed drifts during the run slows them
 alike (the engines of the cut run one after another: a drift between them stays in their rows, whose bursts' wall
 times, load average and free memory the JSON keeps); the table gives medians, and each row's ratio to the unpruned
-row of the same mode.
+row of the same mode. A second table pairs each burst with the unpruned row's same burst (time ratio per burst,
+mean and range, prefill efficiency at each): with `--requests 1` every image against itself.
 
 Rows, per mode. `unpruned` and `--method` (star-vision: STAR's vision stage alone) at each `--keep` share one
 engine, each setting as the requests' own `mm_processor_kwargs`; the unpruned row is the plugin's `none` setting
@@ -656,6 +657,27 @@ def table(results: list[dict], vision_method: str = "star-vision") -> str:
     return "\n".join(lines)
 
 
+def paired(results: list[dict]) -> str:
+    """Each pruned row's bursts against the unpruned row's same bursts (the same requests): each burst's time ratio,
+    their mean and range, and the prefill efficiency at the mean and at the range's ends (with the tower where it is
+    modelled, else the decoder's). With one request per burst, each image of its own size, this pairs every image
+    with itself, where the medians above pair a setting's middle image with the unpruned row's."""
+    lines = ["| mode | answer tokens | setting | time x unpruned, each burst | mean (range) | FLOPs x unpruned | prefill efficiency at the mean (range) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in results:
+        base = next(r for r in results if (r["mode"], r["max_tokens"], r["method"]) == (row["mode"], row["max_tokens"], "none"))
+        if row is base:
+            continue
+        ratios = [t / u for t, u in zip(row["burst_wall_s"], base["burst_wall_s"])]
+        mean = statistics.fmean(ratios)
+        decoder, whole = flops_ratios(row, base)
+        flops = decoder if whole is None else whole
+        lines.append(f"| {row['mode']} | {row['max_tokens']} | {label(row)} | {', '.join(f'{r:.3f}' for r in ratios)} "
+                     f"| {mean:.3f} ({min(ratios):.3f}-{max(ratios):.3f}) | {flops:.3f}{'' if whole is None else ' with tower'} "
+                     f"| {efficiency(mean, flops)} ({efficiency(max(ratios), flops)} to {efficiency(min(ratios), flops)}) |")
+    return "\n".join(lines)
+
+
 def equal_flops(results: list[dict], vision_method: str = "star-vision") -> str:
     """Each cut row beside the vision-side method at the same decoder FLOPs: its requests/s and TTFT interpolated
     linearly in the decoder FLOPs ratio between the two rows of the same mode and answer length (vision-side or
@@ -710,6 +732,8 @@ def main(argv: list[str] | None = None) -> None:
                 record["load_average"] = os.getloadavg()
                 args.out.write_text(json.dumps(record, indent=1) + "\n")  # what has run so far, should a later engine fail
     print(table(record["results"], args.method))
+    print()
+    print(paired(record["results"]))
     print()
     print(equal_flops(record["results"], args.method))
 
