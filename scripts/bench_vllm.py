@@ -318,7 +318,7 @@ def workload(args, path: str, config) -> Workload:
     prompts = [build_prompt(processor, r.question) for r in records]
     texts = [len(processor.tokenizer(p)["input_ids"]) - IMAGES for p in prompts]  # each image is one placeholder token here
     return Workload(prompts, [r.question for r in records], images, units, texts, DecoderShape.from_config(config.get_text_config()), tower,
-                    selection_view if args.config else None)
+                    selection_view)
 
 
 def random_checkpoint(args) -> str:
@@ -449,8 +449,9 @@ def _alternate(args, mode: str, engine: Engine, work: Workload, serve: Callable[
     first timed burst, then its second, ...), so that a machine whose speed drifts over the run slows every setting
     of the engine alike; the order of the turns rotates by one setting every burst, so that no setting always runs
     right after the same one (on the 2-core machine star-vision 0.5 took 0.98 of the unpruned time in a round's last
-    place and 0.93 in its second, where 0.1 took 0.91 in both: a place effect or noise, rotated out either way). `serve(max_tokens, raw, setting, burst)` serves one burst and returns its figures; a line on
-    stderr per burst shows the run's progress (the rows come only once every setting's last burst is served)."""
+    place and 0.93 in its second, where 0.1 took 0.91 in both: a place effect or noise, rotated out either way).
+    `serve(max_tokens, raw, setting, burst)` serves one burst and returns its figures; a line on stderr per burst
+    shows the run's progress (the rows come only once every setting's last burst is served)."""
     results = []
     for answer in args.max_tokens:
         bursts: list[list[dict]] = [[] for _ in engine.rows]
