@@ -607,6 +607,11 @@ def _image_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def _unpruned(results: list[dict], row: dict) -> dict:
+    """The unpruned row of `row`'s mode and answer length: what every ratio of `row` is to."""
+    return next(r for r in results if (r["mode"], r["max_tokens"], r["method"]) == (row["mode"], row["max_tokens"], "none"))
+
+
 def flops_ratios(row: dict, base: dict) -> tuple[float, float | None]:
     """A row's prefill FLOPs over the unpruned row's: the decoder's, and with the tower's and the selection's where
     modelled (None where the tower is not)."""
@@ -639,7 +644,7 @@ def table(results: list[dict], vision_method: str = "star-vision") -> str:
                                            keeps.index(r["keep"]) if r["method"] != "none" else 0, bool(r.get("cut"))))
     for row in order:
         same = [r for r in results if (r["mode"], r["max_tokens"]) == (row["mode"], row["max_tokens"])]
-        base = next(r for r in same if r["method"] == "none")
+        base = _unpruned(results, row)
         vision = next((r for r in same if r["method"] == vision_method and r["keep"] == row["keep"] and not r.get("cut")), None)
 
         def cell(key: str) -> str:  # three significant digits: a 2-megapixel request on a CPU is 0.00426 requests/s
@@ -670,7 +675,7 @@ def paired(results: list[dict]) -> str:
     lines = ["| mode | answer tokens | setting | time x unpruned, each burst | mean (range) | FLOPs x unpruned | prefill efficiency at the mean (range) |",
              "|---|---|---|---|---|---|---|"]
     for row in results:
-        base = next(r for r in results if (r["mode"], r["max_tokens"], r["method"]) == (row["mode"], row["max_tokens"], "none"))
+        base = _unpruned(results, row)
         if row is base:
             continue
         ratios = [t / u for t, u in zip(row["burst_wall_s"], base["burst_wall_s"])]
@@ -691,7 +696,7 @@ def equal_flops(results: list[dict], vision_method: str = "star-vision") -> str:
              "|---|---|---|---|---|---|"]
     for row in (r for r in results if r.get("cut")):
         same = [r for r in results if (r["mode"], r["max_tokens"]) == (row["mode"], row["max_tokens"]) and not r.get("cut")]
-        base = next(r for r in same if r["method"] == "none")
+        base = _unpruned(results, row)
         points = sorted((flops_ratios(r, base)[0], r) for r in same if r["method"] in ("none", vision_method))
         ratio = flops_ratios(row, base)[0]
         around = [(a, b) for a, b in zip(points, points[1:]) if a[0] <= ratio <= b[0]]
