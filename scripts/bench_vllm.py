@@ -710,6 +710,9 @@ def paired(runs: list[list[dict]]) -> str:
 def pooled_runs(paths: list[Path]) -> list[list[dict]]:
     """The results of several runs' JSON files, refused unless they measured one model the same way."""
     records = [json.loads(path.read_text()) for path in paths]
+    for path, record in zip(paths, records):
+        if any("burst_wall_s" not in row for row in record["results"]):
+            raise SystemExit(f"--pool: {path} has no time per burst (burst_wall_s): a run from before the bench kept them")
     same = ("model", "config", "decoder", "decoder_shape", "image_pixels", "requests")
     for path, record in zip(paths[1:], records[1:]):
         differ = [key for key in same if record.get(key) != records[0].get(key)]

@@ -59,3 +59,7 @@ def test_pool_refuses_runs_of_different_models(tmp_path):
     assert len(bench.pooled_runs(paths[:2])) == 2
     with pytest.raises(SystemExit, match="c.json differs from .*a.json in requests"):
         bench.pooled_runs(paths)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({**base, "results": [{k: v for k, v in r.items() if k != "burst_wall_s"} for r in run([100.0], [90.0], 0.8)]}))
+    with pytest.raises(SystemExit, match="old.json has no time per burst"):
+        bench.pooled_runs([paths[0], old])
