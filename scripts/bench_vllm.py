@@ -724,8 +724,11 @@ def pooled_runs(paths: list[Path]) -> list[list[dict]]:
 def equal_flops(results: list[dict], vision_method: str = "star-vision") -> str:
     """Each cut row beside the vision-side method at the same decoder FLOPs: its requests/s and TTFT interpolated
     linearly in the decoder FLOPs ratio between the two rows of the same mode and answer length (vision-side or
-    unpruned) around the cut row's ratio; none where the cut row's ratio is below every vision-side row's."""
-    lines = [f"| mode | answer tokens | setting | decoder FLOPs x unpruned | requests/s x {vision_method} at equal FLOPs | TTFT x {vision_method} at equal FLOPs |",
+    unpruned) around the cut row's ratio; none where the cut row's ratio is below every vision-side row's. The
+    medians, and burst by burst (the same requests in every row): the mean of the bursts' ratios with its 95%
+    interval."""
+    lines = [f"| mode | answer tokens | setting | decoder FLOPs x unpruned | requests/s x {vision_method} at equal FLOPs: medians; "
+             f"each burst, mean (95% interval) | TTFT x {vision_method} at equal FLOPs |",
              "|---|---|---|---|---|---|"]
     for row in (r for r in results if r.get("cut")):
         same = [r for r in results if (r["mode"], r["max_tokens"]) == (row["mode"], row["max_tokens"]) and not r.get("cut")]
@@ -738,8 +741,12 @@ def equal_flops(results: list[dict], vision_method: str = "star-vision") -> str:
         (x0, r0), (x1, r1) = around[0]
         weight = (ratio - x0) / (x1 - x0) if x1 > x0 else 0.0
         at = {key: r0[key] + weight * (r1[key] - r0[key]) for key in ("requests_per_s", "ttft_s")}
-        lines.append(f"| {row['mode']} | {row['max_tokens']} | {label(row)} | {ratio:.2f} | {row['requests_per_s'] / at['requests_per_s']:.2f}x "
-                     f"| {row['ttft_s'] / at['ttft_s']:.2f}x |")
+        speed = f"{row['requests_per_s'] / at['requests_per_s']:.2f}x"
+        if len(row.get("burst_wall_s", ())) > 1:  # requests/s of a burst: its requests over its wall time
+            bursts = [(1 / w) / (1 / a + weight * (1 / b - 1 / a)) for w, a, b in zip(row["burst_wall_s"], r0["burst_wall_s"], r1["burst_wall_s"])]
+            mean, (low, high) = mean_interval(bursts)
+            speed += f"; {mean:.2f}x ({low:.2f}-{high:.2f})"
+        lines.append(f"| {row['mode']} | {row['max_tokens']} | {label(row)} | {ratio:.2f} | {speed} | {row['ttft_s'] / at['ttft_s']:.2f}x |")
     return "\n".join(lines)
 
 

@@ -63,3 +63,17 @@ def test_pool_refuses_runs_of_different_models(tmp_path):
     old.write_text(json.dumps({**base, "results": [{k: v for k, v in r.items() if k != "burst_wall_s"} for r in run([100.0], [90.0], 0.8)]}))
     with pytest.raises(SystemExit, match="old.json has no time per burst"):
         bench.pooled_runs([paths[0], old])
+
+
+def test_equal_flops_interpolates_burst_by_burst():
+    """A cut row halfway (in decoder FLOPs) between unpruned and star-vision: each burst's requests/s against the
+    mean of theirs on the same burst."""
+    unpruned, vision = row("none", 1.0, [100.0, 200.0, 400.0], 1.0), row("star-vision", 0.5, [50.0, 100.0, 100.0], 0.85)
+    cut = {**row("star", 0.5, [80.0, 150.0, 200.0], 0.925), "cut": {"layer": 2}, "requests_per_s": 1.0, "ttft_s": 1.0}
+    for r, rate in ((unpruned, 1.0), (vision, 2.0)):
+        r.update(requests_per_s=rate, ttft_s=1 / rate)
+    ratios = [(1 / c) / ((1 / u + 1 / v) / 2) for c, u, v in zip(cut["burst_wall_s"], unpruned["burst_wall_s"], vision["burst_wall_s"])]
+    mean, (low, high) = mean_interval(ratios)
+    setting, flops, speed, _ = cells(bench.equal_flops([unpruned, vision, cut]))[2:]
+    assert (setting, flops) == ("star (two stages) 0.5", "0.70")  # decoders of 0.25, 0.10 and 0.175
+    assert speed == f"0.67x; {mean:.2f}x ({low:.2f}-{high:.2f})"
