@@ -16,6 +16,8 @@ times, load average and free memory the JSON keeps); the table gives medians, an
 row of the same mode. A second table pairs each burst with the unpruned row's same burst (time ratio per burst,
 their mean with its 95% interval, prefill efficiency at the mean and the interval's ends): with `--requests 1`
 every image against itself. `--pool` prints that table over the bursts of several earlier runs' JSON files.
+A third table sets each cut row beside `--method` at equal decoder FLOPs (interpolated between its budgets), by
+the medians and burst by burst with a 95% interval.
 
 Rows, per mode. `unpruned` and `--method` (star-vision: STAR's vision stage alone) at each `--keep` share one
 engine, each setting as the requests' own `mm_processor_kwargs`; the unpruned row is the plugin's `none` setting
