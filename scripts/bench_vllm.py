@@ -695,17 +695,16 @@ def paired(runs: list[list[dict]]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for (mode, answer, name), parts in settings.items():
         ratios = [r for part, _, _ in parts for r in part]
-        saved = sum(len(part) * (1 - flops) for part, flops, _ in parts) / len(ratios)  # the FLOPs saved, per burst on average
+        flops = sum(len(part) * flops for part, flops, _ in parts) / len(ratios)  # per burst on average
         if len(ratios) > 1:
             mean, (low, high) = mean_interval(ratios)
             time_cell = f"{mean:.3f} ({low:.3f}-{high:.3f})"
-            spread = f" ({(1 - high) / saved:.2f} to {(1 - low) / saved:.2f})" if saved > 0 else ""
+            spread = f" ({efficiency(high, flops)} to {efficiency(low, flops)})" if flops < 1 else ""
         else:
             mean, time_cell, spread = ratios[0], f"{ratios[0]:.3f}", ""
         each = " / ".join(", ".join(f"{r:.3f}" for r in part) for part, _, _ in parts)
         tower = " with tower" if all(modelled for _, _, modelled in parts) else ""
-        gain = f"{(1 - mean) / saved:.2f}{spread}" if saved > 0 else "-"
-        lines.append(f"| {mode} | {answer} | {name} | {each} | {len(ratios)} | {time_cell} | {1 - saved:.3f}{tower} | {gain} |")
+        lines.append(f"| {mode} | {answer} | {name} | {each} | {len(ratios)} | {time_cell} | {flops:.3f}{tower} | {efficiency(mean, flops)}{spread} |")
     return "\n".join(lines)
 
 
