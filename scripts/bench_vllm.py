@@ -7,23 +7,25 @@
         --requests 4 --repeats 1 --modes offline                     # Qwen2.5-VL-shaped, random weights, on a CPU
     .venv-vllm/bin/python scripts/bench_vllm.py --gpu --config qwen2.5-vl-7b --decoder full --requests 64
 
-Each burst is N scene questions (one image each), every request submitted at once, so that the engine batches
-them; every burst has images of its own (so no encoder or prefix cache serves one burst from another), and every
-setting serves the same bursts. A setting is timed after a warm-up burst of its engine, `--repeats` times, the
-settings of one engine taking turns burst by burst, so that a machine whose speed drifts during the run slows them
-alike (the engines of the cut run one after another: a drift between them stays in their rows, whose bursts' wall
-times, load average and free memory the JSON keeps); the table gives medians, and each row's ratio to the unpruned
-row of the same mode. A second table pairs each burst with the unpruned row's same burst (time ratio per burst,
-their mean with its 95% interval, prefill efficiency at the mean and the interval's ends): with `--requests 1`
-every image against itself. `--pool` prints that table over the bursts of several earlier runs' JSON files.
-A third table sets each cut row beside `--method` at equal decoder FLOPs (interpolated between its budgets), by
-the medians and burst by burst with a 95% interval.
+Each burst is N scene questions (one image each), every request submitted at once, so that the engine batches them;
+every burst has images of its own (so no encoder or prefix cache serves one burst from another), and every setting
+serves the same bursts. Every engine of a mode is open at once (each burst runs beside the same idle engines, whose
+workers took about 1.5% of a core each on the 2-core machine) and every setting of every engine is timed after a
+warm-up burst, `--repeats` times, the settings taking turns burst by burst, so that a machine whose speed drifts
+during the run slows them alike, the cut engines' as much as the shared engine's. `--apart` (implied by `--gpu`,
+where a 7B engine each would not fit together) opens one engine at a time, its settings taking turns; a drift
+between engines then stays in their rows, whose bursts' wall times, load average and free memory the JSON keeps. The
+table gives medians, and each row's ratio to the unpruned row of the same mode. A second table pairs each burst with
+the unpruned row's same burst (time ratio per burst, their mean with its 95% interval, prefill efficiency at the
+mean and the interval's ends): with `--requests 1` every image against itself. `--pool` prints that table over the
+bursts of several earlier runs' JSON files. A third table sets each cut row beside `--method` at equal decoder FLOPs
+(interpolated between its budgets), by the medians and burst by burst with a 95% interval.
 
 Rows, per mode. `unpruned` and `--method` (star-vision: STAR's vision stage alone) at each `--keep` share one
 engine, each setting as the requests' own `mm_processor_kwargs`; the unpruned row is the plugin's `none` setting
 in that engine. `--cut-method` (star: `star (two stages)`) at each `--keep` prunes inside the decoder as well,
-which vLLM serves only as an engine's own setting: each budget gets an engine of its own (one per mode, each shut
-down before the next starts), with the options a cut needs (`star.integrations.vllm.engine_args`: its scheduler,
+which vLLM serves only as an engine's own setting: each budget gets an engine of its own (one per mode), with the
+options a cut needs (`star.integrations.vllm.engine_args`: its scheduler,
 no chunked prefill, no prefix caching), which the shared engine then takes as well, so that every engine batches
 a burst alike and only the cut differs. Every engine is compiled as vLLM compiles on the platform (`--eager`: none
 is); the layers after a cut run on vLLM's own attention backend. STAR's two stages end with the same visual
@@ -87,9 +89,10 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from star.eval.stats import mean_interval
 
@@ -146,6 +149,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", default="8", help="answer tokens per request, comma-separated: each in bursts of its own (default 8)")
     parser.add_argument("--modes", default="offline,server", help="offline, server or both (default both)")
     parser.add_argument("--gpu", action="store_true", help="bfloat16, CUDA graphs and a larger batch (a GPU machine with vllm installed)")
+    parser.add_argument("--apart", action="store_true",
+                        help="one engine at a time, each shut down before the next starts: for engines that do not fit in memory together "
+                             "(implied by --gpu; on a CPU each engine holds VLLM_CPU_KVCACHE_SPACE and its weights: the default model's four "
+                             "took 19 GiB); default: every engine of a mode open together, all their settings taking turns")
     parser.add_argument("--eager", action="store_true", help="every engine without vLLM's compilation (enforce_eager); default: compiled")
     parser.add_argument("--pool", type=Path, nargs="+", default=None, metavar="JSON",
                         help="run nothing: print the paired table over every burst of these earlier runs (their --out files, of one model and "
@@ -391,7 +398,9 @@ def kv_bytes_per_token_layer(config, dtype: str) -> int:
     return 2 * text.num_key_value_heads * head * DTYPE_BYTES[dtype]
 
 
-def run_offline(args, path: str, engine: Engine, kv_unit: int, work: Workload) -> list[dict]:
+@contextmanager
+def offline_engine(args, path: str, engine: Engine, kv_unit: int, work: Workload) -> Iterator[Callable]:
+    """An `LLM` of the engine, open while the context lasts, as its `serve(max_tokens, raw, setting, burst)`."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(path, disable_log_stats=False, **{**engine_args(args), **engine.star})
@@ -409,14 +418,16 @@ def run_offline(args, path: str, engine: Engine, kv_unit: int, work: Workload) -
             return _burst(wall, [len(o.prompt_token_ids) for o in outputs], [o.metrics.first_token_latency for o in outputs],
                           answers, block_size, engine, setting, kv_unit, work, burst)
 
-        return _alternate(args, "offline", engine, work, serve)
-    finally:  # the engine core's process ends here, its KV cache with it, before the next engine starts
+        yield serve
+    finally:  # the engine core's process ends here, its KV cache with it
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
 
 
-def run_server(args, path: str, engine: Engine, kv_unit: int, work: Workload) -> list[dict]:
+@contextmanager
+def server_engine(args, path: str, engine: Engine, kv_unit: int, work: Workload) -> Iterator[Callable]:
+    """A `vllm serve` of the engine, running while the context lasts, as its `serve(max_tokens, raw, setting, burst)`."""
     import openai
 
     from star.eval.records import QUESTION_SUFFIX
@@ -445,34 +456,36 @@ def run_server(args, path: str, engine: Engine, kv_unit: int, work: Workload) ->
             return _burst(wall, [r[0] for r in replies], [r[1] for r in replies], [r[2] for r in replies], block_size, engine, setting,
                           kv_unit, work, burst)
 
-        return _alternate(args, "server", engine, work, serve)
-    finally:  # the server's process group: its engine and worker processes stop with it, before the next starts
+        yield serve
+    finally:  # the server's process group: its engine and worker processes stop with it
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=120)
 
 
-def _alternate(args, mode: str, engine: Engine, work: Workload, serve: Callable[[int, dict, object, slice], dict]) -> list[dict]:
-    """An engine's rows, its settings taking turns burst by burst (a warm-up burst of each, then each setting's
-    first timed burst, then its second, ...), so that a machine whose speed drifts over the run slows every setting
-    of the engine alike; the order of the turns rotates by one setting every burst, so that no setting always runs
-    right after the same one (on the 2-core machine star-vision 0.5 took 0.98 of the unpruned time in a round's last
-    place and 0.93 in its second, where 0.1 took 0.91 in both: a place effect or noise, rotated out either way).
-    `serve(max_tokens, raw, setting, burst)` serves one burst and returns its figures; a line on stderr per burst
-    shows the run's progress (the rows come only once every setting's last burst is served)."""
+def _alternate(args, mode: str, work: Workload, served: list[tuple[Engine, Callable[[int, dict, object, slice], dict]]]) -> list[dict]:
+    """The rows of every engine open together, their settings taking turns burst by burst (a warm-up burst of each,
+    then each setting's first timed burst, then its second, ...), so that a machine whose speed drifts over the run
+    slows every setting alike, a cut engine's as much as the shared engine's; the order of the turns rotates by one
+    setting every burst, so that no setting always runs right after the same one (on the 2-core machine star-vision
+    0.5 took 0.98 of the unpruned time in a round's last place and 0.93 in its second, where 0.1 took 0.91 in both: a
+    place effect or noise, rotated out either way). `served`: each engine with its `serve(max_tokens, raw, setting,
+    burst)`, which serves one burst and returns its figures; a line on stderr per burst shows the run's progress
+    (the rows come only once every setting's last burst is served)."""
+    turns = [(engine, raw, setting, serve) for engine, serve in served for raw, setting in engine.rows]
     results = []
     for answer in args.max_tokens:
-        bursts: list[list[dict]] = [[] for _ in engine.rows]
+        bursts: list[list[dict]] = [[] for _ in turns]
         for repeat in range(args.repeats + 1):
             burst = work.burst(args, answer, repeat)
-            for turn in range(len(engine.rows)):
-                index = (turn + repeat) % len(engine.rows)
-                (raw, setting), timed = engine.rows[index], bursts[index]
+            for turn in range(len(turns)):
+                index = (turn + repeat) % len(turns)
+                (_, raw, setting, serve), timed = turns[index], bursts[index]
                 figures = serve(answer, raw, setting, burst)
                 print(f"{mode}, {answer} answer tokens, {raw['method']} {raw['keep']}: "
                       f"{f'timed burst {repeat} of {args.repeats}' if repeat else 'warm-up'}, {figures['wall_s']:.1f} s", file=sys.stderr, flush=True)
                 if repeat:
                     timed.append(figures)
-        for (raw, _), timed in zip(engine.rows, bursts):
+        for (engine, raw, _, _), timed in zip(turns, bursts):
             results.append(_row(mode, answer, raw, engine, timed))
             print(json.dumps(results[-1]), flush=True)
     return results
@@ -777,12 +790,16 @@ def main(argv: list[str] | None = None) -> None:
               "decoder_shape": {k: getattr(text, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")},
               "image_pixels": args.image_pixels if args.config else None,
               "requests": args.requests, "max_tokens": args.max_tokens, "method": args.method, "cut_method": args.cut_method,
-              "kv_cache_gib": None if args.gpu else os.environ["VLLM_CPU_KVCACHE_SPACE"], "load_average_at_start": os.getloadavg(), "results": []}
+              "kv_cache_gib": None if args.gpu else os.environ["VLLM_CPU_KVCACHE_SPACE"],
+              "engines": "apart" if args.apart or args.gpu else "together", "load_average_at_start": os.getloadavg(), "results": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for mode, run in (("offline", run_offline), ("server", run_server)):
+    groups = [[engine] for engine in plan] if args.apart or args.gpu else [plan]
+    for mode, open_engine in (("offline", offline_engine), ("server", server_engine)):
         if mode in args.modes:
-            for engine in plan:  # one at a time: each is shut down before the next starts
-                record["results"] += run(args, path, engine, kv_unit, work)
+            for group in groups:
+                with ExitStack() as stack:
+                    served = [(engine, stack.enter_context(open_engine(args, path, engine, kv_unit, work))) for engine in group]
+                    record["results"] += _alternate(args, mode, work, served)
                 record["load_average"] = os.getloadavg()
                 args.out.write_text(json.dumps(record, indent=1) + "\n")  # what has run so far, should a later engine fail
     print(table(record["results"], args.method))

@@ -6,6 +6,7 @@ its tables do not.)"""
 import importlib.util
 import json
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,32 @@ def test_equal_flops_interpolates_burst_by_burst():
     setting, flops, speed, _ = cells(bench.equal_flops([unpruned, vision, cut]))[2:]
     assert (setting, flops) == ("star (two stages) 0.5", "0.70")  # decoders of 0.25, 0.10 and 0.175
     assert speed == f"0.67x; {mean:.2f}x ({low:.2f}-{high:.2f})"
+
+
+def test_every_open_engine_takes_turns_on_the_same_bursts():
+    """Two engines open together (the shared one with two settings, a cut engine with one): every round serves each
+    setting once before any serves again, the first place rotates by one setting a round, every setting serves the
+    same bursts, and the warm-up round is not timed."""
+    args = SimpleNamespace(max_tokens=[1, 16], repeats=3, requests=2)
+    work = bench.Workload(prompts=[], questions=[], images=[], units=[], texts=[], shape=None, tower_flops=None)
+    shared = bench.Engine({}, [({"method": "none", "keep": 196}, None), ({"method": "star-vision", "keep": 39}, None)], per_request=True)
+    cut = bench.Engine({}, [({"method": "star", "keep": 39}, None)], per_request=False, cut={"layer": 15}, layers=(15, 15))
+    served = []
+
+    def serving(engine):
+        def serve(answer, raw, setting, burst):
+            served.append((answer, raw["method"], burst.start))
+            return {"wall_s": float(len(served)), "block_size": 32}
+        return serve
+
+    rows = bench._alternate(args, "offline", work, [(shared, serving(shared)), (cut, serving(cut))])
+    order = ["none", "star-vision", "star"]
+    for i, answer in enumerate(args.max_tokens):
+        rounds = [served[12 * i + 3 * r: 12 * i + 3 * r + 3] for r in range(args.repeats + 1)]
+        for r, turns in enumerate(rounds):
+            assert [method for _, method, _ in turns] == order[r % 3:] + order[:r % 3]
+            assert {(a, start) for a, _, start in turns} == {(answer, (4 * i + r) * args.requests)}
+    assert [(r["max_tokens"], r["method"], r["repeats"]) for r in rows] == [(a, m, 3) for a in (1, 16) for m in order]
+    assert "cut" in rows[2] and "cut" not in rows[0]
+    walls = {(a, m): [float(n) for n, (a2, m2, _) in enumerate(served, 1) if (a2, m2) == (a, m)] for a in (1, 16) for m in order}
+    assert all(r["burst_wall_s"] == walls[(r["max_tokens"], r["method"])][1:] for r in rows)
