@@ -462,17 +462,16 @@ def server_engine(args, path: str, engine: Engine, kv_unit: int, work: Workload)
         process.wait(timeout=120)
 
 
-def _alternate(args, mode: str, work: Workload, served: list[tuple[Engine, Callable[[int, dict, object, slice], dict]]]) -> list[dict]:
+def _alternate(args, mode: str, work: Workload, served: list[tuple[Engine, Callable[[int, dict, object, slice], dict]]]) -> Iterator[list[dict]]:
     """The rows of every engine open together, their settings taking turns burst by burst (a warm-up burst of each,
     then each setting's first timed burst, then its second, ...), so that a machine whose speed drifts over the run
     slows every setting alike, a cut engine's as much as the shared engine's; the order of the turns rotates by one
     setting every burst, so that no setting always runs right after the same one (on the 2-core machine star-vision
     0.5 took 0.98 of the unpruned time in a round's last place and 0.93 in its second, where 0.1 took 0.91 in both: a
     place effect or noise, rotated out either way). `served`: each engine with its `serve(max_tokens, raw, setting,
-    burst)`, which serves one burst and returns its figures; a line on stderr per burst shows the run's progress
-    (the rows come only once every setting's last burst is served)."""
+    burst)`, which serves one burst and returns its figures; a line on stderr per burst shows the run's progress.
+    Yields the rows of each answer length once every setting's last burst of it is served."""
     turns = [(engine, raw, setting, serve) for engine, serve in served for raw, setting in engine.rows]
-    results = []
     for answer in args.max_tokens:
         bursts: list[list[dict]] = [[] for _ in turns]
         for repeat in range(args.repeats + 1):
@@ -485,10 +484,9 @@ def _alternate(args, mode: str, work: Workload, served: list[tuple[Engine, Calla
                       f"{f'timed burst {repeat} of {args.repeats}' if repeat else 'warm-up'}, {figures['wall_s']:.1f} s", file=sys.stderr, flush=True)
                 if repeat:
                     timed.append(figures)
-        for (engine, raw, _, _), timed in zip(turns, bursts):
-            results.append(_row(mode, answer, raw, engine, timed))
-            print(json.dumps(results[-1]), flush=True)
-    return results
+        rows = [_row(mode, answer, raw, engine, timed) for (engine, raw, _, _), timed in zip(turns, bursts)]
+        print("\n".join(json.dumps(row) for row in rows), flush=True)
+        yield rows
 
 
 def _burst_requests(client, model, questions, images, setting, max_tokens, suffix, start) -> list[tuple[int, float, int, str]]:
@@ -799,9 +797,10 @@ def main(argv: list[str] | None = None) -> None:
             for group in groups:
                 with ExitStack() as stack:
                     served = [(engine, stack.enter_context(open_engine(args, path, engine, kv_unit, work))) for engine in group]
-                    record["results"] += _alternate(args, mode, work, served)
-                record["load_average"] = os.getloadavg()
-                args.out.write_text(json.dumps(record, indent=1) + "\n")  # what has run so far, should a later engine fail
+                    for rows in _alternate(args, mode, work, served):
+                        record["results"] += rows
+                        record["load_average"] = os.getloadavg()
+                        args.out.write_text(json.dumps(record, indent=1) + "\n")  # what has run so far, should a later burst fail
     print(table(record["results"], args.method))
     print()
     print(paired([record["results"]]))

@@ -96,7 +96,7 @@ def test_every_open_engine_takes_turns_on_the_same_bursts():
             return {"wall_s": float(len(served)), "block_size": 32}
         return serve
 
-    rows = bench._alternate(args, "offline", work, [(shared, serving(shared)), (cut, serving(cut))])
+    rows = [row for part in bench._alternate(args, "offline", work, [(shared, serving(shared)), (cut, serving(cut))]) for row in part]
     order = ["none", "star-vision", "star"]
     for i, answer in enumerate(args.max_tokens):
         rounds = [served[12 * i + 3 * r: 12 * i + 3 * r + 3] for r in range(args.repeats + 1)]
