@@ -152,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--apart", action="store_true",
                         help="one engine at a time, each shut down before the next starts: for engines that do not fit in memory together "
                              "(implied by --gpu; on a CPU each engine holds VLLM_CPU_KVCACHE_SPACE and its weights: the default model's four "
-                             "took 19 GiB); default: every engine of a mode open together, all their settings taking turns")
+                             "held about 22 GB); default: every engine of a mode open together, all their settings taking turns")
     parser.add_argument("--eager", action="store_true", help="every engine without vLLM's compilation (enforce_eager); default: compiled")
     parser.add_argument("--pool", type=Path, nargs="+", default=None, metavar="JSON",
                         help="run nothing: print the paired table over every burst of these earlier runs (their --out files, of one model and "
