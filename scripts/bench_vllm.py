@@ -22,15 +22,14 @@ bursts of several earlier runs' JSON files. A third table sets each cut row besi
 (interpolated between its budgets), by the medians and burst by burst with a 95% interval.
 
 Rows, per mode. `unpruned` and `--method` (star-vision: STAR's vision stage alone) at each `--keep` share one
-engine, each setting as the requests' own `mm_processor_kwargs`; the unpruned row is the plugin's `none` setting
-in that engine. `--cut-method` (star: `star (two stages)`) at each `--keep` prunes inside the decoder as well,
-which vLLM serves only as an engine's own setting: each budget gets an engine of its own (one per mode), with the
-options a cut needs (`star.integrations.vllm.engine_args`: its scheduler,
-no chunked prefill, no prefix caching), which the shared engine then takes as well, so that every engine batches
-a burst alike and only the cut differs. Every engine is compiled as vLLM compiles on the platform (`--eager`: none
-is); the layers after a cut run on vLLM's own attention backend. STAR's two stages end with the same visual
-tokens per image as star-vision at the same `--keep` (its vision stage keeps more, its cut the rest), so a cut row
-also gives its ratio to that row of its mode.
+engine, each setting as the requests' own `mm_processor_kwargs`; the unpruned row is the plugin's `none` setting in
+that engine. `--cut-method` (star: `star (two stages)`) at each `--keep` prunes inside the decoder as well, which
+vLLM serves only as an engine's own setting: each budget gets an engine of its own (one per mode), with the options
+a cut needs (`star.integrations.vllm.engine_args`: its scheduler, no chunked prefill, no prefix caching), which the
+shared engine then takes as well, so that every engine batches a burst alike and only the cut differs. Every engine
+is compiled as vLLM compiles on the platform (`--eager`: none is); the layers after a cut run on vLLM's own
+attention backend. STAR's two stages end with the same visual tokens per image as star-vision at the same `--keep`
+(its vision stage keeps more, its cut the rest), so a cut row also gives its ratio to that row of its mode.
 
 Columns: answer tokens (each `--max-tokens` in bursts of its own, in the same engines); prompt tokens as vLLM
 counts them (a cut row's vision-stage count, e.g. 27 text + 167 of 196 image tokens for STAR on the default model,
