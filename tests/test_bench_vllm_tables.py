@@ -1,7 +1,7 @@
 """scripts/bench_vllm.py's paired table on runs written by hand: each burst is paired with the unpruned burst of
 its own run, several runs pool their bursts, the interval is Student's t over them, and the efficiency is the time
-saved over the FLOPs saved on average; runs of different models are not pooled. (The script's engines need vLLM;
-its tables do not.)"""
+saved over the FLOPs saved on average; runs of different models are not pooled; engines open together take turns.
+(The script's engines need vLLM; its tables and turns do not.)"""
 
 import importlib.util
 import json
@@ -90,13 +90,11 @@ def test_every_open_engine_takes_turns_on_the_same_bursts():
     cut = bench.Engine({}, [({"method": "star", "keep": 39}, None)], per_request=False, cut={"layer": 15}, layers=(15, 15))
     served = []
 
-    def serving(engine):
-        def serve(answer, raw, setting, burst):
-            served.append((answer, raw["method"], burst.start))
-            return {"wall_s": float(len(served)), "block_size": 32}
-        return serve
+    def serve(answer, raw, setting, burst):  # each burst's wall time: its place in the run
+        served.append((answer, raw["method"], burst.start))
+        return {"wall_s": float(len(served)), "block_size": 32}
 
-    rows = [row for part in bench._alternate(args, "offline", work, [(shared, serving(shared)), (cut, serving(cut))]) for row in part]
+    rows = [row for part in bench._alternate(args, "offline", work, [(shared, serve), (cut, serve)]) for row in part]
     order = ["none", "star-vision", "star"]
     for i, answer in enumerate(args.max_tokens):
         rounds = [served[12 * i + 3 * r: 12 * i + 3 * r + 3] for r in range(args.repeats + 1)]
