@@ -172,6 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--max-tokens={args.max_tokens} must be at least 1")
     if len(args.image_pixels) != 2 or not 28 * 28 <= args.image_pixels[0] <= args.image_pixels[1]:
         parser.error(f"--image-pixels={args.image_pixels}: give LOW,HIGH with {28 * 28} <= LOW <= HIGH")
+    args.apart = args.apart or args.gpu
     args.out = args.out or Path(f"docs/results/vllm-cpu{'-' + args.config if args.config else ''}.json")
     args.modes = args.modes.split(",")
     for mode in args.modes:
@@ -788,9 +789,9 @@ def main(argv: list[str] | None = None) -> None:
               "image_pixels": args.image_pixels if args.config else None,
               "requests": args.requests, "max_tokens": args.max_tokens, "method": args.method, "cut_method": args.cut_method,
               "kv_cache_gib": None if args.gpu else os.environ["VLLM_CPU_KVCACHE_SPACE"],
-              "engines": "apart" if args.apart or args.gpu else "together", "load_average_at_start": os.getloadavg(), "results": []}
+              "engines": "apart" if args.apart else "together", "load_average_at_start": os.getloadavg(), "results": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    groups = [[engine] for engine in plan] if args.apart or args.gpu else [plan]
+    groups = [[engine] for engine in plan] if args.apart else [plan]
     for mode, open_engine in (("offline", offline_engine), ("server", server_engine)):
         if mode in args.modes:
             for group in groups:

@@ -6,8 +6,8 @@ saved over the FLOPs saved on average; runs of different models are not pooled; 
 import importlib.util
 import json
 import sys
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
